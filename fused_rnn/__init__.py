@@ -1,0 +1,6 @@
+"""fused_rnn: Triton kernels for fast, correct recurrent networks in PyTorch."""
+from ._version import __version__
+from .lstm import lstm_sequence
+from .rnn import rnn_sequence
+
+__all__ = ["__version__", "lstm_sequence", "rnn_sequence"]

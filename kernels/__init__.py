@@ -1,0 +1,1 @@
+"""Triton kernels of fused_rnn (ships as fused_rnn.kernels)."""
