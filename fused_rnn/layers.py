@@ -1,0 +1,329 @@
+"""Drop-in replacements for torch.nn.LSTM / RNN / LSTMCell / RNNCell.
+
+Each layer subclasses its torch.nn twin, so constructor arguments, parameter names and shapes,
+``state_dict`` keys and the forward signature are torch.nn's own; only ``forward`` is ours. A
+multi-layer or bidirectional layer composes the single-layer, single-direction sequence ops
+(``lstm_sequence`` / ``rnn_sequence``). Extra arguments:
+
+- ``backend="auto" | "triton" | "reference"``: "auto" runs the Triton kernels on CUDA tensors and
+  the reference path elsewhere;
+- ``layer_norm=True`` (LSTM, LSTMCell): the seed's layer-norm LSTM. Its LayerNorm parameters are
+  extra ``state_dict`` entries: ``ln_gate_weight_l{k}{_reverse}`` / ``ln_gate_bias_…`` [4H] (the
+  four gate LayerNorms, gate order i, f, g, o) and ``ln_cell_weight_…`` / ``ln_cell_bias_…`` [H]
+  (the LayerNorm of c_t before the output tanh).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from . import _validate as V
+from ._backend import BACKENDS
+from .lstm import lstm_sequence
+from .rnn import rnn_sequence
+
+LN_NAMES = ("ln_gate_weight", "ln_gate_bias", "ln_cell_weight", "ln_cell_bias")
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _make_ln_params(module: nn.Module, hidden_size: int, suffix: str, device, dtype) -> None:
+    kw = dict(device=device, dtype=dtype)
+    module.register_parameter(f"ln_gate_weight{suffix}", nn.Parameter(torch.ones(4 * hidden_size, **kw)))
+    module.register_parameter(f"ln_gate_bias{suffix}", nn.Parameter(torch.zeros(4 * hidden_size, **kw)))
+    module.register_parameter(f"ln_cell_weight{suffix}", nn.Parameter(torch.ones(hidden_size, **kw)))
+    module.register_parameter(f"ln_cell_bias{suffix}", nn.Parameter(torch.zeros(hidden_size, **kw)))
+
+
+def _reset_ln_params(module: nn.Module, suffixes) -> None:
+    # nn.LayerNorm's init: weight 1, bias 0 (RNNBase.reset_parameters would make them uniform).
+    with torch.no_grad():
+        for sfx in suffixes:
+            for n in LN_NAMES:
+                getattr(module, n + sfx).fill_(1.0 if n.endswith("weight") else 0.0)
+
+
+def _autocast(x: torch.Tensor, tensors):
+    """Under torch.autocast, run in the autocast dtype as nn.LSTM does (parameters keep theirs)."""
+    dtype = V.autocast_dtype(x)
+    if dtype is None:
+        return x, tensors
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return x.to(dtype), [cast(t) for t in tensors]
+
+
+def _reverse_padded(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """Reverse each sequence over its own length (padding stays in place); its own inverse."""
+    if lengths is None:
+        return x.flip(0)
+    T = x.shape[0]
+    t = torch.arange(T, device=x.device).unsqueeze(1)
+    L = lengths.unsqueeze(0)
+    idx = torch.where(t < L, L - 1 - t, t)
+    return x.gather(0, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _pack_like(out: torch.Tensor, packed: PackedSequence) -> PackedSequence:
+    """Pack a padded, time-major output [T, B, F] (original batch order) like ``packed``."""
+    if packed.sorted_indices is not None:
+        out = out.index_select(1, packed.sorted_indices)
+    bs = packed.batch_sizes.to(out.device)
+    mask = torch.arange(out.shape[1], device=out.device).unsqueeze(0) < bs.unsqueeze(1)
+    return PackedSequence(out[mask], packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
+class _SequenceLayer:
+    """The forward shared by LSTM and RNN: input forms, validation, layers × directions."""
+
+    _is_lstm = False
+
+    def _layer_param_names(self, layer: int, direction: int) -> List[Optional[str]]:
+        """w_ih, w_hh, b_ih, b_hh (None without bias), then the LayerNorm parameters if any."""
+        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        names: List[Optional[str]] = [f"weight_ih{sfx}", f"weight_hh{sfx}"]
+        names += [f"bias_ih{sfx}", f"bias_hh{sfx}"] if self.bias else [None, None]
+        if getattr(self, "layer_norm", False):
+            names += [n + sfx for n in LN_NAMES]
+        return names
+
+    def _run_direction(self, x, h0, c0, params, lengths):
+        w_ih, w_hh, b_ih, b_hh = params[:4]
+        if self._is_lstm:
+            ln = tuple(params[4:]) if len(params) > 4 else None
+            return lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, self.backend)
+        out, h_n = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, self.backend)
+        return out, h_n, None
+
+    def _forward(self, input, hx):
+        packed = input if isinstance(input, PackedSequence) else None
+        lengths = None
+        if packed is not None:
+            V.check_float(packed.data, "input (PackedSequence.data)")
+            x, lengths = pad_packed_sequence(packed)  # time-major, original batch order
+            if x.shape[-1] != self.input_size:
+                raise ValueError(
+                    f"input (PackedSequence) has {x.shape[-1]} features, expected "
+                    f"input_size={self.input_size}"
+                )
+            batched = True
+            lengths = lengths.to(x.device)
+            if bool((lengths == x.shape[0]).all()):
+                lengths = None  # every sequence runs to the end: no masking needed
+        else:
+            batched = V.check_input(input, self.input_size, self.batch_first)
+            x = input
+            if not batched:
+                x = x.unsqueeze(1)
+            elif self.batch_first:
+                x = x.transpose(0, 1)
+        T, B = x.shape[0], x.shape[1]
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        L = self.num_layers
+        state_shape = (L * D, B, H) if batched else (L * D, H)
+        same_dtype = V.autocast_dtype(x) is None  # autocast casts everything to its dtype
+
+        # Initial states, checked against what torch.nn expects, then [L*D, B, H].
+        if hx is None:
+            h0 = x.new_zeros(L * D, B, H)
+            c0 = x.new_zeros(L * D, B, H) if self._is_lstm else None
+        else:
+            if self._is_lstm:
+                if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                    raise TypeError("hx must be a tuple (h_0, c_0) for an LSTM")
+                h0, c0 = hx
+                V.check_state(h0, state_shape, "hx[0] (h_0)", x, same_dtype)
+                V.check_state(c0, state_shape, "hx[1] (c_0)", x, same_dtype)
+            else:
+                if not isinstance(hx, torch.Tensor):
+                    raise TypeError(f"hx must be a tensor for an RNN, got {type(hx).__name__}")
+                h0, c0 = hx, None
+                V.check_state(h0, state_shape, "hx (h_0)", x, same_dtype)
+            if not batched:
+                h0 = h0.unsqueeze(1)
+                c0 = None if c0 is None else c0.unsqueeze(1)
+
+        names = [n for l in range(L) for d in range(D) for n in self._layer_param_names(l, d)]
+        flat = [None if n is None else getattr(self, n) for n in names]
+        V.check_params(flat, names, x, same_dtype)
+        x, cast = _autocast(x, [h0, c0] + flat)
+        h0, c0, flat = cast[0], cast[1], cast[2:]
+        n = len(names) // (L * D)
+        all_params = [flat[i * n:(i + 1) * n] for i in range(L * D)]
+
+        h_n, c_n = [], []
+        layer_in = x
+        for l in range(L):
+            outs = []
+            for d in range(D):
+                k = l * D + d
+                inp = layer_in if d == 0 else _reverse_padded(layer_in, lengths)
+                out, h, c = self._run_direction(
+                    inp, h0[k], None if c0 is None else c0[k], all_params[k], lengths
+                )
+                outs.append(out if d == 0 else _reverse_padded(out, lengths))
+                h_n.append(h)
+                c_n.append(c)
+            layer_in = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+            if self.dropout > 0 and self.training and l < L - 1:
+                layer_in = F.dropout(layer_in, self.dropout, training=True)
+        out = layer_in
+        h_n = torch.stack(h_n)
+        c_n = torch.stack(c_n) if self._is_lstm else None
+
+        if packed is not None:
+            out = _pack_like(out, packed)
+        elif not batched:
+            out = out.squeeze(1)
+            h_n = h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, ((h_n, c_n) if self._is_lstm else h_n)
+
+
+class LSTM(_SequenceLayer, nn.LSTM):
+    """torch.nn.LSTM's drop-in replacement, plus ``layer_norm`` and ``backend``.
+
+    ``proj_size`` is not supported (a ValueError). Dropout between layers is torch's dropout.
+    """
+
+    _is_lstm = True
+
+    def __init__(self, *args, layer_norm: bool = False, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proj_size != 0:
+            raise ValueError("fused_rnn.LSTM does not support proj_size > 0")
+        self.backend = _check_backend(backend)
+        self.layer_norm = bool(layer_norm)
+        if self.layer_norm:
+            w = self.weight_hh_l0
+            for sfx in self._suffixes():
+                _make_ln_params(self, self.hidden_size, sfx, w.device, w.dtype)
+
+    def _suffixes(self):
+        D = 2 if self.bidirectional else 1
+        return [f"_l{l}" + ("_reverse" if d else "") for l in range(self.num_layers) for d in range(D)]
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "layer_norm", False):
+            _reset_ln_params(self, self._suffixes())
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.layer_norm:
+            s += ", layer_norm=True"
+        return s + f", backend={self.backend!r}"
+
+
+class RNN(_SequenceLayer, nn.RNN):
+    """torch.nn.RNN's drop-in replacement (tanh or relu), plus ``backend``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+
+def _cell_state(hx, input, batched, hidden_size, name):
+    shape = (input.shape[0], hidden_size) if batched else (hidden_size,)
+    if hx is None:
+        return input.new_zeros(shape)
+    V.check_state(hx, shape, name, input, V.autocast_dtype(input) is None)
+    return hx
+
+
+def _cell_params(cell, input, layer_norm):
+    params = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    if layer_norm:
+        params += [getattr(cell, n) for n in LN_NAMES]
+        names += list(LN_NAMES)
+    V.check_params(params, names, input, V.autocast_dtype(input) is None)
+    return params
+
+
+class LSTMCell(nn.LSTMCell):
+    """torch.nn.LSTMCell's drop-in replacement, plus ``layer_norm`` and ``backend``."""
+
+    def __init__(self, *args, layer_norm: bool = False, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+        self.layer_norm = bool(layer_norm)
+        if self.layer_norm:
+            w = self.weight_hh
+            _make_ln_params(self, self.hidden_size, "", w.device, w.dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "layer_norm", False):
+            _reset_ln_params(self, [""])
+
+    def forward(self, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        batched = V.check_cell_input(input, self.input_size)
+        if hx is None:
+            h0 = c0 = None
+        else:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError("hx must be a tuple (h_0, c_0) for an LSTMCell")
+            h0, c0 = hx
+        h0 = _cell_state(h0, input, batched, self.hidden_size, "hx[0] (h_0)")
+        c0 = _cell_state(c0, input, batched, self.hidden_size, "hx[1] (c_0)")
+        params = _cell_params(self, input, self.layer_norm)
+        x = input if batched else input.unsqueeze(0)
+        if not batched:
+            h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+        x, cast = _autocast(x, [h0, c0] + params)
+        h0, c0, (w_ih, w_hh, b_ih, b_hh, *ln) = cast[0], cast[1], cast[2:]
+        _, h, c = lstm_sequence(
+            x.unsqueeze(0), h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln) if ln else None, None, self.backend
+        )
+        if not batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.layer_norm:
+            s += ", layer_norm=True"
+        return s + f", backend={self.backend!r}"
+
+
+class RNNCell(nn.RNNCell):
+    """torch.nn.RNNCell's drop-in replacement (tanh or relu), plus ``backend``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def forward(self, input, hx: Optional[torch.Tensor] = None):
+        batched = V.check_cell_input(input, self.input_size)
+        h0 = _cell_state(hx, input, batched, self.hidden_size, "hx (h_0)")
+        params = _cell_params(self, input, False)
+        x = input if batched else input.unsqueeze(0)
+        if not batched:
+            h0 = h0.unsqueeze(0)
+        x, cast = _autocast(x, [h0] + params)
+        h0, (w_ih, w_hh, b_ih, b_hh) = cast[0], cast[1:]
+        _, h = rnn_sequence(x.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh, None, self.nonlinearity, self.backend)
+        return h if batched else h.squeeze(0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
