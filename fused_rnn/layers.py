@@ -190,7 +190,12 @@ class _SequenceLayer:
         return out, ((h_n, c_n) if self._is_lstm else h_n)
 
 
-class LSTM(_SequenceLayer, nn.LSTM):
+# The sequence layers derive from nn.RNNBase, not nn.LSTM / nn.RNN: parameters, their names and
+# init are torch.nn's own, while torch.compile (which refuses to trace isinstance(m, nn.LSTM))
+# traces them like any module.
+
+
+class LSTM(_SequenceLayer, nn.RNNBase):
     """torch.nn.LSTM's drop-in replacement, plus ``layer_norm`` and ``backend``.
 
     ``proj_size`` is not supported (a ValueError). Dropout between layers is torch's dropout.
@@ -199,7 +204,7 @@ class LSTM(_SequenceLayer, nn.LSTM):
     _is_lstm = True
 
     def __init__(self, *args, layer_norm: bool = False, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__("LSTM", *args, **kwargs)
         if self.proj_size != 0:
             raise ValueError("fused_rnn.LSTM does not support proj_size > 0")
         self.backend = _check_backend(backend)
@@ -228,11 +233,22 @@ class LSTM(_SequenceLayer, nn.LSTM):
         return s + f", backend={self.backend!r}"
 
 
-class RNN(_SequenceLayer, nn.RNN):
+class RNN(_SequenceLayer, nn.RNNBase):
     """torch.nn.RNN's drop-in replacement (tanh or relu), plus ``backend``."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
+        # nn.RNN's argument handling: nonlinearity is the 4th positional argument.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN")
+        if len(args) > 3:
+            nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
+        self.nonlinearity = nonlinearity
         self.backend = _check_backend(backend)
 
     def forward(self, input, hx=None):
