@@ -1,0 +1,317 @@
+"""The benchmark suite (fused_rnn.bench): its CPU mode, target logic, rendering and arguments.
+
+Everything here runs on the CPU in seconds: `--device cpu` on a tiny shape, and synthetic
+records for the GPU-only parts (targets, the GPU table). The GPU run itself is
+bench/gpu_check.sh's job.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fused_rnn import bench
+from conftest import INTERPRET
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device", "cpu", "--shape", "2,3,8", "--slow-budget", "0.05"]
+
+
+def _run(args, tmp_path, capsys):
+    rc = bench.main(TINY + args + ["--out", str(tmp_path)])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+# ------------------------------------------------------------------------------------ CPU mode
+def test_cpu_mode_writes_json_table_and_plot(tmp_path, capsys):
+    rc, out, err = _run(["--cells", "lstm,lnlstm,rnn", "--dtypes", "fp32"], tmp_path, capsys)
+    assert rc == 0
+    assert "no CUDA GPU" in err and "[1/" in err
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {"schema", "machine", "config", "results", "targets", "interrupted",
+            "elapsed_s"} <= set(data)
+    m = data["machine"]
+    assert {"gpu", "torch", "triton", "cudnn", "cuda", "date", "device"} <= set(m)
+    assert m["device"] == "cpu" and m["torch"] == torch.__version__
+    assert data["config"]["shapes"] == {"B2T3H8": [2, 3, 8]}
+    assert data["targets"] == []  # targets are defined against cuDNN on a GPU
+    keys = {"cell", "shape", "B", "T", "H", "dtype", "kind", "method", "device", "status",
+            "fwd_ms", "fwdbwd_ms", "timer", "peak_mem_bytes", "notes"}
+    by = {(r["cell"], r["method"]): r for r in data["results"]}
+    for r in data["results"]:
+        assert keys <= set(r)
+    for cell in ("lstm", "lnlstm", "rnn"):
+        ref = by[(cell, "reference")]
+        assert ref["status"] == "ok" and ref["fwd_ms"] > 0 and ref["fwdbwd_ms"] > 0
+        assert ref["dtype"] == "fp32"
+        tri = by[(cell, "triton")]
+        if INTERPRET:
+            assert tri["status"] == "ok" and tri["fwdbwd_ms"] > 0
+        else:
+            assert tri["status"] == "skipped" and "TRITON_INTERPRET" in tri["notes"][-1]
+    assert by[("lstm", "torch.nn")]["status"] == "ok"
+    assert by[("rnn", "torch.nn")]["fwd_ms"] > 0
+    assert by[("lnlstm", "torch.nn")]["status"] == "n/a"
+    assert by[("lstm", "reference")]["peak_mem_bytes"] is None  # CUDA only
+    md = (tmp_path / "bench.md").read_text()
+    for text in (out, md):
+        assert "machine: CPU only, no CUDA GPU" in text and f"torch {torch.__version__}" in text
+        assert "| cell | shape (B,T,H) | dtype | method |" in text
+        assert "reference loop" in text and "Targets: not evaluated" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plot skipped" in err
+    else:
+        assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_render_rebuilds_from_json(tmp_path, capsys):
+    rc, _, _ = _run(["--cells", "rnn", "--baselines", "reference", "--paths", "none",
+                     "--no-plot"], tmp_path, capsys)
+    assert rc == 0
+    again = tmp_path / "again"
+    assert bench.main(["--render", str(tmp_path / "bench.json"), "--out", str(again),
+                       "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "machine: CPU only" in out and "tanh RNN" in out
+    assert (again / "bench.md").read_text() == (tmp_path / "bench.md").read_text()
+
+
+def test_registered_path_runs_by_name(tmp_path, capsys):
+    bench.register_path("ref-as-path", bench.functional_path("reference"), doc="test only")
+    try:
+        rc, _, err = _run(["--cells", "lstm", "--paths", "ref-as-path", "--baselines", "none",
+                           "--modes", "fwd", "--no-plot"], tmp_path, capsys)
+    finally:
+        del bench.PATHS["ref-as-path"]
+    assert rc == 0 and "lstm B2T3H8 fp32 ref-as-path fwd ..." in err
+    (rec,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert rec["kind"] == "fused" and rec["status"] == "ok" and rec["fwdbwd_ms"] is None
+
+
+def test_fallback_to_reference_is_detected_every_time():
+    from fused_rnn import _backend
+
+    def call():
+        _backend.warn_once("bench-test", "fused_rnn: cannot take X; using the reference path")
+
+    for _ in range(2):  # warn_once dedups per process: the probe must see it each time
+        assert bench._fallback_warnings(call) == [
+            "fused_rnn: cannot take X; using the reference path"]
+    assert bench._fallback_warnings(lambda: None) == []
+
+
+def test_sigterm_keeps_what_was_measured(tmp_path, capsys):
+    import signal
+
+    calls = {"n": 0}
+
+    def build(p):
+        fwd = bench.functional_path("reference")(p)
+
+        def run():
+            calls["n"] += 1
+            if calls["n"] == 6:  # inside the fwd+bwd measurement, after fwd was timed
+                os.kill(os.getpid(), signal.SIGTERM)
+            return fwd()
+
+        return run
+
+    before = signal.getsignal(signal.SIGTERM)
+    bench.register_path("sigterm-test", build)
+    try:
+        rc, out, err = _run(["--cells", "lstm,rnn", "--paths", "sigterm-test", "--baselines",
+                             "none", "--slow-budget", "1e-9", "--no-plot"], tmp_path, capsys)
+    finally:
+        del bench.PATHS["sigterm-test"]
+    assert rc == 0 and signal.getsignal(signal.SIGTERM) == before
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["interrupted"].startswith("interrupted (signal")
+    (rec,) = data["results"]  # the rnn case was never reached
+    assert rec["cell"] == "lstm" and rec["status"] == "partial" and rec["fwd_ms"] > 0
+    assert "interrupted" in rec["notes"] and "Run cut short" in out
+
+
+def test_time_limit_skips_and_still_writes(tmp_path, capsys):
+    rc, out, _ = _run(["--cells", "lstm,rnn", "--paths", "none", "--time-limit", "1e-6",
+                       "--no-plot"], tmp_path, capsys)
+    assert rc == 0 and "machine:" in out
+    recs = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert recs and all(r["status"] == "skipped" for r in recs)
+    assert any("time limit" in n for n in recs[-1]["notes"])
+
+
+def test_quick_plan_bounds_slow_methods():
+    s = bench.Settings(device=torch.device("cuda"), quick=True, warmup_ms=10, rep_ms=30,
+                       slow_ms=50, slow_budget_s=3, time_limit_s=None, base_dtype="fp16")
+    shapes = [(n, bench.SHAPES[n]) for n in ("S1", "S2")]
+    plan = bench.make_plan(list(bench.CELLS), shapes, ["bf16"], ["triton"],
+                           list(bench.BASELINES), list(bench.MODES), s)
+    slow = [c for c in plan if c.kind in ("reference", "compile")]
+    assert slow and all(c.shape == "S1" and c.modes == ["fwd"] and c.dtype == "fp32"
+                        for c in slow)
+    kinds = [c.kind for c in plan]
+    assert kinds.index("reference") > max(i for i, k in enumerate(kinds) if k in ("fused", "nn"))
+    assert kinds.index("compile") > max(i for i, k in enumerate(kinds) if k == "reference")
+    nn = {(c.cell, c.shape, c.dtype) for c in plan if c.kind == "nn" and not c.na}
+    assert ("lstm", "S2", "fp16") in nn and ("lstm", "S2", "bf16") in nn  # fp16: the baseline
+    assert all(c.na for c in plan if c.kind == "nn" and c.cell == "lnlstm")
+    # The full sweep: the reference loop everywhere, torch.compile at S2 only.
+    s.quick = False
+    full = bench.make_plan(["lstm"], [(n, bench.SHAPES[n]) for n in bench.SHAPES], ["bf16"],
+                           ["triton"], list(bench.BASELINES), list(bench.MODES), s)
+    assert {c.shape for c in full if c.kind == "reference"} == set(bench.SHAPES)
+    assert [(c.shape, c.modes) for c in full if c.kind == "compile"] == [("S2", ["fwd", "fwd+bwd"])]
+
+
+# --------------------------------------------------------------------------- targets (synthetic)
+def _rec(cell, shape, dtype, kind, method, fwd, fb, mem=None, device="cuda"):
+    B, T, H = bench.SHAPES.get(shape, (1, 1, 1))
+    return {"cell": cell, "shape": shape, "B": B, "T": T, "H": H, "dtype": dtype, "kind": kind,
+            "method": method, "device": device, "status": "ok", "fwd_ms": fwd,
+            "fwdbwd_ms": fb, "timer": {}, "peak_mem_bytes": mem, "notes": []}
+
+
+def _synthetic():
+    r = [
+        # T1 at S1: exactly 1/3 (pass); fwd+bwd 0.4 (miss). At S3 0.5 (pass, limit 0.55).
+        _rec("lstm", "S1", "bf16", "fused", "triton", 3.0, 4.0),
+        _rec("lstm", "S1", "bf16", "nn", "cudnn", 9.0, 10.0),
+        _rec("lstm", "S1", "fp16", "fused", "triton", 1.0, 2.0),
+        _rec("lstm", "S1", "fp16", "nn", "cudnn", 1.5, 1.9),
+        _rec("lstm", "S1", "fp32", "reference", "reference", 60.0, 99.0),
+        _rec("lstm", "S3", "bf16", "fused", "triton", 5.0, 6.0),
+        _rec("lstm", "S3", "bf16", "nn", "cudnn", 10.0, 10.0),
+        # T4: LN 1.5x plain in fp16 fwd (pass, at the limit), 2x in fwd+bwd (miss).
+        _rec("lnlstm", "S1", "fp16", "fused", "triton", 1.5, 4.0),
+        _rec("lnlstm", "S1", "–", "nn", "cudnn", None, None),
+        # T5 and T6.
+        _rec("rnn", "S2", "fp16", "fused", "triton", 1.0, 3.0),
+        _rec("rnn", "S2", "fp16", "nn", "cudnn", 1.2, 2.0),
+        _rec("lstm", "S2", "bf16", "fused", "triton", 2.0, 5.0, mem=900 * 2**20),
+        _rec("lstm", "S2", "bf16", "nn", "cudnn", 6.0, 20.0, mem=1000 * 2**20),
+        _rec("lstm", "S2", "fp16", "fused", "triton", 2.0, 5.0, mem=1100 * 2**20),
+        _rec("lstm", "S2", "fp16", "nn", "cudnn", 3.0, 9.0, mem=1000 * 2**20),
+        # CPU records never count.
+        _rec("lstm", "S4", "bf16", "fused", "triton", 1.0, 1.0, device="cpu"),
+        _rec("lstm", "S4", "bf16", "nn", "torch.nn", 9.0, 9.0, device="cpu"),
+    ]
+    r[8]["status"] = "n/a"
+    return r
+
+
+def _status(results, tid, shape, mode, dtype=None):
+    hits = [t for t in results if t["id"] == tid and t["shape"] == shape and t["mode"] == mode
+            and (dtype is None or t["dtype"] == dtype)]
+    assert len(hits) == 1, (tid, shape, mode, dtype, hits)
+    return hits[0]["passed"]
+
+
+def test_targets_pass_miss_on_synthetic_numbers():
+    res = bench.evaluate_targets(_synthetic())
+    assert _status(res, "T1", "S1", "fwd") is True  # 3/9 == 1/3: at the limit passes
+    assert _status(res, "T1", "S1", "fwd+bwd") is False  # 0.4 > 1/3
+    assert _status(res, "T1", "S3", "fwd") is True and _status(res, "T1", "S3", "fwd+bwd") is False
+    # T2 takes our fastest dtype (fp16 here): 1.0/1.5 pass; 2.0/1.9 miss.
+    assert _status(res, "T2", "S1", "fwd") is True
+    assert _status(res, "T2", "S1", "fwd+bwd") is False
+    t2 = next(t for t in res if t["id"] == "T2" and t["shape"] == "S1" and t["mode"] == "fwd")
+    assert t2["dtype"] == "fp16" and t2["value"] == pytest.approx(1 / 1.5)
+    # T3: 60/1 = 60x (pass); 99/2 = 49.5x (miss).
+    assert _status(res, "T3", "S1", "fwd") is True and _status(res, "T3", "S1", "fwd+bwd") is False
+    assert _status(res, "T4", "S1", "fwd", "fp16") is True
+    assert _status(res, "T4", "S1", "fwd+bwd", "fp16") is False
+    assert _status(res, "T5", "S2", "fwd") is True and _status(res, "T5", "S2", "fwd+bwd") is False
+    assert _status(res, "T6", "S2", "fwd+bwd", "bf16") is True
+    assert _status(res, "T6", "S2", "fwd+bwd", "fp16") is False
+    assert _status(res, "T1", "S2", "fwd") is True and _status(res, "T1", "S2", "fwd+bwd") is True
+    # No target at S4 (CPU records only), no T3 at S2 or S3 (no reference there).
+    assert not [t for t in res if t["shape"] == "S4"]
+    assert not [t for t in res if t["id"] == "T3" and t["shape"] != "S1"]
+    # A fused row that fell back to the reference path is no evidence for any target.
+    fell = _synthetic()
+    for r in fell:
+        if r["kind"] == "fused":
+            r["fallback"] = True
+    assert bench.evaluate_targets(fell) == []
+
+
+def test_targets_need_their_baseline():
+    recs = [_rec("lstm", "S1", "bf16", "fused", "triton", 1.0, 1.0)]
+    assert bench.evaluate_targets(recs) == []
+    failed = _rec("lstm", "S1", "bf16", "nn", "cudnn", None, None)
+    failed["status"] = "error"
+    assert bench.evaluate_targets(recs + [failed]) == []
+
+
+def test_gpu_table_renders_targets_and_machine_line(tmp_path):
+    recs = _synthetic()[:-2]
+    data = {
+        "machine": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
+                    "triton": "3.6.0", "cuda": "13.0", "cudnn": "9.19.0", "fused_rnn": "0.1.0",
+                    "date": "2026-11-27 00:00 UTC", "tf32_cudnn": True},
+        "config": {"mode": "GPU quick", "base_dtype": "fp16", "warmup_ms": 10, "rep_ms": 30,
+                   "slow_ms": 50.0},
+        "results": recs,
+        "targets": bench.evaluate_targets(recs),
+    }
+    md = bench.render_markdown(data)
+    assert ("machine: NVIDIA H100 80GB HBM3 | CUDA 13.0 | cuDNN 9.19.0 | torch 2.11.0 | "
+            "triton 3.6.0") in md
+    assert "× cuDNN fp16 (fwd / f+b)" in md and "T1 ✗" in md and "T2 ✗" in md
+    assert "PASS S1 fwd" in md and "MISS S1 fwd+bwd" in md
+    # lstm S1 fp16 triton: cuDNN fp16 1.5 / 1.0 and 1.9 / 2.0; the reference 60 / 1, 99 / 2.
+    row = next(l for l in md.splitlines() if l.startswith("| LSTM | S1 (16,1024,256) | fp16 | fused"))
+    assert "1.50× / 0.95×" in row and "60.0× / 49.5×" in row and "T2 ✗" in row
+    why = bench.save_plot(data, str(tmp_path / "p.png"))
+    assert why is None or "matplotlib not importable" in why
+
+
+def test_cudnn_version_format(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    assert bench._cudnn_version() == "9.19.0"
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 8902)
+    assert bench._cudnn_version() == "8.9.2"
+
+
+# ----------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("args", [
+    pytest.param(["--cells", "gru"], id="cell"),
+    pytest.param(["--dtypes", "fp8"], id="dtype"),
+    pytest.param(["--shapes", "S9"], id="named-shape"),
+    pytest.param(["--shape", "1,2"], id="shape-2-dims"),
+    pytest.param(["--shape", "0,2,3"], id="shape-zero"),
+    pytest.param(["--shape", "a,b,c"], id="shape-text"),
+    pytest.param(["--paths", "nope"], id="path"),
+    pytest.param(["--baselines", "cudnn,magic"], id="baseline"),
+    pytest.param(["--modes", "bwd"], id="mode"),
+    pytest.param(["--device", "tpu"], id="device"),
+    pytest.param(["--time-limit", "0"], id="time-limit"),
+    pytest.param(["--rep", "0"], id="rep"),
+    pytest.param(["--render", "/nonexistent/bench.json"], id="render-missing"),
+    pytest.param(["--paths", "none", "--baselines", "none"], id="nothing-to-run"),
+    pytest.param(["--bogus"], id="unknown-flag"),
+])
+def test_bad_arguments_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_runner_script_exit_code():
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "run.py"), "--cells", "gru"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown cell gru" in p.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_parses():
+    script = os.path.join(REPO, "bench", "gpu_check.sh")
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
