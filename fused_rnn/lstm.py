@@ -2,6 +2,11 @@
 
 ``lstm_sequence`` is the single entry point the layers call; it dispatches to the Triton
 autograd Function or to the reference path.
+
+The Triton path: ``LSTMFunction`` calls the custom ops fused_rnn::lstm_fwd / lstm_bwd
+(fused_rnn/_ops.py), which run the whole-sequence launchers of fused_rnn.kernels.lstm: one input
+projection GEMM, a time loop of fused step kernels, and in backward a reverse loop of fused step
+kernels followed by a few large GEMMs for dx, dW_ih, dW_hh and the biases.
 """
 from __future__ import annotations
 
@@ -9,8 +14,60 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._backend import resolve_backend
+from . import _ops
+from ._backend import resolve_backend, warn_once
 from .reference import LN_EPS, lstm_sequence_ref
+
+
+def _allow_tf32(x: torch.Tensor) -> bool:
+    """fp32 tl.dot follows torch's cuBLAS TF32 switch (CPU: the interpreter is exact anyway)."""
+    return bool(x.is_cuda and x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+
+
+class LSTMFunction(torch.autograd.Function):
+    """One LSTM layer, one direction, over a whole sequence, with a hand-written backward.
+
+    Saves x, the weights, the state sequences hs, cs [T+1, B, H] and (by default) the gate
+    pre-activations [T, B, 4H]; see fused_rnn.kernels.lstm for the save-or-recompute choice.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused,
+                save_gates):
+        out, h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused, save_gates
+        )
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates)
+        ctx.eps, ctx.allow_tf32, ctx.fused = eps, allow_tf32, fused
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_dw = any(need[3:11])
+        dx, dh0, dc0, dw_ih, dw_hh, db, dgw, dgb, dcw, dcb = torch.ops.fused_rnn.lstm_bwd(
+            dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, lengths,
+            ctx.eps, ctx.allow_tf32, ctx.fused, need[0], need_dw,
+        )
+        return (
+            dx if need[0] else None,
+            dh0 if need[1] else None,
+            dc0 if need[2] else None,
+            dw_ih if need[3] else None,
+            dw_hh if need[4] else None,
+            db.to(b_ih.dtype) if need[5] else None,
+            db.to(b_hh.dtype) if need[6] else None,
+            dgw if need[7] else None,
+            dgb if need[8] else None,
+            dcw if need[9] else None,
+            dcb if need[10] else None,
+            None, None, None, None, None,
+        )
+
+
+def _same_dtype(x, tensors) -> bool:
+    return all(t is None or t.dtype == x.dtype for t in tensors)
 
 
 def lstm_sequence(
@@ -28,6 +85,18 @@ def lstm_sequence(
     """x [T, B, I], h0/c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_* [4H] or None,
     ln None or (gate_weight [4H], gate_bias [4H], cell_weight [H], cell_bias [H]),
     lengths None or int64 [B] on x's device -> (out [T, B, H], h_n [B, H], c_n [B, H])."""
-    resolve_backend(backend, x)
-    # TODO(kernels issue): the Triton path; until then every backend runs the reference.
+    if resolve_backend(backend, x) == "triton":
+        kernels = _ops.lstm_kernels()
+        reason = kernels.unsupported(x, w_hh, ln)
+        if reason is None and not _same_dtype(x, (h0, c0, w_ih, w_hh, b_ih, b_hh) + tuple(ln or ())):
+            reason = "mixed dtypes"
+        if reason is None:
+            gw, gb, cw, cb = ln if ln is not None else (None,) * 4
+            if lengths is not None:
+                lengths = lengths.to(device=x.device, dtype=torch.int64)
+            return LSTMFunction.apply(
+                x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, LN_EPS, _allow_tf32(x),
+                kernels.default_fused(w_hh.shape[1], ln, x.dtype), kernels.SAVE_GATES,
+            )
+        warn_once(f"lstm:{reason}", f"fused_rnn: the LSTM kernels cannot take {reason}; using the reference path")
     return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, LN_EPS)

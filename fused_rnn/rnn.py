@@ -2,6 +2,9 @@
 
 ``rnn_sequence`` is the single entry point the layers call; it dispatches to the Triton
 autograd Function or to the reference path.
+
+The Triton path: ``RNNFunction`` calls the custom ops fused_rnn::rnn_fwd / rnn_bwd
+(fused_rnn/_ops.py), which run the whole-sequence launchers of fused_rnn.kernels.rnn.
 """
 from __future__ import annotations
 
@@ -9,8 +12,42 @@ from typing import Optional
 
 import torch
 
-from ._backend import resolve_backend
+from . import _ops
+from ._backend import resolve_backend, warn_once
+from .lstm import _allow_tf32, _same_dtype
 from .reference import rnn_sequence_ref
+
+
+class RNNFunction(torch.autograd.Function):
+    """One RNN layer, one direction, over a whole sequence, with a hand-written backward.
+    Saves x, the weights and the state sequence hs [T+1, B, H] (the derivative of tanh and relu
+    comes from the output, so no pre-activation is kept)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused):
+        out, h_n, hs = torch.ops.fused_rnn.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity,
+                                                   allow_tf32, fused)
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, hs)
+        ctx.nonlinearity, ctx.allow_tf32, ctx.fused = nonlinearity, allow_tf32, fused
+        return out, h_n
+
+    @staticmethod
+    def backward(ctx, dout, dh_n):
+        x, w_ih, w_hh, b_ih, b_hh, lengths, hs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_rnn.rnn_bwd(
+            dout, dh_n, x, w_ih, w_hh, hs, lengths, ctx.nonlinearity, ctx.allow_tf32, ctx.fused,
+            need[0], any(need[2:6]),
+        )
+        return (
+            dx if need[0] else None,
+            dh0 if need[1] else None,
+            dw_ih if need[2] else None,
+            dw_hh if need[3] else None,
+            db.to(b_ih.dtype) if need[4] else None,
+            db.to(b_hh.dtype) if need[5] else None,
+            None, None, None, None,
+        )
 
 
 def rnn_sequence(
@@ -26,6 +63,16 @@ def rnn_sequence(
 ):
     """x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_* [H] or None,
     lengths None or int64 [B] on x's device -> (out [T, B, H], h_n [B, H])."""
-    resolve_backend(backend, x)
-    # TODO(kernels issue): the Triton path; until then every backend runs the reference.
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    if resolve_backend(backend, x) == "triton":
+        kernels = _ops.rnn_kernels()
+        reason = kernels.unsupported(x, w_hh)
+        if reason is None and not _same_dtype(x, (h0, w_ih, w_hh, b_ih, b_hh)):
+            reason = "mixed dtypes"
+        if reason is None:
+            if lengths is not None:
+                lengths = lengths.to(device=x.device, dtype=torch.int64)
+            return RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, _allow_tf32(x), True)
+        warn_once(f"rnn:{reason}", f"fused_rnn: the RNN kernels cannot take {reason}; using the reference path")
     return rnn_sequence_ref(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity)

@@ -1,0 +1,113 @@
+"""Helpers shared by the fused_rnn kernels: numerics-safe activations, the block matmul, and
+the launchers' small utilities (buffer allocation, dot precision, block sizes).
+
+Legend: B batch rows, H hidden units, K the reduction dimension of a block matmul.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Debug switch for the tests: when True the launchers allocate every buffer a kernel is meant to
+# fill with NaN (torch.full) instead of torch.empty, so an element a kernel forgets to write
+# shows up as NaN in the results. Off by default (it costs a fill per buffer).
+POISON = False
+
+# The dtypes the kernels take (inputs, weights and states share one of them).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    """A buffer a kernel will fill completely: empty, or NaN-filled when POISON is on."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the recurrent state and of every saved or gradient buffer: fp64 stays fp64,
+    everything else is kept in fp32 (as the reference computes)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_flags(dtype: torch.dtype, allow_tf32: bool, device: torch.device):
+    """(FMA, IEEE, UPCAST) constexpr flags of _mm for operands of ``dtype``.
+
+    FMA: fp64 blocks are multiplied with a broadcast product and tl.sum instead of tl.dot,
+    because fp64 tl.dot is not something we can count on every GPU backend lowering.
+    IEEE: fp32 tl.dot in full fp32 (input_precision="ieee"); otherwise fp32 tl.dot uses TF32 on
+    GPUs. The launchers follow torch.backends.cuda.matmul.allow_tf32 (default False), so a
+    model gets the same fp32 matmul precision from these kernels as from cuBLAS.
+    UPCAST: the Triton interpreter (CPU tensors) keeps bf16 as raw uint16 and its tl.dot
+    multiplies those integers, so there bf16 operands are widened to fp32 first (exact: the
+    products are the same, only the accumulation order can differ). Never set on a GPU.
+    """
+    fma = dtype == torch.float64
+    ieee = dtype == torch.float32 and not allow_tf32
+    upcast = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+    return fma, ieee, upcast
+
+
+def tf32_enabled() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def pow2_block(n: int, lo: int, hi: int) -> int:
+    """next_pow2(n) clamped to [lo, hi] (lo, hi powers of two)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp of a non-positive number only: in (0, 1], so no inf/inf for any finite x.
+    z = tl.exp(-tl.abs(x))
+    s = 1.0 / (1.0 + z)
+    return tl.where(x >= 0, s, z * s)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh|x| = (1 - e^{-2|x|}) / (1 + e^{-2|x|}), sign restored: finite for any finite x.
+    z = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - z) / (1.0 + z)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _mm(a, b, acc, FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b for blocks a [M, K], b [K, N] (M, N, K >= 16 on the tl.dot paths)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if FMA:
+        acc = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _ln_rows(v, cmask, w, b, H, eps):
+    """LayerNorm of each row of v [BB, BH] over its first H columns (cmask), weight/bias [BH].
+
+    Returns (v̂, rstd [BB], v̂ w + b); padded columns of v̂ are 0.
+    """
+    mean = tl.sum(tl.where(cmask[None, :], v, 0.0), axis=1) / H
+    d = tl.where(cmask[None, :], v - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / H
+    rstd = 1.0 / tl.sqrt(var + eps)
+    vhat = d * rstd[:, None]
+    return vhat, rstd, vhat * w[None, :] + b[None, :]
+
+
+@triton.jit
+def _ln_rows_bwd(dvhat, vhat, rstd, cmask, H):
+    """Gradient w.r.t. v of LayerNorm rows, given dL/dv̂ (already multiplied by the weight):
+    dv = rstd (dv̂ − mean(dv̂) − v̂ mean(dv̂ v̂))."""
+    dvhat = tl.where(cmask[None, :], dvhat, 0.0)
+    m1 = tl.sum(dvhat, axis=1) / H
+    m2 = tl.sum(dvhat * vhat, axis=1) / H
+    return (dvhat - m1[:, None] - vhat * m2[:, None]) * rstd[:, None]

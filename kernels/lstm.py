@@ -1,0 +1,544 @@
+"""LSTM and layer-norm LSTM: Triton kernels and their whole-sequence launchers.
+
+Legend
+    T   time steps                 B   batch rows
+    I   input features             H   hidden units
+    G   = 4H gate pre-activations, gate order i, f, g, o, 4H contiguous per row
+    K   reduction dim of the recurrent matmul (H forward, G backward)
+Layout is time-major: x [T, B, I], out [T, B, H]. Saved state sequences hs, cs are [T+1, B, H]
+(slot 0 = h0 / c0, slot t+1 = the carried state after step t) in the state dtype: fp32, or fp64
+for fp64 inputs. A program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates,
+so the pointwise update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
+
+Kernels (one launch per time step; the launchers own the time loops so that a later persistent
+kernel can replace them):
+    _lstm_fwd_kernel   FUSED=False: the pointwise update (plain or LN) from gate pre-activations
+                       h_{t-1} W_hhᵀ computed by torch; FUSED=True: the step kernel that also
+                       computes h_{t-1} W_hhᵀ with tl.dot, so no gates tensor goes through memory
+                       between the matmul and the gate math.
+    _lstm_bwd_kernel   the reverse step; FUSED=True fuses the carried dh = dG_{t+1} W_hh.
+
+Save or recompute: forward stores the pre-activation gates [T, B, G] (state dtype; before any
+LayerNorm) and backward reads them; the activations and LN statistics are recomputed from them in
+the backward step (cheap, pointwise). The alternatives: (a) save_gates=False recomputes the gates
+before the reverse loop as one GEMM, gates = x W_ihᵀ + b + hs[:T] W_hhᵀ, which materialises the
+same [T, B, G] tensor and re-runs the input projection, so it only adds work (its gain: a smaller
+peak memory between forward and backward); (b) recomputing h_{t-1} W_hhᵀ inside each backward
+step would double the matmul on the serial critical path. So: stored by default (SAVE_GATES).
+This is reasoned, NOT MEASURED: no GPU was available when it was written; bench/ should time
+lstm_fwd/lstm_bwd with save_gates True and False and record the numbers here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_rnn.reference import LN_EPS  # one source of truth (nn.LayerNorm's default)
+
+from ._common import (
+    SUPPORTED_DTYPES,
+    _ln_rows,
+    _ln_rows_bwd,
+    _mm,
+    _sigmoid,
+    _tanh,
+    alloc,
+    dot_flags,
+    pow2_block,
+    state_dtype,
+)
+
+
+# ---- size limits: the one place they live; fused_rnn.lstm reads them through unsupported() ----
+# The fused layer-norm step holds whole 4H rows: 4 fp32 accumulators of BLOCK_B(16) x next_pow2(H).
+LN_FUSED_MAX_H = 256
+# fp64 multiplies with a broadcast product [BLOCK_B, BLOCK_K, next_pow2(H)]: keep it small.
+LN_FUSED_MAX_H_FP64 = 64
+# The unfused layer-norm pointwise kernels hold whole rows of next_pow2(H) per program.
+LN_MAX_H = 4096
+# Default for save_gates (see the module docstring).
+SAVE_GATES = True
+
+
+def ln_fused_max_h(dtype: torch.dtype) -> int:
+    return LN_FUSED_MAX_H_FP64 if dtype == torch.float64 else LN_FUSED_MAX_H
+
+
+def unsupported(x: torch.Tensor, w_hh: torch.Tensor, ln) -> Optional[str]:
+    """Why the kernels cannot take this problem (the caller falls back to the reference), or None."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype}"
+    T, B = x.shape[0], x.shape[1]
+    H = w_hh.shape[1]
+    if T == 0 or B == 0 or H == 0:
+        return f"an empty problem (T={T}, B={B}, H={H})"
+    if ln is not None and H > LN_MAX_H:
+        return f"layer-norm LSTM with hidden size {H} > {LN_MAX_H}"
+    return None
+
+
+def default_fused(H: int, ln, dtype: torch.dtype) -> bool:
+    """The fused step kernels take any size for the plain LSTM; the LN one up to a limit."""
+    return ln is None or H <= ln_fused_max_h(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.heuristics(
+    {
+        "FUSED": lambda a: a["w_ptr"] is not None,
+        "LN": lambda a: a["gw_ptr"] is not None,
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+        "STORE_GATES": lambda a: a["gates_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["t"])
+def _lstm_fwd_kernel(
+    xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
+    w_ptr,  # [G, H] W_hh (FUSED) or None
+    mm_ptr,  # [B, G] h_{t-1} W_hhᵀ computed by torch (not FUSED) or None
+    hs_ptr,  # [T+1, B, H] state dtype: reads slot t, writes slot t+1
+    cs_ptr,  # [T+1, B, H] state dtype: reads slot t, writes slot t+1
+    out_ptr,  # [T, B, H] storage dtype: writes step t
+    gates_ptr,  # [T, B, G] state dtype pre-activations (before any LN), or None
+    len_ptr,  # [B] int64 lengths, or None
+    gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]; or None
+    t, B, H, eps,
+    FUSED: tl.constexpr, LN: tl.constexpr, HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    ACC = hs_ptr.dtype.element_ty
+    t64 = t.to(tl.int64)
+    G = 4 * H
+
+    s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]  # slot t of hs/cs, step t of out
+    s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]  # slot t+1 of hs/cs
+    g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]  # gate i of step t in [T, B, G]
+
+    if FUSED:
+        a_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        h_row = (t64 * B + rows) * H
+        # W_hh row of (gate q, unit j) starts at (q H + j) H
+        w_i = cols.to(tl.int64) * H
+        w_f = (cols + H).to(tl.int64) * H
+        w_g = (cols + 2 * H).to(tl.int64) * H
+        w_o = (cols + 3 * H).to(tl.int64) * H
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < H
+            hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            hk = hk.to(w_ptr.dtype.element_ty)
+            wm = kmask[:, None] & cmask[None, :]
+            a_i = _mm(hk, tl.load(w_ptr + w_i[None, :] + ks[:, None], mask=wm, other=0.0), a_i, FMA, IEEE, UPCAST)
+            a_f = _mm(hk, tl.load(w_ptr + w_f[None, :] + ks[:, None], mask=wm, other=0.0), a_f, FMA, IEEE, UPCAST)
+            a_g = _mm(hk, tl.load(w_ptr + w_g[None, :] + ks[:, None], mask=wm, other=0.0), a_g, FMA, IEEE, UPCAST)
+            a_o = _mm(hk, tl.load(w_ptr + w_o[None, :] + ks[:, None], mask=wm, other=0.0), a_o, FMA, IEEE, UPCAST)
+    else:
+        m_off = (rows * G)[:, None] + cols[None, :]
+        a_i = tl.load(mm_ptr + m_off, mask=mask, other=0.0).to(ACC)
+        a_f = tl.load(mm_ptr + m_off + H, mask=mask, other=0.0).to(ACC)
+        a_g = tl.load(mm_ptr + m_off + 2 * H, mask=mask, other=0.0).to(ACC)
+        a_o = tl.load(mm_ptr + m_off + 3 * H, mask=mask, other=0.0).to(ACC)
+    a_i += tl.load(xp_ptr + g_off, mask=mask, other=0.0).to(ACC)
+    a_f += tl.load(xp_ptr + g_off + H, mask=mask, other=0.0).to(ACC)
+    a_g += tl.load(xp_ptr + g_off + 2 * H, mask=mask, other=0.0).to(ACC)
+    a_o += tl.load(xp_ptr + g_off + 3 * H, mask=mask, other=0.0).to(ACC)
+    if STORE_GATES:
+        gty = gates_ptr.dtype.element_ty
+        tl.store(gates_ptr + g_off, a_i.to(gty), mask=mask)
+        tl.store(gates_ptr + g_off + H, a_f.to(gty), mask=mask)
+        tl.store(gates_ptr + g_off + 2 * H, a_g.to(gty), mask=mask)
+        tl.store(gates_ptr + g_off + 3 * H, a_o.to(gty), mask=mask)
+
+    if LN:  # BLOCK_H >= H: this program holds whole rows
+        _, _, a_i = _ln_rows(a_i, cmask, tl.load(gw_ptr + cols, mask=cmask, other=0.0).to(ACC),
+                             tl.load(gb_ptr + cols, mask=cmask, other=0.0).to(ACC), H, eps)
+        _, _, a_f = _ln_rows(a_f, cmask, tl.load(gw_ptr + H + cols, mask=cmask, other=0.0).to(ACC),
+                             tl.load(gb_ptr + H + cols, mask=cmask, other=0.0).to(ACC), H, eps)
+        _, _, a_g = _ln_rows(a_g, cmask, tl.load(gw_ptr + 2 * H + cols, mask=cmask, other=0.0).to(ACC),
+                             tl.load(gb_ptr + 2 * H + cols, mask=cmask, other=0.0).to(ACC), H, eps)
+        _, _, a_o = _ln_rows(a_o, cmask, tl.load(gw_ptr + 3 * H + cols, mask=cmask, other=0.0).to(ACC),
+                             tl.load(gb_ptr + 3 * H + cols, mask=cmask, other=0.0).to(ACC), H, eps)
+    gi = _sigmoid(a_i)
+    gf = _sigmoid(a_f)
+    gg = _tanh(a_g)
+    go = _sigmoid(a_o)
+    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)
+    c_new = gf * c_prev + gi * gg
+    if LN:
+        _, _, z = _ln_rows(c_new, cmask, tl.load(cw_ptr + cols, mask=cmask, other=0.0).to(ACC),
+                           tl.load(cb_ptr + cols, mask=cmask, other=0.0).to(ACC), H, eps)
+    else:
+        z = c_new
+    h_new = go * _tanh(z)
+
+    if HAS_LENGTHS:
+        valid = (t64 < tl.load(len_ptr + rows, mask=rmask, other=0))[:, None]
+        h_prev = tl.load(hs_ptr + s_cur, mask=mask, other=0.0)
+        h_keep = tl.where(valid, h_new, h_prev)
+        c_keep = tl.where(valid, c_new, c_prev)
+        out = tl.where(valid, h_new, 0.0)
+    else:
+        h_keep = h_new
+        c_keep = c_new
+        out = h_new
+    tl.store(hs_ptr + s_nxt, h_keep, mask=mask)
+    tl.store(cs_ptr + s_nxt, c_keep, mask=mask)
+    tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Reverse step t. valid_t = t < len; gh_t, gc_t = gradients w.r.t. the carried states h_t, c_t
+# (gh_{T-1} = dh_n, gc_{T-1} = dc_n); a_q the saved pre-activations, y_q = a_q or LN_q(a_q).
+#   gh_t  = [not valid_{t+1}] gh_{t+1} + dG_{t+1} W_hh          (FUSED: tl.dot over K = G)
+#   dh    = valid_t (dout_t + gh_t)          dc = valid_t gc_t
+#   z     = c_t (plain) or LN_c(c_t);  do = dh tanh(z);  dz = dh o (1 - tanh² z)
+#   dc   += dz (plain) or LNback(dz γ_c);    dγ_c += dz ĉ,  dβ_c += dz
+#   di = dc g,  df = dc c_{t-1},  dg = dc i,  gc_{t-1} = valid_t dc f + [not valid_t] gc_t
+#   dy_i = di i(1-i), dy_f = df f(1-f), dy_g = dg (1-g²), dy_o = do o(1-o)
+#   dG_t  = valid_t (dy (plain) or LNback_q(dy_q γ_q));   dγ_q += dy_q â_q,  dβ_q += dy_q
+#   LNback(dv̂) = rstd (dv̂ − mean(dv̂) − v̂ mean(dv̂ v̂))
+# LN parameter gradients are summed over this program's rows and added to its own row of the
+# partial-sum buffers each step (fixed order: deterministic, no atomics); summed over row blocks
+# after the loop.
+@triton.heuristics(
+    {
+        "FUSED": lambda a: a["w_ptr"] is not None,
+        "LN": lambda a: a["gw_ptr"] is not None,
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["t", "T"])
+def _lstm_bwd_kernel(
+    gates_ptr,  # [T, B, G] saved pre-activations, state dtype
+    w_ptr,  # [G, H] W_hh (FUSED) or None
+    carry_ptr,  # [B, H] dG_{t+1} W_hh computed by torch (not FUSED) or None
+    cs_ptr,  # [T+1, B, H] saved c: slot t = c_{t-1}, slot t+1 = c_t
+    dout_ptr,  # [T, B, H] storage dtype
+    dg_ptr,  # [T+1, B, G] state dtype: reads slot t+1 (FUSED), writes slot t; slot T is zero
+    gh_ptr,  # [B, H] in: gh_{t+1}, out: gh_t
+    gc_ptr,  # [B, H] in: gc_t, out: gc_{t-1}
+    len_ptr,  # [B] int64 lengths, or None
+    gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights, or None
+    dgw_ptr, dgb_ptr, dcw_ptr, dcb_ptr,  # LN partial sums [n_row_blocks, G] / [n_row_blocks, H]
+    t, T, B, H, eps,
+    FUSED: tl.constexpr, LN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    ACC = gh_ptr.dtype.element_ty
+    t64 = t.to(tl.int64)
+    G = 4 * H
+
+    if HAS_LENGTHS:
+        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
+    valid = (t64 < L)[:, None]
+    nvalid = (t64 + 1 < L)[:, None]
+
+    s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
+    s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
+    g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
+    b_off = (rows * H)[:, None] + cols[None, :]
+
+    if FUSED:
+        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        dg_row = ((t64 + 1) * B + rows) * G
+        for k0 in range(0, G, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < G
+            dgk = tl.load(dg_ptr + dg_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            dgk = dgk.to(w_ptr.dtype.element_ty)
+            wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
+    else:
+        carry = tl.load(carry_ptr + b_off, mask=mask, other=0.0).to(ACC)
+    gh = tl.where(nvalid, 0.0, tl.load(gh_ptr + b_off, mask=mask, other=0.0)) + carry
+    tl.store(gh_ptr + b_off, gh, mask=mask)
+    gc = tl.load(gc_ptr + b_off, mask=mask, other=0.0)
+    dh = tl.where(valid, tl.load(dout_ptr + s_cur, mask=mask, other=0.0).to(ACC) + gh, 0.0)
+    dc = tl.where(valid, gc, 0.0)
+
+    a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(ACC)
+    a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0).to(ACC)
+    a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0).to(ACC)
+    a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0).to(ACC)
+    if LN:
+        w_gi = tl.load(gw_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        w_gf = tl.load(gw_ptr + H + cols, mask=cmask, other=0.0).to(ACC)
+        w_gg = tl.load(gw_ptr + 2 * H + cols, mask=cmask, other=0.0).to(ACC)
+        w_go = tl.load(gw_ptr + 3 * H + cols, mask=cmask, other=0.0).to(ACC)
+        n_i, r_i, y_i = _ln_rows(a_i, cmask, w_gi, tl.load(gb_ptr + cols, mask=cmask, other=0.0).to(ACC), H, eps)
+        n_f, r_f, y_f = _ln_rows(a_f, cmask, w_gf, tl.load(gb_ptr + H + cols, mask=cmask, other=0.0).to(ACC), H, eps)
+        n_g, r_g, y_g = _ln_rows(a_g, cmask, w_gg, tl.load(gb_ptr + 2 * H + cols, mask=cmask, other=0.0).to(ACC),
+                                 H, eps)
+        n_o, r_o, y_o = _ln_rows(a_o, cmask, w_go, tl.load(gb_ptr + 3 * H + cols, mask=cmask, other=0.0).to(ACC),
+                                 H, eps)
+    else:
+        y_i = a_i
+        y_f = a_f
+        y_g = a_g
+        y_o = a_o
+    gi = _sigmoid(y_i)
+    gf = _sigmoid(y_f)
+    gg = _tanh(y_g)
+    go = _sigmoid(y_o)
+    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)
+    c_new = tl.load(cs_ptr + s_nxt, mask=mask, other=0.0)  # = c_t where valid_t
+    if LN:
+        w_c = tl.load(cw_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        n_c, r_c, z = _ln_rows(c_new, cmask, w_c, tl.load(cb_ptr + cols, mask=cmask, other=0.0).to(ACC), H, eps)
+    else:
+        z = c_new
+    tz = _tanh(z)
+    d_o = dh * tz
+    dz = tl.where(valid & mask, dh * go * (1.0 - tz * tz), 0.0)
+    if LN:
+        dc += _ln_rows_bwd(dz * w_c[None, :], n_c, r_c, cmask, H)
+        p_h = pid_b.to(tl.int64) * H + cols
+        tl.store(dcw_ptr + p_h, tl.load(dcw_ptr + p_h, mask=cmask) + tl.sum(dz * n_c, axis=0), mask=cmask)
+        tl.store(dcb_ptr + p_h, tl.load(dcb_ptr + p_h, mask=cmask) + tl.sum(dz, axis=0), mask=cmask)
+    else:
+        dc += dz
+    vm = valid & mask
+    dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
+    dy_f = tl.where(vm, dc * c_prev * gf * (1.0 - gf), 0.0)
+    dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
+    dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
+    if LN:
+        p_g = pid_b.to(tl.int64) * G + cols
+        tl.store(dgw_ptr + p_g, tl.load(dgw_ptr + p_g, mask=cmask) + tl.sum(dy_i * n_i, axis=0), mask=cmask)
+        tl.store(dgw_ptr + p_g + H, tl.load(dgw_ptr + p_g + H, mask=cmask) + tl.sum(dy_f * n_f, axis=0), mask=cmask)
+        tl.store(dgw_ptr + p_g + 2 * H, tl.load(dgw_ptr + p_g + 2 * H, mask=cmask) + tl.sum(dy_g * n_g, axis=0),
+                 mask=cmask)
+        tl.store(dgw_ptr + p_g + 3 * H, tl.load(dgw_ptr + p_g + 3 * H, mask=cmask) + tl.sum(dy_o * n_o, axis=0),
+                 mask=cmask)
+        tl.store(dgb_ptr + p_g, tl.load(dgb_ptr + p_g, mask=cmask) + tl.sum(dy_i, axis=0), mask=cmask)
+        tl.store(dgb_ptr + p_g + H, tl.load(dgb_ptr + p_g + H, mask=cmask) + tl.sum(dy_f, axis=0), mask=cmask)
+        tl.store(dgb_ptr + p_g + 2 * H, tl.load(dgb_ptr + p_g + 2 * H, mask=cmask) + tl.sum(dy_g, axis=0), mask=cmask)
+        tl.store(dgb_ptr + p_g + 3 * H, tl.load(dgb_ptr + p_g + 3 * H, mask=cmask) + tl.sum(dy_o, axis=0), mask=cmask)
+        # dy_q is 0 on invalid rows and padded columns, so these are 0 there too
+        dy_i = _ln_rows_bwd(dy_i * w_gi[None, :], n_i, r_i, cmask, H)
+        dy_f = _ln_rows_bwd(dy_f * w_gf[None, :], n_f, r_f, cmask, H)
+        dy_g = _ln_rows_bwd(dy_g * w_gg[None, :], n_g, r_g, cmask, H)
+        dy_o = _ln_rows_bwd(dy_o * w_go[None, :], n_o, r_o, cmask, H)
+    dgty = dg_ptr.dtype.element_ty
+    tl.store(dg_ptr + g_off, dy_i.to(dgty), mask=mask)
+    tl.store(dg_ptr + g_off + H, dy_f.to(dgty), mask=mask)
+    tl.store(dg_ptr + g_off + 2 * H, dy_g.to(dgty), mask=mask)
+    tl.store(dg_ptr + g_off + 3 * H, dy_o.to(dgty), mask=mask)
+    tl.store(gc_ptr + b_off, tl.where(valid, dc * gf, gc), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _input_projection(x, w_ih, b_ih, b_hh):
+    """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, G]."""
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    bias = None
+    if b_ih is not None:
+        bias = b_ih
+    if b_hh is not None:
+        bias = b_hh if bias is None else bias + b_hh
+    xp = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
+    return xp.view(T, B, -1)
+
+
+def _blocks(B: int, H: int, K: int, fused: bool, ln: bool, dtype: torch.dtype):
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps). tl.dot needs every block dim >= 16 on GPU.
+    Untuned: these are correctness-first defaults (no GPU this session)."""
+    fma = dtype == torch.float64
+    if ln:
+        BH = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))  # the whole row
+        if fused:
+            BB = 16
+        else:
+            BB = pow2_block(B, 1, max(1, min(16, 2048 // BH)))
+    else:
+        BH = pow2_block(H, 16, 32)
+        BB = 16 if fused else pow2_block(B, 1, 16)
+    # the four W_hh tiles of a K step are BLOCK_K x BLOCK_H each: keep them to 4K elements
+    BK = 8 if fma else pow2_block(K, 16, max(16, min(64, 4096 // BH)))
+    num_warps = 8 if BB * BH >= 4096 else 4
+    return BB, BH, BK, num_warps
+
+
+def _ln_args(ln, H: int):
+    if ln is None:
+        return (None, None, None, None)
+    gw, gb, cw, cb = (p.contiguous() for p in ln)
+    G = 4 * H
+    assert gw.shape == (G,) and gb.shape == (G,) and cw.shape == (H,) and cb.shape == (H,), "LN parameter shapes"
+    return gw, gb, cw, cb
+
+
+@torch.no_grad()
+def lstm_fwd(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: Optional[torch.Tensor] = None,
+    b_hh: Optional[torch.Tensor] = None,
+    ln: Optional[Sequence[torch.Tensor]] = None,
+    lengths: Optional[torch.Tensor] = None,
+    eps: float = LN_EPS,
+    allow_tf32: bool = False,
+    fused: Optional[bool] = None,
+    save_gates: Optional[bool] = None,
+):
+    """Whole-sequence forward of one LSTM layer, one direction.
+
+    x [T, B, I], h0/c0 [B, H], w_ih [G, I], w_hh [G, H], b_* [G] or None, ln None or
+    (gate_w [G], gate_b [G], cell_w [H], cell_b [H]), lengths None or int [B].
+    Returns (out [T, B, H], h_n [B, H], c_n [B, H]) in x's dtype and, for backward,
+    (hs, cs [T+1, B, H], gates [T, B, G] or an empty tensor) in the state dtype.
+    """
+    T, B, I = x.shape
+    G, H = w_hh.shape
+    dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
+    if fused is None:
+        fused = default_fused(H, ln, dt)
+    if save_gates is None:
+        save_gates = SAVE_GATES
+    x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
+    gw, gb, cw, cb = _ln_args(ln, H)
+    lengths = None if lengths is None else lengths.contiguous()
+
+    xp = _input_projection(x, w_ih, b_ih, b_hh)
+    hs = alloc((T + 1, B, H), sd, dev)
+    cs = alloc((T + 1, B, H), sd, dev)
+    hs[0].copy_(h0)
+    cs[0].copy_(c0)
+    out = alloc((T, B, H), dt, dev)
+    gates = alloc((T, B, G), sd, dev) if save_gates else None
+    mm = None if fused else alloc((B, G), w_hh.dtype, dev)
+    BB, BH, BK, nw = _blocks(B, H, H, fused, ln is not None, dt)
+    fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
+    grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+    for t in range(T):
+        if not fused:
+            torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
+        _lstm_fwd_kernel[grid](
+            xp, w_hh if fused else None, mm, hs, cs, out, gates, lengths, gw, gb, cw, cb,
+            t, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
+        )
+    h_n = hs[T].to(dt, copy=True)
+    c_n = cs[T].to(dt, copy=True)
+    if gates is None:
+        gates = hs.new_empty(0)
+    return out, h_n, c_n, hs, cs, gates
+
+
+@torch.no_grad()
+def lstm_bwd(
+    dout: torch.Tensor,
+    dh_n: torch.Tensor,
+    dc_n: torch.Tensor,
+    x: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    hs: torch.Tensor,
+    cs: torch.Tensor,
+    gates: torch.Tensor,
+    b_ih: Optional[torch.Tensor] = None,
+    b_hh: Optional[torch.Tensor] = None,
+    ln: Optional[Sequence[torch.Tensor]] = None,
+    lengths: Optional[torch.Tensor] = None,
+    eps: float = LN_EPS,
+    allow_tf32: bool = False,
+    fused: Optional[bool] = None,
+    need_dx: bool = True,
+    need_dw: bool = True,
+):
+    """Whole-sequence backward matching lstm_fwd: reverse recurrence with the fused kernels,
+    then the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
+
+    Returns (dx [T, B, I] or None, dh0, dc0 [B, H], dw_ih [G, I], dw_hh [G, H], db [G]
+    (state dtype; the gradient of both b_ih and b_hh), dln = (dgw, dgb, dcw, dcb) or None);
+    weight gradients are None when not need_dw.
+    """
+    T, B, I = x.shape
+    G, H = w_hh.shape
+    dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
+    if fused is None:
+        fused = default_fused(H, ln, dt)
+    w_hh = w_hh.contiguous()
+    dout = dout.contiguous()
+    gw, gb, cw, cb = _ln_args(ln, H)
+    lengths = None if lengths is None else lengths.contiguous()
+    if gates is None or gates.numel() == 0:
+        # recompute the pre-activations in one GEMM (same operands as forward's: h in w's dtype)
+        xp = _input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh)
+        hprev = hs[:T].reshape(T * B, H).to(w_hh.dtype).to(sd)
+        gates = torch.addmm(xp.reshape(T * B, G).to(sd), hprev, w_hh.to(sd).t()).view(T, B, G)
+
+    # dG (the gate pre-activation gradients) in the state dtype, fp32 for half inputs: it feeds
+    # the fp32 weight-gradient GEMMs after the loop unrounded; a bf16 dG would halve this buffer's
+    # traffic at the cost of rounding every weight-gradient term (not measured: no GPU here).
+    # Slot T stays zero: the carried gradient into the last step is dh_n alone.
+    dG = alloc((T + 1, B, G), sd, dev)
+    dG[T].zero_()
+    gh = dh_n.to(sd, copy=True).contiguous()
+    gc = dc_n.to(sd, copy=True).contiguous()
+    carry = None if fused else alloc((B, H), w_hh.dtype, dev)
+    BB, BH, BK, nw = _blocks(B, H, G, fused, ln is not None, dt)
+    nrb = triton.cdiv(B, BB)
+    if ln is not None:
+        parts = [torch.zeros((nrb, n), dtype=sd, device=dev) for n in (G, G, H, H)]
+    else:
+        parts = [None] * 4
+    fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
+    grid = (nrb, triton.cdiv(H, BH))
+    for t in range(T - 1, -1, -1):
+        if not fused:
+            torch.mm(dG[t + 1].to(w_hh.dtype), w_hh, out=carry)
+        _lstm_bwd_kernel[grid](
+            gates, w_hh if fused else None, carry, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, *parts,
+            t, T, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
+        )
+
+    # after the loop: large GEMMs over all T·B rows
+    dG2 = dG[:T].reshape(T * B, G)
+    dh0 = torch.mm(dG[0], w_hh.to(sd))
+    if lengths is not None:  # a zero-length sequence passes dh_n straight through to h0
+        dh0 = dh0 + torch.where((lengths > 0).unsqueeze(1), torch.zeros_like(gh), gh)
+    dx = torch.mm(dG2, w_ih.to(sd)).view(T, B, I).to(dt) if need_dx else None
+    dw_ih = dw_hh = db = dln = None
+    if need_dw:
+        dw_hh = torch.mm(dG2.t(), hs[:T].reshape(T * B, H)).to(w_hh.dtype)
+        dw_ih = torch.mm(dG2.t(), x.reshape(T * B, I).to(sd)).to(w_ih.dtype)
+        db = dG2.sum(0)
+        if ln is not None:
+            dln = tuple(p.sum(0).to(q.dtype) for p, q in zip(parts, (gw, gb, cw, cb)))
+    return dx, dh0.to(dt), gc.to(dt), dw_ih, dw_hh, db, dln

@@ -1,0 +1,313 @@
+"""Elman RNN (tanh or ReLU): Triton kernels and their whole-sequence launchers.
+
+Legend
+    T   time steps                 B   batch rows
+    I   input features             H   hidden units (also the width of a pre-activation row)
+    K   reduction dim of the recurrent matmul (H, forward and backward)
+Layout is time-major: x [T, B, I], out [T, B, H]. The saved state sequence hs is [T+1, B, H]
+(slot 0 = h0, slot t+1 = the carried state after step t) in the state dtype: fp32, or fp64 for
+fp64 inputs. A program owns BLOCK_B batch rows x BLOCK_H hidden units.
+
+Kernels (one launch per time step; the launchers own the time loops so that a later persistent
+kernel can replace them):
+    _rnn_fwd_kernel   FUSED=False: the pointwise step h_t = act(xp_t + h_{t-1} W_hhᵀ) from the
+                      matmul computed by torch; FUSED=True: the step kernel that also computes
+                      h_{t-1} W_hhᵀ with tl.dot.
+    _rnn_bwd_kernel   the reverse step; FUSED=True fuses the carried dh = dP_{t+1} W_hh.
+
+Save or recompute: nothing beyond hs is saved; both derivatives come from the output,
+tanh' = 1 − h², relu' = [h > 0], so there is no pre-activation to store or recompute.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import SUPPORTED_DTYPES, _mm, _tanh, alloc, dot_flags, pow2_block, state_dtype
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+def unsupported(x: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
+    """Why the kernels cannot take this problem (the caller falls back to the reference), or None.
+    The RNN kernels tile H and K, so there is no size limit besides empty problems."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype}"
+    T, B = x.shape[0], x.shape[1]
+    H = w_hh.shape[1]
+    if T == 0 or B == 0 or H == 0:
+        return f"an empty problem (T={T}, B={B}, H={H})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.heuristics(
+    {
+        "FUSED": lambda a: a["w_ptr"] is not None,
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["t"])
+def _rnn_fwd_kernel(
+    xp_ptr,  # [T, B, H] x W_ihᵀ + b_ih + b_hh, storage dtype
+    w_ptr,  # [H, H] W_hh (FUSED) or None
+    mm_ptr,  # [B, H] h_{t-1} W_hhᵀ computed by torch (not FUSED) or None
+    hs_ptr,  # [T+1, B, H] state dtype: reads slot t, writes slot t+1
+    out_ptr,  # [T, B, H] storage dtype: writes step t
+    len_ptr,  # [B] int64 lengths, or None
+    t, B, H,
+    FUSED: tl.constexpr, HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    ACC = hs_ptr.dtype.element_ty
+    t64 = t.to(tl.int64)
+
+    s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]  # slot t of hs, step t of xp / out
+    s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
+
+    if FUSED:
+        pre = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        h_row = (t64 * B + rows) * H
+        w_row = cols.to(tl.int64) * H  # W_hh row j
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < H
+            hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wk = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            pre = _mm(hk.to(w_ptr.dtype.element_ty), wk, pre, FMA, IEEE, UPCAST)
+    else:
+        pre = tl.load(mm_ptr + (rows * H)[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
+    pre += tl.load(xp_ptr + s_cur, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        h_new = tl.where(pre < 0, 0.0, pre)  # not tl.maximum: NaN must propagate as in torch.relu
+    else:
+        h_new = _tanh(pre)
+
+    if HAS_LENGTHS:
+        valid = (t64 < tl.load(len_ptr + rows, mask=rmask, other=0))[:, None]
+        h_keep = tl.where(valid, h_new, tl.load(hs_ptr + s_cur, mask=mask, other=0.0))
+        out = tl.where(valid, h_new, 0.0)
+    else:
+        h_keep = h_new
+        out = h_new
+    tl.store(hs_ptr + s_nxt, h_keep, mask=mask)
+    tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Reverse step t. valid_t = t < len; gh_t = gradient w.r.t. the carried state h_t (gh_{T-1} = dh_n);
+# h_t = hs[t+1] is the cell output wherever valid_t.
+#   gh_t = [not valid_{t+1}] gh_{t+1} + dP_{t+1} W_hh          (FUSED: tl.dot over K = H)
+#   dh   = valid_t (dout_t + gh_t)
+#   dP_t = dh (1 − h_t²)   (tanh)      or   dh [h_t > 0]   (relu, as torch's threshold_backward)
+@triton.heuristics(
+    {
+        "FUSED": lambda a: a["w_ptr"] is not None,
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["t", "T"])
+def _rnn_bwd_kernel(
+    w_ptr,  # [H, H] W_hh (FUSED) or None
+    carry_ptr,  # [B, H] dP_{t+1} W_hh computed by torch (not FUSED) or None
+    hs_ptr,  # [T+1, B, H] saved states
+    dout_ptr,  # [T, B, H] storage dtype
+    dp_ptr,  # [T+1, B, H] state dtype: reads slot t+1 (FUSED), writes slot t; slot T is zero
+    gh_ptr,  # [B, H] in: gh_{t+1}, out: gh_t
+    len_ptr,  # [B] int64 lengths, or None
+    t, T, B, H,
+    FUSED: tl.constexpr, HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    ACC = gh_ptr.dtype.element_ty
+    t64 = t.to(tl.int64)
+
+    if HAS_LENGTHS:
+        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
+    valid = (t64 < L)[:, None]
+    nvalid = (t64 + 1 < L)[:, None]
+
+    s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
+    s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
+    b_off = (rows * H)[:, None] + cols[None, :]
+
+    if FUSED:
+        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        dp_row = ((t64 + 1) * B + rows) * H
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < H
+            dpk = tl.load(dp_ptr + dp_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            carry = _mm(dpk.to(w_ptr.dtype.element_ty), wk, carry, FMA, IEEE, UPCAST)
+    else:
+        carry = tl.load(carry_ptr + b_off, mask=mask, other=0.0).to(ACC)
+    gh = tl.where(nvalid, 0.0, tl.load(gh_ptr + b_off, mask=mask, other=0.0)) + carry
+    tl.store(gh_ptr + b_off, gh, mask=mask)
+    dh = tl.load(dout_ptr + s_cur, mask=mask, other=0.0).to(ACC) + gh
+    h = tl.load(hs_ptr + s_nxt, mask=mask, other=0.0)
+    if RELU:
+        dp = tl.where(h <= 0, 0.0, dh)
+    else:
+        dp = dh * (1.0 - h * h)
+    dp = tl.where(valid, dp, 0.0)
+    tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _input_projection(x, w_ih, b_ih, b_hh):
+    """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, H]."""
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    bias = None
+    if b_ih is not None:
+        bias = b_ih
+    if b_hh is not None:
+        bias = b_hh if bias is None else bias + b_hh
+    xp = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
+    return xp.view(T, B, -1)
+
+
+def _blocks(B: int, H: int, fused: bool, dtype: torch.dtype):
+    """(BLOCK_B, BLOCK_H, BLOCK_K). tl.dot needs every block dim >= 16 on GPU.
+    Untuned: correctness-first defaults (no GPU this session)."""
+    BH = pow2_block(H, 16, 32)
+    BB = 16 if fused else pow2_block(B, 1, 16)
+    BK = 8 if dtype == torch.float64 else pow2_block(H, 16, 64)
+    return BB, BH, BK
+
+
+def _check_nonlinearity(nonlinearity: str) -> bool:
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    return nonlinearity == "relu"
+
+
+@torch.no_grad()
+def rnn_fwd(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: Optional[torch.Tensor] = None,
+    b_hh: Optional[torch.Tensor] = None,
+    lengths: Optional[torch.Tensor] = None,
+    nonlinearity: str = "tanh",
+    allow_tf32: bool = False,
+    fused: bool = True,
+):
+    """Whole-sequence forward of one RNN layer, one direction.
+
+    x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_* [H] or None, lengths None or int [B].
+    Returns (out [T, B, H], h_n [B, H]) in x's dtype and, for backward, hs [T+1, B, H] in the
+    state dtype.
+    """
+    relu = _check_nonlinearity(nonlinearity)
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
+    x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
+    lengths = None if lengths is None else lengths.contiguous()
+
+    xp = _input_projection(x, w_ih, b_ih, b_hh)
+    hs = alloc((T + 1, B, H), sd, dev)
+    hs[0].copy_(h0)
+    out = alloc((T, B, H), dt, dev)
+    mm = None if fused else alloc((B, H), w_hh.dtype, dev)
+    BB, BH, BK = _blocks(B, H, fused, dt)
+    fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
+    grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+    for t in range(T):
+        if not fused:
+            torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
+        _rnn_fwd_kernel[grid](
+            xp, w_hh if fused else None, mm, hs, out, lengths, t, B, H,
+            RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+        )
+    return out, hs[T].to(dt, copy=True), hs
+
+
+@torch.no_grad()
+def rnn_bwd(
+    dout: torch.Tensor,
+    dh_n: torch.Tensor,
+    x: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    hs: torch.Tensor,
+    lengths: Optional[torch.Tensor] = None,
+    nonlinearity: str = "tanh",
+    allow_tf32: bool = False,
+    fused: bool = True,
+    need_dx: bool = True,
+    need_dw: bool = True,
+):
+    """Whole-sequence backward matching rnn_fwd: reverse recurrence with the fused kernels, then
+    the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
+
+    Returns (dx [T, B, I] or None, dh0 [B, H], dw_ih [H, I], dw_hh [H, H], db [H] (state dtype;
+    the gradient of both b_ih and b_hh)); weight gradients are None when not need_dw.
+    """
+    relu = _check_nonlinearity(nonlinearity)
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
+    w_hh = w_hh.contiguous()
+    dout = dout.contiguous()
+    lengths = None if lengths is None else lengths.contiguous()
+
+    dP = alloc((T + 1, B, H), sd, dev)
+    dP[T].zero_()
+    gh = dh_n.to(sd, copy=True).contiguous()
+    carry = None if fused else alloc((B, H), w_hh.dtype, dev)
+    BB, BH, BK = _blocks(B, H, fused, dt)
+    fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
+    grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+    for t in range(T - 1, -1, -1):
+        if not fused:
+            torch.mm(dP[t + 1].to(w_hh.dtype), w_hh, out=carry)
+        _rnn_bwd_kernel[grid](
+            w_hh if fused else None, carry, hs, dout, dP, gh, lengths, t, T, B, H,
+            RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+        )
+
+    dP2 = dP[:T].reshape(T * B, H)
+    dh0 = torch.mm(dP[0], w_hh.to(sd))
+    if lengths is not None:  # a zero-length sequence passes dh_n straight through to h0
+        dh0 = dh0 + torch.where((lengths > 0).unsqueeze(1), torch.zeros_like(gh), gh)
+    dx = torch.mm(dP2, w_ih.to(sd)).view(T, B, I).to(dt) if need_dx else None
+    dw_ih = dw_hh = db = None
+    if need_dw:
+        dw_hh = torch.mm(dP2.t(), hs[:T].reshape(T * B, H)).to(w_hh.dtype)
+        dw_ih = torch.mm(dP2.t(), x.reshape(T * B, I).to(sd)).to(w_ih.dtype)
+        db = dP2.sum(0)
+    return dx, dh0.to(dt), dw_ih, dw_hh, db

@@ -1,0 +1,282 @@
+"""LSTM and layer-norm LSTM kernels (fused_rnn.kernels.lstm through fused_rnn.lstm.LSTMFunction)
+against the reference path.
+
+Runs where the kernels can run: a CUDA GPU, or the CPU under TRITON_INTERPRET=1 (tiny shapes:
+the interpreter is slow). Every launcher buffer a kernel must fill is NaN-poisoned
+(kernels._common.POISON), so an element a kernel leaves unwritten fails the comparison.
+Tolerances are relative to an fp64 reference, ‖ours − ref‖ / ‖ref‖.
+"""
+import warnings
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, kernel_device, rel_err, requires_kernels
+from fused_rnn import _backend
+from fused_rnn.lstm import LSTMFunction, lstm_sequence
+from fused_rnn.reference import LN_EPS, lstm_sequence_ref
+
+pytestmark = requires_kernels
+DEV = kernel_device()
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    from fused_rnn.kernels import _common
+
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+def tol(dtype):
+    if dtype == F64:
+        return 1e-10
+    if dtype == F32:
+        if DEV is not None and DEV.type == "cuda":
+            return 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+        return 1e-5
+    return 2e-2
+
+
+def make_case(T, B, I, H, dtype, ln, bias=True, lengths=None, seed=0):
+    """Inputs as a list [x, h0, c0, w_ih, w_hh, b_ih, b_hh, (gw, gb, cw, cb)] in ``dtype`` on DEV,
+    lengths (int64 on DEV or None), and the upstream gradients (dout, dh_n, dc_n)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale + shift).to(device=DEV, dtype=dtype)
+
+    k = 2.0 / H ** 0.5  # a bit wider than nn.LSTM's init so the gates leave the linear range
+    ins = [r(T, B, I), r(B, H), r(B, H), r(4 * H, I, scale=k), r(4 * H, H, scale=k)]
+    ins += [r(4 * H, scale=k), r(4 * H, scale=k)] if bias else [None, None]
+    if ln:
+        ins += [r(4 * H, scale=0.2, shift=1.0), r(4 * H, scale=0.2), r(H, scale=0.2, shift=1.0), r(H, scale=0.2)]
+    L = None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=DEV)
+    ups = (r(T, B, H), r(B, H), r(B, H))
+    return ins, L, ups
+
+
+def triton_lstm(fused=None, save_gates=True):
+    """fn(ins, lengths) -> (out, h_n, c_n) through LSTMFunction with a chosen kernel variant."""
+    from fused_rnn.kernels import lstm as K
+
+    def fn(ins, L):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
+        f = K.default_fused(w_hh.shape[1], ln or None, x.dtype) if fused is None else fused
+        lnp = ln if ln else [None] * 4
+        return LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, LN_EPS, False, f, save_gates)
+
+    return fn
+
+
+def reference_lstm(ins, L):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
+    return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln) if ln else None, L)
+
+
+def fwd_bwd(fn, ins, L, ups, dtype=None):
+    """Outputs and gradients of every tensor input for the loss (out·dout) + (h_n·dh_n) + (c_n·dc_n).
+    ``dtype``: run on copies in that dtype (the fp64 reference)."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ins]
+    outs = fn(leaves, L)
+    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, present)
+    return [o.detach() for o in outs], list(grads)
+
+
+def assert_close(ours, ref, tolerance, names):
+    for a, b, n in zip(ours, ref, names):
+        assert a.shape == b.shape, n
+        assert not torch.isnan(a).any(), f"{n}: NaN (an unwritten element?)"
+        e = rel_err(a, b)
+        assert e <= tolerance, f"{n}: rel err {e:.3e} > {tolerance:.1e}"
+
+
+NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "ln_gw", "ln_gb", "ln_cw", "ln_cb"]
+OUT_NAMES = ["out", "h_n", "c_n"]
+
+# (id, T, B, I, H, lengths, bias): H not a power of two, B not a multiple of 16 (B=17 spans two
+# row blocks), T = 1, a zero length, a length > T (runs to the end), no bias.
+SHAPES = [
+    ("B3-T7-H37-len", 7, 3, 5, 37, [7, 3, 0], True),
+    ("B17-T3-H20-len", 3, 17, 4, 20, [3, 1, 2, 3, 0, 1, 2, 3, 3, 2, 1, 5, 2, 2, 1, 3, 1], True),
+    ("B5-T1-H16", 1, 5, 5, 16, None, True),
+    ("B2-T4-H7-nobias", 4, 2, 3, 7, None, False),
+]
+if DEV is not None and DEV.type == "cuda":
+    SHAPES += [("B64-T33-H200-len", 33, 64, 48, 200, [33 - b % 7 for b in range(64)], True),
+               ("B20-T9-H300", 9, 20, 16, 300, None, True)]
+    DTYPES = [F64, F32, F16, BF16]
+else:
+    DTYPES = [F64, F32]
+
+
+def _ln_fused_max_h(dtype):
+    if DEV is None:  # no kernels here (maybe no Triton either): the tests are skipped anyway
+        return 1 << 30
+    from fused_rnn.kernels.lstm import ln_fused_max_h
+
+    return ln_fused_max_h(dtype)
+
+
+def _cases():
+    for sid, T, B, I, H, lengths, bias in SHAPES:
+        for dtype in DTYPES:
+            for cell in ("lstm", "lnlstm"):
+                for fused in (True, False):
+                    if fused and cell == "lnlstm" and H > _ln_fused_max_h(dtype):
+                        continue  # above the fused LN limit the layers use the unfused kernels
+                    yield pytest.param(T, B, I, H, lengths, bias, dtype, cell, fused,
+                                       id=f"{sid}-{DT_NAME[dtype]}-{cell}-{'fused' if fused else 'unfused'}")
+    if DEV is not None and DEV.type == "cpu":  # half precisions through the interpreter: one shape
+        for dtype in (F16, BF16):
+            for cell in ("lstm", "lnlstm"):
+                for fused in (True, False):
+                    yield pytest.param(5, 3, 5, 37, [5, 2, 0], True, dtype, cell, fused,
+                                       id=f"B3-T5-H37-len-{DT_NAME[dtype]}-{cell}-{'fused' if fused else 'unfused'}")
+
+
+@pytest.mark.parametrize("T,B,I,H,lengths,bias,dtype,cell,fused", list(_cases()))
+def test_lstm_matches_reference(T, B, I, H, lengths, bias, dtype, cell, fused):
+    ins, L, ups = make_case(T, B, I, H, dtype, cell == "lnlstm", bias, lengths)
+    outs, grads = fwd_bwd(triton_lstm(fused), ins, L, ups)
+    r_outs, r_grads = fwd_bwd(reference_lstm, ins, L, ups, dtype=F64)
+    for o in outs:
+        assert o.dtype == dtype
+    names = [n for n, t in zip(NAMES, ins) if t is not None]
+    for g, t, n in zip(grads, [t for t in ins if t is not None], names):
+        assert g.dtype == t.dtype, n
+    assert_close(outs, r_outs, tol(dtype), OUT_NAMES)
+    assert_close(grads, r_grads, tol(dtype), names)
+    if L is not None:  # steps past a sequence's end write zero output
+        t_idx = torch.arange(T, device=DEV).unsqueeze(1)
+        assert (outs[0][t_idx >= L.unsqueeze(0)] == 0).all()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lnlstm"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_lstm_gradcheck(cell, fused):
+    """fp64 gradcheck of the hand-written backward for every input, weight, bias, initial state and
+    LN parameter, with variable lengths (a finished sequence, so the pass-through is covered).
+    Tiny shape: a full gradcheck runs the forward twice per input element, ~15-35 s through the
+    interpreter, so there the unfused variants (whose kernels the reference comparison above also
+    checks in fp64) run gradcheck's fast mode (a random projection per input)."""
+    ins, L, _ = make_case(2, 2, 2, 3, F64, cell == "lnlstm", True, [2, 1])
+    fn = triton_lstm(fused)
+    leaves = [t.detach().requires_grad_() for t in ins]
+    fast = not fused and DEV.type == "cpu"
+    assert torch.autograd.gradcheck(lambda *a: fn(list(a), L), leaves, fast_mode=fast)
+
+
+def test_lstm_sequence_dispatch():
+    """lstm_sequence(backend="triton") takes the kernel path (default variant) and matches."""
+    ins, L, _ = make_case(4, 3, 5, 9, F32, True, True, [4, 2, 1])
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
+    ours = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln), L, backend="triton")
+    ref = reference_lstm([t.double() for t in ins], L)
+    assert_close(ours, ref, tol(F32), OUT_NAMES)
+
+
+def test_lstm_ln_above_fused_limit_runs_unfused(monkeypatch):
+    """Above LN_FUSED_MAX_H (lowered here) the LN-LSTM takes the unfused kernels, same results."""
+    from fused_rnn.kernels import lstm as K
+
+    monkeypatch.setattr(K, "LN_FUSED_MAX_H", 8)
+    ins, L, _ = make_case(3, 3, 5, 9, F32, True, True, [3, 1, 2])
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
+    assert not K.default_fused(9, tuple(ln), F32)
+    ours = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln), L, backend="triton")
+    ref = reference_lstm([t.double() for t in ins], L)
+    assert_close(ours, ref, tol(F32), OUT_NAMES)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lnlstm"])
+def test_lstm_recompute_gates(cell):
+    """save_gates=False (gates recomputed by one GEMM in backward) gives the same gradients."""
+    ins, L, ups = make_case(4, 3, 5, 11, F64, cell == "lnlstm", True, [4, 0, 2])
+    saved = fwd_bwd(triton_lstm(True, save_gates=True), ins, L, ups)
+    recomputed = fwd_bwd(triton_lstm(True, save_gates=False), ins, L, ups)
+    for a, b in zip(saved[0] + saved[1], recomputed[0] + recomputed[1]):
+        assert rel_err(b, a) < 1e-12
+
+
+def test_lstm_deterministic():
+    """Two identical calls: bitwise-identical outputs and gradients (LN partial sums over two row
+    blocks included)."""
+    ins, L, ups = make_case(3, 17, 4, 20, F32, True, True, [3, 1, 2] * 5 + [0, 3])
+    first = fwd_bwd(triton_lstm(True), ins, L, ups)
+    second = fwd_bwd(triton_lstm(True), ins, L, ups)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("cell", ["lstm", "lnlstm"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_lstm_nonfinite_propagates(cell, bad):
+    """A NaN or inf in x propagates to the same outputs as in the reference; backward runs."""
+    ins, L, ups = make_case(4, 3, 5, 9, F32, cell == "lnlstm", True, None)
+    ins[0][1, 1, 2] = float(bad)
+    outs, grads = fwd_bwd(triton_lstm(True), ins, L, ups)
+    r_outs, r_grads = fwd_bwd(reference_lstm, ins, L, ups)
+    for a, b, n in zip(outs, r_outs, OUT_NAMES):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), n
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), n
+        fin = torch.isfinite(b)
+        assert rel_err(a[fin], b[fin]) <= 1e-5, n
+    assert not torch.isnan(outs[0][0]).any()  # steps before the bad one are untouched
+    for g, rg, n in zip(grads, r_grads, NAMES):
+        assert torch.equal(torch.isnan(g), torch.isnan(rg)), n
+
+
+def test_lstm_fallback_warns_once(monkeypatch):
+    """A size the kernels cannot take (LN with H above the limit, lowered here) runs the reference
+    with one warning, never an error."""
+    from fused_rnn.kernels import lstm as K
+
+    monkeypatch.setattr(K, "LN_MAX_H", 8)
+    monkeypatch.setattr(_backend, "_warned", set())
+    ins, L, _ = make_case(3, 2, 3, 9, F32, True, True, None)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
+    with pytest.warns(RuntimeWarning, match="reference"):
+        ours = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln), L, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln), L, backend="triton")
+    ref = lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln), L)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+def test_lstm_empty_sequence_falls_back(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    ins, _, _ = make_case(1, 2, 3, 5, F32, False)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    with pytest.warns(RuntimeWarning, match="empty"):
+        out, h_n, c_n = lstm_sequence(x[:0], h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, backend="triton")
+    assert out.shape == (0, 2, 5) and torch.equal(h_n, h0) and torch.equal(c_n, c0)
+
+
+def test_lstm_custom_ops_opcheck():
+    """opcheck: the custom ops' schemas, fake implementations, registrations and aot_dispatch."""
+    ins, L, ups = make_case(2, 3, 4, 5, F32, True, True, [2, 1, 0])
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb = ins
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, L, LN_EPS, False, True, True)
+    torch.library.opcheck(torch.ops.fused_rnn.lstm_fwd.default, args)
+    out, h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(*args)
+    bargs = (*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, L, LN_EPS, False, True, True, True)
+    torch.library.opcheck(torch.ops.fused_rnn.lstm_bwd.default, bargs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_lstm_fp32_tf32_switch(allow_tf32, monkeypatch):
+    """fp32 matmuls follow torch.backends.cuda.matmul.allow_tf32."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    ins, L, ups = make_case(16, 32, 64, 128, F32, False, True, None)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    ours = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, backend="triton")
+    ref = reference_lstm([t.double() for t in ins], None)
+    assert_close(ours, ref, 5e-3 if allow_tf32 else 1e-4, OUT_NAMES)

@@ -1,0 +1,205 @@
+"""Elman RNN kernels (tanh and ReLU; fused_rnn.kernels.rnn through fused_rnn.rnn.RNNFunction)
+against the reference path.
+
+Runs where the kernels can run: a CUDA GPU, or the CPU under TRITON_INTERPRET=1 (tiny shapes:
+the interpreter is slow). Every launcher buffer a kernel must fill is NaN-poisoned
+(kernels._common.POISON), so an element a kernel leaves unwritten fails the comparison.
+Tolerances are relative to an fp64 reference, ‖ours − ref‖ / ‖ref‖.
+"""
+import warnings
+
+import pytest
+import torch
+
+from conftest import kernel_device, rel_err, requires_kernels
+from fused_rnn import _backend
+from fused_rnn.reference import rnn_sequence_ref
+from fused_rnn.rnn import RNNFunction, rnn_sequence
+
+pytestmark = requires_kernels
+DEV = kernel_device()
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    from fused_rnn.kernels import _common
+
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+def tol(dtype):
+    if dtype == F64:
+        return 1e-10
+    if dtype == F32:
+        if DEV is not None and DEV.type == "cuda":
+            return 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+        return 1e-5
+    return 2e-2
+
+
+def make_case(T, B, I, H, dtype, bias=True, lengths=None, seed=0):
+    """Inputs [x, h0, w_ih, w_hh, b_ih, b_hh] in ``dtype`` on DEV, lengths, upstream (dout, dh_n)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(device=DEV, dtype=dtype)
+
+    k = 1.5 / H ** 0.5
+    ins = [r(T, B, I), r(B, H), r(H, I, scale=k), r(H, H, scale=k)]
+    ins += [r(H, scale=k), r(H, scale=k)] if bias else [None, None]
+    L = None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=DEV)
+    return ins, L, (r(T, B, H), r(B, H))
+
+
+def triton_rnn(nonlinearity, fused=True):
+    def fn(ins, L):
+        return RNNFunction.apply(*ins, L, nonlinearity, False, fused)
+
+    return fn
+
+
+def reference_rnn(nonlinearity):
+    def fn(ins, L):
+        return rnn_sequence_ref(*ins, L, nonlinearity)
+
+    return fn
+
+
+def fwd_bwd(fn, ins, L, ups, dtype=None):
+    """Outputs and gradients of every tensor input for the loss (out·dout) + (h_n·dh_n).
+    ``dtype``: run on copies in that dtype (the fp64 reference)."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ins]
+    outs = fn(leaves, L)
+    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return [o.detach() for o in outs], list(grads)
+
+
+def assert_close(ours, ref, tolerance, names):
+    for a, b, n in zip(ours, ref, names):
+        assert a.shape == b.shape, n
+        assert not torch.isnan(a).any(), f"{n}: NaN (an unwritten element?)"
+        e = rel_err(a, b)
+        assert e <= tolerance, f"{n}: rel err {e:.3e} > {tolerance:.1e}"
+
+
+NAMES = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
+OUT_NAMES = ["out", "h_n"]
+
+# (id, T, B, I, H, lengths, bias): H not a power of two, B not a multiple of 16 (B=17 spans two
+# row blocks), T = 1, a zero length, a length > T (runs to the end), no bias.
+SHAPES = [
+    ("B3-T7-H37-len", 7, 3, 5, 37, [7, 3, 0], True),
+    ("B17-T3-H20-len", 3, 17, 4, 20, [3, 1, 2, 3, 0, 1, 2, 3, 3, 2, 1, 5, 2, 2, 1, 3, 1], True),
+    ("B5-T1-H16", 1, 5, 5, 16, None, True),
+    ("B2-T4-H7-nobias", 4, 2, 3, 7, None, False),
+]
+if DEV is not None and DEV.type == "cuda":
+    SHAPES += [("B64-T33-H200", 33, 64, 48, 200, None, True), ("B20-T9-H300-len", 9, 20, 16, 300,
+                                                                [9 - b % 5 for b in range(20)], True)]
+    DTYPES = [F64, F32, F16, BF16]
+else:
+    DTYPES = [F64, F32]
+
+
+def _cases():
+    for sid, T, B, I, H, lengths, bias in SHAPES:
+        for dtype in DTYPES:
+            for nl in ("tanh", "relu"):
+                for fused in (True, False):
+                    yield pytest.param(T, B, I, H, lengths, bias, dtype, nl, fused,
+                                       id=f"{sid}-{DT_NAME[dtype]}-{nl}-{'fused' if fused else 'unfused'}")
+    if DEV is not None and DEV.type == "cpu":  # half precisions through the interpreter: one shape
+        for dtype in (F16, BF16):
+            for fused in (True, False):
+                yield pytest.param(5, 3, 5, 37, [5, 2, 0], True, dtype, "tanh", fused,
+                                   id=f"B3-T5-H37-len-{DT_NAME[dtype]}-tanh-{'fused' if fused else 'unfused'}")
+
+
+@pytest.mark.parametrize("T,B,I,H,lengths,bias,dtype,nl,fused", list(_cases()))
+def test_rnn_matches_reference(T, B, I, H, lengths, bias, dtype, nl, fused):
+    ins, L, ups = make_case(T, B, I, H, dtype, bias, lengths)
+    outs, grads = fwd_bwd(triton_rnn(nl, fused), ins, L, ups)
+    r_outs, r_grads = fwd_bwd(reference_rnn(nl), ins, L, ups, dtype=F64)
+    for o in outs:
+        assert o.dtype == dtype
+    present = [t for t in ins if t is not None]
+    names = [n for n, t in zip(NAMES, ins) if t is not None]
+    for g, t, n in zip(grads, present, names):
+        assert g.dtype == t.dtype, n
+    assert_close(outs, r_outs, tol(dtype), OUT_NAMES)
+    assert_close(grads, r_grads, tol(dtype), names)
+    if L is not None:  # steps past a sequence's end write zero output
+        t_idx = torch.arange(T, device=DEV).unsqueeze(1)
+        assert (outs[0][t_idx >= L.unsqueeze(0)] == 0).all()
+
+
+@pytest.mark.parametrize("nl", ["tanh", "relu"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_rnn_gradcheck(nl, fused):
+    """fp64 gradcheck of the hand-written backward for every input, weight, bias and the initial
+    state, with variable lengths (a finished sequence, so the pass-through is covered)."""
+    ins, L, _ = make_case(3, 2, 3, 5, F64, True, [3, 1])
+    fn = triton_rnn(nl, fused)
+    leaves = [t.detach().requires_grad_() for t in ins]
+    assert torch.autograd.gradcheck(lambda *a: fn(list(a), L), leaves)
+
+
+def test_rnn_sequence_dispatch():
+    """rnn_sequence(backend="triton") takes the kernel path and matches."""
+    ins, L, _ = make_case(4, 3, 5, 9, F32, True, [4, 2, 1])
+    ours = rnn_sequence(*ins, L, "relu", backend="triton")
+    ref = rnn_sequence_ref(*[t.double() for t in ins], L, "relu")
+    assert_close(ours, ref, tol(F32), OUT_NAMES)
+
+
+def test_rnn_deterministic():
+    """Two identical calls: bitwise-identical outputs and gradients."""
+    ins, L, ups = make_case(3, 17, 4, 20, F32, True, [3, 1, 2] * 5 + [0, 3])
+    first = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
+    second = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("nl", ["tanh", "relu"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_rnn_nonfinite_propagates(nl, bad):
+    """A NaN or inf in x propagates exactly as in the reference, forward and backward."""
+    ins, L, ups = make_case(4, 3, 5, 9, F32, True, None)
+    ins[0][1, 1, 2] = float(bad)
+    outs, grads = fwd_bwd(triton_rnn(nl), ins, L, ups)
+    r_outs, r_grads = fwd_bwd(reference_rnn(nl), ins, L, ups)
+    for a, b, n in zip(outs, r_outs, OUT_NAMES):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), n
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), n
+        fin = torch.isfinite(b)
+        assert rel_err(a[fin], b[fin]) <= 1e-5, n
+    for g, rg, n in zip(grads, r_grads, NAMES):
+        assert torch.equal(torch.isnan(g), torch.isnan(rg)), n
+
+
+def test_rnn_empty_sequence_falls_back(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    ins, _, _ = make_case(1, 2, 3, 5, F32)
+    x, h0, *w = ins
+    with pytest.warns(RuntimeWarning, match="empty"):
+        out, h_n = rnn_sequence(x[:0], h0, *w, None, "tanh", backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnn_sequence(x[:0], h0, *w, None, "tanh", backend="triton")
+    assert out.shape == (0, 2, 5) and torch.equal(h_n, h0)
+
+
+def test_rnn_custom_ops_opcheck():
+    """opcheck: the custom ops' schemas, fake implementations, registrations and aot_dispatch."""
+    ins, L, ups = make_case(2, 3, 4, 5, F32, True, [2, 1, 0])
+    args = (*ins, L, "tanh", False, True)
+    torch.library.opcheck(torch.ops.fused_rnn.rnn_fwd.default, args)
+    out, h_n, hs = torch.ops.fused_rnn.rnn_fwd(*args)
+    x, h0, w_ih, w_hh = ins[:4]
+    bargs = (*ups, x, w_ih, w_hh, hs, L, "tanh", False, True, True, True)
+    torch.library.opcheck(torch.ops.fused_rnn.rnn_bwd.default, bargs)
