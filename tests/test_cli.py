@@ -208,7 +208,10 @@ def test_demo_quick_few_steps(tmp_path):
         assert float(rows[name][-1].replace(",", "")) > 0  # tokens/s
     assert "3/3" in r.stderr  # the progress bar
     png = out_dir / "loss.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:  # the plot is optional; the demo must say why there is none
+        assert not png.exists() and "matplotlib is not importable" in r.stdout + r.stderr
     res = json.loads((out_dir / "results.json").read_text())
     for name in ("fused_rnn.LSTM", "torch.nn.LSTM"):
         assert len(res["runs"][name]["losses"]) == 3
