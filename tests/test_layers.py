@@ -258,3 +258,20 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     m = fused_rnn.LSTM(I, H, backend="triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         m(torch.randn(T, B, I))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
+def test_autocast_cuda_runs_kernels_in_autocast_dtype(cell, dtype):
+    ref, ours = _pair(cell, torch.float32, "cuda", "auto", num_layers=2)
+    x = torch.randn(T, B, I, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out, _ = ours(x)
+        ref_out, _ = ref(x)
+    assert out.dtype == dtype == ref_out.dtype
+    assert ours.weight_hh_l0.dtype == torch.float32  # parameters stay fp32
+    out.float().sum().backward()
+    assert ours.weight_hh_l0.grad.dtype == torch.float32
+    exact = ref.float()(x)[0]
+    assert rel_err(out, exact) < 2e-2
