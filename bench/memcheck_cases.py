@@ -11,8 +11,10 @@ Shapes are small and odd (H not a power of two, I ≠ H, B not a multiple of 16,
 unsorted variable lengths, missing biases, and every dtype the kernels take. The public entry
 points (backend="triton") pick the kernels they would pick for a user; the "variant" cases call
 the autograd Functions directly to reach the kernels the entry points do not choose at these
-sizes (the unfused step kernels, the recompute-gates backward). A variant whose internal
-signature no longer matches is reported as SKIP (API), not run.
+sizes (the unfused step kernels, the recompute-gates backward, the persistent kernels with
+path="persistent": several programs and a grid barrier per step on a GPU, W_hh resident or
+streamed). A variant whose internal signature no longer matches is reported as SKIP (API), not
+run; a persistent case whose problem kernels.persistent.plan refuses is a failure.
 
 Each case runs the forward, then backward of (out·dout).sum() + (h_n·dh_n).sum() [+ (c_n·dc_n)]
 with h0 / c0 requiring grad, so every gradient output is written. It fails on an exception or a
@@ -85,12 +87,31 @@ def _run_public(cell, d, nonlinearity):
 
 
 _LSTM_FN_ARGS = ["ctx", "x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "gw", "gb", "cw", "cb",
-                 "lengths", "eps", "allow_tf32", "fused", "save_gates"]
+                 "lengths", "eps", "allow_tf32", "fused", "save_gates", "path"]
 _RNN_FN_ARGS = ["ctx", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "lengths", "nonlinearity",
-                "allow_tf32", "fused"]
+                "allow_tf32", "fused", "path"]
 
 
-def _run_variant(cell, d, nonlinearity, fused, save_gates):
+def _check_persistent(cell, d, path):
+    """A persistent case must really run the persistent kernels (fwd and bwd plans exist)."""
+    if path != "persistent":
+        return
+    B, H, dt, dev = d["x"].shape[1], d["w_hh"].shape[1], d["x"].dtype, d["x"].device
+    if cell == "lstm":
+        from fused_rnn.kernels import lstm as k
+
+        plans = [k.persistent_plan(x, B, H, d["ln"], True, dt, dev) for x in ("fwd", "bwd")]
+    else:
+        from fused_rnn.kernels import rnn as k
+
+        plans = [k.persistent_plan(x, B, H, True, dt, dev) for x in ("fwd", "bwd")]
+    for plan, why in plans:
+        if plan is None:
+            raise RuntimeError(f"the persistent kernels would not run: {why}")
+    print(f"    persistent plan: {plans[0][0]}", flush=True)
+
+
+def _run_variant(cell, d, nonlinearity, fused, save_gates, path="auto"):
     """The autograd Functions with a kernel choice the entry points do not make here."""
     if cell in ("lstm", "lnlstm"):
         from fused_rnn import lstm as mod
@@ -98,16 +119,18 @@ def _run_variant(cell, d, nonlinearity, fused, save_gates):
         fn = getattr(mod, "LSTMFunction", None)
         if fn is None or list(inspect.signature(fn.forward).parameters) != _LSTM_FN_ARGS:
             raise ApiChanged("fused_rnn.lstm.LSTMFunction.forward's arguments changed")
+        _check_persistent(cell, d, path)
         gw, gb, cw, cb = d["ln"] if d["ln"] is not None else (None,) * 4
         return fn.apply(d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"],
-                        gw, gb, cw, cb, d["lengths"], 1e-5, False, fused, save_gates)
+                        gw, gb, cw, cb, d["lengths"], 1e-5, False, fused, save_gates, path)
     from fused_rnn import rnn as mod
 
     fn = getattr(mod, "RNNFunction", None)
     if fn is None or list(inspect.signature(fn.forward).parameters) != _RNN_FN_ARGS:
         raise ApiChanged("fused_rnn.rnn.RNNFunction.forward's arguments changed")
+    _check_persistent(cell, d, path)
     return fn.apply(d["x"], d["h0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["lengths"],
-                    nonlinearity, False, fused)
+                    nonlinearity, False, fused, path)
 
 
 def _reference(cell, d, nonlinearity):
@@ -139,7 +162,8 @@ def run_case(case, device):
     d = _inputs(cell, B, T, I, H, dt, device, case.get("lengths", True), case.get("bias", True),
                 case["seed"])
     if case.get("variant"):
-        res = _run_variant(cell, d, nl, case["fused"], case.get("save_gates", True))
+        res = _run_variant(cell, d, nl, case["fused"], case.get("save_gates", True),
+                           case.get("path", "auto"))
     else:
         res = _run_public(cell, d, nl)
     g = torch.Generator().manual_seed(case["seed"] + 1)
@@ -211,6 +235,26 @@ def cases():
     for nl in ("tanh", "relu"):
         add(f"variant rnn-{nl} fp32 unfused step", cell="rnn", nonlinearity=nl, B=3, T=5, I=19,
             H=37, dtype="fp32", variant=True, fused=False)
+    # the persistent kernels (kernels/persistent.py): on a GPU BLOCK_H = 16, so H=37 is 3 programs
+    # meeting at a grid barrier each step; bf16 holds W_hh resident (fp16 takes the same code),
+    # fp32 (no TF32) and fp64 stream it; B=17 and B=64 are one row block of 32 and 64
+    pers = dict(variant=True, fused=True, path="persistent")
+    for dt in ("fp32", "bf16", "fp64"):
+        add(f"persistent lstm {dt} B3 T5 I19 H37 lengths", cell="lstm", B=3, T=5, I=19, H=37,
+            dtype=dt, **pers)
+    add("persistent lstm bf16 B17 T4 I40 H70 (5 programs)", cell="lstm", B=17, T=4, I=40, H=70,
+        dtype="bf16", **pers)
+    add("persistent lstm bf16 B64 T3 I16 H300 (19 programs, K_pad 512)", cell="lstm", B=64, T=3,
+        I=16, H=300, dtype="bf16", **pers)
+    add("persistent lstm fp32 B5 T1 I8 H24 (T=1, no lengths, no biases)", cell="lstm", B=5, T=1,
+        I=8, H=24, dtype="fp32", lengths=False, bias=False, **pers)
+    for nl, dt in (("tanh", "fp32"), ("relu", "bf16")):
+        add(f"persistent rnn-{nl} {dt} B3 T5 I19 H37 lengths", cell="rnn", nonlinearity=nl, B=3,
+            T=5, I=19, H=37, dtype=dt, **pers)
+    add("persistent rnn-tanh fp64 B2 T3 I6 H13 no biases", cell="rnn", B=2, T=3, I=6, H=13,
+        dtype="fp64", bias=False, **pers)
+    add("persistent rnn-tanh bf16 B64 T3 I8 H200 (13 programs)", cell="rnn", B=64, T=3, I=8,
+        H=200, dtype="bf16", **pers)
     return c
 
 

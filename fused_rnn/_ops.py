@@ -8,12 +8,19 @@ The fake (meta) implementations give the output shapes and dtypes.
 Optional outputs are returned as empty tensors (custom ops cannot return None). Importing this
 module registers the ops but does not import Triton: the kernels are imported on first call.
 
+Each op takes ``path`` ("auto", "step", "graph", "persistent"; default "auto"): which
+implementation runs the time loop, chosen at run time by fused_rnn._paths.resolve (the one place
+that chooses; see there for the policy and the overrides). Every path returns the same tensors.
+
 (No ``from __future__ import annotations`` here: custom_op reads the real type hints.)
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import _paths
 
 
 def lstm_kernels():
@@ -52,18 +59,26 @@ def lstm_fwd(
     b_ih: Optional[Tensor], b_hh: Optional[Tensor],
     ln_gw: Optional[Tensor], ln_gb: Optional[Tensor], ln_cw: Optional[Tensor], ln_cb: Optional[Tensor],
     lengths: Optional[Tensor], eps: float, allow_tf32: bool, fused: bool, save_gates: bool,
+    path: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> out [T,B,H], h_n, c_n [B,H] (x's dtype); hs, cs [T+1,B,H], gates [T,B,4H] or [0]
     (state dtype)."""
+    K = lstm_kernels()
+    ln = _ln(ln_gw, ln_gb, ln_cw, ln_cb)
+    B, H = x.shape[1], w_hh.shape[1]
+    p = _paths.resolve("lstm_fwd", path, x, lambda: K.persistent_plan(
+        "fwd", B, H, ln, fused, x.dtype, x.device, allow_tf32=allow_tf32))
+    run = functools.partial(K.lstm_fwd, eps=eps, allow_tf32=allow_tf32, fused=fused, save_gates=save_gates)
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths)
     with torch.autocast(x.device.type, enabled=False):
-        return lstm_kernels().lstm_fwd(
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ln(ln_gw, ln_gb, ln_cw, ln_cb), lengths,
-            eps=eps, allow_tf32=allow_tf32, fused=fused, save_gates=save_gates,
-        )
+        if p == "graph":
+            return _paths.graphed("lstm_fwd", run, args, (eps, allow_tf32, fused, save_gates))
+        return run(*args, path=p)
 
 
 @lstm_fwd.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths, eps, allow_tf32, fused, save_gates):
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths, eps, allow_tf32, fused, save_gates,
+      path="auto"):
     T, B, _I = x.shape
     G, H = w_hh.shape
     sd = _state_dtype(x.dtype)
@@ -81,16 +96,25 @@ def lstm_bwd(
     b_ih: Optional[Tensor], b_hh: Optional[Tensor],
     ln_gw: Optional[Tensor], ln_gb: Optional[Tensor], ln_cw: Optional[Tensor], ln_cb: Optional[Tensor],
     lengths: Optional[Tensor], eps: float, allow_tf32: bool, fused: bool, need_dx: bool, need_dw: bool,
+    path: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> dx [T,B,I] (or [0]), dh0, dc0 [B,H], dw_ih [4H,I], dw_hh [4H,H], db [4H] (state dtype),
     dln_gw [4H], dln_gb [4H], dln_cw [H], dln_cb [H]; the weight ones [0] when not need_dw, the
     LN ones [0] without LN."""
+    K = lstm_kernels()
     ln = _ln(ln_gw, ln_gb, ln_cw, ln_cb)
+    B, H = x.shape[1], w_hh.shape[1]
+    p = _paths.resolve("lstm_bwd", path, x, lambda: K.persistent_plan(
+        "bwd", B, H, ln, fused, x.dtype, x.device, allow_tf32=allow_tf32))
+    run = functools.partial(K.lstm_bwd, eps=eps, allow_tf32=allow_tf32, fused=fused, need_dx=need_dx,
+                            need_dw=need_dw)
+    args = (dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln, lengths)
     with torch.autocast(x.device.type, enabled=False):
-        dx, dh0, dc0, dw_ih, dw_hh, db, dln = lstm_kernels().lstm_bwd(
-            dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln, lengths,
-            eps=eps, allow_tf32=allow_tf32, fused=fused, need_dx=need_dx, need_dw=need_dw,
-        )
+        if p == "graph":
+            res = _paths.graphed("lstm_bwd", run, args, (eps, allow_tf32, fused, need_dx, need_dw))
+        else:
+            res = run(*args, path=p)
+    dx, dh0, dc0, dw_ih, dw_hh, db, dln = res
     dln = tuple(_none(x) for _ in range(4)) if dln is None else dln
     return (
         dx if dx is not None else _none(x), dh0, dc0,
@@ -101,7 +125,7 @@ def lstm_bwd(
 
 @lstm_bwd.register_fake
 def _(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths,
-      eps, allow_tf32, fused, need_dx, need_dw):
+      eps, allow_tf32, fused, need_dx, need_dw, path="auto"):
     T, B, I = x.shape
     G, H = w_hh.shape
     dx = x.new_empty((T, B, I)) if need_dx else _none(x)
@@ -122,17 +146,23 @@ def _(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, 
 @torch.library.custom_op("fused_rnn::rnn_fwd", mutates_args=())
 def rnn_fwd(
     x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
-    lengths: Optional[Tensor], nonlinearity: str, allow_tf32: bool, fused: bool,
+    lengths: Optional[Tensor], nonlinearity: str, allow_tf32: bool, fused: bool, path: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """-> out [T,B,H], h_n [B,H] (x's dtype); hs [T+1,B,H] (state dtype)."""
+    K = rnn_kernels()
+    B, H = x.shape[1], w_hh.shape[1]
+    p = _paths.resolve("rnn_fwd", path, x, lambda: K.persistent_plan(
+        "fwd", B, H, fused, x.dtype, x.device, allow_tf32=allow_tf32))
+    run = functools.partial(K.rnn_fwd, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused)
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
     with torch.autocast(x.device.type, enabled=False):
-        return rnn_kernels().rnn_fwd(
-            x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused
-        )
+        if p == "graph":
+            return _paths.graphed("rnn_fwd", run, args, (nonlinearity, allow_tf32, fused))
+        return run(*args, path=p)
 
 
 @rnn_fwd.register_fake
-def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused):
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused, path="auto"):
     T, B, _I = x.shape
     H = w_hh.shape[1]
     sd = _state_dtype(x.dtype)
@@ -142,15 +172,23 @@ def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused):
 @torch.library.custom_op("fused_rnn::rnn_bwd", mutates_args=())
 def rnn_bwd(
     dout: Tensor, dh_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hs: Tensor, lengths: Optional[Tensor],
-    nonlinearity: str, allow_tf32: bool, fused: bool, need_dx: bool, need_dw: bool,
+    nonlinearity: str, allow_tf32: bool, fused: bool, need_dx: bool, need_dw: bool, path: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> dx [T,B,I] (or [0]), dh0 [B,H], dw_ih [H,I], dw_hh [H,H], db [H] (state dtype); the
     weight ones [0] when not need_dw."""
+    K = rnn_kernels()
+    B, H = x.shape[1], w_hh.shape[1]
+    p = _paths.resolve("rnn_bwd", path, x, lambda: K.persistent_plan(
+        "bwd", B, H, fused, x.dtype, x.device, allow_tf32=allow_tf32))
+    run = functools.partial(K.rnn_bwd, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused,
+                            need_dx=need_dx, need_dw=need_dw)
+    args = (dout, dh_n, x, w_ih, w_hh, hs, lengths)
     with torch.autocast(x.device.type, enabled=False):
-        dx, dh0, dw_ih, dw_hh, db = rnn_kernels().rnn_bwd(
-            dout, dh_n, x, w_ih, w_hh, hs, lengths, nonlinearity=nonlinearity, allow_tf32=allow_tf32,
-            fused=fused, need_dx=need_dx, need_dw=need_dw,
-        )
+        if p == "graph":
+            res = _paths.graphed("rnn_bwd", run, args, (nonlinearity, allow_tf32, fused, need_dx, need_dw))
+        else:
+            res = run(*args, path=p)
+    dx, dh0, dw_ih, dw_hh, db = res
     return (
         dx if dx is not None else _none(x), dh0,
         dw_ih if dw_ih is not None else _none(w_ih), dw_hh if dw_hh is not None else _none(w_hh),
@@ -159,7 +197,7 @@ def rnn_bwd(
 
 
 @rnn_bwd.register_fake
-def _(dout, dh_n, x, w_ih, w_hh, hs, lengths, nonlinearity, allow_tf32, fused, need_dx, need_dw):
+def _(dout, dh_n, x, w_ih, w_hh, hs, lengths, nonlinearity, allow_tf32, fused, need_dx, need_dw, path="auto"):
     T, B, I = x.shape
     H = w_hh.shape[1]
     dx = x.new_empty((T, B, I)) if need_dx else _none(x)

@@ -245,6 +245,67 @@ register_path("triton-recompute", _recompute_build, _recompute_ready,
               cells=("lstm", "lnlstm"), default=False)
 
 
+def _on_path(path: str) -> Build:
+    """The triton path's kernel choice (lstm_sequence / rnn_sequence's), with the time loop on
+    ``path`` (fused_rnn._paths) for the forward and the backward: the autograd Functions carry
+    the path from one to the other. A persistent problem that kernels.persistent.plan refuses is
+    an error here, not a silent step-path row."""
+
+    def build(p: Problem) -> Callable[[], torch.Tensor]:
+        from .lstm import LSTMFunction, _allow_tf32
+        from .reference import LN_EPS
+        from .rnn import RNNFunction
+
+        allow_tf32 = _allow_tf32(p.x)
+        if p.cell in ("lstm", "lnlstm"):
+            k = _lstm_kernels_module()
+            fused = k.default_fused(p.H, p.ln, p.dtype)
+            if path == "persistent":
+                for d in ("fwd", "bwd"):
+                    plan, why = k.persistent_plan(d, p.B, p.H, p.ln, fused, p.dtype, p.device, allow_tf32=allow_tf32)
+                    if plan is None:
+                        raise RuntimeError(f"persistent {d} not possible: {why}")
+            gw, gb, cw, cb = p.ln if p.ln is not None else (None,) * 4
+
+            def fwd():
+                return LSTMFunction.apply(p.x, p.h0, p.c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, gw, gb, cw, cb, None,
+                                          LN_EPS, allow_tf32, fused, k.SAVE_GATES, path)[0]
+        else:
+            if path == "persistent":
+                from .kernels import rnn as kr
+
+                for d in ("fwd", "bwd"):
+                    plan, why = kr.persistent_plan(d, p.B, p.H, True, p.dtype, p.device, allow_tf32=allow_tf32)
+                    if plan is None:
+                        raise RuntimeError(f"persistent {d} not possible: {why}")
+
+            def fwd():
+                return RNNFunction.apply(p.x, p.h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, None, "tanh", allow_tf32, True,
+                                         path)[0]
+        return fwd
+
+    return build
+
+
+def _graph_ready(device: torch.device) -> Optional[str]:
+    why = _triton_ready(device)
+    if why:
+        return why
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    return None
+
+
+# Not run by default (unmeasured on any GPU so far; the quick GPU sweep has a tight budget):
+# `--paths triton,graph,persistent` times them against the eager step path in the same run.
+register_path("graph", _on_path("graph"), _graph_ready,
+              "the triton path's step launches captured per shape in a CUDA graph and replayed",
+              default=False)
+register_path("persistent", _on_path("persistent"), _triton_ready,
+              "one persistent kernel launch for all T steps (plain LSTM, RNN; B <= 64)",
+              cells=("lstm", "rnn"), default=False)
+
+
 # ------------------------------------------------------------------------------------- baselines
 def _build_nn(p: Problem):
     """torch.nn.LSTM / nn.RNN holding the problem's weights (cuDNN on CUDA)."""

@@ -6,7 +6,9 @@ autograd Function or to the reference path.
 The Triton path: ``LSTMFunction`` calls the custom ops fused_rnn::lstm_fwd / lstm_bwd
 (fused_rnn/_ops.py), which run the whole-sequence launchers of fused_rnn.kernels.lstm: one input
 projection GEMM, a time loop of fused step kernels, and in backward a reverse loop of fused step
-kernels followed by a few large GEMMs for dx, dW_ih, dW_hh and the biases.
+kernels followed by a few large GEMMs for dx, dW_ih, dW_hh and the biases. Which implementation
+runs the time loops (eager step launches, a replayed CUDA graph of them, or one persistent kernel)
+is chosen in fused_rnn/_paths.py.
 """
 from __future__ import annotations
 
@@ -29,16 +31,18 @@ class LSTMFunction(torch.autograd.Function):
 
     Saves x, the weights, the state sequences hs, cs [T+1, B, H] and (by default) the gate
     pre-activations [T, B, 4H]; see fused_rnn.kernels.lstm for the save-or-recompute choice.
+    ``path`` (optional, last): "auto", "step", "graph" or "persistent" for the forward and the
+    backward (fused_rnn._paths); "auto" defers to use_path() / FUSED_RNN_PATH / the policy.
     """
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused,
-                save_gates):
+                save_gates, path="auto"):
         out, h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused, save_gates
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused, save_gates, path
         )
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates)
-        ctx.eps, ctx.allow_tf32, ctx.fused = eps, allow_tf32, fused
+        ctx.eps, ctx.allow_tf32, ctx.fused, ctx.path = eps, allow_tf32, fused, path
         return out, h_n, c_n
 
     @staticmethod
@@ -48,7 +52,7 @@ class LSTMFunction(torch.autograd.Function):
         need_dw = any(need[3:11])
         dx, dh0, dc0, dw_ih, dw_hh, db, dgw, dgb, dcw, dcb = torch.ops.fused_rnn.lstm_bwd(
             dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, lengths,
-            ctx.eps, ctx.allow_tf32, ctx.fused, need[0], need_dw,
+            ctx.eps, ctx.allow_tf32, ctx.fused, need[0], need_dw, ctx.path,
         )
         return (
             dx if need[0] else None,
@@ -62,7 +66,7 @@ class LSTMFunction(torch.autograd.Function):
             dgb if need[8] else None,
             dcw if need[9] else None,
             dcb if need[10] else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 

@@ -4,7 +4,8 @@
 autograd Function or to the reference path.
 
 The Triton path: ``RNNFunction`` calls the custom ops fused_rnn::rnn_fwd / rnn_bwd
-(fused_rnn/_ops.py), which run the whole-sequence launchers of fused_rnn.kernels.rnn.
+(fused_rnn/_ops.py), which run the whole-sequence launchers of fused_rnn.kernels.rnn; the path
+of their time loops (step, graph, persistent) is chosen in fused_rnn/_paths.py.
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from .reference import rnn_sequence_ref
 class RNNFunction(torch.autograd.Function):
     """One RNN layer, one direction, over a whole sequence, with a hand-written backward.
     Saves x, the weights and the state sequence hs [T+1, B, H] (the derivative of tanh and relu
-    comes from the output, so no pre-activation is kept)."""
+    comes from the output, so no pre-activation is kept). ``path`` (optional, last): as
+    LSTMFunction's."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused):
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused, path="auto"):
         out, h_n, hs = torch.ops.fused_rnn.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity,
-                                                   allow_tf32, fused)
+                                                   allow_tf32, fused, path)
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, hs)
-        ctx.nonlinearity, ctx.allow_tf32, ctx.fused = nonlinearity, allow_tf32, fused
+        ctx.nonlinearity, ctx.allow_tf32, ctx.fused, ctx.path = nonlinearity, allow_tf32, fused, path
         return out, h_n
 
     @staticmethod
@@ -37,7 +39,7 @@ class RNNFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_rnn.rnn_bwd(
             dout, dh_n, x, w_ih, w_hh, hs, lengths, ctx.nonlinearity, ctx.allow_tf32, ctx.fused,
-            need[0], any(need[2:6]),
+            need[0], any(need[2:6]), ctx.path,
         )
         return (
             dx if need[0] else None,
@@ -46,7 +48,7 @@ class RNNFunction(torch.autograd.Function):
             dw_hh if need[3] else None,
             db.to(b_ih.dtype) if need[4] else None,
             db.to(b_hh.dtype) if need[5] else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 

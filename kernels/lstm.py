@@ -10,8 +10,8 @@ Layout is time-major: x [T, B, I], out [T, B, H]. Saved state sequences hs, cs a
 for fp64 inputs. A program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates,
 so the pointwise update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
 
-Kernels (one launch per time step; the launchers own the time loops so that a later persistent
-kernel can replace them):
+Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
+hand the whole loop of the plain LSTM to one launch of kernels/persistent.py instead):
     _lstm_fwd_kernel   FUSED=False: the pointwise update (plain or LN) from gate pre-activations
                        h_{t-1} W_hhᵀ computed by torch; FUSED=True: the step kernel that also
                        computes h_{t-1} W_hhᵀ with tl.dot, so no gates tensor goes through memory
@@ -83,6 +83,28 @@ def unsupported(x: torch.Tensor, w_hh: torch.Tensor, ln) -> Optional[str]:
 def default_fused(H: int, ln, dtype: torch.dtype) -> bool:
     """The fused step kernels take any size for the plain LSTM; the LN one up to a limit."""
     return ln is None or H <= ln_fused_max_h(dtype)
+
+
+LAUNCHER_PATHS = ("step", "persistent")
+
+
+def persistent_plan(direction: str, B: int, H: int, ln, fused: bool, dtype: torch.dtype, device,
+                    limit: Optional[int] = None, allow_tf32: bool = False):
+    """(kernels.persistent.Plan, "") when one persistent launch can run this layer's time loop in
+    ``direction`` ("fwd" / "bwd"), else (None, why not)."""
+    if ln is not None:
+        return None, ("the layer-norm LSTM stays on the step path (its LayerNorms need whole 4H rows; "
+                      "a persistent program owns a slice of hidden units)")
+    if not fused:
+        return None, "the unfused step kernels were asked for"
+    from . import persistent
+
+    return persistent.plan("lstm", direction, B, H, dtype, device, limit, allow_tf32)
+
+
+def _check_path(path: str) -> None:
+    if path not in LAUNCHER_PATHS:
+        raise ValueError(f"path must be one of {LAUNCHER_PATHS}, got {path!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,6 +438,7 @@ def lstm_fwd(
     allow_tf32: bool = False,
     fused: Optional[bool] = None,
     save_gates: Optional[bool] = None,
+    path: str = "step",
 ):
     """Whole-sequence forward of one LSTM layer, one direction.
 
@@ -423,7 +446,10 @@ def lstm_fwd(
     (gate_w [G], gate_b [G], cell_w [H], cell_b [H]), lengths None or int [B].
     Returns (out [T, B, H], h_n [B, H], c_n [B, H]) in x's dtype and, for backward,
     (hs, cs [T+1, B, H], gates [T, B, G] or an empty tensor) in the state dtype.
+    path: "step" (one launch per step) or "persistent" (one launch for all steps, when
+    persistent_plan() allows it; otherwise the step loop). Same buffers and results either way.
     """
+    _check_path(path)
     T, B, I = x.shape
     G, H = w_hh.shape
     dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
@@ -431,6 +457,9 @@ def lstm_fwd(
         fused = default_fused(H, ln, dt)
     if save_gates is None:
         save_gates = SAVE_GATES
+    plan = None
+    if path == "persistent":
+        plan = persistent_plan("fwd", B, H, ln, fused, dt, dev, allow_tf32=allow_tf32)[0]
     x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
     gw, gb, cw, cb = _ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
@@ -442,17 +471,22 @@ def lstm_fwd(
     cs[0].copy_(c0)
     out = alloc((T, B, H), dt, dev)
     gates = alloc((T, B, G), sd, dev) if save_gates else None
-    mm = None if fused else alloc((B, G), w_hh.dtype, dev)
-    BB, BH, BK, nw = _blocks(B, H, H, fused, ln is not None, dt)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
-    grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
-    for t in range(T):
-        if not fused:
-            torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
-        _lstm_fwd_kernel[grid](
-            xp, w_hh if fused else None, mm, hs, cs, out, gates, lengths, gw, gb, cw, cb,
-            t, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
-        )
+    if plan is not None:
+        from . import persistent
+
+        persistent.lstm_fwd_loop(plan, xp, w_hh, hs, cs, out, gates, lengths, fma, ieee, upcast)
+    else:
+        mm = None if fused else alloc((B, G), w_hh.dtype, dev)
+        BB, BH, BK, nw = _blocks(B, H, H, fused, ln is not None, dt)
+        grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+        for t in range(T):
+            if not fused:
+                torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
+            _lstm_fwd_kernel[grid](
+                xp, w_hh if fused else None, mm, hs, cs, out, gates, lengths, gw, gb, cw, cb,
+                t, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
+            )
     h_n = hs[T].to(dt, copy=True)
     c_n = cs[T].to(dt, copy=True)
     if gates is None:
@@ -480,19 +514,25 @@ def lstm_bwd(
     fused: Optional[bool] = None,
     need_dx: bool = True,
     need_dw: bool = True,
+    path: str = "step",
 ):
     """Whole-sequence backward matching lstm_fwd: reverse recurrence with the fused kernels,
     then the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
 
     Returns (dx [T, B, I] or None, dh0, dc0 [B, H], dw_ih [G, I], dw_hh [G, H], db [G]
     (state dtype; the gradient of both b_ih and b_hh), dln = (dgw, dgb, dcw, dcb) or None);
-    weight gradients are None when not need_dw.
+    weight gradients are None when not need_dw. path: as lstm_fwd's (the reverse loop only; the
+    GEMMs after it are the same).
     """
+    _check_path(path)
     T, B, I = x.shape
     G, H = w_hh.shape
     dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
     if fused is None:
         fused = default_fused(H, ln, dt)
+    plan = None
+    if path == "persistent":
+        plan = persistent_plan("bwd", B, H, ln, fused, dt, dev, allow_tf32=allow_tf32)[0]
     w_hh = w_hh.contiguous()
     dout = dout.contiguous()
     gw, gb, cw, cb = _ln_args(ln, H)
@@ -511,7 +551,7 @@ def lstm_bwd(
     dG[T].zero_()
     gh = dh_n.to(sd, copy=True).contiguous()
     gc = dc_n.to(sd, copy=True).contiguous()
-    carry = None if fused else alloc((B, H), w_hh.dtype, dev)
+    carry = None if fused or plan is not None else alloc((B, H), w_hh.dtype, dev)
     BB, BH, BK, nw = _blocks(B, H, G, fused, ln is not None, dt)
     nrb = triton.cdiv(B, BB)
     if ln is not None:
@@ -519,14 +559,20 @@ def lstm_bwd(
     else:
         parts = [None] * 4
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
-    grid = (nrb, triton.cdiv(H, BH))
-    for t in range(T - 1, -1, -1):
-        if not fused:
-            torch.mm(dG[t + 1].to(w_hh.dtype), w_hh, out=carry)
-        _lstm_bwd_kernel[grid](
-            gates, w_hh if fused else None, carry, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, *parts,
-            t, T, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
-        )
+    if plan is not None:  # (no LN here: persistent_plan() refuses it)
+        from . import persistent
+
+        persistent.lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast)
+    else:
+        grid = (nrb, triton.cdiv(H, BH))
+        for t in range(T - 1, -1, -1):
+            if not fused:
+                torch.mm(dG[t + 1].to(w_hh.dtype), w_hh, out=carry)
+            _lstm_bwd_kernel[grid](
+                gates, w_hh if fused else None, carry, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, *parts,
+                t, T, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+                num_warps=nw,
+            )
 
     # after the loop: large GEMMs over all T·B rows
     dG2 = dG[:T].reshape(T * B, G)

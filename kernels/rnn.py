@@ -8,8 +8,8 @@ Layout is time-major: x [T, B, I], out [T, B, H]. The saved state sequence hs is
 (slot 0 = h0, slot t+1 = the carried state after step t) in the state dtype: fp32, or fp64 for
 fp64 inputs. A program owns BLOCK_B batch rows x BLOCK_H hidden units.
 
-Kernels (one launch per time step; the launchers own the time loops so that a later persistent
-kernel can replace them):
+Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
+hand the whole loop to one launch of kernels/persistent.py instead):
     _rnn_fwd_kernel   FUSED=False: the pointwise step h_t = act(xp_t + h_{t-1} W_hhᵀ) from the
                       matmul computed by torch; FUSED=True: the step kernel that also computes
                       h_{t-1} W_hhᵀ with tl.dot.
@@ -206,6 +206,25 @@ def _blocks(B: int, H: int, fused: bool, dtype: torch.dtype):
     return BB, BH, BK
 
 
+LAUNCHER_PATHS = ("step", "persistent")
+
+
+def persistent_plan(direction: str, B: int, H: int, fused: bool, dtype: torch.dtype, device,
+                    limit: Optional[int] = None, allow_tf32: bool = False):
+    """(kernels.persistent.Plan, "") when one persistent launch can run this layer's time loop in
+    ``direction`` ("fwd" / "bwd"), else (None, why not)."""
+    if not fused:
+        return None, "the unfused step kernels were asked for"
+    from . import persistent
+
+    return persistent.plan("rnn", direction, B, H, dtype, device, limit, allow_tf32)
+
+
+def _check_path(path: str) -> None:
+    if path not in LAUNCHER_PATHS:
+        raise ValueError(f"path must be one of {LAUNCHER_PATHS}, got {path!r}")
+
+
 def _check_nonlinearity(nonlinearity: str) -> bool:
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
@@ -224,17 +243,23 @@ def rnn_fwd(
     nonlinearity: str = "tanh",
     allow_tf32: bool = False,
     fused: bool = True,
+    path: str = "step",
 ):
     """Whole-sequence forward of one RNN layer, one direction.
 
     x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_* [H] or None, lengths None or int [B].
     Returns (out [T, B, H], h_n [B, H]) in x's dtype and, for backward, hs [T+1, B, H] in the
-    state dtype.
+    state dtype. path: "step" (one launch per step) or "persistent" (one launch for all steps,
+    when persistent_plan() allows it; otherwise the step loop). Same buffers and results.
     """
     relu = _check_nonlinearity(nonlinearity)
+    _check_path(path)
     T, B, I = x.shape
     H = w_hh.shape[1]
     dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
+    plan = None
+    if path == "persistent":
+        plan = persistent_plan("fwd", B, H, fused, dt, dev, allow_tf32=allow_tf32)[0]
     x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
     lengths = None if lengths is None else lengths.contiguous()
 
@@ -242,17 +267,22 @@ def rnn_fwd(
     hs = alloc((T + 1, B, H), sd, dev)
     hs[0].copy_(h0)
     out = alloc((T, B, H), dt, dev)
-    mm = None if fused else alloc((B, H), w_hh.dtype, dev)
-    BB, BH, BK = _blocks(B, H, fused, dt)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
-    grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
-    for t in range(T):
-        if not fused:
-            torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
-        _rnn_fwd_kernel[grid](
-            xp, w_hh if fused else None, mm, hs, out, lengths, t, B, H,
-            RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
-        )
+    if plan is not None:
+        from . import persistent
+
+        persistent.rnn_fwd_loop(plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast)
+    else:
+        mm = None if fused else alloc((B, H), w_hh.dtype, dev)
+        BB, BH, BK = _blocks(B, H, fused, dt)
+        grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+        for t in range(T):
+            if not fused:
+                torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
+            _rnn_fwd_kernel[grid](
+                xp, w_hh if fused else None, mm, hs, out, lengths, t, B, H,
+                RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+            )
     return out, hs[T].to(dt, copy=True), hs
 
 
@@ -270,17 +300,23 @@ def rnn_bwd(
     fused: bool = True,
     need_dx: bool = True,
     need_dw: bool = True,
+    path: str = "step",
 ):
     """Whole-sequence backward matching rnn_fwd: reverse recurrence with the fused kernels, then
     the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
 
     Returns (dx [T, B, I] or None, dh0 [B, H], dw_ih [H, I], dw_hh [H, H], db [H] (state dtype;
     the gradient of both b_ih and b_hh)); weight gradients are None when not need_dw.
+    path: as rnn_fwd's (the reverse loop only; the GEMMs after it are the same).
     """
     relu = _check_nonlinearity(nonlinearity)
+    _check_path(path)
     T, B, I = x.shape
     H = w_hh.shape[1]
     dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
+    plan = None
+    if path == "persistent":
+        plan = persistent_plan("bwd", B, H, fused, dt, dev, allow_tf32=allow_tf32)[0]
     w_hh = w_hh.contiguous()
     dout = dout.contiguous()
     lengths = None if lengths is None else lengths.contiguous()
@@ -288,17 +324,22 @@ def rnn_bwd(
     dP = alloc((T + 1, B, H), sd, dev)
     dP[T].zero_()
     gh = dh_n.to(sd, copy=True).contiguous()
-    carry = None if fused else alloc((B, H), w_hh.dtype, dev)
-    BB, BH, BK = _blocks(B, H, fused, dt)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
-    grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
-    for t in range(T - 1, -1, -1):
-        if not fused:
-            torch.mm(dP[t + 1].to(w_hh.dtype), w_hh, out=carry)
-        _rnn_bwd_kernel[grid](
-            w_hh if fused else None, carry, hs, dout, dP, gh, lengths, t, T, B, H,
-            RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
-        )
+    if plan is not None:
+        from . import persistent
+
+        persistent.rnn_bwd_loop(plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upcast)
+    else:
+        carry = None if fused else alloc((B, H), w_hh.dtype, dev)
+        BB, BH, BK = _blocks(B, H, fused, dt)
+        grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+        for t in range(T - 1, -1, -1):
+            if not fused:
+                torch.mm(dP[t + 1].to(w_hh.dtype), w_hh, out=carry)
+            _rnn_bwd_kernel[grid](
+                w_hh if fused else None, carry, hs, dout, dP, gh, lengths, t, T, B, H,
+                RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+            )
 
     dP2 = dP[:T].reshape(T * B, H)
     dh0 = torch.mm(dP[0], w_hh.to(sd))

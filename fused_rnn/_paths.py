@@ -1,0 +1,251 @@
+"""Which implementation runs a layer's time loop: the one place that chooses.
+
+Paths (of the custom ops fused_rnn::lstm_fwd / lstm_bwd / rnn_fwd / rnn_bwd, fused_rnn/_ops.py)
+    step        one fused Triton launch per time step, eagerly (kernels/lstm.py, kernels/rnn.py)
+    graph       the step path's whole launcher (input projection, time loop, copies) captured
+                once per shape in a torch.cuda.CUDAGraph and replayed (CUDA only)
+    persistent  one launch for all T steps (kernels/persistent.py): plain LSTM and RNN, B <= 64,
+                a grid that fits on the SMs (kernels.persistent.plan)
+    auto        the policy below
+
+Every path writes the same saved tensors in the same layouts, so a forward on one path pairs
+with a backward on any other. A path that cannot run a problem (persistent with layer norm, a
+batch over 64 or a grid over the SM count; graph on CPU tensors, or inside someone else's CUDA
+graph capture) runs the step path instead; an explicit request that cannot be met warns once.
+
+Choosing (first match wins):
+    1. the ``path`` argument of the custom ops / autograd Functions, when not "auto";
+    2. ``use_path(name)``: a process-wide override (not per thread: the autograd engine runs
+       backward on its own threads, which a thread-local or context variable would not reach);
+    3. the environment variable FUSED_RNN_PATH=step|graph|persistent|auto, read at each call;
+    4. AUTO_PATH.
+
+AUTO_PATH = "step". The only GPU figures are ANCHORS.md's, for prototypes, not these kernels
+(H100, bf16 forward): a persistent forward 2.55 ms at S1 (B16 T1024 H256) and 3.1 ms at S2
+(B64 T512 H512) against 5.2 and 4.2 ms for a fused step kernel replayed from a CUDA graph; eager
+per-step launches are launch-bound (S1, addmm + pointwise: 63 ms eager, 7.0 ms graph-replayed).
+Those make "persistent where plan() fits, else graph on CUDA, else step" the expected policy,
+but the persistent and graph paths of this code base have never run on a GPU (written without
+one). Until a GPU session measures them (bench: --paths triton,graph,persistent) and the CUDA
+tests pass, auto stays on the step path, so that no user gets an unmeasured path by default.
+THE H100 MEASUREMENT IS OWED; change AUTO_PATH (or make it shape-dependent) with the numbers
+written here.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ._backend import interpreter_on, warn_once
+
+PATHS = ("auto", "step", "graph", "persistent")
+ENV_VAR = "FUSED_RNN_PATH"
+AUTO_PATH = "step"  # see the module docstring: unmeasured alternatives stay opt-in
+
+_override: Optional[str] = None
+_override_lock = threading.Lock()
+
+
+def _check(name: str, what: str) -> str:
+    if name not in PATHS:
+        raise ValueError(f"{what} must be one of {PATHS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_path(name: str):
+    """Run every fused_rnn layer on path ``name`` inside the block (forward and backward; the
+    block must contain the backward too). Process-wide: meant for tests and benchmarks."""
+    global _override
+    _check(name, "use_path")
+    with _override_lock:
+        saved, _override = _override, name
+    try:
+        yield
+    finally:
+        with _override_lock:
+            _override = saved
+
+
+def requested(path: str = "auto") -> str:
+    """The path asked for: the argument, else use_path(), else FUSED_RNN_PATH, else "auto"."""
+    _check(path, "path")
+    if path != "auto":
+        return path
+    if _override is not None and _override != "auto":
+        return _override
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+def graph_unavailable(x: torch.Tensor) -> Tuple[Optional[str], bool]:
+    """(why the graph path cannot run for x, whether to warn about it), or (None, False)."""
+    if not x.is_cuda:
+        return "CUDA graphs need CUDA tensors", True
+    if interpreter_on():
+        return "the Triton interpreter (TRITON_INTERPRET=1) is on", True
+    if torch.cuda.is_current_stream_capturing():
+        # inside someone else's capture (e.g. torch.compile mode="reduce-overhead"): the eager
+        # step launches are captured into that graph, which is what the caller wants
+        return "a CUDA graph capture is in progress", False
+    return None, False
+
+
+def resolve(op: str, path: str, x: torch.Tensor,
+            persistent_plan: Callable[[], Tuple[object, str]]) -> str:
+    """The path that will run op ("lstm_fwd", ...) for input x: "step", "graph" or "persistent".
+    ``persistent_plan()`` returns (plan or None, why not) for this problem."""
+    req = requested(path)
+    if req == "auto":
+        req = AUTO_PATH
+    if req == "graph":
+        why, warn = graph_unavailable(x)
+        if why is None:
+            return "graph"
+        if warn:
+            warn_once(f"path:graph:{why}", f"fused_rnn: graph path not possible ({why}); using the step kernels")
+        return "step"
+    if req == "persistent":
+        plan, why = persistent_plan()
+        if plan is not None:
+            return "persistent"
+        warn_once(f"path:persistent:{op}:{why}",
+                  f"fused_rnn: persistent path not possible for {op} ({why}); using the step kernels")
+        return "step"
+    return "step"
+
+
+# ------------------------------------------------------------------------------- CUDA graphs
+# One graph per key (op name, the launcher's non-tensor arguments, the shape / dtype / device of
+# every tensor argument and which ones are None), holding static copies of the inputs, the
+# launcher's outputs (in the graph's private memory pool) and an event recorded after the last
+# replay's outputs were cloned. A call copies its tensors into the static inputs, replays, and
+# returns clones of the static outputs, so results never alias a later replay.
+#
+# Memory: each cached graph keeps its inputs, outputs and intermediates alive (at S2, an LSTM
+# forward holds hs, cs, gates, x W_ihᵀ: about 0.5 GB in fp32 state), hence the small bound.
+GRAPH_CACHE_MAX = 4
+
+
+class _Graph:
+    __slots__ = ("graph", "static_in", "static_out", "done")
+
+    def __init__(self, graph, static_in, static_out):
+        self.graph = graph
+        self.static_in = static_in
+        self.static_out = static_out
+        self.done: Optional[torch.cuda.Event] = None
+
+
+_graphs: "OrderedDict[tuple, Optional[_Graph]]" = OrderedDict()  # None: capture failed, run eagerly
+_graphs_lock = threading.Lock()
+
+
+def _arg_key(a):
+    if a is None:
+        return None
+    if isinstance(a, torch.Tensor):
+        return ("T", tuple(a.shape), a.dtype, a.device)
+    if isinstance(a, (tuple, list)):
+        return ("S",) + tuple(_arg_key(v) for v in a)
+    raise TypeError(f"graphed launcher arguments must be tensors, None or tuples of them, not {type(a)}")
+
+
+def _static_copy(a):
+    if a is None:
+        return None
+    if isinstance(a, torch.Tensor):  # contiguous, whatever the caller's strides
+        return torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)
+    return tuple(_static_copy(v) for v in a)
+
+
+def _copy_in(static, a) -> None:
+    if isinstance(a, torch.Tensor):
+        static.copy_(a)
+    elif a is not None:
+        for s, v in zip(static, a):
+            _copy_in(s, v)
+
+
+def _clone_out(o):
+    if isinstance(o, torch.Tensor):
+        return o.clone()
+    if isinstance(o, (tuple, list)):
+        return type(o)(_clone_out(v) for v in o)
+    return o
+
+
+def _warm_up(fn: Callable, static_in: tuple) -> None:
+    """One eager call on a side stream: Triton JIT and cuBLAS handles happen here, never during
+    the capture. Its errors are the launcher's own and propagate."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static_in)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture(fn: Callable, static_in: tuple):
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: only this thread's capture-unsafe CUDA calls invalidate the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_out = fn(*static_in)
+    return graph, static_out
+
+
+def _evict_locked() -> None:
+    while len(_graphs) > max(1, GRAPH_CACHE_MAX):  # the entry just added always stays
+        _, old = _graphs.popitem(last=False)
+        if old is not None and old.done is not None:
+            old.done.synchronize()  # its last replay's outputs are cloned before its pool goes
+
+
+def clear_graphs() -> None:
+    """Drop every cached graph (and its memory)."""
+    with _graphs_lock:
+        for g in _graphs.values():
+            if g is not None and g.done is not None:
+                g.done.synchronize()
+        _graphs.clear()
+
+
+def graphed(op: str, fn: Callable, args: tuple, static_key: tuple):
+    """fn(*args) through a cached CUDA graph. ``args``: tensors, None or tuples of them (all on
+    one CUDA device); ``static_key``: every other argument fn depends on (hashable)."""
+    from .kernels import _common
+
+    dev = next(a for a in args if isinstance(a, torch.Tensor)).device
+    key = (op, static_key, _common.POISON, tuple(_arg_key(a) for a in args))
+    with _graphs_lock, torch.cuda.device(dev):
+        if key not in _graphs:
+            static_in = tuple(_static_copy(a) for a in args)
+            _warm_up(fn, static_in)
+            try:
+                graph, static_out = _capture(fn, static_in)
+                entry: Optional[_Graph] = _Graph(graph, static_in, static_out)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # a capture the CUDA runtime refused: eager from now on
+                warn_once(f"graph-capture:{op}", f"fused_rnn: CUDA graph capture of {op} failed "
+                                                 f"({str(e).splitlines()[0][:200]}); using the step kernels")
+                entry = None
+            _graphs[key] = entry
+            _evict_locked()
+        entry = _graphs[key]
+        _graphs.move_to_end(key)
+        if entry is None:
+            return fn(*args)
+        stream = torch.cuda.current_stream(dev)
+        if entry.done is not None:  # the previous replay (maybe on another stream) is done with
+            stream.wait_event(entry.done)  # the static buffers before they are overwritten
+        for s, a in zip(entry.static_in, args):
+            _copy_in(s, a)
+        entry.graph.replay()
+        out = _clone_out(entry.static_out)
+        entry.done = torch.cuda.Event()
+        entry.done.record(stream)
+        return out

@@ -1,0 +1,694 @@
+"""Persistent kernels: one launch runs all T steps of one layer (plain LSTM, tanh/ReLU RNN),
+forward and backward. The layer-norm LSTM stays on the step path: its LayerNorms need whole 4H
+rows, and a persistent program owns only a slice of the hidden units.
+
+Legend
+    T   time steps                 B   batch rows (all of them in one row block: B <= MAX_B)
+    H   hidden units               G   = 4H gate pre-activations (LSTM; gate order i, f, g, o)
+    P   programs in the grid       K   reduction dim of the recurrent matmul
+Layouts are the step path's (kernels/lstm.py, kernels/rnn.py): the launchers there allocate the
+buffers, and call into here instead of their per-step loop, so the saved tensors (hs, cs
+[T+1, B, H], gates [T, B, G], dG / dP [T+1, B, *]) and the outputs are exactly what the step
+path writes, and a persistent forward pairs with either backward.
+
+Design
+    grid = (P,): program p owns hidden units j in [p BLOCK_H, (p+1) BLOCK_H), all four gates
+    (LSTM), for every batch row (BLOCK_B >= B; larger batches stay on the step path, whose grid
+    spreads row blocks over CTAs). Per step it needs the full previous row of every program
+    (forward: h_{t-1} [B, H]; backward: dG_{t+1} [B, G]), read from global memory (L2, ".cg":
+    it was written by other SMs), times its slice of W_hh. The programs meet at a grid barrier
+    after each step. What only the program itself writes stays in registers across steps:
+    c and its own h columns (forward), the carried gradients gh, gc (backward).
+    W_hh slice, RESIDENT=True: loaded once, before the time loop, as one [K_pad, BLOCK_H] tile
+    per gate (forward: W_q[j, k]; backward: W_q[k, j], K_pad = next_pow2(H)), so one tl.dot per
+    gate and step. Triton keeps these tiles in shared memory (in the TTGIR of an sm_90 compile the
+    local_alloc sits before the time loop; each step local_loads the mma operand). RESIDENT=False:
+    BLOCK_K chunks re-read from global memory (L2) every step, the step kernel's loop: fp64 (an
+    FMA product [BLOCK_B, BLOCK_K, BLOCK_H]), fp32 without TF32 on a GPU (tl.dot lowers to FMAs),
+    and slices or row tiles over the limits below.
+    Overlap: the next step's tiles that no other program writes (forward: x W_ihᵀ + b; backward:
+    the saved gates, dout and c) are loaded before the barrier (ANCHORS: 3.4 -> 2.55 ms at S1 for
+    a prototype persistent forward).
+
+Grid barrier (_grid_barrier): a per-launch int32 counter, zeroed by the launcher, never reused.
+Barrier number n (n = 1, 2, ...) waits for the counter to reach n P: a CTA barrier (every thread
+of the program has stored its part of the step), one atomic add with release semantics at GPU
+scope (Triton issues a scalar atomic from one thread), then a spin on an acquire read of the
+counter, then a CTA barrier again so that no thread reads the next step's row before the acquire.
+ANCHORS measured this pattern at 0.64 us a step with 1 program, 0.99 us with 128.
+Triton 3.9 (installed here) compiles it for sm_90 to bar.sync; red.global.gpu.release.add.u32;
+a loop of {ld.global.gpu.acquire.b32 by thread 0, broadcast through shared memory, bar.sync};
+bar.sync (read from the PTX on this CPU machine; tests/test_persistent.py checks it). The sem=
+and scope= arguments of tl.atomic_add: triton-lang/triton PR #2562 added scope, and PR #5580
+(January 2025) describes both as existing attributes of every atomic, so Triton 3.6 has them.
+NONE OF THIS HAS RUN ON A GPU YET.
+
+Deadlock guard: every program must be resident at once, or the ones spinning wait forever for
+ones that cannot start. plan() allows at most one program per SM (P <= multi_processor_count),
+so residency needs only that one CTA fits on an SM, which any kernel that launches at all does,
+once the SMs are free of other work. On CUDA the kernel is also launched cooperatively
+(launch_cooperative_grid=True: Triton PR #5381, merged December 2024; present in the installed
+3.9, assumed in 3.6 from the date): the driver then refuses a grid that cannot be co-resident with
+an error instead of a hang (not while a CUDA graph is captured; see _launch_opts). Left unguarded:
+two persistent launches on two streams at once could each hold part of the SMs and wait for
+each other, and an MPS client limited to fewer SMs than the device reports.
+Under the Triton interpreter the programs of a grid run one after another, so only P = 1 can pass
+a barrier: plan() gives CPU tensors one program covering all of H (how CI tests these kernels);
+the multi-program path is tested by CUDA-only tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _mm, _sigmoid, _tanh, pow2_block
+
+# ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
+# One row block: BLOCK_B = next_pow2(B) in [16, MAX_B]. Larger batches would need a loop over row
+# blocks inside every program (serial work per step growing with B), where the step path spreads
+# row blocks over more CTAs: not implemented, B > 64 runs the step path.
+MAX_B = 64
+# Hidden units per program, tried in this order: the smallest block whose grid fits on the SMs
+# (most programs: the most SMs streaming W_hh and h; ANCHORS' barrier cost grows only from
+# 0.64 to 0.99 us between 1 and 128 programs). tl.dot needs >= 16.
+BLOCK_H_CHOICES = (16, 32, 64)
+# A W_hh slice (all gates) held on chip for the whole sequence up to this size; above it,
+# streamed from L2 each step. 64 KiB = bf16 H=512 at BLOCK_H=16 (S2). Triton 3.9 keeps the
+# resident tiles in shared memory (local_alloc hoisted out of the time loop; a local_load into the
+# mma operand layout each step), checked in the TTGIR of an sm_90 compile on this machine.
+W_RESIDENT_MAX_BYTES = 64 * 1024
+# The resident path also loads whole rows [BLOCK_B, K_pad] each step (the LSTM backward: four,
+# one per gate block). sm_90 compiles with ptxas (Triton 3.9, no GPU; registers / stack bytes):
+#   LSTM fwd  B16 H256 bf16  1 x 16x256   188 regs, no spill;   B64 H512: 1 x 64x512  213, none
+#   LSTM bwd  B16 H256 bf16  4 x 16x256   187 regs, no spill;   B64 H256: 4 x 64x256  255 + 808 B
+# so at most 32K row elements a step.
+ROW_TILE_MAX_ELEMS = 32 * 1024
+# ... and K_pad = next_pow2(H) at most 512: at H=768 (S4) the resident tile pads K to 1024 (a third
+# more work) and the RNN forward spilled (255 regs + 208 B stack at 8 warps); streaming in
+# BLOCK_K=64 chunks compiled without spills (253 regs at 8 warps).
+RESIDENT_MAX_K = 512
+# Cooperative launch on CUDA (see the module docstring). A switch so that a GPU session can turn
+# it off if the installed Triton rejects the option.
+COOPERATIVE_LAUNCH = True
+
+# What the last launch of each kernel compiled to (GPU only: n_regs, n_spills, shared bytes),
+# for the benchmark and the GPU session; empty under the interpreter.
+LAST_LAUNCH: dict = {}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Block sizes and grid of one persistent launch."""
+
+    programs: int
+    BLOCK_B: int
+    BLOCK_H: int
+    BLOCK_K: int
+    resident: bool
+    num_warps: int
+    # Software pipelining only inside the streamed K loop (num_stages=3, Triton's default), so the
+    # row loads of step t+1 can never be hoisted above step t's barrier; the resident path has no
+    # inner loop and gets num_stages=1. (Triton 3.9 pipelines only the inner loop: in the sm_90
+    # TTGIR its async copies sit after the barrier of the previous step.)
+    num_stages: int = 3
+
+
+_SM_COUNT: dict = {}
+
+
+def max_programs(device) -> int:
+    """How many programs may run at once with one program per SM: the SM count on CUDA; 1 on the
+    CPU, where the Triton interpreter runs a grid's programs one after another."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = int(torch.cuda.get_device_properties(idx).multi_processor_count)
+    return _SM_COUNT[idx]
+
+
+def grid_fits(programs: int, limit: int) -> bool:
+    """The deadlock guard: every program resident at once, one per SM."""
+    return 1 <= programs <= limit
+
+
+def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
+         limit: Optional[int] = None, allow_tf32: bool = False) -> Tuple[Optional[Plan], str]:
+    """(Plan, "") for a persistent launch of ``cell`` ("lstm" or "rnn") in ``direction``
+    ("fwd" or "bwd"), or (None, why not). ``limit``: the most co-resident programs (default
+    max_programs(device); tests pass a fake SM count). ``allow_tf32``: fp32 dots on tensor
+    cores (otherwise fp32 tl.dot with input_precision="ieee" is lowered to FMAs on sm_90)."""
+    device = torch.device(device)
+    if limit is None:
+        limit = max_programs(device)
+    if B > MAX_B:
+        return None, f"batch {B} > {MAX_B} (the persistent kernels hold all rows in one block)"
+    gates = 4 if cell == "lstm" else 1
+    cpu = device.type != "cuda"
+    fp64 = dtype == torch.float64
+    esize = torch.empty((), dtype=dtype).element_size()
+    BB = pow2_block(B, 16, MAX_B)
+    K_pad = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))
+    if cpu:
+        BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid
+    else:
+        BH = next((b for b in BLOCK_H_CHOICES if grid_fits(triton.cdiv(H, b), limit)), None)
+        if BH is None:
+            return None, (f"hidden size {H} needs more than {limit} programs even at "
+                          f"BLOCK_H={BLOCK_H_CHOICES[-1]}")
+    programs = triton.cdiv(H, BH)
+    if not grid_fits(programs, limit):
+        return None, f"{programs} programs > {limit} co-resident"
+    w_bytes = gates * K_pad * BH * esize
+    row_elems = (gates if direction == "bwd" else 1) * BB * K_pad
+    # tensor-core dots only on GPU (fp32 IEEE and fp64 become FMA loops there); the interpreter
+    # takes the resident path whenever the sizes allow, so CI runs it
+    mma = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and (allow_tf32 or cpu))
+    resident = (mma and w_bytes <= W_RESIDENT_MAX_BYTES and row_elems <= ROW_TILE_MAX_ELEMS
+                and (cpu or K_pad <= RESIDENT_MAX_K))
+    if resident:
+        BK = K_pad
+    elif fp64:
+        BK = 8  # the FMA product [BLOCK_B, BLOCK_K, BLOCK_H]
+    else:
+        K = gates * H if direction == "bwd" else H
+        BK = pow2_block(K, 16, 64 if mma else 32)
+    # 4 warps spilled at B=64 and at H=768 (255 regs + 360-528 B stack); 8 did not (sm_90 compiles)
+    num_warps = 4 if BB * K_pad <= 4096 and w_bytes <= 16 * 1024 else 8
+    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3), ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grid_barrier(sync_ptr, target):
+    """Wait until every program has arrived: the counter at sync_ptr reaches ``target``."""
+    tl.debug_barrier()  # every thread's stores of this step precede the release below
+    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+    while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()  # no thread reads the next step's row before the acquire
+
+
+@triton.heuristics(
+    {
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+        "STORE_GATES": lambda a: a["gates_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T"])
+def _lstm_fwd_persistent_kernel(
+    xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
+    w_ptr,  # [G, H] W_hh
+    hs_ptr,  # [T+1, B, H] state dtype: slot 0 = h0 in, slots 1..T out
+    cs_ptr,  # [T+1, B, H] state dtype: slot 0 = c0 in, slots 1..T out
+    out_ptr,  # [T, B, H] storage dtype
+    gates_ptr,  # [T, B, G] state dtype pre-activations, or None
+    len_ptr,  # [B] int64 lengths, or None
+    sync_ptr,  # [1] int32, zero
+    T, B, H,
+    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, RESIDENT: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    ACC = hs_ptr.dtype.element_ty
+    WT = w_ptr.dtype.element_ty
+    G = 4 * H
+    zero64 = tl.zeros([], dtype=tl.int64)
+    # W_hh row of (gate q, unit j) starts at (q H + j) H
+    w_i = cols.to(tl.int64) * H
+    w_f = (cols + H).to(tl.int64) * H
+    w_g = (cols + 2 * H).to(tl.int64) * H
+    w_o = (cols + 3 * H).to(tl.int64) * H
+    if RESIDENT:  # the slice, once: tile q holds W_q[j, k] at [k, j]
+        kr = tl.arange(0, BLOCK_K)
+        krm = kr < H
+        wm = krm[:, None] & cmask[None, :]
+        wr_i = tl.load(w_ptr + w_i[None, :] + kr[:, None], mask=wm, other=0.0)
+        wr_f = tl.load(w_ptr + w_f[None, :] + kr[:, None], mask=wm, other=0.0)
+        wr_g = tl.load(w_ptr + w_g[None, :] + kr[:, None], mask=wm, other=0.0)
+        wr_o = tl.load(w_ptr + w_o[None, :] + kr[:, None], mask=wm, other=0.0)
+
+    b_off = (rows * H)[:, None] + cols[None, :]
+    h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0)  # h_{t-1}, this program's columns
+    c = tl.load(cs_ptr + b_off, mask=mask, other=0.0)
+    if HAS_LENGTHS:
+        L = tl.load(len_ptr + rows, mask=rmask, other=0)
+    g_off = (rows * G)[:, None] + cols[None, :]  # step 0
+    x_i = tl.load(xp_ptr + g_off, mask=mask, other=0.0)
+    x_f = tl.load(xp_ptr + g_off + H, mask=mask, other=0.0)
+    x_g = tl.load(xp_ptr + g_off + 2 * H, mask=mask, other=0.0)
+    x_o = tl.load(xp_ptr + g_off + 3 * H, mask=mask, other=0.0)
+
+    for t in range(T):
+        t64 = zero64 + t
+        h_row = (t64 * B + rows) * H  # slot t of hs: every program's h_{t-1}
+        a_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        if RESIDENT:
+            hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
+                         cache_modifier=".cg").to(WT)
+            a_i = _mm(hk, wr_i, a_i, FMA, IEEE, UPCAST)
+            a_f = _mm(hk, wr_f, a_f, FMA, IEEE, UPCAST)
+            a_g = _mm(hk, wr_g, a_g, FMA, IEEE, UPCAST)
+            a_o = _mm(hk, wr_o, a_o, FMA, IEEE, UPCAST)
+        else:
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < H
+                hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                             other=0.0, cache_modifier=".cg").to(WT)
+                wm = kmask[:, None] & cmask[None, :]
+                a_i = _mm(hk, tl.load(w_ptr + w_i[None, :] + ks[:, None], mask=wm, other=0.0), a_i, FMA, IEEE, UPCAST)
+                a_f = _mm(hk, tl.load(w_ptr + w_f[None, :] + ks[:, None], mask=wm, other=0.0), a_f, FMA, IEEE, UPCAST)
+                a_g = _mm(hk, tl.load(w_ptr + w_g[None, :] + ks[:, None], mask=wm, other=0.0), a_g, FMA, IEEE, UPCAST)
+                a_o = _mm(hk, tl.load(w_ptr + w_o[None, :] + ks[:, None], mask=wm, other=0.0), a_o, FMA, IEEE, UPCAST)
+        a_i += x_i.to(ACC)
+        a_f += x_f.to(ACC)
+        a_g += x_g.to(ACC)
+        a_o += x_o.to(ACC)
+        g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
+        if STORE_GATES:
+            gty = gates_ptr.dtype.element_ty
+            tl.store(gates_ptr + g_off, a_i.to(gty), mask=mask)
+            tl.store(gates_ptr + g_off + H, a_f.to(gty), mask=mask)
+            tl.store(gates_ptr + g_off + 2 * H, a_g.to(gty), mask=mask)
+            tl.store(gates_ptr + g_off + 3 * H, a_o.to(gty), mask=mask)
+        gi = _sigmoid(a_i)
+        gf = _sigmoid(a_f)
+        gg = _tanh(a_g)
+        go = _sigmoid(a_o)
+        c_new = gf * c + gi * gg
+        h_new = go * _tanh(c_new)
+        if HAS_LENGTHS:
+            valid = (t64 < L)[:, None]
+            h_own = tl.where(valid, h_new, h_own)
+            c = tl.where(valid, c_new, c)
+            out = tl.where(valid, h_new, 0.0)
+        else:
+            h_own = h_new
+            c = c_new
+            out = h_new
+        s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
+        tl.store(hs_ptr + s_nxt, h_own, mask=mask)
+        tl.store(cs_ptr + s_nxt, c, mask=mask)
+        tl.store(out_ptr + (h_row[:, None] + cols[None, :]), out.to(out_ptr.dtype.element_ty), mask=mask)
+
+        # step t+1's input projection, before the barrier (nothing at t+1 = T)
+        nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
+        n_off = g_off + G * B
+        x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
+        x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
+        x_g = tl.load(xp_ptr + n_off + 2 * H, mask=nmask, other=0.0)
+        x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
+        _grid_barrier(sync_ptr, (t + 1) * nprog)
+
+
+# Reverse step t (the step path's derivative, kernels/lstm.py, without LayerNorm):
+#   gh_t  = [not valid_{t+1}] gh_{t+1} + dG_{t+1} W_hh      (this program's columns j of W_hh)
+#   dh    = valid_t (dout_t + gh_t)      dc = valid_t gc_t + dz,  dz = dh o (1 - tanh² c_t)
+#   di = dc g,  df = dc c_{t-1},  dg = dc i,  do = dh tanh c_t    (times the activations' slopes)
+#   gc_{t-1} = valid_t dc f + [not valid_t] gc_t
+# gh and gc stay in registers; the final ones (gh_0, gc_{-1}) are stored for the launcher.
+@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
+@triton.jit(do_not_specialize=["T"])
+def _lstm_bwd_persistent_kernel(
+    gates_ptr,  # [T, B, G] saved pre-activations, state dtype
+    w_ptr,  # [G, H] W_hh
+    cs_ptr,  # [T+1, B, H] saved c
+    dout_ptr,  # [T, B, H] storage dtype
+    dg_ptr,  # [T+1, B, G] state dtype: slot T zero (in), slots 0..T-1 out
+    gh_ptr,  # [B, H] in: dh_n, out: gh_0
+    gc_ptr,  # [B, H] in: dc_n, out: dc0
+    len_ptr,  # [B] int64 lengths, or None
+    sync_ptr,  # [1] int32, zero
+    T, B, H,
+    HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    ACC = gh_ptr.dtype.element_ty
+    WT = w_ptr.dtype.element_ty
+    G = 4 * H
+    zero64 = tl.zeros([], dtype=tl.int64)
+    if RESIDENT:  # the slice, once: tile q holds W_q[k, j] = W_hh[q H + k, j] at [k, j]
+        kr = tl.arange(0, BLOCK_K)
+        krm = kr < H
+        wm = krm[:, None] & cmask[None, :]
+        wr_i = tl.load(w_ptr + (kr.to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+        wr_f = tl.load(w_ptr + ((kr + H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+        wr_g = tl.load(w_ptr + ((kr + 2 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+        wr_o = tl.load(w_ptr + ((kr + 3 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+
+    if HAS_LENGTHS:
+        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
+    b_off = (rows * H)[:, None] + cols[None, :]
+    gh = tl.load(gh_ptr + b_off, mask=mask, other=0.0)
+    gc = tl.load(gc_ptr + b_off, mask=mask, other=0.0)
+    # step T-1's own tiles
+    t_last = zero64 + T - 1
+    g_off = ((t_last * B + rows) * G)[:, None] + cols[None, :]
+    s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
+    a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0)
+    a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0)
+    a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0)
+    a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0)
+    d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
+    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)  # c_{t-1} = slot t
+    c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0)  # c_t = slot t+1
+
+    for i in range(T):
+        t64 = zero64 + (T - 1 - i)
+        valid = (t64 < L)[:, None]
+        nvalid = (t64 + 1 < L)[:, None]
+        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
+        if RESIDENT:
+            dm = rmask[:, None] & krm[None, :]
+            d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
+            carry = _mm(tl.load(d_ptr, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_i, carry, FMA, IEEE, UPCAST)
+            carry = _mm(tl.load(d_ptr + H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_f, carry, FMA, IEEE,
+                        UPCAST)
+            carry = _mm(tl.load(d_ptr + 2 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_g, carry, FMA,
+                        IEEE, UPCAST)
+            carry = _mm(tl.load(d_ptr + 3 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_o, carry, FMA,
+                        IEEE, UPCAST)
+        else:
+            for k0 in range(0, G, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < G
+                dgk = tl.load(dg_ptr + dg_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
+                              cache_modifier=".cg").to(WT)
+                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                             mask=kmask[:, None] & cmask[None, :], other=0.0)
+                carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
+        gh = tl.where(nvalid, 0.0, gh) + carry
+        dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
+        dc = tl.where(valid, gc, 0.0)
+
+        gi = _sigmoid(a_i)
+        gf = _sigmoid(a_f)
+        gg = _tanh(a_g)
+        go = _sigmoid(a_o)
+        tz = _tanh(c_cur)
+        d_o = dh * tz
+        vm = valid & mask
+        dc += tl.where(vm, dh * go * (1.0 - tz * tz), 0.0)
+        dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
+        dy_f = tl.where(vm, dc * c_prev * gf * (1.0 - gf), 0.0)
+        dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
+        dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
+        g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
+        dgty = dg_ptr.dtype.element_ty
+        tl.store(dg_ptr + g_off, dy_i.to(dgty), mask=mask)
+        tl.store(dg_ptr + g_off + H, dy_f.to(dgty), mask=mask)
+        tl.store(dg_ptr + g_off + 2 * H, dy_g.to(dgty), mask=mask)
+        tl.store(dg_ptr + g_off + 3 * H, dy_o.to(dgty), mask=mask)
+        gc = tl.where(valid, dc * gf, gc)
+
+        # step t-1's own tiles, before the barrier (nothing at t = 0)
+        pmask = tl.where(i + 1 < T, mask, False)
+        p_off = g_off - G * B
+        s_prv = ((t64 * B + rows) * H)[:, None] + cols[None, :] - B * H  # slot t-1
+        a_i = tl.load(gates_ptr + p_off, mask=pmask, other=0.0)
+        a_f = tl.load(gates_ptr + p_off + H, mask=pmask, other=0.0)
+        a_g = tl.load(gates_ptr + p_off + 2 * H, mask=pmask, other=0.0)
+        a_o = tl.load(gates_ptr + p_off + 3 * H, mask=pmask, other=0.0)
+        d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
+        c_cur = c_prev
+        c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
+        _grid_barrier(sync_ptr, (i + 1) * nprog)
+    tl.store(gh_ptr + b_off, gh, mask=mask)
+    tl.store(gc_ptr + b_off, gc, mask=mask)
+
+
+@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
+@triton.jit(do_not_specialize=["T"])
+def _rnn_fwd_persistent_kernel(
+    xp_ptr,  # [T, B, H] x W_ihᵀ + b_ih + b_hh, storage dtype
+    w_ptr,  # [H, H] W_hh
+    hs_ptr,  # [T+1, B, H] state dtype: slot 0 = h0 in, slots 1..T out
+    out_ptr,  # [T, B, H] storage dtype
+    len_ptr,  # [B] int64 lengths, or None
+    sync_ptr,  # [1] int32, zero
+    T, B, H,
+    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, RESIDENT: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    ACC = hs_ptr.dtype.element_ty
+    WT = w_ptr.dtype.element_ty
+    zero64 = tl.zeros([], dtype=tl.int64)
+    w_row = cols.to(tl.int64) * H  # W_hh row j
+    if RESIDENT:  # W_hh[j, k] at [k, j]
+        kr = tl.arange(0, BLOCK_K)
+        krm = kr < H
+        wr = tl.load(w_ptr + w_row[None, :] + kr[:, None], mask=krm[:, None] & cmask[None, :], other=0.0)
+
+    b_off = (rows * H)[:, None] + cols[None, :]
+    h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0)
+    if HAS_LENGTHS:
+        L = tl.load(len_ptr + rows, mask=rmask, other=0)
+    x = tl.load(xp_ptr + b_off, mask=mask, other=0.0)  # step 0
+
+    for t in range(T):
+        t64 = zero64 + t
+        h_row = (t64 * B + rows) * H
+        pre = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        if RESIDENT:
+            hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
+                         cache_modifier=".cg")
+            pre = _mm(hk.to(WT), wr, pre, FMA, IEEE, UPCAST)
+        else:
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < H
+                hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                             other=0.0, cache_modifier=".cg")
+                wk = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+                pre = _mm(hk.to(WT), wk, pre, FMA, IEEE, UPCAST)
+        pre += x.to(ACC)
+        if RELU:
+            h_new = tl.where(pre < 0, 0.0, pre)  # not tl.maximum: NaN must propagate as in torch.relu
+        else:
+            h_new = _tanh(pre)
+        if HAS_LENGTHS:
+            valid = (t64 < L)[:, None]
+            h_own = tl.where(valid, h_new, h_own)
+            out = tl.where(valid, h_new, 0.0)
+        else:
+            h_own = h_new
+            out = h_new
+        s_cur = h_row[:, None] + cols[None, :]
+        tl.store(hs_ptr + s_cur + B * H, h_own, mask=mask)
+        tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+        x = tl.load(xp_ptr + s_cur + B * H, mask=tl.where(t + 1 < T, mask, False), other=0.0)  # step t+1
+        _grid_barrier(sync_ptr, (t + 1) * nprog)
+
+
+# Reverse step t (kernels/rnn.py): gh_t = [not valid_{t+1}] gh_{t+1} + dP_{t+1} W_hh[:, j];
+# dh = dout_t + gh_t;  dP_t = valid_t dh (1 − h_t²) (tanh) or valid_t dh [h_t > 0] (relu).
+@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
+@triton.jit(do_not_specialize=["T"])
+def _rnn_bwd_persistent_kernel(
+    w_ptr,  # [H, H] W_hh
+    hs_ptr,  # [T+1, B, H] saved states
+    dout_ptr,  # [T, B, H] storage dtype
+    dp_ptr,  # [T+1, B, H] state dtype: slot T zero (in), slots 0..T-1 out
+    gh_ptr,  # [B, H] in: dh_n, out: gh_0
+    len_ptr,  # [B] int64 lengths, or None
+    sync_ptr,  # [1] int32, zero
+    T, B, H,
+    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, RESIDENT: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    ACC = gh_ptr.dtype.element_ty
+    WT = w_ptr.dtype.element_ty
+    zero64 = tl.zeros([], dtype=tl.int64)
+    if RESIDENT:  # W_hh[k, j] at [k, j]
+        kr = tl.arange(0, BLOCK_K)
+        krm = kr < H
+        wr = tl.load(w_ptr + (kr.to(tl.int64) * H)[:, None] + cols[None, :], mask=krm[:, None] & cmask[None, :],
+                     other=0.0)
+
+    if HAS_LENGTHS:
+        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
+    b_off = (rows * H)[:, None] + cols[None, :]
+    gh = tl.load(gh_ptr + b_off, mask=mask, other=0.0)
+    t_last = zero64 + T - 1
+    s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
+    d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
+    h = tl.load(hs_ptr + s_cur + B * H, mask=mask, other=0.0)  # h_t = slot t+1
+
+    for i in range(T):
+        t64 = zero64 + (T - 1 - i)
+        valid = (t64 < L)[:, None]
+        nvalid = (t64 + 1 < L)[:, None]
+        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        dp_row = ((t64 + 1) * B + rows) * H
+        if RESIDENT:
+            dpk = tl.load(dp_ptr + dp_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
+                          cache_modifier=".cg")
+            carry = _mm(dpk.to(WT), wr, carry, FMA, IEEE, UPCAST)
+        else:
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < H
+                dpk = tl.load(dp_ptr + dp_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                              other=0.0, cache_modifier=".cg")
+                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                             mask=kmask[:, None] & cmask[None, :], other=0.0)
+                carry = _mm(dpk.to(WT), wk, carry, FMA, IEEE, UPCAST)
+        gh = tl.where(nvalid, 0.0, gh) + carry
+        dh = d_out.to(ACC) + gh
+        if RELU:
+            dp = tl.where(h <= 0, 0.0, dh)
+        else:
+            dp = dh * (1.0 - h * h)
+        dp = tl.where(valid, dp, 0.0)
+        s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
+        tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
+
+        pmask = tl.where(i + 1 < T, mask, False)  # step t-1's own tiles, before the barrier
+        d_out = tl.load(dout_ptr + s_cur - B * H, mask=pmask, other=0.0)
+        h = tl.load(hs_ptr + s_cur, mask=pmask, other=0.0)
+        _grid_barrier(sync_ptr, (i + 1) * nprog)
+    tl.store(gh_ptr + b_off, gh, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: the time loops of kernels/lstm.py and kernels/rnn.py, in one launch. The callers
+# allocate and own every buffer; these only check the plan and launch.
+# ----------------------------------------------------------------------------------------------
+
+
+def _sync_counter(T: int, pl: Plan, device) -> torch.Tensor:
+    # barrier n waits for n P <= T P arrivals: keep that in int32
+    if T * pl.programs >= 2 ** 31:
+        raise ValueError(f"persistent kernels: T={T} x {pl.programs} programs overflows the int32 barrier counter")
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _launch_opts(device: torch.device, pl: Plan) -> dict:
+    opts = {"num_warps": pl.num_warps, "num_stages": pl.num_stages}
+    # Not while a CUDA graph is being captured: whether a cooperative launch can be a graph node
+    # is not something we could check here; there the one-program-per-SM bound alone guards.
+    if device.type == "cuda" and COOPERATIVE_LAUNCH and not torch.cuda.is_current_stream_capturing():
+        opts["launch_cooperative_grid"] = True
+    return opts
+
+
+def _record(name: str, compiled) -> None:
+    if compiled is None:  # the interpreter returns nothing
+        return
+    meta = getattr(compiled, "metadata", None)
+    LAST_LAUNCH[name] = {
+        "n_regs": getattr(compiled, "n_regs", None),
+        "n_spills": getattr(compiled, "n_spills", None),
+        "shared": getattr(meta, "shared", None),
+        "num_warps": getattr(meta, "num_warps", None),
+    }
+
+
+def _check_plan(pl: Plan, B: int, H: int, device) -> None:
+    # the deadlock guard, again at the launch (a Plan may come from a caller)
+    assert pl.BLOCK_B >= B, "persistent kernels hold every batch row in one block"
+    assert pl.programs * pl.BLOCK_H >= H and pl.programs == triton.cdiv(H, pl.BLOCK_H)
+    if not grid_fits(pl.programs, max_programs(device)):
+        raise RuntimeError(f"persistent grid of {pl.programs} programs cannot be co-resident on {device}")
+
+
+def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, lengths, fma, ieee, upcast) -> None:
+    """All T forward steps: fills hs[1:], cs[1:], out and (if not None) gates."""
+    T, B, H = out.shape
+    _check_plan(pl, B, H, xp.device)
+    sync = _sync_counter(T, pl, xp.device)
+    k = _lstm_fwd_persistent_kernel[(pl.programs,)](
+        xp, w_hh, hs, cs, out, gates, lengths, sync, T, B, H,
+        RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
+    )
+    _record("lstm_fwd", k)
+
+
+def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast) -> None:
+    """All T reverse steps: fills dG[:T] (dG[T] must be zero), leaves gh_0 in gh and dc0 in gc."""
+    T, B, H = dout.shape
+    _check_plan(pl, B, H, dout.device)
+    sync = _sync_counter(T, pl, dout.device)
+    k = _lstm_bwd_persistent_kernel[(pl.programs,)](
+        gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, T, B, H,
+        RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
+    )
+    _record("lstm_bwd", k)
+
+
+def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) -> None:
+    """All T forward steps: fills hs[1:] and out."""
+    T, B, H = out.shape
+    _check_plan(pl, B, H, xp.device)
+    sync = _sync_counter(T, pl, xp.device)
+    k = _rnn_fwd_persistent_kernel[(pl.programs,)](
+        xp, w_hh, hs, out, lengths, sync, T, B, H,
+        RELU=relu, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
+    )
+    _record("rnn_fwd", k)
+
+
+def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upcast) -> None:
+    """All T reverse steps: fills dP[:T] (dP[T] must be zero), leaves gh_0 in gh."""
+    T, B, H = dout.shape
+    _check_plan(pl, B, H, dout.device)
+    sync = _sync_counter(T, pl, dout.device)
+    k = _rnn_bwd_persistent_kernel[(pl.programs,)](
+        w_hh, hs, dout, dP, gh, lengths, sync, T, B, H,
+        RELU=relu, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
+    )
+    _record("rnn_bwd", k)

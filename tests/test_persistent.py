@@ -1,0 +1,541 @@
+"""Persistent kernels (fused_rnn.kernels.persistent: one launch for all T steps of a plain LSTM or
+tanh/ReLU RNN layer, forward and backward) and the path choice (fused_rnn._paths).
+
+Under the Triton interpreter (CPU) a grid's programs run one after another, so only a
+single-program grid can pass the grid barrier: there plan() gives one program covering all of H,
+and these tests compare that single-program path with the fp64 reference and with the step path.
+The multi-program path (one program per BLOCK_H hidden units, the programs meeting at a global
+barrier each step) runs only on a GPU: the CUDA tests at the end compare it with the step path.
+Buffers are NaN-poisoned (kernels._common.POISON), so an element a kernel leaves unwritten fails.
+"""
+import os
+import re
+import warnings
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, kernel_device, rel_err, requires_cuda, requires_kernels
+from fused_rnn import _backend, _paths
+from fused_rnn.lstm import LSTMFunction
+from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
+from fused_rnn.rnn import RNNFunction
+
+DEV = kernel_device()
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_fresh_warnings(monkeypatch):
+    if DEV is not None:
+        from fused_rnn.kernels import _common
+
+        monkeypatch.setattr(_common, "POISON", True)
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv(_paths.ENV_VAR, raising=False)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the persistent launches (so a test knows the persistent kernels really ran)."""
+    from fused_rnn.kernels import persistent
+
+    calls = {}
+    for name in ("lstm_fwd_loop", "lstm_bwd_loop", "rnn_fwd_loop", "rnn_bwd_loop"):
+        real = getattr(persistent, name)
+
+        def wrapped(*a, _real=real, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(persistent, name, wrapped)
+    return calls
+
+
+def tol(dtype):
+    if dtype == F64:
+        return 1e-10
+    if dtype == F32:
+        if DEV is not None and DEV.type == "cuda":
+            return 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+        return 1e-5
+    return 2e-2
+
+
+def make_case(cell, T, B, I, H, dtype, bias=True, lengths=None, seed=0):
+    """Inputs [x, h0, (c0), w_ih, w_hh, b_ih, b_hh] in ``dtype`` on DEV, lengths, upstream grads."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(device=DEV, dtype=dtype)
+
+    G = 4 * H if cell == "lstm" else H
+    k = (2.0 if cell == "lstm" else 1.5) / H ** 0.5
+    ins = [r(T, B, I), r(B, H)] + ([r(B, H)] if cell == "lstm" else []) + [r(G, I, scale=k), r(G, H, scale=k)]
+    ins += [r(G, scale=k), r(G, scale=k)] if bias else [None, None]
+    L = None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=DEV)
+    ups = [r(T, B, H), r(B, H)] + ([r(B, H)] if cell == "lstm" else [])
+    return ins, L, ups
+
+
+def runner(cell, path, nonlinearity="tanh"):
+    """fn(ins, lengths) -> outputs, through the autograd Function on ``path`` (fwd and bwd)."""
+    if cell == "lstm":
+        def fn(ins, L):
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+            return LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, None, None, L, LN_EPS, False,
+                                      True, True, path)
+    else:
+        def fn(ins, L):
+            return RNNFunction.apply(*ins, L, nonlinearity, False, True, path)
+    return fn
+
+
+def reference(cell, nonlinearity="tanh"):
+    if cell == "lstm":
+        def fn(ins, L):
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+            return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, L)
+    else:
+        def fn(ins, L):
+            return rnn_sequence_ref(*ins, L, nonlinearity)
+    return fn
+
+
+def fwd_bwd(fn, ins, L, ups, dtype=None):
+    """Outputs and the gradients of every tensor input for sum(output · upstream)."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ins]
+    outs = fn(leaves, L)
+    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return [o.detach() for o in outs] + list(grads)
+
+
+def assert_close(ours, ref, tolerance, what):
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert a.shape == b.shape, f"{what}[{i}]"
+        assert not torch.isnan(a).any(), f"{what}[{i}]: NaN (an unwritten element?)"
+        e = rel_err(a, b)
+        assert e <= tolerance, f"{what}[{i}]: rel err {e:.3e} > {tolerance:.1e}"
+
+
+# (id, T, B, I, H, lengths, bias): H not a power of two, B not a multiple of 16, T = 1, a zero
+# length and one past T, no bias.
+SHAPES = {
+    "B3-T7-H37-len": (7, 3, 5, 37, [7, 3, 0], True),
+    "B17-T3-H20-len": (3, 17, 4, 20, [3, 1, 2, 3, 0, 1, 2, 3, 3, 2, 1, 5, 2, 2, 1, 3, 1], True),
+    "B5-T1-H16": (1, 5, 5, 16, None, True),
+    "B2-T4-H7-nobias": (4, 2, 3, 7, None, False),
+}
+
+
+def _cases():
+    for sid in SHAPES:
+        yield pytest.param("lstm", "tanh", sid, F32, id=f"lstm-{sid}-fp32")
+        yield pytest.param("rnn", "tanh", sid, F32, id=f"rnn-tanh-{sid}-fp32")
+    for sid in ("B3-T7-H37-len", "B17-T3-H20-len"):
+        yield pytest.param("lstm", "tanh", sid, F64, id=f"lstm-{sid}-fp64")
+    yield pytest.param("rnn", "tanh", "B3-T7-H37-len", F64, id="rnn-tanh-B3-T7-H37-len-fp64")
+    yield pytest.param("rnn", "relu", "B3-T7-H37-len", F32, id="rnn-relu-B3-T7-H37-len-fp32")
+    yield pytest.param("lstm", "tanh", "B3-T7-H37-len", BF16, id="lstm-B3-T7-H37-len-bf16")
+
+
+@requires_kernels
+@pytest.mark.parametrize("cell,nl,sid,dtype", list(_cases()))
+def test_persistent_matches_reference_and_step(cell, nl, sid, dtype, spy):
+    """Forward and backward on the persistent path against the fp64 reference, and against the
+    step path (closely: the same math, only the matmul's summation order may differ)."""
+    T, B, I, H, lengths, bias = SHAPES[sid]
+    ins, L, ups = make_case(cell, T, B, I, H, dtype, bias, lengths)
+    ours = fwd_bwd(runner(cell, "persistent", nl), ins, L, ups)
+    assert spy == {f"{cell}_fwd_loop": 1, f"{cell}_bwd_loop": 1}
+    step = fwd_bwd(runner(cell, "step", nl), ins, L, ups)
+    ref = fwd_bwd(reference(cell, nl), ins, L, ups, dtype=F64)
+    for a, t in zip(ours[len(ups):], [t for t in ins if t is not None]):
+        assert a.dtype == t.dtype
+    assert_close(ours, ref, tol(dtype), "vs reference")
+    close = {F64: 1e-13, F32: 1e-6}.get(dtype, 1e-2)
+    assert_close(ours, step, close, "vs step path")
+    if L is not None:  # steps past a sequence's end write zero output
+        t_idx = torch.arange(T, device=DEV).unsqueeze(1)
+        assert (ours[0][t_idx >= L.unsqueeze(0)] == 0).all()
+
+
+@requires_kernels
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_persistent_streamed_weights(cell, monkeypatch, spy):
+    """RESIDENT=False (W_hh re-read in BLOCK_K chunks each step, the fallback for a slice too big
+    to keep on chip) gives the step path's results."""
+    from fused_rnn.kernels import persistent
+
+    monkeypatch.setattr(persistent, "W_RESIDENT_MAX_BYTES", 0)
+    T, B, I, H, lengths, bias = SHAPES["B3-T7-H37-len"]
+    pl, _ = persistent.plan(cell, "fwd", B, H, F32, DEV)
+    assert pl is not None and not pl.resident
+    ins, L, ups = make_case(cell, T, B, I, H, F32, bias, lengths)
+    ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+    assert spy == {f"{cell}_fwd_loop": 1, f"{cell}_bwd_loop": 1}
+    step = fwd_bwd(runner(cell, "step"), ins, L, ups)
+    assert_close(ours, step, 1e-6, "vs step path")
+
+
+@requires_kernels
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_persistent_saved_tensors_pair_with_either_backward(cell):
+    """The persistent forward saves what the step forward saves (same layouts; fp64 bitwise), and
+    each forward pairs with either backward."""
+    from fused_rnn.kernels import lstm as KL, rnn as KR
+
+    T, B, I, H, lengths, bias = SHAPES["B17-T3-H20-len"]
+    ins, L, ups = make_case(cell, T, B, I, H, F64, bias, lengths)
+    if cell == "lstm":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+        fwd = {p: KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, L, path=p) for p in ("step", "persistent")}
+        for a, b in zip(fwd["persistent"], fwd["step"]):  # out, h_n, c_n, hs, cs, gates
+            assert torch.equal(a, b)
+        res = {}
+        for pf in ("step", "persistent"):
+            out, h_n, c_n, hs, cs, gates = fwd[pf]
+            for pb in ("step", "persistent"):
+                res[pf, pb] = KL.lstm_bwd(*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, L, path=pb)[:6]
+    else:
+        x, h0, w_ih, w_hh, b_ih, b_hh = ins
+        fwd = {p: KR.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, L, path=p) for p in ("step", "persistent")}
+        for a, b in zip(fwd["persistent"], fwd["step"]):  # out, h_n, hs
+            assert torch.equal(a, b)
+        res = {(pf, pb): KR.rnn_bwd(*ups, x, w_ih, w_hh, fwd[pf][2], L, path=pb)
+               for pf in ("step", "persistent") for pb in ("step", "persistent")}
+    base = res["step", "step"]
+    for k, v in res.items():
+        assert_close(v, base, 1e-13, f"fwd {k[0]}, bwd {k[1]}")
+
+
+@requires_kernels
+@pytest.mark.parametrize("cell,nl", [("lstm", "tanh"), ("rnn", "tanh"), ("rnn", "relu")])
+def test_persistent_gradcheck(cell, nl):
+    """fp64 gradcheck of the persistent forward + backward for every input, weight, bias and
+    initial state, with a finished sequence (the length pass-through)."""
+    T, B, I, H = (2, 2, 2, 3) if cell == "lstm" else (3, 2, 3, 5)
+    ins, L, _ = make_case(cell, T, B, I, H, F64, True, [T, 1])
+    fn = runner(cell, "persistent", nl)
+    leaves = [t.detach().requires_grad_() for t in ins]
+    assert torch.autograd.gradcheck(lambda *a: fn(list(a), L), leaves, fast_mode=DEV.type == "cpu")
+
+
+@requires_kernels
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_persistent_nonfinite_like_step(cell):
+    """A NaN in x reaches the same outputs and gradients as on the step path; earlier steps stay
+    finite."""
+    ins, L, ups = make_case(cell, 4, 3, 5, 9, F32)
+    ins[0][1, 1, 2] = float("nan")
+    ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+    step = fwd_bwd(runner(cell, "step"), ins, L, ups)
+    for a, b in zip(ours, step):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        fin = torch.isfinite(b)
+        assert rel_err(a[fin], b[fin]) <= 1e-6
+    assert not torch.isnan(ours[0][0]).any()
+
+
+@requires_kernels
+def test_persistent_falls_back_to_step_when_grid_does_not_fit(monkeypatch, spy):
+    """With no room for the grid (a fake SM count of 0), path="persistent" runs the step kernels,
+    warns once, and gives the step path's results."""
+    from fused_rnn.kernels import persistent
+
+    monkeypatch.setattr(persistent, "max_programs", lambda device: 0)
+    T, B, I, H, lengths, bias = SHAPES["B3-T7-H37-len"]
+    ins, L, ups = make_case("lstm", T, B, I, H, F32, bias, lengths)
+    with pytest.warns(RuntimeWarning, match="persistent path not possible.*co-resident.*step kernels"):
+        ours = fwd_bwd(runner("lstm", "persistent"), ins, L, ups)
+    assert spy == {}
+    step = fwd_bwd(runner("lstm", "step"), ins, L, ups)
+    for a, b in zip(ours, step):
+        assert torch.equal(a, b)
+
+
+@requires_kernels
+def test_layer_norm_lstm_stays_on_step_path(spy):
+    ins, L, ups = make_case("lstm", 3, 2, 3, 5, F32)
+    g = torch.Generator().manual_seed(1)
+    ln = [(1 + 0.1 * torch.randn(n, generator=g, dtype=F64)).to(F32) for n in (20, 20, 5, 5)]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    with pytest.warns(RuntimeWarning, match="layer-norm LSTM stays on the step path"):
+        out = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, LN_EPS, False, True, True, "persistent")
+    assert spy == {}
+    ref = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, LN_EPS, False, True, True, "step")
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+
+@requires_kernels
+def test_use_path_and_env_var_select_persistent(monkeypatch, spy):
+    """use_path() (process-wide, so the backward sees it too) and FUSED_RNN_PATH pick the path of
+    a call that leaves it at "auto"; auto alone is the step path (AUTO_PATH)."""
+    ins, L, ups = make_case("rnn", 3, 2, 3, 5, F32)
+    assert _paths.AUTO_PATH == "step"
+    fwd_bwd(runner("rnn", "auto"), ins, L, ups)
+    assert spy == {}
+    with _paths.use_path("persistent"):
+        fwd_bwd(runner("rnn", "auto"), ins, L, ups)
+    assert spy == {"rnn_fwd_loop": 1, "rnn_bwd_loop": 1}
+    monkeypatch.setenv(_paths.ENV_VAR, "persistent")
+    fwd_bwd(runner("rnn", "auto"), ins, L, ups)
+    assert spy == {"rnn_fwd_loop": 2, "rnn_bwd_loop": 2}
+    with _paths.use_path("step"):  # the override beats the environment
+        fwd_bwd(runner("rnn", "auto"), ins, L, ups)
+    assert spy == {"rnn_fwd_loop": 2, "rnn_bwd_loop": 2}
+
+
+@requires_kernels
+def test_persistent_custom_ops_opcheck():
+    """opcheck with path="persistent": schema, fake implementation, registration, aot_dispatch."""
+    ins, L, ups = make_case("lstm", 2, 3, 4, 5, F32, True, [2, 1, 0])
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, None, None, L, LN_EPS, False, True, True, "persistent")
+    torch.library.opcheck(torch.ops.fused_rnn.lstm_fwd.default, args)
+    out, h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(*args)
+    bargs = (*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, None, None, None, L, LN_EPS, False, True, True,
+             True, "persistent")
+    torch.library.opcheck(torch.ops.fused_rnn.lstm_bwd.default, bargs)
+
+
+@requires_kernels
+def test_graph_path_on_cpu_runs_step_kernels():
+    """The graph path needs CUDA: on CPU tensors it warns and runs the step kernels."""
+    ins, L, ups = make_case("lstm", 2, 2, 3, 5, F32)
+    with pytest.warns(RuntimeWarning, match="graph path not possible"):
+        ours = fwd_bwd(runner("lstm", "graph"), ins, L, ups)
+    step = fwd_bwd(runner("lstm", "step"), ins, L, ups)
+    for a, b in zip(ours, step):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ the decision (no kernels run)
+def _plan(*a, **k):
+    pytest.importorskip("triton")
+    from fused_rnn.kernels import persistent
+
+    return persistent.plan(*a, **k)
+
+
+def test_plan_grid_fits_the_sms():
+    """On CUDA the grid is at most one program per SM (a fake SM count here): BLOCK_H grows until
+    it fits, and no plan when even the largest block does not."""
+    cuda = torch.device("cuda", 0)
+    pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
+    assert (pl.programs, pl.BLOCK_H, pl.BLOCK_B) == (16, 16, 16) and pl.resident
+    pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=8)
+    assert (pl.programs, pl.BLOCK_H) == (8, 32)
+    pl, why = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=3)
+    assert pl is None and "more than 3 programs" in why
+    pl, why = _plan("rnn", "bwd", 65, 64, BF16, cuda, limit=132)
+    assert pl is None and "batch 65" in why
+    pl, _ = _plan("lstm", "fwd", 64, 512, BF16, cuda, limit=132)  # S2: W slice 64 KiB, resident
+    assert pl.resident and pl.programs == 32
+    pl, _ = _plan("lstm", "bwd", 64, 512, BF16, cuda, limit=132)  # 4 x 64 x 512 row elements: streamed
+    assert not pl.resident and pl.BLOCK_K == 64
+    pl, _ = _plan("lstm", "fwd", 16, 768, BF16, cuda, limit=132)  # S4: K_pad 1024 > 512: streamed
+    assert not pl.resident
+    pl, _ = _plan("lstm", "fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: FMA dots
+    assert not pl.resident
+    pl, _ = _plan("lstm", "fwd", 16, 256, F32, cuda, limit=132, allow_tf32=True)
+    assert pl.resident
+    pl, _ = _plan("lstm", "fwd", 16, 256, F64, cuda, limit=132)
+    assert not pl.resident and pl.BLOCK_K == 8
+
+
+def test_plan_cpu_is_one_program():
+    """Under the interpreter programs run one after another: one program covering all of H."""
+    for H in (7, 37, 300):
+        pl, _ = _plan("lstm", "bwd", 5, H, F32, "cpu")
+        assert pl.programs == 1 and pl.BLOCK_H >= H and pl.BLOCK_B >= 5
+    pl, why = _plan("lstm", "fwd", 5, 37, F32, "cpu", limit=0)
+    assert pl is None and "co-resident" in why
+
+
+def test_plan_refuses_ln_and_unfused():
+    pytest.importorskip("triton")
+    from fused_rnn.kernels import lstm as KL, rnn as KR
+
+    ln = (torch.ones(20), torch.zeros(20), torch.ones(5), torch.zeros(5))
+    assert KL.persistent_plan("fwd", 2, 5, ln, True, F32, "cpu")[0] is None
+    assert KL.persistent_plan("fwd", 2, 5, None, False, F32, "cpu")[0] is None
+    assert KL.persistent_plan("fwd", 2, 5, None, True, F32, "cpu")[0] is not None
+    assert KR.persistent_plan("bwd", 2, 5, False, F32, "cpu")[0] is None
+    with pytest.raises(ValueError, match="path must be one of"):
+        KL.lstm_fwd(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(4, 1),
+                    torch.zeros(4, 1), path="graph")
+
+
+def test_requested_path(monkeypatch):
+    assert _paths.requested() == "auto"
+    assert _paths.requested("step") == "step"
+    monkeypatch.setenv(_paths.ENV_VAR, "Persistent")
+    assert _paths.requested() == "persistent"
+    assert _paths.requested("graph") == "graph"  # an explicit argument beats the environment
+    with _paths.use_path("graph"):
+        assert _paths.requested() == "graph"
+        with _paths.use_path("step"):
+            assert _paths.requested() == "step"
+        assert _paths.requested() == "graph"
+    assert _paths.requested() == "persistent"
+    monkeypatch.setenv(_paths.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=_paths.ENV_VAR):
+        _paths.requested()
+    with pytest.raises(ValueError):
+        with _paths.use_path("fastest"):
+            pass
+
+
+def test_resolve_policy():
+    x = torch.zeros(2, 2, 2)
+    assert _paths.resolve("op", "auto", x, lambda: (object(), "")) == _paths.AUTO_PATH
+    assert _paths.resolve("op", "persistent", x, lambda: (object(), "")) == "persistent"
+    with pytest.warns(RuntimeWarning, match=r"persistent path not possible for op \(no room\)"):
+        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == "step"
+    with warnings.catch_warnings():  # once per reason
+        warnings.simplefilter("error")
+        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == "step"
+
+
+# ------------------------------------------------------------- sm_90 compile (no GPU needed)
+def _ptxas_available():
+    try:
+        import triton
+    except Exception:
+        return False
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(bundled) or bool(os.environ.get("TRITON_PTXAS_PATH"))
+
+
+# Not under the interpreter (its kernels are Python, nothing to compile) and not on a GPU machine
+# (there the kernels run for real, and a Triton whose compile API differs must not stop `-x`).
+@pytest.mark.skipif(_backend.interpreter_on() or HAS_CUDA or not _ptxas_available(),
+                    reason="CPU lane without TRITON_INTERPRET, with Triton's bundled ptxas")
+@pytest.mark.parametrize("cell,direction", [("lstm", "fwd"), ("lstm", "bwd"), ("rnn", "fwd"), ("rnn", "bwd")])
+def test_persistent_kernels_compile_for_sm90(cell, direction):
+    """Compile each persistent kernel for an H100 (sm_90) with the installed Triton and its
+    bundled ptxas, at S1's plan (B16 H256 bf16, resident W_hh), and check the grid barrier made it
+    into the PTX: a release add and an acquire read of the counter at GPU scope, CTA barriers."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fused_rnn.kernels import persistent as P
+
+    pl, _ = P.plan(cell, direction, 16, 256, BF16, torch.device("cuda", 0), limit=132)
+    blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B,
+                  BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, HAS_LENGTHS=True)
+    scalars = dict(len_ptr="*i64", sync_ptr="*i32", T="i32", B="i32", H="i32")
+    if cell == "lstm" and direction == "fwd":
+        kern, sig = P._lstm_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*fp32",
+                                                        cs_ptr="*fp32", out_ptr="*bf16", gates_ptr="*fp32")
+        blocks["STORE_GATES"] = True
+    elif cell == "lstm":
+        kern, sig = P._lstm_bwd_persistent_kernel, dict(gates_ptr="*fp32", w_ptr="*bf16", cs_ptr="*fp32",
+                                                        dout_ptr="*bf16", dg_ptr="*fp32", gh_ptr="*fp32",
+                                                        gc_ptr="*fp32")
+    elif direction == "fwd":
+        kern, sig = P._rnn_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*fp32",
+                                                       out_ptr="*bf16")
+        blocks["RELU"] = False
+    else:
+        kern, sig = P._rnn_bwd_persistent_kernel, dict(w_ptr="*bf16", hs_ptr="*fp32", dout_ptr="*bf16",
+                                                       dp_ptr="*fp32", gh_ptr="*fp32")
+        blocks["RELU"] = False
+    sig.update(scalars)
+    sig.update({k: "constexpr" for k in blocks})
+    src = ASTSource(fn=kern.fn, signature=sig, constexprs=blocks)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": pl.num_warps, "num_stages": pl.num_stages,
+                                 "launch_cooperative_grid": True, "enable_fp_fusion": True})
+    ptx = ck.asm["ptx"]
+    assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
+    assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire read at GPU scope"
+    assert "bar.sync" in ptx
+    assert "mma" in ptx  # the recurrent matmul on tensor cores
+
+
+# ---------------------------------------------------------------- CUDA: the multi-program path
+CUDA_SHAPES = [  # (T, B, I, H, lengths): 3, 13, 32 and 48 programs at BLOCK_H = 16
+    (5, 3, 19, 37, [5, 2, 0]),
+    (9, 20, 16, 200, [9 - b % 5 for b in range(20)]),
+    (12, 64, 48, 512, None),
+    (6, 16, 32, 768, [6] * 8 + [3] * 8),
+]
+
+
+def _cuda_cases():
+    """bf16 at every shape (each kernel variant: resident and streamed W_hh); the other dtypes and
+    ReLU at the first shape and S2's B and H (fp32 and fp64 stream W_hh); ~15 cases, for the
+    GPU session's time budget."""
+    def case(cell, nl, dtype, shape):
+        T, B, _, H, _ = shape
+        return pytest.param(cell, nl, dtype, shape, id=f"{cell}-{nl}-{DT_NAME[dtype]}-T{T}-B{B}-H{H}")
+
+    for shape in CUDA_SHAPES:
+        yield case("lstm", "tanh", BF16, shape)
+        yield case("rnn", "tanh", BF16, shape)
+    for dtype in (F16, F32, F64):
+        yield case("lstm", "tanh", dtype, CUDA_SHAPES[0])
+        yield case("rnn", "tanh", dtype, CUDA_SHAPES[0])
+    yield case("rnn", "relu", BF16, CUDA_SHAPES[0])
+    yield case("lstm", "tanh", F32, CUDA_SHAPES[2])
+
+
+@requires_cuda
+@pytest.mark.parametrize("cell,nl,dtype,shape", list(_cuda_cases()))
+def test_cuda_multi_program_matches_step(cell, nl, dtype, shape, spy):
+    """The multi-program persistent kernels (grid barrier each step) against the step path and
+    the fp64 reference, forward and backward."""
+    from fused_rnn.kernels import persistent
+
+    T, B, I, H, lengths = shape
+    pl, why = persistent.plan(cell, "fwd", B, H, dtype, DEV)
+    assert pl is not None and pl.programs > 1, why
+    ins, L, ups = make_case(cell, T, B, I, H, dtype, True, lengths)
+    ours = fwd_bwd(runner(cell, "persistent", nl), ins, L, ups)
+    torch.cuda.synchronize()
+    assert spy == {f"{cell}_fwd_loop": 1, f"{cell}_bwd_loop": 1}
+    step = fwd_bwd(runner(cell, "step", nl), ins, L, ups)
+    ref = fwd_bwd(reference(cell, nl), ins, L, ups, dtype=F64)
+    assert_close(ours, ref, tol(dtype), "vs reference")
+    assert_close(ours, step, {F64: 1e-12, F32: 1e-4}.get(dtype, 2e-2), "vs step path")
+    print(f"{cell} {DT_NAME[dtype]} {shape[:4]}: {pl}, compiled: {persistent.LAST_LAUNCH}")
+
+
+@requires_cuda
+def test_cuda_persistent_repeated_calls_are_deterministic(spy):
+    """Barrier counters are per launch: back-to-back launches (no sync between) agree bitwise."""
+    ins, L, ups = make_case("lstm", 16, 16, 64, 256, BF16, True, None)
+    first = fwd_bwd(runner("lstm", "persistent"), ins, L, ups)
+    for _ in range(3):
+        again = fwd_bwd(runner("lstm", "persistent"), ins, L, ups)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+    assert spy["lstm_fwd_loop"] == 4
+
+
+@requires_cuda
+def test_cuda_persistent_batch_over_limit_falls_back(spy):
+    ins, L, ups = make_case("rnn", 3, 65, 8, 32, BF16)
+    with pytest.warns(RuntimeWarning, match="batch 65"):
+        ours = fwd_bwd(runner("rnn", "persistent"), ins, L, ups)
+    assert spy == {}
+    step = fwd_bwd(runner("rnn", "step"), ins, L, ups)
+    for a, b in zip(ours, step):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_CUDA or os.environ.get("FUSED_RNN_LONG_TESTS") != "1",
+                    reason="needs a CUDA GPU and FUSED_RNN_LONG_TESTS=1")
+def test_cuda_persistent_long_sequence_s1():
+    """S1 (B16 T1024 H256, bf16): a long run of barriers, against the step path."""
+    ins, L, ups = make_case("lstm", 1024, 16, 256, 256, BF16)
+    ours = fwd_bwd(runner("lstm", "persistent"), ins, L, ups)
+    step = fwd_bwd(runner("lstm", "step"), ins, L, ups)
+    assert_close(ours, step, 2e-2, "vs step path")
