@@ -8,10 +8,10 @@
 #   install   the project from this working tree, offline (already importable from here: kept;
 #             else pip install -e . --no-deps --no-index --no-build-isolation; else a
 #             sitecustomize shim on PYTHONPATH that maps fused_rnn.kernels to kernels/)
-#   pytest    the whole test suite on CUDA (TRITON_INTERPRET unset): python -m pytest tests -x -q
+#   pytest    the whole test suite on CUDA (TRITON_INTERPRET unset): python -m pytest tests --maxfail=10
 #   memcheck  compute-sanitizer --tool memcheck over bench/memcheck_cases.py (every kernel,
 #             fwd+bwd, small odd shapes, variable lengths); passes only on "ERROR SUMMARY: 0 errors"
-#   bench     python -m fused_rnn.bench --quick (the short table, targets, JSON, plot)
+#   bench     python -m fused_rnn.bench --quick --paths triton,graph,persistent (table, targets, JSON, plot)
 #
 # Files in $OUT (8, the most the device tool brings back): summary.txt, setup.txt, pytest.txt,
 # memcheck.txt, bench_log.txt, bench.md, bench.json, bench.png.
@@ -180,7 +180,7 @@ EOF
 fi
 
 # ----------------------------------------------------------------------------------- pytest
-PYTEST_ARGS=(tests -x -q -p no:cacheprovider --durations=15)
+PYTEST_ARGS=(tests --maxfail=10 -q -rfE -p no:cacheprovider --durations=15)
 if [ "$PYTEST_WORKERS" != "0" ] && "$PY" -c "import xdist" 2>/dev/null; then
     PYTEST_ARGS+=(-n "$PYTEST_WORKERS")
 fi
@@ -227,7 +227,7 @@ else
     TL=$((LEFT - 15))  # the bench stops starting measurements here and still writes its table
     [ "$TL" -lt 5 ] && TL=5
     stage bench "$T_BENCH" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn.bench \
-        --quick --out "$OUT" --time-limit "$TL"
+        --quick --paths triton,graph,persistent --out "$OUT" --time-limit "$TL"
     NT=$(grep -cE '^  - (PASS|MISS)' "$OUT/bench.md" 2>/dev/null)
     NP=$(grep -cE '^  - PASS' "$OUT/bench.md" 2>/dev/null)
     record bench "$RC" "$DUR" "$(status_of "$RC")" "targets: ${NP:-0}/${NT:-0} pass (bench.md)"

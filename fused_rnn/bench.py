@@ -636,7 +636,7 @@ def run_case(c: Case, s: Settings, progress: Callable[[str], Callable[[str], Non
         rec["status"] = "ok"
     else:
         rec["status"] = "partial" if ok else ("skipped" if skipped == len(c.modes) else "error")
-    del fwd, grads, p
+    fwd = grads = p = None  # drop the problem before the next case allocates its own
     gc.collect()
     if s.device.type == "cuda":
         torch.cuda.empty_cache()

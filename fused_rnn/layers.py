@@ -124,7 +124,7 @@ class _SequenceLayer:
                 x = x.unsqueeze(1)
             elif self.batch_first:
                 x = x.transpose(0, 1)
-        T, B = x.shape[0], x.shape[1]
+        B = x.shape[1]
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
         L = self.num_layers

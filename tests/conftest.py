@@ -28,6 +28,32 @@ requires_kernels = pytest.mark.skipif(
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
+
+
+def tol(dtype):
+    """Relative-error bound of a kernel against the fp64 reference, per dtype: fp64 1e-10;
+    fp32 1e-5 under the interpreter, 1e-4 on a GPU (5e-3 with TF32 on); fp16 / bf16 2e-2."""
+    if dtype == F64:
+        return 1e-10
+    if dtype == F32:
+        dev = kernel_device()
+        if dev is not None and dev.type == "cuda":
+            return 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+        return 1e-5
+    return 2e-2
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Kernel launchers allocate every buffer they must fill as NaN (kernels._common.POISON),
+    so an element a kernel leaves unwritten fails the comparison."""
+    from fused_rnn.kernels import _common
+
+    monkeypatch.setattr(_common, "POISON", True)
+
+
 def rel_err(a, b):
     """‖a − b‖ / ‖b‖ in fp64 (0 when both are zero)."""
     a = a.detach().double()

@@ -11,32 +11,13 @@ import warnings
 import pytest
 import torch
 
-from conftest import HAS_CUDA, kernel_device, rel_err, requires_kernels
+from conftest import BF16, DT_NAME, F16, F32, F64, HAS_CUDA, kernel_device, rel_err, requires_kernels, tol
 from fused_rnn import _backend
 from fused_rnn.lstm import LSTMFunction, lstm_sequence
 from fused_rnn.reference import LN_EPS, lstm_sequence_ref
 
-pytestmark = requires_kernels
+pytestmark = [requires_kernels, pytest.mark.usefixtures("poison")]
 DEV = kernel_device()
-F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
-DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    from fused_rnn.kernels import _common
-
-    monkeypatch.setattr(_common, "POISON", True)
-
-
-def tol(dtype):
-    if dtype == F64:
-        return 1e-10
-    if dtype == F32:
-        if DEV is not None and DEV.type == "cuda":
-            return 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
-        return 1e-5
-    return 2e-2
 
 
 def make_case(T, B, I, H, dtype, ln, bias=True, lengths=None, seed=0):

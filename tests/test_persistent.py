@@ -15,23 +15,19 @@ import warnings
 import pytest
 import torch
 
-from conftest import HAS_CUDA, kernel_device, rel_err, requires_cuda, requires_kernels
+from conftest import BF16, DT_NAME, F16, F32, F64, HAS_CUDA, kernel_device, rel_err, requires_cuda, requires_kernels, tol
 from fused_rnn import _backend, _paths
 from fused_rnn.lstm import LSTMFunction
 from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction
 
 DEV = kernel_device()
-F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
-DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
 
 
 @pytest.fixture(autouse=True)
-def _poison_and_fresh_warnings(monkeypatch):
+def _poison_and_fresh_warnings(request, monkeypatch):
     if DEV is not None:
-        from fused_rnn.kernels import _common
-
-        monkeypatch.setattr(_common, "POISON", True)
+        request.getfixturevalue("poison")
     monkeypatch.setattr(_backend, "_warned", set())
     monkeypatch.delenv(_paths.ENV_VAR, raising=False)
 
@@ -51,16 +47,6 @@ def spy(monkeypatch):
 
         monkeypatch.setattr(persistent, name, wrapped)
     return calls
-
-
-def tol(dtype):
-    if dtype == F64:
-        return 1e-10
-    if dtype == F32:
-        if DEV is not None and DEV.type == "cuda":
-            return 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
-        return 1e-5
-    return 2e-2
 
 
 def make_case(cell, T, B, I, H, dtype, bias=True, lengths=None, seed=0):
