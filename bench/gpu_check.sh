@@ -12,14 +12,15 @@
 #   memcheck  compute-sanitizer --tool memcheck over bench/memcheck_cases.py (every kernel,
 #             fwd+bwd, small odd shapes, variable lengths); passes only on "ERROR SUMMARY: 0 errors"
 #   bench     python -m fused_rnn.bench --quick --paths triton,graph,persistent (table, targets, JSON, plot)
+#   demo      fused-rnn demo --quick --steps 100 on CUDA: fused_rnn.LSTM vs torch.nn.LSTM tokens/s
 #
 # Files in $OUT (8, the most the device tool brings back): summary.txt, setup.txt, pytest.txt,
 # memcheck.txt, bench_log.txt, bench.md, bench.json, bench.png.
 # Exit status: 0 every stage ran and passed; 1 a stage failed or timed out; 3 no CUDA GPU (the
 # CPU parts ran: pytest on the CPU, the bench's CPU mode; memcheck skipped).
 #
-# Knobs (environment): PYTHON (default python3), TOTAL_S (whole budget, default 230),
-# T_INSTALL / T_PYTEST / T_MEMCHECK / T_BENCH (per-stage limits, seconds), PYTEST_WORKERS
+# Knobs (environment): PYTHON (default python3), TOTAL_S (whole budget, default 240),
+# T_INSTALL / T_PYTEST / T_MEMCHECK / T_BENCH / T_DEMO (per-stage limits, seconds), PYTEST_WORKERS
 # (pytest-xdist workers when installed, default 4; 0 = none), SKIP_STAGES (comma list, e.g.
 # "install,pytest", to skip stages while testing this script), FORCE_SHIM=1 (skip pip, test the
 # shim).
@@ -30,11 +31,12 @@ OUT=${OUT:-$REPO/gpu_check_out}
 mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)
 
-TOTAL_S=${TOTAL_S:-230}
+TOTAL_S=${TOTAL_S:-240}
 T_INSTALL=${T_INSTALL:-30}
 T_PYTEST=${T_PYTEST:-75}
 T_MEMCHECK=${T_MEMCHECK:-60}
 T_BENCH=${T_BENCH:-60}
+T_DEMO=${T_DEMO:-30}
 PYTEST_WORKERS=${PYTEST_WORKERS:-4}
 SKIP_STAGES=${SKIP_STAGES:-}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
@@ -231,6 +233,20 @@ else
     NT=$(grep -cE '^  - (PASS|MISS)' "$OUT/bench.md" 2>/dev/null)
     NP=$(grep -cE '^  - PASS' "$OUT/bench.md" 2>/dev/null)
     record bench "$RC" "$DUR" "$(status_of "$RC")" "targets: ${NP:-0}/${NT:-0} pass (bench.md)"
+fi
+
+# ------------------------------------------------------------------------------------- demo
+# Issue 5's GPU check: fused_rnn.LSTM against torch.nn.LSTM in a short training run (tokens/s).
+# Appended to bench_log.txt (the device tool brings back 8 files at most); runs on what is left.
+if skipped demo; then
+    record demo 0 0 skipped "SKIP_STAGES"
+elif [ "$HAS_GPU" != "1" ]; then
+    record demo 0 0 skipped "no CUDA GPU"
+else
+    stage demo "$T_DEMO" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn demo \
+        --quick --steps 100 --device cuda --out "$(mktemp -d)"  # its PNG/JSON would pass the 8 files
+    SPEED=$(grep -E '^speed:' "$OUT/bench_log.txt" | tail -n 1)
+    record demo "$RC" "$DUR" "$(status_of "$RC")" "${SPEED:-no speed line} (bench_log.txt)"
 fi
 
 # ---------------------------------------------------------------------------------- summary
