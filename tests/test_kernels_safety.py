@@ -4,6 +4,10 @@ CUDA only (skipped elsewhere): each case allocates ~25-35 GB. The last K steps a
 offsets pass 2³¹; their outputs, the final states and their input gradients are checked against
 the reference run over the same steps from the reference state at T − K.
 """
+import fcntl
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -13,6 +17,19 @@ from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction
 
 pytestmark = requires_cuda
+
+
+@pytest.fixture(autouse=True)
+def _one_big_case_at_a_time():
+    """Under pytest-xdist (bench/gpu_check.sh runs 4 workers) two of these ~30 GB cases at once
+    could run an 80 GB card out of memory: a file lock serialises them across workers."""
+    with open(os.path.join(tempfile.gettempdir(), "fused_rnn_bigmem.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            torch.cuda.empty_cache()
+            fcntl.flock(f, fcntl.LOCK_UN)
 K = 4  # checked tail steps
 TOL = 2e-2  # bf16 storage
 
