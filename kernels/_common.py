@@ -75,6 +75,17 @@ def _tanh(x):
 
 
 @triton.jit
+def _tile(pid_b, pid_h, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The tile of row block ``pid_b`` and hidden-unit block ``pid_h``: its rows (int64, so that
+    row offsets times T, H or G cannot overflow), its columns, and the masks of each and of both."""
+    rows = tl.arange(0, BLOCK_B).to(tl.int64) + pid_b * BLOCK_B
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    return rows, cols, rmask, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _mm(a, b, acc, FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b for blocks a [M, K], b [K, N] (M, N, K >= 16 on the tl.dot paths)."""
     if UPCAST:

@@ -45,6 +45,7 @@ from ._common import (
     _mm,
     _sigmoid,
     _tanh,
+    _tile,
     alloc,
     dot_flags,
     pow2_block,
@@ -138,11 +139,7 @@ def _lstm_fwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < B
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     ACC = hs_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
     G = 4 * H
@@ -266,11 +263,7 @@ def _lstm_bwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < B
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     ACC = gh_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
     G = 4 * H

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _mm, _sigmoid, _tanh, pow2_block
+from ._common import _mm, _sigmoid, _tanh, _tile, pow2_block
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
 # One row block: BLOCK_B = next_pow2(B) in [16, MAX_B]. Larger batches would need a loop over row
@@ -221,11 +221,7 @@ def _lstm_fwd_persistent_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    rows = tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < B
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
     ACC = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     G = 4 * H
@@ -346,11 +342,7 @@ def _lstm_bwd_persistent_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    rows = tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < B
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
     ACC = gh_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     G = 4 * H
@@ -464,11 +456,7 @@ def _rnn_fwd_persistent_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    rows = tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < B
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
     ACC = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     zero64 = tl.zeros([], dtype=tl.int64)
@@ -539,11 +527,7 @@ def _rnn_bwd_persistent_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    rows = tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < B
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
     ACC = gh_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     zero64 = tl.zeros([], dtype=tl.int64)

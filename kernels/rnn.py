@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, _mm, _tanh, alloc, dot_flags, pow2_block, state_dtype
+from ._common import SUPPORTED_DTYPES, _mm, _tanh, _tile, alloc, dot_flags, pow2_block, state_dtype
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -69,11 +69,7 @@ def _rnn_fwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < B
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     ACC = hs_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
 
@@ -136,11 +132,7 @@ def _rnn_bwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < B
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     ACC = gh_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
 

@@ -65,6 +65,41 @@ def rel_err(a, b):
     return float(diff / denom)
 
 
+def _ptxas_available():
+    try:
+        import triton
+    except Exception:  # no triton: nothing to compile with
+        return False
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(bundled) or bool(os.environ.get("TRITON_PTXAS_PATH"))
+
+
+# Compiling for an H100 without one: not under the interpreter (its kernels are Python, nothing to
+# compile) and not on a GPU machine (there the kernels run for real, and a Triton whose compile
+# API differs must not stop the CUDA lane).
+requires_sm90_compile = pytest.mark.skipif(
+    INTERPRET or HAS_CUDA or not _ptxas_available(),
+    reason="CPU lane without TRITON_INTERPRET, with Triton's bundled ptxas",
+)
+
+
+def compile_sm90(kernel, signature, constexprs, **options):
+    """Compile a @triton.jit kernel (or its @triton.heuristics wrapper) for sm_90 with the
+    installed Triton and its bundled ptxas; returns the compiled kernel (.asm["ptx"], .n_regs...).
+    ``signature``: the non-constexpr arguments' types; ``constexprs``: the rest, None included."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

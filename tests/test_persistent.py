@@ -15,7 +15,10 @@ import warnings
 import pytest
 import torch
 
-from conftest import BF16, DT_NAME, F16, F32, F64, HAS_CUDA, kernel_device, rel_err, requires_cuda, requires_kernels, tol
+from conftest import (
+    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, compile_sm90, kernel_device, rel_err, requires_cuda,
+    requires_kernels, requires_sm90_compile, tol,
+)
 from fused_rnn import _backend, _paths
 from fused_rnn.lstm import LSTMFunction
 from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
@@ -389,28 +392,12 @@ def test_resolve_policy():
 
 
 # ------------------------------------------------------------- sm_90 compile (no GPU needed)
-def _ptxas_available():
-    try:
-        import triton
-    except Exception:
-        return False
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return os.path.exists(bundled) or bool(os.environ.get("TRITON_PTXAS_PATH"))
-
-
-# Not under the interpreter (its kernels are Python, nothing to compile) and not on a GPU machine
-# (there the kernels run for real, and a Triton whose compile API differs must not stop `-x`).
-@pytest.mark.skipif(_backend.interpreter_on() or HAS_CUDA or not _ptxas_available(),
-                    reason="CPU lane without TRITON_INTERPRET, with Triton's bundled ptxas")
+@requires_sm90_compile
 @pytest.mark.parametrize("cell,direction", [("lstm", "fwd"), ("lstm", "bwd"), ("rnn", "fwd"), ("rnn", "bwd")])
 def test_persistent_kernels_compile_for_sm90(cell, direction):
     """Compile each persistent kernel for an H100 (sm_90) with the installed Triton and its
     bundled ptxas, at S1's plan (B16 H256 bf16, resident W_hh), and check the grid barrier made it
     into the PTX: a release add and an acquire read of the counter at GPU scope, CTA barriers."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from fused_rnn.kernels import persistent as P
 
     pl, _ = P.plan(cell, direction, 16, 256, BF16, torch.device("cuda", 0), limit=132)
@@ -434,11 +421,8 @@ def test_persistent_kernels_compile_for_sm90(cell, direction):
                                                        dp_ptr="*fp32", gh_ptr="*fp32")
         blocks["RELU"] = False
     sig.update(scalars)
-    sig.update({k: "constexpr" for k in blocks})
-    src = ASTSource(fn=kern.fn, signature=sig, constexprs=blocks)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": pl.num_warps, "num_stages": pl.num_stages,
-                                 "launch_cooperative_grid": True, "enable_fp_fusion": True})
+    ck = compile_sm90(kern, sig, blocks, num_warps=pl.num_warps, num_stages=pl.num_stages,
+                      launch_cooperative_grid=True, enable_fp_fusion=True)
     ptx = ck.asm["ptx"]
     assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
     assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire read at GPU scope"
