@@ -58,6 +58,44 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def input_projection(x, w_ih, b_ih, b_hh):
+    """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, G]
+    (G = 4H for the LSTM, H for the RNN)."""
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    bias = None
+    if b_ih is not None:
+        bias = b_ih
+    if b_hh is not None:
+        bias = b_hh if bias is None else bias + b_hh
+    xp = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
+    return xp.view(T, B, -1)
+
+
+def after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw):
+    """The backward's large GEMMs over all T·B rows, from the pre-activation gradients dP
+    [T+1, B, G] (state dtype; slot T unused) that the reverse loop wrote.
+
+    gh: the carried dh left by the loop (it reaches h0 only for zero-length sequences).
+    Returns (dx in x's dtype or None, dh0 in the state dtype, dW_ih, dW_hh in the weights' dtypes,
+    db in the state dtype; the last three None unless need_dw).
+    """
+    T, B, I = x.shape
+    H = hs.shape[-1]
+    sd = dP.dtype
+    dP2 = dP[:T].reshape(T * B, dP.shape[-1])
+    dh0 = torch.mm(dP[0], w_hh.to(sd))
+    if lengths is not None:  # a zero-length sequence passes dh_n straight through to h0
+        dh0 = dh0 + torch.where((lengths > 0).unsqueeze(1), torch.zeros_like(gh), gh)
+    dx = torch.mm(dP2, w_ih.to(sd)).view(T, B, I).to(x.dtype) if need_dx else None
+    dw_ih = dw_hh = db = None
+    if need_dw:
+        dw_hh = torch.mm(dP2.t(), hs[:T].reshape(T * B, H)).to(w_hh.dtype)
+        dw_ih = torch.mm(dP2.t(), x.reshape(T * B, I).to(sd)).to(w_ih.dtype)
+        db = dP2.sum(0)
+    return dx, dh0, dw_ih, dw_hh, db
+
+
 @triton.jit
 def _sigmoid(x):
     # exp of a non-positive number only: in (0, 1], so no inf/inf for any finite x.

@@ -46,8 +46,10 @@ from ._common import (
     _sigmoid,
     _tanh,
     _tile,
+    after_loop_grads,
     alloc,
     dot_flags,
+    input_projection,
     pow2_block,
     state_dtype,
 )
@@ -375,19 +377,6 @@ def _lstm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _input_projection(x, w_ih, b_ih, b_hh):
-    """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, G]."""
-    T, B, I = x.shape
-    x2 = x.reshape(T * B, I)
-    bias = None
-    if b_ih is not None:
-        bias = b_ih
-    if b_hh is not None:
-        bias = b_hh if bias is None else bias + b_hh
-    xp = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
-    return xp.view(T, B, -1)
-
-
 def _blocks(B: int, H: int, K: int, fused: bool, ln: bool, dtype: torch.dtype):
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps). tl.dot needs every block dim >= 16 on GPU.
     Untuned: these are correctness-first defaults (no GPU this session)."""
@@ -457,7 +446,7 @@ def lstm_fwd(
     gw, gb, cw, cb = _ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
 
-    xp = _input_projection(x, w_ih, b_ih, b_hh)
+    xp = input_projection(x, w_ih, b_ih, b_hh)
     hs = alloc((T + 1, B, H), sd, dev)
     cs = alloc((T + 1, B, H), sd, dev)
     hs[0].copy_(h0)
@@ -532,7 +521,7 @@ def lstm_bwd(
     lengths = None if lengths is None else lengths.contiguous()
     if gates is None or gates.numel() == 0:
         # recompute the pre-activations in one GEMM (same operands as forward's: h in w's dtype)
-        xp = _input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh)
+        xp = input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh)
         hprev = hs[:T].reshape(T * B, H).to(w_hh.dtype).to(sd)
         gates = torch.addmm(xp.reshape(T * B, G).to(sd), hprev, w_hh.to(sd).t()).view(T, B, G)
 
@@ -568,16 +557,8 @@ def lstm_bwd(
             )
 
     # after the loop: large GEMMs over all T·B rows
-    dG2 = dG[:T].reshape(T * B, G)
-    dh0 = torch.mm(dG[0], w_hh.to(sd))
-    if lengths is not None:  # a zero-length sequence passes dh_n straight through to h0
-        dh0 = dh0 + torch.where((lengths > 0).unsqueeze(1), torch.zeros_like(gh), gh)
-    dx = torch.mm(dG2, w_ih.to(sd)).view(T, B, I).to(dt) if need_dx else None
-    dw_ih = dw_hh = db = dln = None
-    if need_dw:
-        dw_hh = torch.mm(dG2.t(), hs[:T].reshape(T * B, H)).to(w_hh.dtype)
-        dw_ih = torch.mm(dG2.t(), x.reshape(T * B, I).to(sd)).to(w_ih.dtype)
-        db = dG2.sum(0)
-        if ln is not None:
-            dln = tuple(p.sum(0).to(q.dtype) for p, q in zip(parts, (gw, gb, cw, cb)))
+    dx, dh0, dw_ih, dw_hh, db = after_loop_grads(dG, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw)
+    dln = None
+    if need_dw and ln is not None:
+        dln = tuple(p.sum(0).to(q.dtype) for p, q in zip(parts, (gw, gb, cw, cb)))
     return dx, dh0.to(dt), gc.to(dt), dw_ih, dw_hh, db, dln

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, _mm, _tanh, _tile, alloc, dot_flags, pow2_block, state_dtype
+from ._common import (
+    SUPPORTED_DTYPES, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection, pow2_block,
+    state_dtype,
+)
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -176,19 +179,6 @@ def _rnn_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _input_projection(x, w_ih, b_ih, b_hh):
-    """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, H]."""
-    T, B, I = x.shape
-    x2 = x.reshape(T * B, I)
-    bias = None
-    if b_ih is not None:
-        bias = b_ih
-    if b_hh is not None:
-        bias = b_hh if bias is None else bias + b_hh
-    xp = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
-    return xp.view(T, B, -1)
-
-
 def _blocks(B: int, H: int, fused: bool, dtype: torch.dtype):
     """(BLOCK_B, BLOCK_H, BLOCK_K). tl.dot needs every block dim >= 16 on GPU.
     Untuned: correctness-first defaults (no GPU this session)."""
@@ -255,7 +245,7 @@ def rnn_fwd(
     x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
     lengths = None if lengths is None else lengths.contiguous()
 
-    xp = _input_projection(x, w_ih, b_ih, b_hh)
+    xp = input_projection(x, w_ih, b_ih, b_hh)
     hs = alloc((T + 1, B, H), sd, dev)
     hs[0].copy_(h0)
     out = alloc((T, B, H), dt, dev)
@@ -333,14 +323,5 @@ def rnn_bwd(
                 RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
             )
 
-    dP2 = dP[:T].reshape(T * B, H)
-    dh0 = torch.mm(dP[0], w_hh.to(sd))
-    if lengths is not None:  # a zero-length sequence passes dh_n straight through to h0
-        dh0 = dh0 + torch.where((lengths > 0).unsqueeze(1), torch.zeros_like(gh), gh)
-    dx = torch.mm(dP2, w_ih.to(sd)).view(T, B, I).to(dt) if need_dx else None
-    dw_ih = dw_hh = db = None
-    if need_dw:
-        dw_hh = torch.mm(dP2.t(), hs[:T].reshape(T * B, H)).to(w_hh.dtype)
-        dw_ih = torch.mm(dP2.t(), x.reshape(T * B, I).to(sd)).to(w_ih.dtype)
-        db = dP2.sum(0)
+    dx, dh0, dw_ih, dw_hh, db = after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw)
     return dx, dh0.to(dt), dw_ih, dw_hh, db
