@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _paths
+from . import _buffers, _paths
 
 
 def lstm_kernels():
@@ -35,10 +35,6 @@ def rnn_kernels():
     from .kernels import rnn
 
     return rnn
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _none(ref: Tensor) -> Tensor:
@@ -62,7 +58,7 @@ def lstm_fwd(
     path: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> out [T,B,H], h_n, c_n [B,H] (x's dtype); hs, cs [T+1,B,H], gates [T,B,4H] or [0]
-    (state dtype)."""
+    (in the dtypes of fused_rnn._buffers)."""
     K = lstm_kernels()
     ln = _ln(ln_gw, ln_gb, ln_cw, ln_cb)
     B, H = x.shape[1], w_hh.shape[1]
@@ -81,11 +77,15 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths, ep
       path="auto"):
     T, B, _I = x.shape
     G, H = w_hh.shape
-    sd = _state_dtype(x.dtype)
-    gates = x.new_empty((T, B, G), dtype=sd) if save_gates else x.new_empty((0,), dtype=sd)
+    sd = _buffers.state_dtype(x.dtype)
+    if save_gates:
+        gates = x.new_empty((T, B, G), dtype=_buffers.lstm_gates_dtype(x.dtype, ln_gw is not None))
+    else:
+        gates = x.new_empty((0,), dtype=sd)
     return (
         x.new_empty((T, B, H)), x.new_empty((B, H)), x.new_empty((B, H)),
-        x.new_empty((T + 1, B, H), dtype=sd), x.new_empty((T + 1, B, H), dtype=sd), gates,
+        x.new_empty((T + 1, B, H), dtype=_buffers.lstm_hs_dtype(x.dtype)), x.new_empty((T + 1, B, H), dtype=sd),
+        gates,
     )
 
 
@@ -119,7 +119,7 @@ def lstm_bwd(
     return (
         dx if dx is not None else _none(x), dh0, dc0,
         dw_ih if dw_ih is not None else _none(w_ih), dw_hh if dw_hh is not None else _none(w_hh),
-        db if db is not None else _none(hs), *dln,
+        db if db is not None else _none(cs), *dln,
     )
 
 
@@ -130,9 +130,9 @@ def _(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, 
     G, H = w_hh.shape
     dx = x.new_empty((T, B, I)) if need_dx else _none(x)
     if need_dw:
-        dw = (w_ih.new_empty((G, I)), w_hh.new_empty((G, H)), hs.new_empty((G,)))
+        dw = (w_ih.new_empty((G, I)), w_hh.new_empty((G, H)), cs.new_empty((G,)))
     else:
-        dw = (_none(w_ih), _none(w_hh), _none(hs))
+        dw = (_none(w_ih), _none(w_hh), _none(cs))
     if need_dw and ln_gw is not None:
         dln = (ln_gw.new_empty((G,)), ln_gb.new_empty((G,)), ln_cw.new_empty((H,)), ln_cb.new_empty((H,)))
     else:
@@ -165,7 +165,7 @@ def rnn_fwd(
 def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused, path="auto"):
     T, B, _I = x.shape
     H = w_hh.shape[1]
-    sd = _state_dtype(x.dtype)
+    sd = _buffers.state_dtype(x.dtype)
     return x.new_empty((T, B, H)), x.new_empty((B, H)), x.new_empty((T + 1, B, H), dtype=sd)
 
 

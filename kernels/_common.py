@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_rnn._buffers import grad_dtype, lstm_gates_dtype, lstm_hs_dtype, operand_dtype, state_dtype  # noqa: F401
+
 # Debug switch for the tests: when True the launchers allocate every buffer a kernel is meant to
 # fill with NaN (torch.full) instead of torch.empty, so an element a kernel forgets to write
 # shows up as NaN in the results. Off by default (it costs a fill per buffer).
@@ -23,12 +25,6 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the recurrent state and of every saved or gradient buffer: fp64 stays fp64,
-    everything else is kept in fp32 (as the reference computes)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dot_flags(dtype: torch.dtype, allow_tf32: bool, device: torch.device):
@@ -74,25 +70,29 @@ def input_projection(x, w_ih, b_ih, b_hh):
 
 def after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw):
     """The backward's large GEMMs over all T·B rows, from the pre-activation gradients dP
-    [T+1, B, G] (state dtype; slot T unused) that the reverse loop wrote.
+    [T+1, B, G] (fused_rnn._buffers.grad_dtype; slot T unused) that the reverse loop wrote.
 
+    The GEMMs run in dP's dtype: bf16 / fp16 on tensor cores for 16-bit inputs (fp32
+    accumulation inside cuBLAS; the operands are the values the recurrent tl.dot used already),
+    the state dtype otherwise (fp32 GEMMs follow torch.backends.cuda.matmul.allow_tf32).
     gh: the carried dh left by the loop (it reaches h0 only for zero-length sequences).
     Returns (dx in x's dtype or None, dh0 in the state dtype, dW_ih, dW_hh in the weights' dtypes,
     db in the state dtype; the last three None unless need_dw).
     """
     T, B, I = x.shape
     H = hs.shape[-1]
-    sd = dP.dtype
+    gd = dP.dtype
+    sd = state_dtype(x.dtype)
     dP2 = dP[:T].reshape(T * B, dP.shape[-1])
-    dh0 = torch.mm(dP[0], w_hh.to(sd))
+    dh0 = torch.mm(dP[0], w_hh.to(gd)).to(sd)
     if lengths is not None:  # a zero-length sequence passes dh_n straight through to h0
         dh0 = dh0 + torch.where((lengths > 0).unsqueeze(1), torch.zeros_like(gh), gh)
-    dx = torch.mm(dP2, w_ih.to(sd)).view(T, B, I).to(x.dtype) if need_dx else None
+    dx = torch.mm(dP2, w_ih.to(gd)).view(T, B, I).to(x.dtype) if need_dx else None
     dw_ih = dw_hh = db = None
     if need_dw:
-        dw_hh = torch.mm(dP2.t(), hs[:T].reshape(T * B, H)).to(w_hh.dtype)
-        dw_ih = torch.mm(dP2.t(), x.reshape(T * B, I).to(sd)).to(w_ih.dtype)
-        db = dP2.sum(0)
+        dw_hh = torch.mm(dP2.t(), hs[:T].reshape(T * B, H).to(gd)).to(w_hh.dtype)
+        dw_ih = torch.mm(dP2.t(), x.reshape(T * B, I).to(gd)).to(w_ih.dtype)
+        db = dP2.sum(0, dtype=sd)
     return dx, dh0, dw_ih, dw_hh, db
 
 

@@ -6,8 +6,9 @@ Legend
     G   = 4H gate pre-activations, gate order i, f, g, o, 4H contiguous per row
     K   reduction dim of the recurrent matmul (H forward, G backward)
 Layout is time-major: x [T, B, I], out [T, B, H]. Saved state sequences hs, cs are [T+1, B, H]
-(slot 0 = h0 / c0, slot t+1 = the carried state after step t) in the state dtype: fp32, or fp64
-for fp64 inputs. A program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates,
+(slot 0 = h0 / c0, slot t+1 = the carried state after step t); cs in the state dtype (fp32, or
+fp64 for fp64 inputs), hs in the operand dtype (the storage dtype for fp16 / bf16: h_t is only
+ever read as a matmul operand, rounded to that dtype anyway; see fused_rnn/_buffers.py). A program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates,
 so the pointwise update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
 
 Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
@@ -18,8 +19,9 @@ hand the whole loop of the plain LSTM to one launch of kernels/persistent.py ins
                        between the matmul and the gate math.
     _lstm_bwd_kernel   the reverse step; FUSED=True fuses the carried dh = dG_{t+1} W_hh.
 
-Save or recompute: forward stores the pre-activation gates [T, B, G] (state dtype; before any
-LayerNorm) and backward reads them; the activations and LN statistics are recomputed from them in
+Save or recompute: forward stores the pre-activation gates [T, B, G] (before any LayerNorm; the
+operand dtype for the plain LSTM, written over the input projection xp in place, which no one
+reads again; the state dtype for the layer-norm LSTM) and backward reads them; the activations and LN statistics are recomputed from them in
 the backward step (cheap, pointwise). The alternatives: (a) save_gates=False recomputes the gates
 before the reverse loop as one GEMM, gates = x W_ihᵀ + b + hs[:T] W_hhᵀ, which materialises the
 same [T, B, G] tensor and re-runs the input projection, so it only adds work (its gain: a smaller
@@ -49,7 +51,10 @@ from ._common import (
     after_loop_grads,
     alloc,
     dot_flags,
+    grad_dtype,
     input_projection,
+    lstm_gates_dtype,
+    lstm_hs_dtype,
     pow2_block,
     state_dtype,
 )
@@ -128,10 +133,10 @@ def _lstm_fwd_kernel(
     xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
     w_ptr,  # [G, H] W_hh (FUSED) or None
     mm_ptr,  # [B, G] h_{t-1} W_hhᵀ computed by torch (not FUSED) or None
-    hs_ptr,  # [T+1, B, H] state dtype: reads slot t, writes slot t+1
+    hs_ptr,  # [T+1, B, H] lstm_hs_dtype: reads slot t, writes slot t+1
     cs_ptr,  # [T+1, B, H] state dtype: reads slot t, writes slot t+1
     out_ptr,  # [T, B, H] storage dtype: writes step t
-    gates_ptr,  # [T, B, G] state dtype pre-activations (before any LN), or None
+    gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations (before any LN), or None; may be xp_ptr
     len_ptr,  # [B] int64 lengths, or None
     gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]; or None
     t, B, H, eps,
@@ -142,7 +147,7 @@ def _lstm_fwd_kernel(
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
-    ACC = hs_ptr.dtype.element_ty
+    ACC = cs_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
     G = 4 * H
 
@@ -212,7 +217,7 @@ def _lstm_fwd_kernel(
 
     if HAS_LENGTHS:
         valid = (t64 < tl.load(len_ptr + rows, mask=rmask, other=0))[:, None]
-        h_prev = tl.load(hs_ptr + s_cur, mask=mask, other=0.0)
+        h_prev = tl.load(hs_ptr + s_cur, mask=mask, other=0.0).to(ACC)
         h_keep = tl.where(valid, h_new, h_prev)
         c_keep = tl.where(valid, c_new, c_prev)
         out = tl.where(valid, h_new, 0.0)
@@ -220,7 +225,7 @@ def _lstm_fwd_kernel(
         h_keep = h_new
         c_keep = c_new
         out = h_new
-    tl.store(hs_ptr + s_nxt, h_keep, mask=mask)
+    tl.store(hs_ptr + s_nxt, h_keep.to(hs_ptr.dtype.element_ty), mask=mask)
     tl.store(cs_ptr + s_nxt, c_keep, mask=mask)
     tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -247,12 +252,12 @@ def _lstm_fwd_kernel(
 )
 @triton.jit(do_not_specialize=["t", "T"])
 def _lstm_bwd_kernel(
-    gates_ptr,  # [T, B, G] saved pre-activations, state dtype
+    gates_ptr,  # [T, B, G] saved pre-activations, lstm_gates_dtype
     w_ptr,  # [G, H] W_hh (FUSED) or None
     carry_ptr,  # [B, H] dG_{t+1} W_hh computed by torch (not FUSED) or None
     cs_ptr,  # [T+1, B, H] saved c: slot t = c_{t-1}, slot t+1 = c_t
     dout_ptr,  # [T, B, H] storage dtype
-    dg_ptr,  # [T+1, B, G] state dtype: reads slot t+1 (FUSED), writes slot t; slot T is zero
+    dg_ptr,  # [T+1, B, G] grad_dtype: reads slot t+1 (FUSED), writes slot t; slot T is zero
     gh_ptr,  # [B, H] in: gh_{t+1}, out: gh_t
     gc_ptr,  # [B, H] in: gc_t, out: gc_{t-1}
     len_ptr,  # [B] int64 lengths, or None
@@ -427,7 +432,7 @@ def lstm_fwd(
     x [T, B, I], h0/c0 [B, H], w_ih [G, I], w_hh [G, H], b_* [G] or None, ln None or
     (gate_w [G], gate_b [G], cell_w [H], cell_b [H]), lengths None or int [B].
     Returns (out [T, B, H], h_n [B, H], c_n [B, H]) in x's dtype and, for backward,
-    (hs, cs [T+1, B, H], gates [T, B, G] or an empty tensor) in the state dtype.
+    (hs, cs [T+1, B, H], gates [T, B, G] or an empty tensor) in the dtypes of fused_rnn._buffers.
     path: "step" (one launch per step) or "persistent" (one launch for all steps, when
     persistent_plan() allows it; otherwise the step loop). Same buffers and results either way.
     """
@@ -447,12 +452,18 @@ def lstm_fwd(
     lengths = None if lengths is None else lengths.contiguous()
 
     xp = input_projection(x, w_ih, b_ih, b_hh)
-    hs = alloc((T + 1, B, H), sd, dev)
+    hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
     cs = alloc((T + 1, B, H), sd, dev)
     hs[0].copy_(h0)
     cs[0].copy_(c0)
     out = alloc((T, B, H), dt, dev)
-    gates = alloc((T, B, G), sd, dev) if save_gates else None
+    gates = None
+    if save_gates:
+        gd = lstm_gates_dtype(dt, ln is not None)
+        # xp is this function's own temporary: each program overwrites the xp tile of step t with
+        # the gates of step t after reading it (no other program reads that tile), saving a
+        # [T, B, G] buffer. A separate buffer when the dtypes differ (the LN-LSTM in 16 bits).
+        gates = xp if xp.dtype == gd else alloc((T, B, G), gd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None:
         from . import persistent
@@ -472,7 +483,7 @@ def lstm_fwd(
     h_n = hs[T].to(dt, copy=True)
     c_n = cs[T].to(dt, copy=True)
     if gates is None:
-        gates = hs.new_empty(0)
+        gates = cs.new_empty(0)
     return out, h_n, c_n, hs, cs, gates
 
 
@@ -520,16 +531,18 @@ def lstm_bwd(
     gw, gb, cw, cb = _ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
     if gates is None or gates.numel() == 0:
-        # recompute the pre-activations in one GEMM (same operands as forward's: h in w's dtype)
+        # recompute the pre-activations in one GEMM (same operands as forward's: h in w's dtype),
+        # in the dtype forward would have saved them in
+        gd = lstm_gates_dtype(dt, ln is not None)
         xp = input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh)
-        hprev = hs[:T].reshape(T * B, H).to(w_hh.dtype).to(sd)
-        gates = torch.addmm(xp.reshape(T * B, G).to(sd), hprev, w_hh.to(sd).t()).view(T, B, G)
+        hprev = hs[:T].reshape(T * B, H).to(w_hh.dtype).to(gd)
+        gates = torch.addmm(xp.reshape(T * B, G).to(gd), hprev, w_hh.to(gd).t()).view(T, B, G)
 
-    # dG (the gate pre-activation gradients) in the state dtype, fp32 for half inputs: it feeds
-    # the fp32 weight-gradient GEMMs after the loop unrounded; a bf16 dG would halve this buffer's
-    # traffic at the cost of rounding every weight-gradient term (not measured: no GPU here).
+    # dG (the gate pre-activation gradients) in grad_dtype: bf16 / fp16 for 16-bit inputs. Its
+    # readers are the recurrent tl.dot, which rounds it to W_hh's dtype anyway, and the GEMMs
+    # after the loop, which then run on tensor cores (fused_rnn/_buffers.py).
     # Slot T stays zero: the carried gradient into the last step is dh_n alone.
-    dG = alloc((T + 1, B, G), sd, dev)
+    dG = alloc((T + 1, B, G), grad_dtype(dt), dev)
     dG[T].zero_()
     gh = dh_n.to(sd, copy=True).contiguous()
     gc = dc_n.to(sd, copy=True).contiguous()

@@ -208,10 +208,10 @@ def _grid_barrier(sync_ptr, target):
 def _lstm_fwd_persistent_kernel(
     xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
     w_ptr,  # [G, H] W_hh
-    hs_ptr,  # [T+1, B, H] state dtype: slot 0 = h0 in, slots 1..T out
+    hs_ptr,  # [T+1, B, H] lstm_hs_dtype: slot 0 = h0 in, slots 1..T out
     cs_ptr,  # [T+1, B, H] state dtype: slot 0 = c0 in, slots 1..T out
     out_ptr,  # [T, B, H] storage dtype
-    gates_ptr,  # [T, B, G] state dtype pre-activations, or None
+    gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations, or None; may be xp_ptr
     len_ptr,  # [B] int64 lengths, or None
     sync_ptr,  # [1] int32, zero
     T, B, H,
@@ -222,7 +222,8 @@ def _lstm_fwd_persistent_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
-    ACC = hs_ptr.dtype.element_ty
+    ACC = cs_ptr.dtype.element_ty
+    HT = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     G = 4 * H
     zero64 = tl.zeros([], dtype=tl.int64)
@@ -241,7 +242,7 @@ def _lstm_fwd_persistent_kernel(
         wr_o = tl.load(w_ptr + w_o[None, :] + kr[:, None], mask=wm, other=0.0)
 
     b_off = (rows * H)[:, None] + cols[None, :]
-    h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0)  # h_{t-1}, this program's columns
+    h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(ACC)  # h_{t-1}, this program's columns
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
@@ -303,7 +304,7 @@ def _lstm_fwd_persistent_kernel(
             c = c_new
             out = h_new
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
-        tl.store(hs_ptr + s_nxt, h_own, mask=mask)
+        tl.store(hs_ptr + s_nxt, h_own.to(HT), mask=mask)
         tl.store(cs_ptr + s_nxt, c, mask=mask)
         tl.store(out_ptr + (h_row[:, None] + cols[None, :]), out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -326,11 +327,11 @@ def _lstm_fwd_persistent_kernel(
 @triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def _lstm_bwd_persistent_kernel(
-    gates_ptr,  # [T, B, G] saved pre-activations, state dtype
+    gates_ptr,  # [T, B, G] saved pre-activations, lstm_gates_dtype
     w_ptr,  # [G, H] W_hh
     cs_ptr,  # [T+1, B, H] saved c
     dout_ptr,  # [T, B, H] storage dtype
-    dg_ptr,  # [T+1, B, G] state dtype: slot T zero (in), slots 0..T-1 out
+    dg_ptr,  # [T+1, B, G] grad_dtype: slot T zero (in), slots 0..T-1 out
     gh_ptr,  # [B, H] in: dh_n, out: gh_0
     gc_ptr,  # [B, H] in: dc_n, out: dc0
     len_ptr,  # [B] int64 lengths, or None
@@ -367,10 +368,10 @@ def _lstm_bwd_persistent_kernel(
     t_last = zero64 + T - 1
     g_off = ((t_last * B + rows) * G)[:, None] + cols[None, :]
     s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
-    a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0)
-    a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0)
-    a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0)
-    a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0)
+    a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(ACC)
+    a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0).to(ACC)
+    a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0).to(ACC)
+    a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0).to(ACC)
     d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
     c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)  # c_{t-1} = slot t
     c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0)  # c_t = slot t+1
@@ -428,10 +429,10 @@ def _lstm_bwd_persistent_kernel(
         pmask = tl.where(i + 1 < T, mask, False)
         p_off = g_off - G * B
         s_prv = ((t64 * B + rows) * H)[:, None] + cols[None, :] - B * H  # slot t-1
-        a_i = tl.load(gates_ptr + p_off, mask=pmask, other=0.0)
-        a_f = tl.load(gates_ptr + p_off + H, mask=pmask, other=0.0)
-        a_g = tl.load(gates_ptr + p_off + 2 * H, mask=pmask, other=0.0)
-        a_o = tl.load(gates_ptr + p_off + 3 * H, mask=pmask, other=0.0)
+        a_i = tl.load(gates_ptr + p_off, mask=pmask, other=0.0).to(ACC)
+        a_f = tl.load(gates_ptr + p_off + H, mask=pmask, other=0.0).to(ACC)
+        a_g = tl.load(gates_ptr + p_off + 2 * H, mask=pmask, other=0.0).to(ACC)
+        a_o = tl.load(gates_ptr + p_off + 3 * H, mask=pmask, other=0.0).to(ACC)
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
@@ -516,7 +517,7 @@ def _rnn_bwd_persistent_kernel(
     w_ptr,  # [H, H] W_hh
     hs_ptr,  # [T+1, B, H] saved states
     dout_ptr,  # [T, B, H] storage dtype
-    dp_ptr,  # [T+1, B, H] state dtype: slot T zero (in), slots 0..T-1 out
+    dp_ptr,  # [T+1, B, H] grad_dtype: slot T zero (in), slots 0..T-1 out
     gh_ptr,  # [B, H] in: dh_n, out: gh_0
     len_ptr,  # [B] int64 lengths, or None
     sync_ptr,  # [1] int32, zero

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    SUPPORTED_DTYPES, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection, pow2_block,
+    SUPPORTED_DTYPES, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, grad_dtype, input_projection, pow2_block,
     state_dtype,
 )
 
@@ -125,7 +125,7 @@ def _rnn_bwd_kernel(
     carry_ptr,  # [B, H] dP_{t+1} W_hh computed by torch (not FUSED) or None
     hs_ptr,  # [T+1, B, H] saved states
     dout_ptr,  # [T, B, H] storage dtype
-    dp_ptr,  # [T+1, B, H] state dtype: reads slot t+1 (FUSED), writes slot t; slot T is zero
+    dp_ptr,  # [T+1, B, H] grad_dtype: reads slot t+1 (FUSED), writes slot t; slot T is zero
     gh_ptr,  # [B, H] in: gh_{t+1}, out: gh_t
     len_ptr,  # [B] int64 lengths, or None
     t, T, B, H,
@@ -303,7 +303,7 @@ def rnn_bwd(
     dout = dout.contiguous()
     lengths = None if lengths is None else lengths.contiguous()
 
-    dP = alloc((T + 1, B, H), sd, dev)
+    dP = alloc((T + 1, B, H), grad_dtype(dt), dev)  # 16 bits for 16-bit inputs: fused_rnn/_buffers.py
     dP[T].zero_()
     gh = dh_n.to(sd, copy=True).contiguous()
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
