@@ -240,15 +240,48 @@ def test_lstm_empty_sequence_falls_back(monkeypatch):
     assert out.shape == (0, 2, 5) and torch.equal(h_n, h0) and torch.equal(c_n, c0)
 
 
-def test_lstm_custom_ops_opcheck():
-    """opcheck: the custom ops' schemas, fake implementations, registrations and aot_dispatch."""
-    ins, L, ups = make_case(2, 3, 4, 5, F32, True, True, [2, 1, 0])
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb = ins
-    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, L, LN_EPS, False, True, True)
+@pytest.mark.parametrize("ln", [False, True], ids=["plain", "ln"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
+def test_lstm_custom_ops_opcheck(dtype, ln):
+    """opcheck: the custom ops' schemas, fake implementations (shapes and dtypes of every output,
+    16-bit buffers included), registrations and aot_dispatch."""
+    ins, L, ups = make_case(2, 3, 4, 5, dtype, ln, True, [2, 1, 0])
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp = ins
+    lnp = lnp or [None] * 4
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, LN_EPS, False, True, True)
     torch.library.opcheck(torch.ops.fused_rnn.lstm_fwd.default, args)
     out, h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(*args)
-    bargs = (*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, L, LN_EPS, False, True, True, True)
+    bargs = (*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, *lnp, L, LN_EPS, False, True, True, True)
     torch.library.opcheck(torch.ops.fused_rnn.lstm_bwd.default, bargs)
+
+
+@pytest.mark.parametrize("ln", [False, True], ids=["plain", "ln"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=DT_NAME.get)
+def test_lstm_buffer_dtypes(dtype, ln, monkeypatch):
+    """fused_rnn/_buffers.py: h_t, the plain LSTM's gates and dG in 16 bits for 16-bit inputs
+    (the gates written over the input projection), c and the LN-LSTM's gates in fp32."""
+    from fused_rnn.kernels import lstm as K
+
+    half = dtype in (F16, BF16)
+    ins, L, ups = make_case(3, 2, 4, 5, dtype, ln, True, None)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp = ins
+    out, h_n, c_n, hs, cs, gates = K.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lnp or None)
+    assert hs.dtype == (dtype if half else F32)
+    assert cs.dtype == F32
+    assert gates.dtype == (F32 if ln or not half else dtype)
+    # h_t in hs is the output rounded to the storage dtype, bit for bit
+    assert torch.equal(hs[1:].to(dtype), out)
+    seen = {}
+    real_alloc = K.alloc
+
+    def spy_alloc(shape, dt, device):
+        buf = real_alloc(shape, dt, device)
+        seen.setdefault(tuple(shape), []).append(dt)
+        return buf
+
+    monkeypatch.setattr(K, "alloc", spy_alloc)
+    K.lstm_bwd(*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, lnp or None)
+    assert seen[(4, 2, 20)] == [dtype if half else F32]  # dG [T+1, B, 4H]
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -175,9 +175,10 @@ def test_rnn_empty_sequence_falls_back(monkeypatch):
     assert out.shape == (0, 2, 5) and torch.equal(h_n, h0)
 
 
-def test_rnn_custom_ops_opcheck():
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
+def test_rnn_custom_ops_opcheck(dtype):
     """opcheck: the custom ops' schemas, fake implementations, registrations and aot_dispatch."""
-    ins, L, ups = make_case(2, 3, 4, 5, F32, True, [2, 1, 0])
+    ins, L, ups = make_case(2, 3, 4, 5, dtype, True, [2, 1, 0])
     args = (*ins, L, "tanh", False, True)
     torch.library.opcheck(torch.ops.fused_rnn.rnn_fwd.default, args)
     out, h_n, hs = torch.ops.fused_rnn.rnn_fwd(*args)
