@@ -263,8 +263,11 @@ def main(argv=None):
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("-k", dest="pattern", help="run only cases whose name contains this")
+    p.add_argument("--exclude", metavar="TEXT", help="leave out cases whose name contains this "
+                   "(gpu_check.sh: 'persistent' when the persistent smoke test failed)")
     args = p.parse_args(argv)
-    todo = [c for c in cases() if not args.pattern or args.pattern in c["name"]]
+    todo = [c for c in cases() if (not args.pattern or args.pattern in c["name"])
+            and not (args.exclude and args.exclude in c["name"])]
     if args.list:
         for c in todo:
             print(c["name"])

@@ -315,3 +315,23 @@ def test_gpu_check_script_parses():
     script = os.path.join(REPO, "bench", "gpu_check.sh")
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
+@pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(), reason="the CPU check of the script: TRITON_INTERPRET=1")
+def test_persistent_smoke_script_runs_on_the_interpreter():
+    """bench/persistent_smoke.py (gpu_check.sh's first GPU stage) works as a script: tiny problem,
+    one program, persistent against step for each cell it has persistent kernels for."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "persistent_smoke.py")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "persistent_smoke: all ok" in p.stdout
+    assert p.stdout.count(": ok worst rel err") >= 4  # lstm and rnn, bf16 and fp32
+
+
+def test_persistent_smoke_script_without_a_device():
+    if INTERPRET or torch.cuda.is_available():
+        pytest.skip("only where the script has no device to run on")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "persistent_smoke.py")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 3 and "no CUDA GPU" in p.stdout
