@@ -3,7 +3,7 @@ forward and backward. The layer-norm LSTM stays on the step path: its LayerNorms
 rows, and a persistent program owns only a slice of the hidden units.
 
 Legend
-    T   time steps                 B   batch rows (all of them in one row block: B <= MAX_B)
+    T   time steps                 B   batch rows (row blocks of BLOCK_B <= MAX_B rows)
     H   hidden units               G   = 4H gate pre-activations (LSTM; gate order i, f, g, o)
     P   programs in the grid       K   reduction dim of the recurrent matmul
 Layouts are the step path's (kernels/lstm.py, kernels/rnn.py): the launchers there allocate the
@@ -12,12 +12,12 @@ buffers, and call into here instead of their per-step loop, so the saved tensors
 path writes, and a persistent forward pairs with either backward.
 
 Design
-    grid = (P,): program p owns hidden units j in [p BLOCK_H, (p+1) BLOCK_H), all four gates
-    (LSTM), for every batch row (BLOCK_B >= B; larger batches stay on the step path, whose grid
-    spreads row blocks over CTAs). Per step it needs the full previous row of every program
-    (forward: h_{t-1} [B, H]; backward: dG_{t+1} [B, G]), read from global memory (L2, ".cg":
-    it was written by other SMs), times its slice of W_hh. The programs meet at a grid barrier
-    after each step. What only the program itself writes stays in registers across steps:
+    grid = (P, R): program (p, r) owns hidden units j in [p BLOCK_H, (p+1) BLOCK_H), all four
+    gates (LSTM), for the batch rows of row block r (BLOCK_B rows; R = cdiv(B, BLOCK_B), 1 up to
+    B = 64). Per step it needs the full previous row of its rows (forward: h_{t-1} [BLOCK_B, H];
+    backward: dG_{t+1} [BLOCK_B, G]), read from global memory (L2, ".cg": written by other SMs),
+    times its slice of W_hh. Rows never mix, so the P programs of one row block meet at their own
+    barrier (one counter per row block) after each step, and row blocks run independently. What only the program itself writes stays in registers across steps:
     c and its own h columns (forward), the carried gradients gh, gc (backward).
     W_hh slice, RESIDENT=True: loaded once, before the time loop, as one [K_pad, BLOCK_H] tile
     per gate (forward: W_q[j, k]; backward: W_q[k, j], K_pad = next_pow2(H)), so one tl.dot per
@@ -30,8 +30,8 @@ Design
     the saved gates, dout and c) are loaded before the barrier (ANCHORS: 3.4 -> 2.55 ms at S1 for
     a prototype persistent forward).
 
-Grid barrier (_grid_barrier): a per-launch int32 counter, zeroed by the launcher, never reused.
-Barrier number n (n = 1, 2, ...) waits for the counter to reach n P: a CTA barrier (every thread
+Grid barrier (_grid_barrier): a per-launch int32 counter per row block, zeroed by the launcher,
+never reused. Barrier number n (n = 1, 2, ...) waits for the counter to reach n P: a CTA barrier (every thread
 of the program has stored its part of the step), one atomic add with release semantics at GPU
 scope (Triton issues a scalar atomic from one thread), then a spin on an acquire read of the
 counter, then a CTA barrier again so that no thread reads the next step's row before the acquire.
@@ -44,7 +44,7 @@ and scope= arguments of tl.atomic_add: triton-lang/triton PR #2562 added scope, 
 NONE OF THIS HAS RUN ON A GPU YET.
 
 Deadlock guard: every program must be resident at once, or the ones spinning wait forever for
-ones that cannot start. plan() allows at most one program per SM (P <= multi_processor_count),
+ones that cannot start. plan() allows at most one program per SM (P R <= multi_processor_count),
 so residency needs only that one CTA fits on an SM, which any kernel that launches at all does,
 once the SMs are free of other work. On CUDA the kernel is also launched cooperatively
 (launch_cooperative_grid=True: Triton PR #5381, merged December 2024; present in the installed
@@ -53,8 +53,9 @@ an error instead of a hang (not while a CUDA graph is captured; see _launch_opts
 two persistent launches on two streams at once could each hold part of the SMs and wait for
 each other, and an MPS client limited to fewer SMs than the device reports.
 Under the Triton interpreter the programs of a grid run one after another, so only P = 1 can pass
-a barrier: plan() gives CPU tensors one program covering all of H (how CI tests these kernels);
-the multi-program path is tested by CUDA-only tests.
+a barrier: plan() gives CPU tensors one program per row block covering all of H (how CI tests
+these kernels, row blocks included: a row block's lone program runs all its steps, then the next
+block's); the multi-program path is tested by CUDA-only tests.
 """
 from __future__ import annotations
 
@@ -68,9 +69,9 @@ import triton.language as tl
 from ._common import _mm, _sigmoid, _tanh, _tile, pow2_block
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
-# One row block: BLOCK_B = next_pow2(B) in [16, MAX_B]. Larger batches would need a loop over row
-# blocks inside every program (serial work per step growing with B), where the step path spreads
-# row blocks over more CTAs: not implemented, B > 64 runs the step path.
+# Rows per row block: BLOCK_B = next_pow2(B) in [16, MAX_B]; larger batches take cdiv(B, 64) row
+# blocks, each with its own P programs and barrier (S3, B256 H1024: 4 row blocks x 32 programs of
+# BLOCK_H = 32 = 128 programs). UNMEASURED against the step path at large B.
 MAX_B = 64
 # Hidden units per program, tried in this order: the smallest block whose grid fits on the SMs
 # (most programs: the most SMs streaming W_hh and h; ANCHORS' barrier cost grows only from
@@ -115,6 +116,11 @@ class Plan:
     # inner loop and gets num_stages=1. (Triton 3.9 pipelines only the inner loop: in the sm_90
     # TTGIR its async copies sit after the barrier of the previous step.)
     num_stages: int = 3
+    row_blocks: int = 1  # R: the grid is (programs, row_blocks)
+
+    @property
+    def total(self) -> int:
+        return self.programs * self.row_blocks
 
 
 _SM_COUNT: dict = {}
@@ -146,24 +152,25 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     device = torch.device(device)
     if limit is None:
         limit = max_programs(device)
-    if B > MAX_B:
-        return None, f"batch {B} > {MAX_B} (the persistent kernels hold all rows in one block)"
     gates = 4 if cell == "lstm" else 1
     cpu = device.type != "cuda"
     fp64 = dtype == torch.float64
     esize = torch.empty((), dtype=dtype).element_size()
     BB = pow2_block(B, 16, MAX_B)
+    R = triton.cdiv(B, BB)
     K_pad = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))
     if cpu:
         BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid
     else:
-        BH = next((b for b in BLOCK_H_CHOICES if grid_fits(triton.cdiv(H, b), limit)), None)
+        BH = next((b for b in BLOCK_H_CHOICES if grid_fits(R * triton.cdiv(H, b), limit)), None)
         if BH is None:
-            return None, (f"hidden size {H} needs more than {limit} programs even at "
-                          f"BLOCK_H={BLOCK_H_CHOICES[-1]}")
+            return None, (f"batch {B} x hidden size {H} needs more than {limit} programs even at "
+                          f"BLOCK_H={BLOCK_H_CHOICES[-1]} ({R} row blocks)")
     programs = triton.cdiv(H, BH)
-    if not grid_fits(programs, limit):
-        return None, f"{programs} programs > {limit} co-resident"
+    # on the CPU only the programs of one row block wait for each other (the interpreter runs the
+    # blocks one after another); on a GPU every program of the grid must be resident at once
+    if not grid_fits(programs if cpu else R * programs, limit):
+        return None, f"{R} x {programs} programs > {limit} co-resident"
     w_bytes = gates * K_pad * BH * esize
     row_elems = (gates if direction == "bwd" else 1) * BB * K_pad
     # tensor-core dots only on GPU (fp32 IEEE and fp64 become FMA loops there); the interpreter
@@ -177,10 +184,13 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
         BK = 8  # the FMA product [BLOCK_B, BLOCK_K, BLOCK_H]
     else:
         K = gates * H if direction == "bwd" else H
-        BK = pow2_block(K, 16, 64 if mma else 32)
+        # streamed mma chunks: 64, or 32 for a 64 x 32 tile (S3's plan, B256 H1024 bf16, 8 warps,
+        # ptxas 13.4 for sm_90: LSTM fwd BK=64 255 regs + 20 B spilled, BK=32 252 regs, none;
+        # LSTM bwd 255 regs + 32 B spilled at BK=64, + 16 B at BK=32, + 24-32 B at 16 warps)
+        BK = pow2_block(K, 16, (32 if BB * BH >= 2048 else 64) if mma else 32)
     # 4 warps spilled at B=64 and at H=768 (255 regs + 360-528 B stack); 8 did not (sm_90 compiles)
     num_warps = 4 if BB * K_pad <= 4096 and w_bytes <= 16 * 1024 else 8
-    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3), ""
+    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R), ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,15 +223,17 @@ def _lstm_fwd_persistent_kernel(
     out_ptr,  # [T, B, H] storage dtype
     gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations, or None; may be xp_ptr
     len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [1] int32, zero
+    sync_ptr,  # [row blocks] int32, zero
     T, B, H,
     HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
+    nprog = tl.num_programs(0)  # the programs of this row block
+    pid_b = tl.program_id(1)  # the row block
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    sync_ptr += pid_b  # this row block's barrier counter
     ACC = cs_ptr.dtype.element_ty
     HT = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
@@ -335,15 +347,17 @@ def _lstm_bwd_persistent_kernel(
     gh_ptr,  # [B, H] in: dh_n, out: gh_0
     gc_ptr,  # [B, H] in: dc_n, out: dc0
     len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [1] int32, zero
+    sync_ptr,  # [row blocks] int32, zero
     T, B, H,
     HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
+    nprog = tl.num_programs(0)  # the programs of this row block
+    pid_b = tl.program_id(1)  # the row block
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     G = 4 * H
@@ -449,15 +463,17 @@ def _rnn_fwd_persistent_kernel(
     hs_ptr,  # [T+1, B, H] state dtype: slot 0 = h0 in, slots 1..T out
     out_ptr,  # [T, B, H] storage dtype
     len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [1] int32, zero
+    sync_ptr,  # [row blocks] int32, zero
     T, B, H,
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
+    nprog = tl.num_programs(0)  # the programs of this row block
+    pid_b = tl.program_id(1)  # the row block
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    sync_ptr += pid_b  # this row block's barrier counter
     ACC = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     zero64 = tl.zeros([], dtype=tl.int64)
@@ -520,15 +536,17 @@ def _rnn_bwd_persistent_kernel(
     dp_ptr,  # [T+1, B, H] grad_dtype: slot T zero (in), slots 0..T-1 out
     gh_ptr,  # [B, H] in: dh_n, out: gh_0
     len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [1] int32, zero
+    sync_ptr,  # [row blocks] int32, zero
     T, B, H,
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    rows, cols, rmask, cmask, mask = _tile(0, pid, B, H, BLOCK_B, BLOCK_H)  # one row block
+    nprog = tl.num_programs(0)  # the programs of this row block
+    pid_b = tl.program_id(1)  # the row block
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     zero64 = tl.zeros([], dtype=tl.int64)
@@ -592,10 +610,10 @@ def _rnn_bwd_persistent_kernel(
 
 
 def _sync_counter(T: int, pl: Plan, device) -> torch.Tensor:
-    # barrier n waits for n P <= T P arrivals: keep that in int32
+    # barrier n waits for n P <= T P arrivals: keep that in int32; one counter per row block
     if T * pl.programs >= 2 ** 31:
         raise ValueError(f"persistent kernels: T={T} x {pl.programs} programs overflows the int32 barrier counter")
-    return torch.zeros(1, dtype=torch.int32, device=device)
+    return torch.zeros(pl.row_blocks, dtype=torch.int32, device=device)
 
 
 def _launch_opts(device: torch.device, pl: Plan) -> dict:
@@ -621,10 +639,13 @@ def _record(name: str, compiled) -> None:
 
 def _check_plan(pl: Plan, B: int, H: int, device) -> None:
     # the deadlock guard, again at the launch (a Plan may come from a caller)
-    assert pl.BLOCK_B >= B, "persistent kernels hold every batch row in one block"
+    assert pl.row_blocks == triton.cdiv(B, pl.BLOCK_B), "one row block per BLOCK_B batch rows"
     assert pl.programs * pl.BLOCK_H >= H and pl.programs == triton.cdiv(H, pl.BLOCK_H)
-    if not grid_fits(pl.programs, max_programs(device)):
-        raise RuntimeError(f"persistent grid of {pl.programs} programs cannot be co-resident on {device}")
+    device = torch.device(device)
+    needed = pl.total if device.type == "cuda" else pl.programs
+    if not grid_fits(needed, max_programs(device)):
+        raise RuntimeError(f"persistent grid of {pl.row_blocks} x {pl.programs} programs cannot be "
+                           f"co-resident on {device}")
 
 
 def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, lengths, fma, ieee, upcast) -> None:
@@ -632,7 +653,7 @@ def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, lengths, fma, ieee, up
     T, B, H = out.shape
     _check_plan(pl, B, H, xp.device)
     sync = _sync_counter(T, pl, xp.device)
-    k = _lstm_fwd_persistent_kernel[(pl.programs,)](
+    k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, cs, out, gates, lengths, sync, T, B, H,
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
@@ -645,7 +666,7 @@ def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, iee
     T, B, H = dout.shape
     _check_plan(pl, B, H, dout.device)
     sync = _sync_counter(T, pl, dout.device)
-    k = _lstm_bwd_persistent_kernel[(pl.programs,)](
+    k = _lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, T, B, H,
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
@@ -658,7 +679,7 @@ def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) 
     T, B, H = out.shape
     _check_plan(pl, B, H, xp.device)
     sync = _sync_counter(T, pl, xp.device)
-    k = _rnn_fwd_persistent_kernel[(pl.programs,)](
+    k = _rnn_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, out, lengths, sync, T, B, H,
         RELU=relu, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
@@ -671,7 +692,7 @@ def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upc
     T, B, H = dout.shape
     _check_plan(pl, B, H, dout.device)
     sync = _sync_counter(T, pl, dout.device)
-    k = _rnn_bwd_persistent_kernel[(pl.programs,)](
+    k = _rnn_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         w_hh, hs, dout, dP, gh, lengths, sync, T, B, H,
         RELU=relu, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),

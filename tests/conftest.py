@@ -100,6 +100,30 @@ def compile_sm90(kernel, signature, constexprs, **options):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def ptxas_usage(compiled):
+    """(registers, spill-store bytes) of a compiled sm_90 kernel, from ``ptxas -v`` on its PTX with
+    the ptxas Triton itself uses for sm_90; None when this Triton does not expose that tool."""
+    import re
+    import subprocess
+    import tempfile
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except Exception:  # an older Triton: no such helper (the caller then skips this check)
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                           capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    assert regs and spill, r.stderr
+    return int(regs.group(1)), int(spill.group(1))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
