@@ -153,8 +153,9 @@ def test_quick_plan_bounds_slow_methods():
     plan = bench.make_plan(list(bench.CELLS), shapes, ["bf16"], ["triton"],
                            list(bench.BASELINES), list(bench.MODES), s)
     slow = [c for c in plan if c.kind in ("reference", "compile")]
-    assert slow and all(c.shape == "S1" and c.modes == ["fwd"] and c.dtype == "fp32"
-                        for c in slow)
+    assert slow and all(c.shape == "S1" and c.modes == ["fwd"] for c in slow)
+    # the reference loop in the sweep's dtype (T3: "in the same dtype"), torch.compile in fp32
+    assert {(c.kind, c.dtype) for c in slow} == {("reference", "bf16"), ("compile", "fp32")}
     kinds = [c.kind for c in plan]
     assert kinds.index("reference") > max(i for i, k in enumerate(kinds) if k in ("fused", "nn"))
     assert kinds.index("compile") > max(i for i, k in enumerate(kinds) if k == "reference")
@@ -184,7 +185,7 @@ def _synthetic():
         _rec("lstm", "S1", "bf16", "nn", "cudnn", 9.0, 10.0),
         _rec("lstm", "S1", "fp16", "fused", "triton", 1.0, 2.0),
         _rec("lstm", "S1", "fp16", "nn", "cudnn", 1.5, 1.9),
-        _rec("lstm", "S1", "fp32", "reference", "reference", 60.0, 99.0),
+        _rec("lstm", "S1", "fp16", "reference", "reference", 60.0, 99.0),
         _rec("lstm", "S3", "bf16", "fused", "triton", 5.0, 6.0),
         _rec("lstm", "S3", "bf16", "nn", "cudnn", 10.0, 10.0),
         # T4: LN 1.5x plain in fp16 fwd (pass, at the limit), 2x in fwd+bwd (miss).
@@ -200,6 +201,8 @@ def _synthetic():
         # CPU records never count.
         _rec("lstm", "S4", "bf16", "fused", "triton", 1.0, 1.0, device="cpu"),
         _rec("lstm", "S4", "bf16", "nn", "torch.nn", 9.0, 9.0, device="cpu"),
+        # a reference loop in a dtype we did not run is no T3 evidence for another dtype
+        _rec("lstm", "S1", "fp32", "reference", "reference", 1e4, 1e4),
     ]
     r[8]["status"] = "n/a"
     return r
@@ -222,8 +225,9 @@ def test_targets_pass_miss_on_synthetic_numbers():
     assert _status(res, "T2", "S1", "fwd+bwd") is False
     t2 = next(t for t in res if t["id"] == "T2" and t["shape"] == "S1" and t["mode"] == "fwd")
     assert t2["dtype"] == "fp16" and t2["value"] == pytest.approx(1 / 1.5)
-    # T3: 60/1 = 60x (pass); 99/2 = 49.5x (miss).
+    # T3, fp16 against the reference in fp16: 60/1 = 60x (pass); 99/2 = 49.5x (miss).
     assert _status(res, "T3", "S1", "fwd") is True and _status(res, "T3", "S1", "fwd+bwd") is False
+    assert {t["dtype"] for t in res if t["id"] == "T3"} == {"fp16"}
     assert _status(res, "T4", "S1", "fwd", "fp16") is True
     assert _status(res, "T4", "S1", "fwd+bwd", "fp16") is False
     assert _status(res, "T5", "S2", "fwd") is True and _status(res, "T5", "S2", "fwd+bwd") is False
