@@ -98,9 +98,12 @@ def lstm_sequence(
             gw, gb, cw, cb = ln if ln is not None else (None,) * 4
             if lengths is not None:
                 lengths = lengths.to(device=x.device, dtype=torch.int64)
+            # inference (no grad wanted): nothing is saved, so the gates are not stored either
+            grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh) + tuple(ln or ()))
             return LSTMFunction.apply(
                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, LN_EPS, _allow_tf32(x),
-                kernels.default_fused(w_hh.shape[1], ln, x.dtype), kernels.SAVE_GATES,
+                kernels.default_fused(w_hh.shape[1], ln, x.dtype), kernels.SAVE_GATES and grad,
             )
         warn_once(f"lstm:{reason}", f"fused_rnn: the LSTM kernels cannot take {reason}; using the reference path")
     return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, LN_EPS)

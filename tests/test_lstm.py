@@ -294,3 +294,27 @@ def test_lstm_fp32_tf32_switch(allow_tf32, monkeypatch):
     ours = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, backend="triton")
     ref = reference_lstm([t.double() for t in ins], None)
     assert_close(ours, ref, 5e-3 if allow_tf32 else 1e-4, OUT_NAMES)
+
+
+def test_lstm_inference_does_not_store_gates(monkeypatch):
+    """Under no_grad (or with nothing requiring grad) the forward stores no gates: nothing will
+    read them. With grad it does (the default, kernels.lstm.SAVE_GATES)."""
+    from fused_rnn.kernels import lstm as K
+
+    seen = []
+    real = K.lstm_fwd
+
+    def spy(*a, **k):
+        seen.append(k.get("save_gates"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(K, "lstm_fwd", spy)
+    ins, L, _ = make_case(3, 2, 4, 5, F32, False)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    with torch.no_grad():
+        out0 = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, backend="triton")[0]
+    lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, backend="triton")
+    w = w_hh.detach().requires_grad_()
+    out1 = lstm_sequence(x, h0, c0, w_ih, w, b_ih, b_hh, backend="triton")[0]
+    assert seen == [False, False, True]
+    assert torch.equal(out0, out1.detach())
