@@ -97,7 +97,7 @@ def _check_persistent(cell, d, path):
     if path != "persistent":
         return
     B, H, dt, dev = d["x"].shape[1], d["w_hh"].shape[1], d["x"].dtype, d["x"].device
-    if cell == "lstm":
+    if cell in ("lstm", "lnlstm"):
         from fused_rnn.kernels import lstm as k
 
         plans = [k.persistent_plan(x, B, H, d["ln"], True, dt, dev) for x in ("fwd", "bwd")]
@@ -255,6 +255,16 @@ def cases():
         dtype="fp64", bias=False, **pers)
     add("persistent rnn-tanh bf16 B64 T3 I8 H200 (13 programs)", cell="rnn", B=64, T=3, I=8,
         H=200, dtype="bf16", **pers)
+    # several row blocks of 64 rows, each with its own barrier counter (the last one partial)
+    add("persistent lstm bf16 B130 T3 I8 H40 (3 row blocks x 3 programs)", cell="lstm", B=130, T=3,
+        I=8, H=40, dtype="bf16", **pers)
+    # the layer-norm LSTM's persistent kernels (kernels/persistent_ln.py): partials of the row
+    # statistics exchanged through global memory, three barriers a step
+    for dt in ("fp32", "bf16"):
+        add(f"persistent lnlstm {dt} B3 T5 I19 H37 lengths", cell="lnlstm", B=3, T=5, I=19, H=37,
+            dtype=dt, **pers)
+    add("persistent lnlstm bf16 B70 T3 I8 H300 (2 row blocks x 19 programs)", cell="lnlstm", B=70,
+        T=3, I=8, H=300, dtype="bf16", **pers)
     return c
 
 

@@ -4,14 +4,14 @@ Paths (of the custom ops fused_rnn::lstm_fwd / lstm_bwd / rnn_fwd / rnn_bwd, fus
     step        one fused Triton launch per time step, eagerly (kernels/lstm.py, kernels/rnn.py)
     graph       the step path's whole launcher (input projection, time loop, copies) captured
                 once per shape in a torch.cuda.CUDAGraph and replayed (CUDA only)
-    persistent  one launch for all T steps (kernels/persistent.py): plain LSTM and RNN, rows in
-                blocks of up to 64 with a barrier each, a grid that fits on the SMs
-                (kernels.persistent.plan)
+    persistent  one launch for all T steps (kernels/persistent.py; persistent_ln.py for the
+                layer-norm LSTM): rows in blocks of up to 64 with a barrier each, a grid that
+                fits on the SMs (kernels.persistent.plan)
     auto        the policy below
 
 Every path writes the same saved tensors in the same layouts, so a forward on one path pairs
-with a backward on any other. A path that cannot run a problem (persistent with layer norm, or
-a grid over the SM count; graph on CPU tensors, or inside someone else's CUDA
+with a backward on any other. A path that cannot run a problem (persistent with a grid over the
+SM count, or the unfused plain LSTM kernels asked for; graph on CPU tensors, or inside someone else's CUDA
 graph capture) runs the step path instead; an explicit request that cannot be met warns once.
 
 Choosing (first match wins):

@@ -302,8 +302,8 @@ register_path("graph", _on_path("graph"), _graph_ready,
               "the triton path's step launches captured per shape in a CUDA graph and replayed",
               default=False)
 register_path("persistent", _on_path("persistent"), _triton_ready,
-              "one persistent kernel launch for all T steps (plain LSTM, RNN)",
-              cells=("lstm", "rnn"), default=False)
+              "one persistent kernel launch for all T steps (LSTM, layer-norm LSTM, RNN)",
+              default=False)
 
 
 # ------------------------------------------------------------------------------------- baselines

@@ -12,7 +12,8 @@ ever read as a matmul operand, rounded to that dtype anyway; see fused_rnn/_buff
 so the pointwise update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
 
 Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
-hand the whole loop of the plain LSTM to one launch of kernels/persistent.py instead):
+hand the whole loop to one launch of kernels/persistent.py, or of kernels/persistent_ln.py for
+the layer-norm LSTM, instead):
     _lstm_fwd_kernel   FUSED=False: the pointwise update (plain or LN) from gate pre-activations
                        h_{t-1} W_hhᵀ computed by torch; FUSED=True: the step kernel that also
                        computes h_{t-1} W_hhᵀ with tl.dot, so no gates tensor goes through memory
@@ -99,10 +100,13 @@ LAUNCHER_PATHS = ("step", "persistent")
 def persistent_plan(direction: str, B: int, H: int, ln, fused: bool, dtype: torch.dtype, device,
                     limit: Optional[int] = None, allow_tf32: bool = False):
     """(kernels.persistent.Plan, "") when one persistent launch can run this layer's time loop in
-    ``direction`` ("fwd" / "bwd"), else (None, why not)."""
+    ``direction`` ("fwd" / "bwd"), else (None, why not). The layer-norm LSTM has its own kernels
+    (kernels/persistent_ln.py), whatever ``fused`` says (above LN_FUSED_MAX_H its step path is
+    the unfused one by default, which says nothing against a persistent launch)."""
     if ln is not None:
-        return None, ("the layer-norm LSTM stays on the step path (its LayerNorms need whole 4H rows; "
-                      "a persistent program owns a slice of hidden units)")
+        from . import persistent_ln
+
+        return persistent_ln.plan_ln(direction, B, H, dtype, device, limit, allow_tf32)
     if not fused:
         return None, "the unfused step kernels were asked for"
     from . import persistent
@@ -465,7 +469,12 @@ def lstm_fwd(
         # [T, B, G] buffer. A separate buffer when the dtypes differ (the LN-LSTM in 16 bits).
         gates = xp if xp.dtype == gd else alloc((T, B, G), gd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
-    if plan is not None:
+    if plan is not None and ln is not None:
+        from . import persistent_ln
+
+        persistent_ln.ln_lstm_fwd_loop(plan, xp, w_hh, hs, cs, out, gates, (gw, gb, cw, cb), lengths, eps,
+                                       fma, ieee, upcast)
+    elif plan is not None:
         from . import persistent
 
         persistent.lstm_fwd_loop(plan, xp, w_hh, hs, cs, out, gates, lengths, fma, ieee, upcast)
@@ -554,7 +563,14 @@ def lstm_bwd(
     else:
         parts = [None] * 4
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
-    if plan is not None:  # (no LN here: persistent_plan() refuses it)
+    if plan is not None and ln is not None:
+        from . import persistent_ln
+
+        # LN parameter gradients into rows 0..R-1 of the step path's zeroed partial sums
+        # (R = cdiv(B, 64) <= cdiv(B, BLOCK_B of the LN step kernels) rows)
+        persistent_ln.ln_lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, (gw, gb, cw, cb), lengths, eps,
+                                       parts, fma, ieee, upcast)
+    elif plan is not None:
         from . import persistent
 
         persistent.lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast)

@@ -1,6 +1,7 @@
 """Persistent kernels: one launch runs all T steps of one layer (plain LSTM, tanh/ReLU RNN),
-forward and backward. The layer-norm LSTM stays on the step path: its LayerNorms need whole 4H
-rows, and a persistent program owns only a slice of the hidden units.
+forward and backward. The layer-norm LSTM has its own, kernels/persistent_ln.py: its LayerNorms
+need statistics over whole rows, and a program here owns only a slice of the hidden units, so
+those kernels add cross-program reductions (more barriers per step) to this design.
 
 Legend
     T   time steps                 B   batch rows (row blocks of BLOCK_B <= MAX_B rows)

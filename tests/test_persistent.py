@@ -38,17 +38,19 @@ def _poison_and_fresh_warnings(request, monkeypatch):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the persistent launches (so a test knows the persistent kernels really ran)."""
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import persistent, persistent_ln
 
     calls = {}
-    for name in ("lstm_fwd_loop", "lstm_bwd_loop", "rnn_fwd_loop", "rnn_bwd_loop"):
-        real = getattr(persistent, name)
+    for mod, names in ((persistent, ("lstm_fwd_loop", "lstm_bwd_loop", "rnn_fwd_loop", "rnn_bwd_loop")),
+                       (persistent_ln, ("ln_lstm_fwd_loop", "ln_lstm_bwd_loop"))):
+        for name in names:
+            real = getattr(mod, name)
 
-        def wrapped(*a, _real=real, _name=name, **k):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _real(*a, **k)
+            def wrapped(*a, _real=real, _name=name, **k):
+                calls[_name] = calls.get(_name, 0) + 1
+                return _real(*a, **k)
 
-        monkeypatch.setattr(persistent, name, wrapped)
+            monkeypatch.setattr(mod, name, wrapped)
     return calls
 
 
@@ -249,17 +251,26 @@ def test_persistent_falls_back_to_step_when_grid_does_not_fit(monkeypatch, spy):
 
 
 @requires_kernels
-def test_layer_norm_lstm_stays_on_step_path(spy):
-    ins, L, ups = make_case("lstm", 3, 2, 3, 5, F32)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused-step-default"])
+def test_layer_norm_lstm_takes_its_persistent_kernels(spy, fused):
+    """path="persistent" runs the layer-norm LSTM on kernels/persistent_ln.py through the autograd
+    Function, forward and backward, LN parameter gradients included, and agrees with the step
+    path; also where the LN step path would be the unfused one (hidden size over
+    LN_FUSED_MAX_H)."""
+    ins, L, ups = make_case("lstm", 4, 3, 3, 5, F32, lengths=[4, 2, 0])
     g = torch.Generator().manual_seed(1)
-    ln = [(1 + 0.1 * torch.randn(n, generator=g, dtype=F64)).to(F32) for n in (20, 20, 5, 5)]
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    with pytest.warns(RuntimeWarning, match="layer-norm LSTM stays on the step path"):
-        out = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, LN_EPS, False, True, True, "persistent")
-    assert spy == {}
-    ref = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, LN_EPS, False, True, True, "step")
-    for a, b in zip(out, ref):
-        assert torch.equal(a, b)
+    ln = [(1 + 0.1 * torch.randn(n, generator=g, dtype=F64)).to(DEV, F32) for n in (20, 20, 5, 5)]
+    leaves = [t.detach().requires_grad_() for t in ins + ln]
+
+    def run(path):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp = leaves
+        outs = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, LN_EPS, False, fused, True, path)
+        loss = sum((o * u).sum() for o, u in zip(outs, ups))
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
+
+    ours = run("persistent")
+    assert spy == {"ln_lstm_fwd_loop": 1, "ln_lstm_bwd_loop": 1}
+    assert_close(ours, run("step"), 1e-6, "vs step path")
 
 
 @requires_kernels
@@ -355,12 +366,15 @@ def test_plan_cpu_is_one_program():
     assert pl is None and "co-resident" in why
 
 
-def test_plan_refuses_ln_and_unfused():
+def test_plan_ln_and_unfused():
+    """The layer-norm LSTM plans its own persistent kernels (fused or not: that flag picks between
+    step kernels); an explicit request for the unfused plain step kernels keeps the step path."""
     pytest.importorskip("triton")
     from fused_rnn.kernels import lstm as KL, rnn as KR
 
     ln = (torch.ones(20), torch.zeros(20), torch.ones(5), torch.zeros(5))
-    assert KL.persistent_plan("fwd", 2, 5, ln, True, F32, "cpu")[0] is None
+    assert KL.persistent_plan("fwd", 2, 5, ln, True, F32, "cpu")[0] is not None
+    assert KL.persistent_plan("bwd", 2, 5, ln, False, F32, "cpu")[0] is not None
     assert KL.persistent_plan("fwd", 2, 5, None, False, F32, "cpu")[0] is None
     assert KL.persistent_plan("fwd", 2, 5, None, True, F32, "cpu")[0] is not None
     assert KR.persistent_plan("bwd", 2, 5, False, F32, "cpu")[0] is None

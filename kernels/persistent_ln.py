@@ -1,0 +1,779 @@
+"""Persistent kernels for the layer-norm LSTM: one launch runs all T steps of one layer, forward
+or backward, as kernels/persistent.py does for the plain LSTM.
+
+NOT RUN ON A GPU YET. Written and tested on a CPU machine only: under the Triton interpreter (one
+program per row block covering all of H, so every cross-program reduction runs with P = 1), the
+combine helpers driven with P > 1 partials by small test kernels, and sm_90 compiles (registers,
+spills; see _ln_num_warps). The multi-program path (P > 1 programs meeting at grid barriers) has
+never executed; tests/test_persistent_ln.py has CUDA tests for it, for a GPU session.
+
+Legend
+    T   time steps                 B   batch rows (row blocks of BLOCK_B <= 64 rows; R of them)
+    H   hidden units               G   = 4H gate pre-activations (gate order i, f, g, o)
+    P   programs per row block     BH  = BLOCK_H hidden units (columns j) per program
+    a_q the pre-LN gate pre-activations (q = i, f, g, o), x̂_q = (a_q - mean_q) rstd_q,
+        y_q = x̂_q γ_q + β_q; ĉ = (c_t - mean_c) rstd_c, z = ĉ γ_c + β_c, h_t = o tanh(z)
+    S, M2   a row's sum over some columns, and its sum of squared deviations from their mean
+Buffers are kernels/lstm.py's (its launchers allocate them): hs, cs [T+1, B, H], out [T, B, H],
+gates [T, B, G] (pre-LN), dG [T+1, B, G] (slot T zero), gh, gc [B, H]. Compute dtype = cs's
+(forward) / gc's (backward) element type, fp32 or fp64; every load is cast to it and every store
+to the destination's element type, so hs and dG may be the compute or the 16-bit storage dtype.
+
+Why these kernels differ from persistent.py's: a program owns BH columns of all four gates for
+all rows of its row block, but each LayerNorm (one per gate over H, one over c_t) needs
+statistics over all H columns of a row. Each program writes "partials" for its own columns to
+global memory, and after a grid barrier every program reads all P of them and combines them in
+the same fixed order (deterministic, no atomics on data).
+
+Forward, step t, program p (grid (P, R); rows never mix, so each row block has its own barrier
+counter and partials); 3 grid barriers per step:
+    1. a_q = xp_q[t] + h_{t-1} W_qᵀ on its slice (resident or streamed W_hh, as persistent.py);
+       store a into gates[t]; per row and gate (S_q, M2_q) over own columns -> slots 0..7.
+       BARRIER 3t+1.
+    2. Combine (Chan's formula, _chan_combine) -> mean_q, rstd_q; y_q, activations;
+       c_t = f c_{t-1} + i g (c in registers); (S_c, M2_c) of c_t over own columns -> slots 8, 9.
+       BARRIER 3t+2.
+    3. Combine -> mean_c, rstd_c; h_t = o tanh(z); store hs[t+1], cs[t+1], out[t] (lengths: h, c
+       held and out zero past a sequence's end, as the step kernel); prefetch the own xp tiles of
+       step t+1.  BARRIER 3t+3 (h_t published).
+Backward, reverse step t (i = T-1-t); 3 grid barriers per step. Before the launch the launcher
+computes with torch, from the saved gates and cs, each step's and row's mean and rstd of the four
+gate rows and of c_t = cs[t+1] (bwd_stats: [T, R, 10, BLOCK_B]), as the step kernel recomputes
+them; no barrier is spent on them. Per step:
+    1. carry = dG_{t+1} W_hh on own columns; gh, dh, dc as in persistent.py's LSTM backward;
+       dz = valid dh o (1 - tanh² z), u = dz γ_c; dy_o = valid dh tanh(z) o (1 - o),
+       v_o = dy_o γ_o; row sums over own columns of u, u ĉ, v_o, v_o x̂_o -> slots 0..3.
+       BARRIER 3i+1.
+    2. Combine (plain sums) -> dc = valid gc + LNback_c(u); dG_o = rstd_o (v_o - Σv_o/H
+       - x̂_o Σ(v_o x̂_o)/H) into dG[t]; dy_i, dy_f, dy_g; gc_{t-1}; v_q = dy_q γ_q and row sums of
+       v_q, v_q x̂_q (q = i, f, g) -> slots 4..9.  BARRIER 3i+2.
+    3. Combine -> dG_i, dG_f, dG_g into dG[t]; prefetch step t-1's own tiles (gates, dout, cs).
+       BARRIER 3i+3 (dG_t published).
+    LN parameter gradients of the own columns (dγ_q += dy_q x̂_q, dβ_q += dy_q, dγ_c += dz ĉ,
+    dβ_c += dz, summed over the block's rows; dy, dz zero where not valid, as the step kernel) are
+    accumulated in row r of the caller's [R', G] / [R', H] buffers, read-modify-write once a step
+    by the only program that owns those columns (the first step's read skipped).
+Fewer barriers? Each step has three dependent all-column reductions (forward: gate statistics ->
+c statistics -> h_t, which every program needs whole for the next matmul; backward: dG_{t+1} W_hh
+-> the c LayerNorm's sums -> the gates' sums -> dG_t). The last two forward barriers could merge
+if every program rebuilt all of h_t from published c_t and o rows: two fp32 rows read per program
+and step instead of one h row (more L2 traffic), so not done here.
+
+Partials: [R, 2, BLOCK_P, 10, BLOCK_B] in the compute dtype, zeroed by the launcher; program p of
+row block r writes [r, s % 2, p, k, :] at step s (a step's parity picks the half: the addresses
+then depend on the step, which keeps the compiler from hoisting all of them out of the time loop,
+fewer registers; correctness does not need it, see below). BLOCK_P = next_pow2(P); the slots
+p >= P stay zero, so every combine load is unmasked, with compile-time strides. All BLOCK_P
+partials of a quantity are one [BLOCK_P, BLOCK_B] tile reduced with tl.sum: a fixed reduction
+tree (plan_ln caps BLOCK_P BLOCK_B at PART_TILE_MAX_ELEMS).
+Chan's formula, stored as sums: program p stores S_p (not its mean) and M2_p over its n_p valid
+columns (BH; H - (P-1) BH for the last; _block_counts); mean = Σ S_p / H, M2 = Σ_p (M2_p
++ n_p (S_p/n_p - mean)²), var = M2 / H, rstd = 1/sqrt(var + eps). With P = 1 this is the step
+kernel's two-pass _ln_rows exactly (S/H, Σ d², a correction term n (S/n - S/n)² = 0).
+Hazards (why the buffer can be reused without extra barriers; also without the parity halves):
+a region is written in phase k of a step (after barrier n-1, n = 3s+k) and read by every
+program in phase k+1 (between barriers n and n+1). Its next write comes in phase k of a later
+step, after barrier n+2 at the earliest, which no program passes before every program has
+arrived at n+2, i.e. has finished its phase-(k+1) reads (they precede its arrival at n+1). The
+two regions of a direction (fwd: slots 0..7 and 8, 9; bwd: 0..3 and 4..9) must be disjoint: a
+fast program writes the second one (after barrier n) while a slow one may still read the first
+(until it arrives at n+1). hs / dG slots: step t writes slot t+1 (fwd) / t (bwd) and reads
+slot t / t+1, each slot read only after the barrier that follows its write and never rewritten.
+Cross-program reads (h and dG rows, partials) use ".cg" (L2), as persistent.py's.
+
+Barriers: persistent._grid_barrier on a per-launch zeroed int32 counter per row block; barrier n
+waits for n P arrivals, so 3 T P < 2**31 (checked). Deadlock guard and cooperative launch as
+persistent.py's (_check_plan, _launch_opts).
+
+Extra L2 traffic per program per step over the plain persistent LSTM (fp32 partials; the plain
+kernel reads one h / dG row block per step: B H (fwd), 4 B H (bwd) elements): partial reads
+10 BLOCK_P BLOCK_B 4 bytes a direction (padding slots included), writes 40 BLOCK_B bytes;
+    B16 H256, P = 16:  10 KiB read, 0.6 KiB written   (an fp32 h row block: 16 KiB)
+    B64 H512, P = 32:  80 KiB read, 2.5 KiB written   (an fp32 h row block: 128 KiB)
+    B16 H768, P = 48:  40 KiB read (BLOCK_P = 64), 0.6 KiB written
+The backward also reads 40 BLOCK_B bytes of statistics and read-modify-writes 10 BH values of
+LN gradients per program and step, and the launcher's torch pass reads gates and cs once.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _mm, _sigmoid, _tanh, _tile
+from .persistent import (
+    LAST_LAUNCH,
+    Plan,
+    _check_plan,
+    _grid_barrier,
+    _launch_opts,
+    _record,
+    max_programs,
+    plan as _plain_plan,
+)
+
+# partial slots per (program, row); statistic slots per (step, row) in the backward
+NQ = 10
+NSTAT = 10
+BARRIERS_PER_STEP = 3
+# The combine loads every program's partials of one quantity as a [BLOCK_P, BLOCK_B] tile,
+# BLOCK_P = next_pow2(P): at most this many elements (B = 64: P <= 32; B = 16: P <= 128), so
+# plan_ln takes a larger BLOCK_H where the smallest would give more programs. (UNMEASURED.)
+PART_TILE_MAX_ELEMS = 2048
+
+
+def block_p(programs: int) -> int:
+    return triton.next_power_of_2(max(int(programs), 1))
+
+
+def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: Optional[int] = None,
+            allow_tf32: bool = False) -> Tuple[Optional[Plan], str]:
+    """(Plan, "") for a persistent layer-norm LSTM launch in ``direction`` ("fwd" / "bwd"), or
+    (None, why not). persistent.plan's rules (one program per SM at most, the deadlock guard;
+    one program per row block covering all of H on the CPU; resident or streamed W_hh), with the
+    programs of a row block also capped at PART_TILE_MAX_ELEMS / BLOCK_B (the combine's tile).
+    num_warps: see _ln_num_warps."""
+    from .persistent import MAX_B
+
+    device = torch.device(device)
+    if limit is None:
+        limit = max_programs(device)
+    BB = max(16, min(MAX_B, triton.next_power_of_2(max(int(B), 1))))
+    R = triton.cdiv(B, BB)
+    cap = max(1, PART_TILE_MAX_ELEMS // BB)
+    lim = limit if device.type != "cuda" else min(limit, R * cap)
+    pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32)
+    if pl is None:
+        if lim < limit:
+            why += f" (layer-norm LSTM: at most {cap} programs per row block of {BB} rows)"
+        return None, why
+    assert pl.BLOCK_B == BB and block_p(pl.programs) * pl.BLOCK_B <= max(PART_TILE_MAX_ELEMS, pl.BLOCK_B)
+    return replace(pl, num_warps=_ln_num_warps(direction, pl)), ""
+
+
+def _ln_num_warps(direction: str, pl: Plan) -> int:
+    """num_warps of the LN kernels: the plain plan's, except 4 for the resident backward with a
+    row tile BLOCK_B x K_pad <= 4096. Chosen from sm_90 compiles of these kernels (Triton 3.9 +
+    its bundled ptxas on a CPU machine, specialised as a GPU launch is: aligned pointers, B and H
+    divisible by 16; bf16, lengths on; registers / stack bytes from cuobjdump -res-usage;
+    "fp32 | bf16" = the dtype of hs (fwd) / dG (bwd)):
+        fwd B16 H256 resident   4 warps: 255+64 B | 255+32 B   8 warps: 173 | 182, no stack
+        bwd B16 H256 resident   4 warps: 168 | 168, no stack   8 warps: 128+16 B | 128+32 B
+                                (ptxas held itself to 128 registers at 8 warps there)
+        fwd B64 H512 resident   4 warps: 255+904 B | +800 B    8 warps: 225, none | 255+8 B
+        bwd B64 H512 BK=64      4 warps: 255+192 B | +120 B    8 warps: 241 | 247, no stack
+        fwd B16 H768 BK=64      4 warps: 230 | 232, none       8 warps: 238 | 240, none
+        bwd B16 H768 BK=64      4 warps: 236 | 227, none       8 warps: 182 | 179, none
+    16 warps spilled everywhere (128 registers a thread). Two earlier versions of the kernels
+    spilled far more; what fixed them: the partials with compile-time strides (one base address
+    per thread), their addresses depending on the step (parity), the LN parameters loaded where
+    used, the backward's LN-gradient sums accumulated in memory and its statistics loaded where
+    used. The one remaining spill (fwd B64 H512 with a bf16 hs, 8 bytes of stack) is left:
+    streaming W_hh there instead (BLOCK_K = 32: 185 registers, BLOCK_K = 16: 170, no stack)
+    would re-read the program's 64 KiB W_hh slice from L2 every step, which should cost more
+    than an 8-byte spill (not measured; the GPU session should time both).
+    UNMEASURED on a GPU: registers are not speed."""
+    if direction == "bwd" and pl.resident and pl.BLOCK_B * pl.BLOCK_K <= 4096:
+        return 4
+    return pl.num_warps
+
+
+# ----------------------------------------------------------------------------------------------
+# Combine helpers (also driven directly by the tests with P > 1 partials under the interpreter)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _own_stats(v, cmask, n_own):
+    """(S, M2) of each row of v [BB, BH] over its valid columns (cmask; n_own of them)."""
+    s = tl.sum(tl.where(cmask[None, :], v, 0.0), axis=1)
+    d = tl.where(cmask[None, :], v - (s / n_own)[:, None], 0.0)
+    return s, tl.sum(d * d, axis=1)
+
+
+@triton.jit
+def _store_part(pp, pid, k, rl, val, NQ: tl.constexpr, BLOCK_B: tl.constexpr):
+    """part[pid, k, :] = val [BLOCK_B] (padded rows included: never read for a real row)."""
+    tl.store(pp + (pid * NQ + k) * BLOCK_B + rl, val.to(pp.dtype.element_ty))
+
+
+@triton.jit
+def _load_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """part[p, k, :] of every program slot p < BLOCK_P as a [BLOCK_P, BLOCK_B] tile. No masks:
+    slots p >= P are zero (the launcher zeroes the buffer; no program writes them), padded rows
+    only feed padded rows. Compile-time strides, so one base address serves every element of a
+    thread (immediate offsets). ".cg": written by other programs (other SMs), read from L2."""
+    ps = tl.arange(0, BLOCK_P)
+    return tl.load(pp + ((ps * NQ + k) * BLOCK_B)[:, None] + rl[None, :], cache_modifier=".cg")
+
+
+@triton.jit
+def _sum_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Σ_p part[p, k, :]: a fixed reduction tree over the program axis (deterministic)."""
+    return tl.sum(_load_parts(pp, k, rl, NQ, BLOCK_B, BLOCK_P), axis=0)
+
+
+@triton.jit
+def _block_counts(nprog, H, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """n_p, the valid columns of program p ([BLOCK_P]; 0 past the grid)."""
+    ps = tl.arange(0, BLOCK_P)
+    return tl.where(ps < nprog, tl.minimum(H - ps * BLOCK_H, BLOCK_H), 0)
+
+
+@triton.jit
+def _chan_combine(s, m2, n, H):
+    """Chan's parallel combine. s, m2 [BLOCK_P, BB]: per part (rows of the tile) the sum and the
+    sum of squared deviations from its own mean of each row over its n [BLOCK_P] columns (n = 0:
+    no part; s = m2 = 0 there), Σ n = H. Returns (mean, M2) [BB] over all H columns:
+    mean = Σ s / H,  M2 = Σ (m2 + n (s/n - mean)²)."""
+    mean = tl.sum(s, axis=0) / H
+    nf = n.to(s.dtype)
+    dm = s / tl.maximum(nf, 1.0)[:, None] - mean[None, :]
+    return mean, tl.sum(m2 + nf[:, None] * (dm * dm), axis=0)
+
+
+@triton.jit
+def _gate_stats(pp, k, cnt, H, eps, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(mean, rstd) [BLOCK_B] of the LayerNorm whose partials (S, M2) sit in slots k, k+1."""
+    s = _load_parts(pp, k, rl, NQ, BLOCK_B, BLOCK_P)
+    m2 = _load_parts(pp, k + 1, rl, NQ, BLOCK_B, BLOCK_P)
+    mean, m2 = _chan_combine(s, m2, cnt, H)
+    var = m2 / H
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _norm(v, mean, rstd, cmask):
+    """x̂ = (v - mean) rstd per row; 0 in padded columns (as _ln_rows)."""
+    return tl.where(cmask[None, :], v - mean[:, None], 0.0) * rstd[:, None]
+
+
+@triton.jit
+def _lnback(v, xh, s1, s2, rstd, H):
+    """LayerNorm backward from v = dL/dx̂ (the weight already applied), given the all-column row
+    sums s1 = Σ v and s2 = Σ v x̂: rstd (v - s1/H - x̂ s2/H) (as _ln_rows_bwd)."""
+    return (v - (s1 / H)[:, None] - xh * (s2 / H)[:, None]) * rstd[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _param(ptr, off, cols, cmask, ACC: tl.constexpr):
+    """A LayerNorm parameter slice [BLOCK_H] (read-only, tiny: loaded where used, each step,
+    rather than held in registers across the whole time loop)."""
+    return tl.load(ptr + off + cols, mask=cmask, other=0.0).to(ACC)
+
+
+@triton.heuristics(
+    {
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+        "STORE_GATES": lambda a: a["gates_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T"])
+def _ln_lstm_fwd_persistent_kernel(
+    xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
+    w_ptr,  # [G, H] W_hh
+    hs_ptr,  # [T+1, B, H] compute or storage dtype: slot 0 = h0 in, slots 1..T out
+    cs_ptr,  # [T+1, B, H] compute dtype: slot 0 = c0 in, slots 1..T out
+    out_ptr,  # [T, B, H] storage dtype
+    gates_ptr,  # [T, B, G] pre-LN pre-activations, or None
+    len_ptr,  # [B] int64 lengths, or None
+    gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]
+    part_ptr,  # [R, 2, BLOCK_P, NQ, BLOCK_B] compute dtype, zeroed: 0..7 (S, M2) of i, f, g, o; 8, 9 of c
+    sync_ptr,  # [R] int32, zero
+    T, B, H, eps,
+    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, RESIDENT: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    NQ: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pid_b = tl.program_id(1)  # the row block
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    sync_ptr += pid_b  # this row block's barrier counter
+    rl = tl.arange(0, BLOCK_B)  # row within the block: the partials' row index
+    part_rb = part_ptr + pid_b * (2 * BLOCK_P * NQ * BLOCK_B)
+    ACC = cs_ptr.dtype.element_ty
+    WT = w_ptr.dtype.element_ty
+    G = 4 * H
+    zero64 = tl.zeros([], dtype=tl.int64)
+    n_own = tl.minimum(H - pid * BLOCK_H, BLOCK_H)  # this program's valid columns
+    cnt = _block_counts(nprog, H, BLOCK_H, BLOCK_P)
+    # W_hh row of (gate q, unit j) starts at (q H + j) H
+    w_i = cols.to(tl.int64) * H
+    w_f = (cols + H).to(tl.int64) * H
+    w_g = (cols + 2 * H).to(tl.int64) * H
+    w_o = (cols + 3 * H).to(tl.int64) * H
+    if RESIDENT:  # the slice, once: tile q holds W_q[j, k] at [k, j]
+        kr = tl.arange(0, BLOCK_K)
+        krm = kr < H
+        wm = krm[:, None] & cmask[None, :]
+        wr_i = tl.load(w_ptr + w_i[None, :] + kr[:, None], mask=wm, other=0.0)
+        wr_f = tl.load(w_ptr + w_f[None, :] + kr[:, None], mask=wm, other=0.0)
+        wr_g = tl.load(w_ptr + w_g[None, :] + kr[:, None], mask=wm, other=0.0)
+        wr_o = tl.load(w_ptr + w_o[None, :] + kr[:, None], mask=wm, other=0.0)
+
+    b_off = (rows * H)[:, None] + cols[None, :]
+    h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(ACC)  # h_{t-1}, own columns
+    c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
+    if HAS_LENGTHS:
+        L = tl.load(len_ptr + rows, mask=rmask, other=0)
+    g_off = (rows * G)[:, None] + cols[None, :]  # step 0
+    x_i = tl.load(xp_ptr + g_off, mask=mask, other=0.0)
+    x_f = tl.load(xp_ptr + g_off + H, mask=mask, other=0.0)
+    x_g = tl.load(xp_ptr + g_off + 2 * H, mask=mask, other=0.0)
+    x_o = tl.load(xp_ptr + g_off + 3 * H, mask=mask, other=0.0)
+
+    for t in range(T):
+        t64 = zero64 + t
+        h_row = (t64 * B + rows) * H  # slot t of hs: every program's h_{t-1}
+        # partials alternate between two halves by step parity (the addresses then depend on t,
+        # which keeps the compiler from hoisting every address tile out of the loop: fewer
+        # registers in sm_90 compiles; not needed for correctness, see the module docstring)
+        pp = part_rb + (t % 2) * (BLOCK_P * NQ * BLOCK_B)
+        # ---- phase 1: the recurrent matmul on the own slice, partial gate statistics
+        a_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        if RESIDENT:
+            hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
+                         cache_modifier=".cg").to(WT)
+            a_i = _mm(hk, wr_i, a_i, FMA, IEEE, UPCAST)
+            a_f = _mm(hk, wr_f, a_f, FMA, IEEE, UPCAST)
+            a_g = _mm(hk, wr_g, a_g, FMA, IEEE, UPCAST)
+            a_o = _mm(hk, wr_o, a_o, FMA, IEEE, UPCAST)
+        else:
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < H
+                hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                             other=0.0, cache_modifier=".cg").to(WT)
+                wm = kmask[:, None] & cmask[None, :]
+                a_i = _mm(hk, tl.load(w_ptr + w_i[None, :] + ks[:, None], mask=wm, other=0.0), a_i, FMA, IEEE, UPCAST)
+                a_f = _mm(hk, tl.load(w_ptr + w_f[None, :] + ks[:, None], mask=wm, other=0.0), a_f, FMA, IEEE, UPCAST)
+                a_g = _mm(hk, tl.load(w_ptr + w_g[None, :] + ks[:, None], mask=wm, other=0.0), a_g, FMA, IEEE, UPCAST)
+                a_o = _mm(hk, tl.load(w_ptr + w_o[None, :] + ks[:, None], mask=wm, other=0.0), a_o, FMA, IEEE, UPCAST)
+        a_i += x_i.to(ACC)
+        a_f += x_f.to(ACC)
+        a_g += x_g.to(ACC)
+        a_o += x_o.to(ACC)
+        g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
+        if STORE_GATES:
+            gty = gates_ptr.dtype.element_ty
+            tl.store(gates_ptr + g_off, a_i.to(gty), mask=mask)
+            tl.store(gates_ptr + g_off + H, a_f.to(gty), mask=mask)
+            tl.store(gates_ptr + g_off + 2 * H, a_g.to(gty), mask=mask)
+            tl.store(gates_ptr + g_off + 3 * H, a_o.to(gty), mask=mask)
+        s, m2 = _own_stats(a_i, cmask, n_own)
+        _store_part(pp, pid, 0, rl, s, NQ, BLOCK_B)
+        _store_part(pp, pid, 1, rl, m2, NQ, BLOCK_B)
+        s, m2 = _own_stats(a_f, cmask, n_own)
+        _store_part(pp, pid, 2, rl, s, NQ, BLOCK_B)
+        _store_part(pp, pid, 3, rl, m2, NQ, BLOCK_B)
+        s, m2 = _own_stats(a_g, cmask, n_own)
+        _store_part(pp, pid, 4, rl, s, NQ, BLOCK_B)
+        _store_part(pp, pid, 5, rl, m2, NQ, BLOCK_B)
+        s, m2 = _own_stats(a_o, cmask, n_own)
+        _store_part(pp, pid, 6, rl, s, NQ, BLOCK_B)
+        _store_part(pp, pid, 7, rl, m2, NQ, BLOCK_B)
+        _grid_barrier(sync_ptr, (3 * t + 1) * nprog)
+
+        # ---- phase 2: gate LayerNorms, the cell update, partial statistics of c_t
+        mean, rstd = _gate_stats(pp, 0, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        gi = _sigmoid(_norm(a_i, mean, rstd, cmask) * _param(gw_ptr, 0, cols, cmask, ACC)[None, :]
+                      + _param(gb_ptr, 0, cols, cmask, ACC)[None, :])
+        mean, rstd = _gate_stats(pp, 2, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        gf = _sigmoid(_norm(a_f, mean, rstd, cmask) * _param(gw_ptr, H, cols, cmask, ACC)[None, :]
+                      + _param(gb_ptr, H, cols, cmask, ACC)[None, :])
+        mean, rstd = _gate_stats(pp, 4, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        gg = _tanh(_norm(a_g, mean, rstd, cmask) * _param(gw_ptr, 2 * H, cols, cmask, ACC)[None, :]
+                   + _param(gb_ptr, 2 * H, cols, cmask, ACC)[None, :])
+        mean, rstd = _gate_stats(pp, 6, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        go = _sigmoid(_norm(a_o, mean, rstd, cmask) * _param(gw_ptr, 3 * H, cols, cmask, ACC)[None, :]
+                      + _param(gb_ptr, 3 * H, cols, cmask, ACC)[None, :])
+        c_new = gf * c + gi * gg
+        s, m2 = _own_stats(c_new, cmask, n_own)
+        _store_part(pp, pid, 8, rl, s, NQ, BLOCK_B)
+        _store_part(pp, pid, 9, rl, m2, NQ, BLOCK_B)
+        _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
+
+        # ---- phase 3: the cell LayerNorm, h_t; publish
+        mean, rstd = _gate_stats(pp, 8, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        h_new = go * _tanh(_norm(c_new, mean, rstd, cmask) * _param(cw_ptr, 0, cols, cmask, ACC)[None, :]
+                           + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
+        if HAS_LENGTHS:
+            valid = (t64 < L)[:, None]
+            h_own = tl.where(valid, h_new, h_own)
+            c = tl.where(valid, c_new, c)
+            out = tl.where(valid, h_new, 0.0)
+        else:
+            h_own = h_new
+            c = c_new
+            out = h_new
+        s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
+        tl.store(hs_ptr + s_nxt, h_own.to(hs_ptr.dtype.element_ty), mask=mask)
+        tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + (h_row[:, None] + cols[None, :]), out.to(out_ptr.dtype.element_ty), mask=mask)
+
+        # step t+1's input projection, before the barrier (nothing at t+1 = T)
+        nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
+        n_off = g_off + G * B
+        x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
+        x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
+        x_g = tl.load(xp_ptr + n_off + 2 * H, mask=nmask, other=0.0)
+        x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
+        _grid_barrier(sync_ptr, (3 * t + 3) * nprog)
+
+
+@triton.jit
+def _acc_cols(ptr, val, amask, cmask):
+    """*ptr += val over the valid columns (cmask); the old value counts as 0 where amask is
+    False (the first step)."""
+    old = tl.load(ptr, mask=amask, other=0.0)
+    tl.store(ptr, (old + val).to(ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _load_stat(st_ptr, k, rl, NSTAT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """stats[t, r, k, :] of this step and row block (st_ptr points at [t, r]); padded rows 0."""
+    return tl.load(st_ptr + k * BLOCK_B + rl)
+
+
+@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
+@triton.jit(do_not_specialize=["T"])
+def _ln_lstm_bwd_persistent_kernel(
+    gates_ptr,  # [T, B, G] saved pre-LN pre-activations
+    w_ptr,  # [G, H] W_hh
+    cs_ptr,  # [T+1, B, H] saved c: slot t = c_{t-1}, slot t+1 = c_t
+    dout_ptr,  # [T, B, H] storage dtype
+    dg_ptr,  # [T+1, B, G] compute or storage dtype: slot T zero (in), slots 0..T-1 out
+    gh_ptr,  # [B, H] compute dtype; in: dh_n, out: gh_0
+    gc_ptr,  # [B, H] compute dtype; in: dc_n, out: dc0
+    len_ptr,  # [B] int64 lengths, or None
+    gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]
+    stat_ptr,  # [T, R, NSTAT, BLOCK_B] compute dtype: mean, rstd of gates i, f, g, o (0..7), of c_t (8, 9)
+    part_ptr,  # [R, 2, BLOCK_P, NQ, BLOCK_B] compute dtype, zeroed: 0..3 phase-1 sums, 4..9 phase-2 sums
+    dgw_ptr, dgb_ptr, dcw_ptr, dcb_ptr,  # [>= R, G], [>= R, G], [>= R, H], [>= R, H]: row r accumulated
+    sync_ptr,  # [R] int32, zero
+    T, B, H,
+    HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
+    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    NQ: tl.constexpr, NSTAT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pid_b = tl.program_id(1)  # the row block
+    nrb = tl.num_programs(1)
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    sync_ptr += pid_b  # this row block's barrier counter
+    rl = tl.arange(0, BLOCK_B)
+    part_rb = part_ptr + pid_b * (2 * BLOCK_P * NQ * BLOCK_B)
+    ACC = gc_ptr.dtype.element_ty
+    WT = w_ptr.dtype.element_ty
+    G = 4 * H
+    zero64 = tl.zeros([], dtype=tl.int64)
+    if RESIDENT:  # the slice, once: tile q holds W_q[k, j] = W_hh[q H + k, j] at [k, j]
+        kr = tl.arange(0, BLOCK_K)
+        krm = kr < H
+        wm = krm[:, None] & cmask[None, :]
+        wr_i = tl.load(w_ptr + (kr.to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+        wr_f = tl.load(w_ptr + ((kr + H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+        wr_g = tl.load(w_ptr + ((kr + 2 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+        wr_o = tl.load(w_ptr + ((kr + 3 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+    # LN parameter gradients of the own columns, summed over rows and steps: accumulated in row
+    # r = pid_b of the [R', G] / [R', H] buffers, which only this program touches at these
+    # columns (read-modify-write once per step, the read of the first step skipped: the old
+    # contents count as 0). Kept in memory rather than in ten [BLOCK_H] register vectors over the
+    # whole loop: the B64 H512 backward spilled with those (sm_90 compile, see _ln_num_warps).
+    pg = dgw_ptr + pid_b.to(tl.int64) * G + cols
+    pgb = dgb_ptr + pid_b.to(tl.int64) * G + cols
+    pcw = dcw_ptr + pid_b.to(tl.int64) * H + cols
+    pcb = dcb_ptr + pid_b.to(tl.int64) * H + cols
+
+    if HAS_LENGTHS:
+        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
+    b_off = (rows * H)[:, None] + cols[None, :]
+    gh = tl.load(gh_ptr + b_off, mask=mask, other=0.0).to(ACC)
+    gc = tl.load(gc_ptr + b_off, mask=mask, other=0.0).to(ACC)
+    # step T-1's own tiles
+    t_last = zero64 + T - 1
+    g_off = ((t_last * B + rows) * G)[:, None] + cols[None, :]
+    s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
+    a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0)
+    a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0)
+    a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0)
+    a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0)
+    d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
+    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)  # c_{t-1} = slot t
+    c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0)  # c_t = slot t+1
+    for i in range(T):
+        t64 = zero64 + (T - 1 - i)
+        pp = part_rb + (i % 2) * (BLOCK_P * NQ * BLOCK_B)  # step parity, as in the forward
+        valid = (t64 < L)[:, None]
+        nvalid = (t64 + 1 < L)[:, None]
+        vm = valid & mask
+        amask = tl.where(i > 0, cmask, False)  # read the LN-gradient accumulators after step T-1
+        # ---- phase 1: carried gradient, the cell LayerNorm's and the o gate's row sums
+        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
+        if RESIDENT:
+            dm = rmask[:, None] & krm[None, :]
+            d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
+            carry = _mm(tl.load(d_ptr, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_i, carry, FMA, IEEE, UPCAST)
+            carry = _mm(tl.load(d_ptr + H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_f, carry, FMA, IEEE,
+                        UPCAST)
+            carry = _mm(tl.load(d_ptr + 2 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_g, carry, FMA,
+                        IEEE, UPCAST)
+            carry = _mm(tl.load(d_ptr + 3 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_o, carry, FMA,
+                        IEEE, UPCAST)
+        else:
+            for k0 in range(0, G, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < G
+                dgk = tl.load(dg_ptr + dg_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
+                              cache_modifier=".cg").to(WT)
+                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                             mask=kmask[:, None] & cmask[None, :], other=0.0)
+                carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
+        gh = tl.where(nvalid, 0.0, gh) + carry
+        dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
+        dc = tl.where(valid, gc, 0.0)
+
+        # this step's LN statistics, loaded where used (not prefetched across the barrier like the
+        # tiles: fewer live registers; bwd B16 H256 spilled with them, sm_90 compile)
+        st = stat_ptr + (t64 * nrb + pid_b) * (NSTAT * BLOCK_B)
+        m_o = _load_stat(st, 6, rl, NSTAT, BLOCK_B)
+        r_o = _load_stat(st, 7, rl, NSTAT, BLOCK_B)
+        m_c = _load_stat(st, 8, rl, NSTAT, BLOCK_B)
+        r_c = _load_stat(st, 9, rl, NSTAT, BLOCK_B)
+        gw_o = _param(gw_ptr, 3 * H, cols, cmask, ACC)
+        cw = _param(cw_ptr, 0, cols, cmask, ACC)
+        xh_o = _norm(a_o.to(ACC), m_o, r_o, cmask)
+        go = _sigmoid(xh_o * gw_o[None, :] + _param(gb_ptr, 3 * H, cols, cmask, ACC)[None, :])
+        chat = _norm(c_cur.to(ACC), m_c, r_c, cmask)
+        tz = _tanh(chat * cw[None, :] + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
+        d_o = dh * tz
+        dz = tl.where(vm, dh * go * (1.0 - tz * tz), 0.0)
+        dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
+        u = dz * cw[None, :]
+        v_o = dy_o * gw_o[None, :]
+        _store_part(pp, pid, 0, rl, tl.sum(u, axis=1), NQ, BLOCK_B)
+        _store_part(pp, pid, 1, rl, tl.sum(u * chat, axis=1), NQ, BLOCK_B)
+        _store_part(pp, pid, 2, rl, tl.sum(v_o, axis=1), NQ, BLOCK_B)
+        _store_part(pp, pid, 3, rl, tl.sum(v_o * xh_o, axis=1), NQ, BLOCK_B)
+        _acc_cols(pcw, tl.sum(dz * chat, axis=0), amask, cmask)
+        _acc_cols(pcb, tl.sum(dz, axis=0), amask, cmask)
+        _acc_cols(pg + 3 * H, tl.sum(dy_o * xh_o, axis=0), amask, cmask)
+        _acc_cols(pgb + 3 * H, tl.sum(dy_o, axis=0), amask, cmask)
+        _grid_barrier(sync_ptr, (3 * i + 1) * nprog)
+
+        # ---- phase 2: dc through the cell LayerNorm; dG_o; dy of i, f, g and their row sums
+        s1 = _sum_parts(pp, 0, rl, NQ, BLOCK_B, BLOCK_P)
+        s2 = _sum_parts(pp, 1, rl, NQ, BLOCK_B, BLOCK_P)
+        dc += _lnback(u, chat, s1, s2, r_c, H)
+        s1 = _sum_parts(pp, 2, rl, NQ, BLOCK_B, BLOCK_P)
+        s2 = _sum_parts(pp, 3, rl, NQ, BLOCK_B, BLOCK_P)
+        dgty = dg_ptr.dtype.element_ty
+        g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
+        tl.store(dg_ptr + g_off + 3 * H, _lnback(v_o, xh_o, s1, s2, r_o, H).to(dgty), mask=mask)
+
+        m_i = _load_stat(st, 0, rl, NSTAT, BLOCK_B)
+        r_i = _load_stat(st, 1, rl, NSTAT, BLOCK_B)
+        m_f = _load_stat(st, 2, rl, NSTAT, BLOCK_B)
+        r_f = _load_stat(st, 3, rl, NSTAT, BLOCK_B)
+        m_g = _load_stat(st, 4, rl, NSTAT, BLOCK_B)
+        r_g = _load_stat(st, 5, rl, NSTAT, BLOCK_B)
+        gw_i = _param(gw_ptr, 0, cols, cmask, ACC)
+        gw_f = _param(gw_ptr, H, cols, cmask, ACC)
+        gw_g = _param(gw_ptr, 2 * H, cols, cmask, ACC)
+        xh_i = _norm(a_i.to(ACC), m_i, r_i, cmask)
+        xh_f = _norm(a_f.to(ACC), m_f, r_f, cmask)
+        xh_g = _norm(a_g.to(ACC), m_g, r_g, cmask)
+        gi = _sigmoid(xh_i * gw_i[None, :] + _param(gb_ptr, 0, cols, cmask, ACC)[None, :])
+        gf = _sigmoid(xh_f * gw_f[None, :] + _param(gb_ptr, H, cols, cmask, ACC)[None, :])
+        gg = _tanh(xh_g * gw_g[None, :] + _param(gb_ptr, 2 * H, cols, cmask, ACC)[None, :])
+        dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
+        dy_f = tl.where(vm, dc * c_prev.to(ACC) * gf * (1.0 - gf), 0.0)
+        dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
+        gc = tl.where(valid, dc * gf, gc)
+        v_i = dy_i * gw_i[None, :]
+        v_f = dy_f * gw_f[None, :]
+        v_g = dy_g * gw_g[None, :]
+        _store_part(pp, pid, 4, rl, tl.sum(v_i, axis=1), NQ, BLOCK_B)
+        _store_part(pp, pid, 5, rl, tl.sum(v_i * xh_i, axis=1), NQ, BLOCK_B)
+        _store_part(pp, pid, 6, rl, tl.sum(v_f, axis=1), NQ, BLOCK_B)
+        _store_part(pp, pid, 7, rl, tl.sum(v_f * xh_f, axis=1), NQ, BLOCK_B)
+        _store_part(pp, pid, 8, rl, tl.sum(v_g, axis=1), NQ, BLOCK_B)
+        _store_part(pp, pid, 9, rl, tl.sum(v_g * xh_g, axis=1), NQ, BLOCK_B)
+        _acc_cols(pg, tl.sum(dy_i * xh_i, axis=0), amask, cmask)
+        _acc_cols(pg + H, tl.sum(dy_f * xh_f, axis=0), amask, cmask)
+        _acc_cols(pg + 2 * H, tl.sum(dy_g * xh_g, axis=0), amask, cmask)
+        _acc_cols(pgb, tl.sum(dy_i, axis=0), amask, cmask)
+        _acc_cols(pgb + H, tl.sum(dy_f, axis=0), amask, cmask)
+        _acc_cols(pgb + 2 * H, tl.sum(dy_g, axis=0), amask, cmask)
+        _grid_barrier(sync_ptr, (3 * i + 2) * nprog)
+
+        # ---- phase 3: dG of i, f, g; publish
+        s1 = _sum_parts(pp, 4, rl, NQ, BLOCK_B, BLOCK_P)
+        s2 = _sum_parts(pp, 5, rl, NQ, BLOCK_B, BLOCK_P)
+        tl.store(dg_ptr + g_off, _lnback(v_i, xh_i, s1, s2, r_i, H).to(dgty), mask=mask)
+        s1 = _sum_parts(pp, 6, rl, NQ, BLOCK_B, BLOCK_P)
+        s2 = _sum_parts(pp, 7, rl, NQ, BLOCK_B, BLOCK_P)
+        tl.store(dg_ptr + g_off + H, _lnback(v_f, xh_f, s1, s2, r_f, H).to(dgty), mask=mask)
+        s1 = _sum_parts(pp, 8, rl, NQ, BLOCK_B, BLOCK_P)
+        s2 = _sum_parts(pp, 9, rl, NQ, BLOCK_B, BLOCK_P)
+        tl.store(dg_ptr + g_off + 2 * H, _lnback(v_g, xh_g, s1, s2, r_g, H).to(dgty), mask=mask)
+
+        # step t-1's own tiles, before the barrier (nothing at t = 0)
+        pmask = tl.where(i + 1 < T, mask, False)
+        p_off = g_off - G * B
+        s_prv = ((t64 * B + rows) * H)[:, None] + cols[None, :] - B * H  # slot t-1
+        a_i = tl.load(gates_ptr + p_off, mask=pmask, other=0.0)
+        a_f = tl.load(gates_ptr + p_off + H, mask=pmask, other=0.0)
+        a_g = tl.load(gates_ptr + p_off + 2 * H, mask=pmask, other=0.0)
+        a_o = tl.load(gates_ptr + p_off + 3 * H, mask=pmask, other=0.0)
+        d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
+        c_cur = c_prev
+        c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
+        _grid_barrier(sync_ptr, (3 * i + 3) * nprog)
+
+    tl.store(gh_ptr + b_off, gh.to(gh_ptr.dtype.element_ty), mask=mask)
+    tl.store(gc_ptr + b_off, gc.to(gc_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: drop-in replacements for the layer-norm step loops of kernels/lstm.py. The callers
+# allocate and own every buffer; these check shapes and the plan, and launch.
+# ----------------------------------------------------------------------------------------------
+
+
+def kernel_eps(eps: float, device) -> float:
+    """eps as the kernels add it: a Python float argument is compiled as an fp32 scalar on CUDA
+    (so the fp64 kernels, step path included, add the fp32-rounded value there), while the
+    interpreter (CPU) keeps the Python float. The backward statistics computed with torch use the
+    same number as the forward kernel did."""
+    if torch.device(device).type == "cuda":
+        return float(np.float32(eps))
+    return float(eps)
+
+
+def _ln_params(ln: Sequence[torch.Tensor], H: int):
+    gw, gb, cw, cb = (p.contiguous() for p in ln)
+    G = 4 * H
+    assert gw.shape == (G,) and gb.shape == (G,) and cw.shape == (H,) and cb.shape == (H,), "LN parameter shapes"
+    return gw, gb, cw, cb
+
+
+def _check_buffers(*ts) -> None:
+    for t in ts:
+        if t is not None:
+            assert t.is_contiguous(), "persistent LN kernels take contiguous buffers"
+
+
+def _partials(pl: Plan, dtype: torch.dtype, device) -> torch.Tensor:
+    # [R, 2 (step parity), BLOCK_P, NQ, BLOCK_B]; zeroed: the slots of programs p >= P are read
+    # (as zeros) by the unmasked combine loads and never written
+    return torch.zeros((pl.row_blocks, 2, block_p(pl.programs), NQ, pl.BLOCK_B), dtype=dtype, device=device)
+
+
+def _ln_sync_counter(T: int, pl: Plan, device) -> torch.Tensor:
+    # barrier n waits for n P <= 3 T P arrivals: keep that in int32; one counter per row block
+    if BARRIERS_PER_STEP * T * pl.programs >= 2 ** 31:
+        raise ValueError(f"persistent LN kernels: {BARRIERS_PER_STEP} x T={T} x {pl.programs} programs "
+                         "overflows the int32 barrier counter")
+    return torch.zeros(pl.row_blocks, dtype=torch.int32, device=device)
+
+
+def _check_ln_plan(pl: Plan, B: int, H: int, device) -> int:
+    _check_plan(pl, B, H, device)  # the deadlock guard (co-residency), as persistent.py's
+    bp = block_p(pl.programs)
+    assert bp >= pl.programs
+    return bp
+
+
+def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, ln, lengths, eps, fma, ieee, upcast) -> None:
+    """All T forward steps of the layer-norm LSTM: fills hs[1:], cs[1:], out and (if not None)
+    gates, as kernels.lstm.lstm_fwd(..., ln=ln, path="step") does with the same buffers.
+    hs[0], cs[0] hold h0, c0. The compute dtype is cs's (fp32 / fp64); hs may be cs's dtype or the
+    storage dtype."""
+    T, B, H = out.shape
+    BP = _check_ln_plan(pl, B, H, xp.device)
+    gw, gb, cw, cb = _ln_params(ln, H)
+    _check_buffers(xp, w_hh, hs, cs, out, gates, lengths)
+    assert hs.shape == cs.shape == (T + 1, B, H) and xp.shape == (T, B, 4 * H) and w_hh.shape == (4 * H, H)
+    assert gates is None or gates.shape == (T, B, 4 * H)
+    part = _partials(pl, cs.dtype, xp.device)
+    sync = _ln_sync_counter(T, pl, xp.device)
+    k = _ln_lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
+        xp, w_hh, hs, cs, out, gates, lengths, gw, gb, cw, cb, part, sync, T, B, H, float(eps),
+        RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=NQ,
+        **_launch_opts(xp.device, pl),
+    )
+    _record("ln_lstm_fwd", k)
+
+
+def bwd_stats(gates: torch.Tensor, cs: torch.Tensor, eps: float, dtype: torch.dtype, BLOCK_B: int) -> torch.Tensor:
+    """[T, R, NSTAT, BLOCK_B] in ``dtype`` (R = cdiv(B, BLOCK_B); padded rows 0): per step and row,
+    mean and rstd of the four pre-LN gate rows (slots 2q, 2q+1) and of c_t = cs[t+1] (slots 8, 9),
+    from the saved tensors (population variance, rstd = 1 / sqrt(var + eps), eps as the kernels
+    add it: kernel_eps)."""
+    T, B, G = gates.shape
+    H = G // 4
+    R = triton.cdiv(B, BLOCK_B)
+    e = kernel_eps(eps, gates.device)
+    var, mean = torch.var_mean(gates.view(T, B, 4, H).to(dtype), dim=-1, correction=0)  # [T, B, 4]
+    cvar, cmean = torch.var_mean(cs[1:].to(dtype), dim=-1, correction=0)  # [T, B]
+    st = torch.zeros((T, R * BLOCK_B, NSTAT), dtype=dtype, device=gates.device)
+    st[:, :B, 0:8:2] = mean
+    st[:, :B, 1:8:2] = 1.0 / torch.sqrt(var + e)
+    st[:, :B, 8] = cmean
+    st[:, :B, 9] = 1.0 / torch.sqrt(cvar + e)
+    return st.view(T, R, BLOCK_B, NSTAT).transpose(2, 3).contiguous()
+
+
+def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, eps, dln_out,
+                     fma, ieee, upcast) -> None:
+    """All T reverse steps of the layer-norm LSTM: fills dG[:T] (dG[T] must be zero), leaves
+    gh_0 in gh and dc0 in gc (both in the compute dtype), and writes the LN parameter gradients
+    (summed over the rows of row block r and all steps) into row r of dln_out = (dgw [R', G],
+    dgb [R', G], dcw [R', H], dcb [R', H]), R' >= R = plan.row_blocks (1 for B <= 64); rows >= R
+    are left as they are, so the step path's zeroed ``parts`` summed over dim 0 afterwards give
+    the gradients. dG may be the compute dtype or the storage dtype."""
+    T, B, H = dout.shape
+    G = 4 * H
+    BP = _check_ln_plan(pl, B, H, dout.device)
+    gw, gb, cw, cb = _ln_params(ln, H)
+    dgw, dgb, dcw, dcb = dln_out
+    _check_buffers(gates, w_hh, cs, dout, dG, gh, gc, lengths, dgw, dgb, dcw, dcb)
+    assert gates.shape == (T, B, G) and dG.shape == (T + 1, B, G) and cs.shape == (T + 1, B, H)
+    assert gh.shape == gc.shape == (B, H) and gh.dtype == gc.dtype and w_hh.shape == (G, H)
+    for buf, n in ((dgw, G), (dgb, G), (dcw, H), (dcb, H)):
+        assert buf.dim() == 2 and buf.shape[1] == n and buf.shape[0] >= pl.row_blocks and buf.dtype == gc.dtype, \
+            "LN gradient buffers: [>= R, n] in the compute dtype"
+    stats = bwd_stats(gates, cs, eps, gc.dtype, pl.BLOCK_B)
+    part = _partials(pl, gc.dtype, dout.device)
+    sync = _ln_sync_counter(T, pl, dout.device)
+    k = _ln_lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
+        gates, w_hh, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, stats, part, dgw, dgb, dcw, dcb, sync,
+        T, B, H, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=NQ, NSTAT=NSTAT,
+        **_launch_opts(dout.device, pl),
+    )
+    _record("ln_lstm_bwd", k)
+
+
+__all__ = ["plan_ln", "ln_lstm_fwd_loop", "ln_lstm_bwd_loop", "bwd_stats", "block_p", "LAST_LAUNCH"]

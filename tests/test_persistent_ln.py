@@ -1,0 +1,538 @@
+"""Persistent layer-norm LSTM kernels (fused_rnn.kernels.persistent_ln: one launch for all T steps,
+the LayerNorm statistics combined across programs through global memory between grid barriers).
+
+Under the Triton interpreter (CPU) a grid's programs run one after another, so only one program
+per row block can pass a barrier: plan_ln() gives one program covering all of H there, and these
+tests compare that path with the step path (kernels.lstm with ln and path="step") and with an fp64
+reference. The cross-program combine (Chan's formula over P > 1 partials, the plain sums of the
+backward) is driven directly with P > 1 through small single-program test kernels: the only P > 1
+logic CI runs. The multi-program kernels themselves run only in the CUDA tests at the end.
+Buffers the kernels must fill are NaN-filled first, so an element left unwritten fails.
+"""
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from conftest import (
+    BF16, DT_NAME, F32, F64, kernel_device, rel_err, requires_cuda, requires_kernels, requires_sm90_compile, tol,
+)
+from fused_rnn.reference import LN_EPS, lstm_cell_ref, lstm_sequence_ref
+
+DEV = kernel_device()
+NAN = float("nan")
+
+
+def _mods():
+    from fused_rnn.kernels import _common, lstm as KL, persistent_ln as PL
+
+    return _common, KL, PL
+
+
+def make_case(T, B, I, H, dtype, lengths=None, seed=0):
+    """Inputs [x, h0, c0, w_ih, w_hh, b_ih, b_hh], LN params [gw, gb, cw, cb] in ``dtype`` on DEV,
+    lengths, and upstream gradients (dout, dh_n, dc_n)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale + shift).to(device=DEV, dtype=dtype)
+
+    k = 2.0 / H ** 0.5
+    ins = [r(T, B, I), r(B, H), r(B, H), r(4 * H, I, scale=k), r(4 * H, H, scale=k), r(4 * H, scale=k),
+           r(4 * H, scale=k)]
+    ln = [r(4 * H, scale=0.2, shift=1.0), r(4 * H, scale=0.2), r(H, scale=0.2, shift=1.0), r(H, scale=0.2)]
+    L = None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=DEV)
+    ups = [r(T, B, H), r(B, H), r(B, H)]
+    return ins, ln, L, ups
+
+
+def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None):
+    """Our forward loop on freshly NaN-filled buffers; ``like``: the step path's (hs, cs, gates)
+    whose dtypes to copy (so the test follows whatever dtypes kernels.lstm chose)."""
+    C, KL, PL = _mods()
+    T, B, _ = x.shape
+    G, H = w_hh.shape
+    sd = C.state_dtype(x.dtype)
+    hdt, cdt, gdt = (sd, sd, sd) if like is None else (like[0].dtype, like[1].dtype, like[2].dtype)
+    xp = C.input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh)
+    hs = torch.full((T + 1, B, H), NAN, dtype=hdt, device=x.device)
+    cs = torch.full((T + 1, B, H), NAN, dtype=cdt, device=x.device)
+    hs[0] = h0
+    cs[0] = c0
+    out = torch.full((T, B, H), NAN, dtype=x.dtype, device=x.device)
+    gates = torch.full((T, B, G), NAN, dtype=gdt, device=x.device)
+    PL.ln_lstm_fwd_loop(pl, xp, w_hh.contiguous(), hs, cs, out, gates, ln, L, LN_EPS,
+                        *C.dot_flags(w_hh.dtype, False, x.device))
+    return out, hs, cs, gates
+
+
+def run_bwd(pl, ups, x, w_ih, w_hh, hs, cs, gates, ln, L, dg_dtype=None):
+    """Our reverse loop, then the after-loop gradients with plain torch (so that this test does not
+    depend on kernels._common.after_loop_grads): (dx, dh0, dc0, dw_ih, dw_hh, db, dln, dG)."""
+    C, KL, PL = _mods()
+    dout, dh_n, dc_n = ups
+    T, B, I = x.shape
+    G, H = w_hh.shape
+    sd = cs.dtype
+    dG = torch.full((T + 1, B, G), NAN, dtype=dg_dtype or sd, device=x.device)
+    dG[T] = 0
+    gh = dh_n.to(sd, copy=True).contiguous()
+    gc = dc_n.to(sd, copy=True).contiguous()
+    dln = [torch.full((pl.row_blocks, n), NAN, dtype=sd, device=x.device) for n in (G, G, H, H)]
+    PL.ln_lstm_bwd_loop(pl, gates, w_hh.contiguous(), cs, dout.contiguous(), dG, gh, gc, ln, L, LN_EPS, dln,
+                        *C.dot_flags(w_hh.dtype, False, x.device))
+    d = dG[:T].to(sd).reshape(T * B, G)
+    dh0 = dG[0].to(sd) @ w_hh.to(sd)
+    if L is not None:
+        dh0 = dh0 + torch.where((L > 0).unsqueeze(1), torch.zeros_like(gh), gh)
+    dx = (d @ w_ih.to(sd)).view(T, B, I)
+    dw_ih = d.t() @ x.reshape(T * B, I).to(sd)
+    dw_hh = d.t() @ hs[:T].to(sd).reshape(T * B, H)
+    db = d.sum(0)
+    return dx, dh0, gc, dw_ih, dw_hh, db, [p.sum(0) for p in dln], dG
+
+
+def reference(ins, ln, L, ups):
+    """fp64 reference with the gate input x W_ihᵀ + b as a leaf, so that its gradient is dG:
+    (out, h_n, c_n, hs, cs, gates) and the gradients w.r.t. (xp, h0, c0, w_hh, *ln)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = [t.detach().to(F64) for t in ins]
+    ln = [p.detach().to(F64).requires_grad_() for p in ln]
+    xp = (x @ w_ih.t() + b_ih + b_hh).detach().requires_grad_()
+    h0 = h0.requires_grad_()
+    c0 = c0.requires_grad_()
+    w_hh = w_hh.requires_grad_()
+    h, c = h0, c0
+    outs, hs, cs, gates = [], [h0], [c0], []
+    for t in range(x.shape[0]):
+        a = xp[t] + h @ w_hh.t()
+        gates.append(a)
+        hn, cn = lstm_cell_ref(a, c, ln, LN_EPS)
+        if L is None:
+            h, c, o = hn, cn, hn
+        else:
+            m = (t < L).unsqueeze(1)
+            h, c, o = torch.where(m, hn, h), torch.where(m, cn, c), torch.where(m, hn, torch.zeros_like(hn))
+        outs.append(o)
+        hs.append(h)
+        cs.append(c)
+    out = torch.stack(outs)
+    loss = sum((a * u.to(F64)).sum() for a, u in zip((out, h, c), ups))
+    grads = torch.autograd.grad(loss, [xp, h0, c0, w_hh, *ln])
+    fwd = [out, h, c, torch.stack(hs), torch.stack(cs), torch.stack(gates)]
+    return [t.detach() for t in fwd], list(grads)
+
+
+def check(a, b, bound, what):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert not torch.isnan(a).any(), f"{what}: NaN (an unwritten element?)"
+    e = rel_err(a, b)
+    assert e <= bound, f"{what}: rel err {e:.3e} > {bound:.1e}"
+
+
+# (T, B, I, H, lengths): H not a multiple of 16, B not a power of two, T = 1, a zero length, a full
+# length and one past T, and B = 70: two row blocks of 64 (the interpreter runs one after another)
+SHAPES = {
+    "T5-B3-H37-len": (5, 3, 4, 37, [5, 2, 0]),
+    "T3-B17-H20-len": (3, 17, 3, 20, [3, 1, 0, 3, 2, 4, 1, 3, 0, 2, 3, 3, 1, 2, 3, 1, 2]),
+    "T1-B5-H16": (1, 5, 3, 16, None),
+    "T2-B70-H5-len": (2, 70, 2, 5, [2, 1, 0] * 23 + [2]),
+}
+# vs the step path: the same math, only summation orders differ (the step path's statistics of the
+# backward come from its kernel, ours from torch.var_mean)
+CLOSE = {F64: 1e-12, F32: 2e-6, BF16: 1e-2}
+
+
+def _cases():
+    for sid in SHAPES:
+        yield pytest.param(sid, F32, id=f"{sid}-fp32")
+    yield pytest.param("T5-B3-H37-len", F64, id="T5-B3-H37-len-fp64")
+    yield pytest.param("T1-B5-H16", F64, id="T1-B5-H16-fp64")
+    yield pytest.param("T5-B3-H37-len", BF16, id="T5-B3-H37-len-bf16")
+    yield pytest.param("T3-B17-H20-len", BF16, id="T3-B17-H20-len-bf16")
+
+
+@requires_kernels
+@pytest.mark.parametrize("sid,dtype", list(_cases()))
+def test_ln_persistent_matches_step_and_reference(sid, dtype):
+    """Forward (out, hs, cs, gates) and backward (dG, dh0, dc0, weight and LN-parameter gradients)
+    of the persistent LN loops against the step path and the fp64 reference."""
+    C, KL, PL = _mods()
+    T, B, I, H, lengths = SHAPES[sid]
+    ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    pf, why = PL.plan_ln("fwd", B, H, dtype, DEV)
+    pb, why_b = PL.plan_ln("bwd", B, H, dtype, DEV)
+    assert pf is not None and pb is not None, (why, why_b)
+    if DEV.type == "cpu":
+        assert pf.programs == 1 and pf.BLOCK_H >= H and pf.row_blocks == -(-B // pf.BLOCK_B)
+
+    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, path="step")  # out, h_n, c_n, hs, cs, gates
+    out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=step[3:])
+    ref_fwd, ref_grads = reference(ins, ln, L, ups)
+    close = CLOSE[dtype]
+    for name, a, b in (("out", out, step[0]), ("hs", hs, step[3]), ("cs", cs, step[4]), ("gates", gates, step[5])):
+        check(a, b, close, f"fwd {name} vs step")
+    for name, a, b in (("out", out, ref_fwd[0]), ("hs", hs, ref_fwd[3]), ("cs", cs, ref_fwd[4]),
+                       ("gates", gates, ref_fwd[5])):
+        check(a, b, tol(dtype), f"fwd {name} vs reference")
+    assert out.dtype == dtype
+    if L is not None:  # zero output past a sequence's end, h and c held
+        t_idx = torch.arange(T, device=DEV).unsqueeze(1)
+        assert (out[t_idx >= L.unsqueeze(0)] == 0).all()
+        ended = L == 0
+        assert torch.equal(hs[T][ended], hs[0][ended]) and torch.equal(cs[T][ended], cs[0][ended])
+    if dtype != BF16:
+        # the reference's own sequence function agrees with the loop above (the test's oracle)
+        ref_seq = lstm_sequence_ref(*[t.to(F64) for t in ins], tuple(p.to(F64) for p in ln), L)
+        check(ref_fwd[0], ref_seq[0], 1e-13, "reference loop vs lstm_sequence_ref")
+
+    dx, dh0, dc0, dw_ih, dw_hh, db, dln, dG = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L)
+    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L, path="step")
+    ours = [dx, dh0, dc0, dw_ih, dw_hh, db, *dln]
+    theirs = [*step_b[:6], *step_b[6]]
+    names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db", "dgw", "dgb", "dcw", "dcb"]
+    for n, a, b in zip(names, ours, theirs):
+        check(a, b.to(a.dtype), close, f"bwd {n} vs step")
+    dxp, rdh0, rdc0, rdw_hh, *rdln = ref_grads
+    check(dG[:T], dxp, tol(dtype), "dG vs reference")
+    assert torch.equal(dG[T], torch.zeros_like(dG[T]))
+    for n, a, b in (("dh0", dh0, rdh0), ("dc0", dc0, rdc0), ("dw_hh", dw_hh, rdw_hh), ("dgw", dln[0], rdln[0]),
+                    ("dgb", dln[1], rdln[1]), ("dcw", dln[2], rdln[2]), ("dcb", dln[3], rdln[3])):
+        check(a, b, tol(dtype), f"bwd {n} vs reference")
+    if L is not None:  # no gradient flows into steps past a sequence's end
+        t_idx = torch.arange(T, device=DEV).unsqueeze(1)
+        assert (dG[:T][t_idx >= L.unsqueeze(0)] == 0).all()
+
+
+@requires_kernels
+def test_ln_persistent_16bit_state_buffers():
+    """hs and dG in the storage dtype (bf16) instead of fp32: the kernels cast every load to the
+    compute dtype (cs's / gc's) and every store to the destination's element type."""
+    C, KL, PL = _mods()
+    T, B, I, H, lengths = SHAPES["T5-B3-H37-len"]
+    ins, ln, L, ups = make_case(T, B, I, H, BF16, lengths)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    pf, _ = PL.plan_ln("fwd", B, H, BF16, DEV)
+    pb, _ = PL.plan_ln("bwd", B, H, BF16, DEV)
+    cs_like = torch.empty(0, dtype=F32)
+    out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=(torch.empty(0, dtype=BF16), cs_like, cs_like))
+    assert hs.dtype == BF16 and cs.dtype == F32
+    ref_fwd, ref_grads = reference(ins, ln, L, ups)
+    check(out, ref_fwd[0], tol(BF16), "out vs reference")
+    check(hs, ref_fwd[3], tol(BF16), "hs (bf16) vs reference")
+    dx, dh0, dc0, dw_ih, dw_hh, db, dln, dG = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L, dg_dtype=BF16)
+    assert dG.dtype == BF16
+    check(dG[:T], ref_grads[0], tol(BF16), "dG (bf16) vs reference")
+    for n, a, b in (("dh0", dh0, ref_grads[1]), ("dc0", dc0, ref_grads[2]), ("dgw", dln[0], ref_grads[4]),
+                    ("dcb", dln[3], ref_grads[7])):
+        check(a, b, tol(BF16), f"{n} vs reference")
+
+
+class _LNLoops(torch.autograd.Function):
+    """A layer-norm LSTM layer through the persistent loops only (for gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, L):
+        _, _, PL = _mods()
+        T, B, _ = x.shape
+        H = w_hh.shape[1]
+        ln = (gw, gb, cw, cb)
+        out, hs, cs, gates = run_fwd(PL.plan_ln("fwd", B, H, x.dtype, x.device)[0], x, h0, c0, w_ih, w_hh, b_ih,
+                                     b_hh, ln, L)
+        ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, gw, gb, cw, cb)
+        ctx.L = L
+        return out, hs[T].clone(), cs[T].clone()
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        _, _, PL = _mods()
+        x, w_ih, w_hh, hs, cs, gates, gw, gb, cw, cb = ctx.saved_tensors
+        B, H = x.shape[1], w_hh.shape[1]
+        pl = PL.plan_ln("bwd", B, H, x.dtype, x.device)[0]
+        dx, dh0, dc0, dw_ih, dw_hh, db, dln, _ = run_bwd(pl, [dout, dh_n, dc_n], x, w_ih, w_hh, hs, cs, gates,
+                                                         (gw, gb, cw, cb), ctx.L)
+        return (dx, dh0, dc0, dw_ih, dw_hh, db, db, *dln, None)
+
+
+@requires_kernels
+def test_ln_persistent_gradcheck():
+    """fp64 gradcheck of the persistent LN forward + backward for the inputs, weights, biases,
+    initial states and all four LN parameters, with a zero and a partial length."""
+    T, B, I, H = 3, 3, 2, 5
+    ins, ln, L, _ = make_case(T, B, I, H, F64, [3, 0, 2])
+    leaves = [t.detach().requires_grad_() for t in ins + ln]
+    assert torch.autograd.gradcheck(lambda *a: _LNLoops.apply(*a, L), leaves, fast_mode=DEV.type == "cpu")
+
+
+# ------------------------------------------------ the cross-program combine with P > 1 programs
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton on this platform: the kernel tests skip (requires_kernels)
+    triton = None
+
+if triton is not None:
+    from fused_rnn.kernels import persistent_ln as PLK
+
+    @triton.jit
+    def _chan_test_kernel(s_ptr, m2_ptr, n_ptr, mean_ptr, m2_out_ptr, H,
+                          BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
+        # partials [BLOCK_P, BLOCK_B] of arbitrary (unequal) column chunks, counts [BLOCK_P]
+        ps = tl.arange(0, BLOCK_P)
+        rb = tl.arange(0, BLOCK_B)
+        off = ps[:, None] * BLOCK_B + rb[None, :]
+        mean, m2 = PLK._chan_combine(tl.load(s_ptr + off), tl.load(m2_ptr + off), tl.load(n_ptr + ps), H)
+        tl.store(mean_ptr + rb, mean)
+        tl.store(m2_out_ptr + rb, m2)
+
+    @triton.jit
+    def _parts_test_kernel(v_ptr, part_ptr, mean_ptr, rstd_ptr, sum_ptr, P, H, eps,
+                           BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, NQ: tl.constexpr):
+        # P virtual programs, one after another: each writes the partials of its BLOCK_H columns
+        # of v [BLOCK_B, H] exactly as the kernels do (_own_stats, _store_part; slots 0, 1 and a
+        # plain row sum in slot 2), then the combine reads all of them (_gate_stats, _sum_parts)
+        rl = tl.arange(0, BLOCK_B)
+        for p in range(P):
+            cols = p * BLOCK_H + tl.arange(0, BLOCK_H)
+            cmask = cols < H
+            v = tl.load(v_ptr + rl[:, None] * H + cols[None, :], mask=cmask[None, :], other=0.0)
+            s, m2 = PLK._own_stats(v, cmask, tl.minimum(H - p * BLOCK_H, BLOCK_H))
+            PLK._store_part(part_ptr, p, 0, rl, s, NQ, BLOCK_B)
+            PLK._store_part(part_ptr, p, 1, rl, m2, NQ, BLOCK_B)
+            PLK._store_part(part_ptr, p, 2, rl, tl.sum(tl.where(cmask[None, :], v * v, 0.0), axis=1), NQ, BLOCK_B)
+        cnt = PLK._block_counts(P, H, BLOCK_H, BLOCK_P)
+        mean, rstd = PLK._gate_stats(part_ptr, 0, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        tl.store(mean_ptr + rl, mean)
+        tl.store(rstd_ptr + rl, rstd)
+        tl.store(sum_ptr + rl, PLK._sum_parts(part_ptr, 2, rl, NQ, BLOCK_B, BLOCK_P))
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_chan_combine_unequal_chunks(dtype):
+    """_chan_combine over P = 5 partials of unequal column chunks (one of a single column) plus
+    three empty slots (n = 0) of an 8-slot tile: torch.var_mean of the whole rows."""
+    g = torch.Generator().manual_seed(3)
+    B, BP = 4, 8
+    sizes = [7, 1, 12, 3, 10]
+    H = sum(sizes)
+    v = (torch.randn(B, H, generator=g, dtype=F64) * 3 + 5).to(dtype)  # an offset: tests the correction term
+    s = torch.zeros(BP, B, dtype=dtype)
+    m2 = torch.zeros(BP, B, dtype=dtype)
+    n = torch.zeros(BP, dtype=torch.int32)
+    for p, chunk in enumerate(torch.split(v, sizes, dim=1)):
+        s[p] = chunk.sum(1)
+        m2[p] = ((chunk - chunk.mean(1, keepdim=True)) ** 2).sum(1)
+        n[p] = chunk.shape[1]
+    s, m2, n = s.to(DEV), m2.to(DEV), n.to(DEV)
+    mean = torch.full((B,), NAN, dtype=dtype, device=DEV)
+    M2 = torch.full((B,), NAN, dtype=dtype, device=DEV)
+    _chan_test_kernel[(1,)](s, m2, n, mean, M2, H, BLOCK_P=BP, BLOCK_B=B)
+    var_ref, mean_ref = torch.var_mean(v.to(F64), dim=1, correction=0)
+    bound = 1e-13 if dtype == F64 else 1e-6
+    assert rel_err(mean.cpu(), mean_ref) <= bound
+    assert rel_err(M2.cpu() / H, var_ref) <= bound
+    # the correction term matters: the plain sum of the M2_p is far off
+    assert rel_err(m2.sum(0).cpu() / H, var_ref) > 0.1
+
+
+@requires_kernels
+@pytest.mark.parametrize("H,BH", [(37, 8), (64, 16), (5, 8)])
+def test_partials_layout_multi_program(H, BH):
+    """The kernels' own partial layout and helpers with P = cdiv(H, BH) programs (the last one
+    partial when BH does not divide H; P = 1 for H=5) in a BLOCK_P-slot buffer whose unused
+    slots stay zero: mean, rstd and a plain row sum against torch over the whole rows."""
+    g = torch.Generator().manual_seed(4)
+    BB, NQ = 16, PLK.NQ
+    P = triton.cdiv(H, BH)
+    BP = max(2, triton.next_power_of_2(P))
+    v = (torch.randn(BB, H, generator=g, dtype=F64) * 2 - 1).to(F32).to(DEV)
+    part = torch.zeros((BP, NQ, BB), dtype=F32, device=DEV)
+    mean, rstd, rsum = (torch.full((BB,), NAN, dtype=F32, device=DEV) for _ in range(3))
+    _parts_test_kernel[(1,)](v, part, mean, rstd, rsum, P, H, LN_EPS, BLOCK_H=BH, BLOCK_B=BB, BLOCK_P=BP, NQ=NQ)
+    var_ref, mean_ref = torch.var_mean(v.double(), dim=1, correction=0)
+    assert rel_err(mean, mean_ref) <= 1e-6
+    assert rel_err(rstd, 1 / torch.sqrt(var_ref + LN_EPS)) <= 1e-6
+    assert rel_err(rsum, (v.double() ** 2).sum(1)) <= 1e-6
+    assert (part[P:] == 0).all()  # slots past the grid untouched
+
+
+# ---------------------------------------------------------------- the plan (no kernels run)
+def test_plan_ln():
+    pytest.importorskip("triton")
+    from fused_rnn.kernels import persistent_ln as PL
+
+    cuda = torch.device("cuda", 0)
+    pl, _ = PL.plan_ln("fwd", 16, 256, BF16, cuda, limit=132)
+    assert (pl.programs, pl.BLOCK_H, pl.BLOCK_B, pl.row_blocks) == (16, 16, 16, 1) and pl.resident
+    pl, _ = PL.plan_ln("bwd", 16, 256, BF16, cuda, limit=132)
+    assert pl.resident and pl.num_warps == 4  # 8 warps spilled (sm_90 compile; see _ln_num_warps)
+    pl, _ = PL.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)
+    assert (pl.programs, pl.BLOCK_H) == (32, 16) and pl.resident
+    pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
+    assert pl.programs == 48 and not pl.resident
+    # the partial tile: at most PART_TILE_MAX_ELEMS / BLOCK_B programs per row block
+    pl, _ = PL.plan_ln("fwd", 64, 2048, BF16, cuda, limit=132)
+    assert pl.programs * pl.BLOCK_H >= 2048 and PL.block_p(pl.programs) * 64 <= PL.PART_TILE_MAX_ELEMS
+    pl, why = PL.plan_ln("fwd", 64, 4096, BF16, cuda, limit=132)
+    assert pl is None and "at most 32 programs per row block" in why
+    pl, why = PL.plan_ln("fwd", 16, 256, BF16, cuda, limit=3)
+    assert pl is None and "more than 3 programs" in why
+    for H in (5, 37, 300):
+        pl, _ = PL.plan_ln("bwd", 5, H, F32, "cpu")
+        assert pl.programs == 1 and pl.BLOCK_H >= H
+    pl, _ = PL.plan_ln("fwd", 70, 20, F32, "cpu")
+    assert pl.row_blocks == 2 and pl.BLOCK_B == 64
+
+
+def test_sync_counter_overflow_guard():
+    pytest.importorskip("triton")
+    from fused_rnn.kernels import persistent_ln as PL
+
+    pl, _ = PL.plan_ln("fwd", 16, 256, BF16, torch.device("cuda", 0), limit=132)
+    with pytest.raises(ValueError, match="overflows the int32 barrier counter"):
+        PL._ln_sync_counter(2 ** 31 // (3 * pl.programs) + 1, pl, "cpu")
+    assert PL._ln_sync_counter(1000, pl, "cpu").tolist() == [0]
+
+
+# ------------------------------------------------------------- sm_90 compile (no GPU needed)
+def _compile_sm90_specialized(kernel, signature, constexprs, **options):
+    """conftest.compile_sm90 plus the specialization a launch on a GPU gets (pointers 16-byte
+    aligned, B and H divisible by 16: vectorised accesses, which change register counts)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
+             for k, v in signature.items() if v.startswith("*") or k in ("B", "H")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _res_usage(cubin: bytes) -> dict:
+    """REG / STACK / SHARED of a cubin from the cuobjdump bundled with Triton (no GPU needed)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", text)}
+
+
+# (shape, hs / dG dtype): every kernel at S1/S2/S4's plans with fp32 state buffers (kernels.lstm's
+# layout at the time of writing) and with bf16 ones (the storage-dtype layout being introduced).
+# Spill bytes allowed: 0, except the forward at B64 H512 with a bf16 hs (8 B of stack: see
+# _ln_num_warps).
+SM90_CASES = [(d, B, H, st) for (B, H) in ((16, 256), (64, 512), (16, 768)) for d in ("fwd", "bwd")
+              for st in ("fp32", "bf16")]
+SM90_SPILL_ALLOWED = {("fwd", 64, 512, "bf16"): 16}
+
+
+@requires_sm90_compile
+@pytest.mark.parametrize("direction,B,H,st", SM90_CASES,
+                         ids=[f"{d}-B{B}-H{H}-{st}" for d, B, H, st in SM90_CASES])
+def test_ln_kernels_compile_for_sm90(direction, B, H, st):
+    """Both persistent LN kernels compile for an H100 (sm_90) at plan_ln's plans (bf16 inputs,
+    lengths on), with the grid barrier's release/acquire atomics in the PTX; prints registers,
+    stack (spill) bytes and shared memory, and checks the spill budget."""
+    from fused_rnn.kernels import persistent_ln as PL
+
+    pl, why = PL.plan_ln(direction, B, H, BF16, torch.device("cuda", 0), limit=132)
+    assert pl is not None, why
+    const = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
+                 BLOCK_K=pl.BLOCK_K, BLOCK_P=PL.block_p(pl.programs), NQ=PL.NQ, HAS_LENGTHS=True)
+    sig = dict(len_ptr="*i64", part_ptr="*fp32", sync_ptr="*i32", T="i32", B="i32", H="i32", gw_ptr="*bf16",
+               gb_ptr="*bf16", cw_ptr="*bf16", cb_ptr="*bf16")
+    if direction == "fwd":
+        kern = PL._ln_lstm_fwd_persistent_kernel
+        sig.update(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr=f"*{st}", cs_ptr="*fp32", out_ptr="*bf16",
+                   gates_ptr="*fp32", eps="fp32")
+        const["STORE_GATES"] = True
+    else:
+        kern = PL._ln_lstm_bwd_persistent_kernel
+        sig.update(gates_ptr="*fp32", w_ptr="*bf16", cs_ptr="*fp32", dout_ptr="*bf16", dg_ptr=f"*{st}",
+                   gh_ptr="*fp32", gc_ptr="*fp32", stat_ptr="*fp32", dgw_ptr="*fp32", dgb_ptr="*fp32",
+                   dcw_ptr="*fp32", dcb_ptr="*fp32")
+        const["NSTAT"] = PL.NSTAT
+    ck = _compile_sm90_specialized(kern, sig, const, num_warps=pl.num_warps, num_stages=pl.num_stages,
+                                   launch_cooperative_grid=True)
+    ptx = ck.asm["ptx"]
+    assert ".target sm_90" in ptx
+    assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
+    assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire read at GPU scope"
+    assert "mma" in ptx  # the recurrent matmul on tensor cores
+    use = _res_usage(ck.asm["cubin"])
+    print(f"\nLN {direction} B{B} H{H} hs/dG={st}: P={pl.programs} BLOCK_H={pl.BLOCK_H} BLOCK_K={pl.BLOCK_K} "
+          f"resident={pl.resident} num_warps={pl.num_warps}: regs={use['REG']} stack={use['STACK']} B "
+          f"shared={ck.metadata.shared} B")
+    assert use["STACK"] <= SM90_SPILL_ALLOWED.get((direction, B, H, st), 0), "register spills"
+
+
+# ---------------------------------------------------------------- CUDA: the multi-program path
+CUDA_SHAPES = [(64, 16, 64, 256, None), (32, 64, 48, 512, "len")]  # (T, B, I, H, lengths)
+
+
+def _cuda_cases():
+    for shape in CUDA_SHAPES:
+        for dtype in (BF16, F32):
+            yield pytest.param(shape, dtype, id=f"T{shape[0]}-B{shape[1]}-H{shape[3]}-{DT_NAME[dtype]}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape,dtype", list(_cuda_cases()))
+def test_cuda_ln_multi_program_matches_step(shape, dtype):
+    """The multi-program LN kernels (3 grid barriers a step, partial statistics across programs)
+    against the step path and the fp64 reference, forward and backward."""
+    C, KL, PL = _mods()
+    T, B, I, H, lens = shape
+    lengths = None if lens is None else [T - (b % 7) for b in range(B - 1)] + [0]
+    ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    pf, why = PL.plan_ln("fwd", B, H, dtype, DEV)
+    pb, why_b = PL.plan_ln("bwd", B, H, dtype, DEV)
+    assert pf is not None and pf.programs > 1 and pb is not None and pb.programs > 1, (why, why_b)
+    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, path="step")
+    out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=step[3:])
+    bwd = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L)
+    torch.cuda.synchronize()
+    print(f"LN {DT_NAME[dtype]} {shape}: fwd {pf}, bwd {pb}, compiled: {PL.LAST_LAUNCH}")
+    close = {F32: 1e-4, BF16: 2e-2}[dtype]
+    for name, a, b in (("out", out, step[0]), ("hs", hs, step[3]), ("cs", cs, step[4]), ("gates", gates, step[5])):
+        check(a, b, close, f"fwd {name} vs step")
+    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L, path="step")
+    names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db", "dgw", "dgb", "dcw", "dcb"]
+    for n, a, b in zip(names, [*bwd[:6], *bwd[6]], [*step_b[:6], *step_b[6]]):
+        check(a, b.to(a.dtype), close, f"bwd {n} vs step")
+    ref_fwd, ref_grads = reference(ins, ln, L, ups)
+    check(out, ref_fwd[0], tol(dtype), "out vs reference")
+    check(bwd[7][:T], ref_grads[0], tol(dtype), "dG vs reference")
+
+
+@requires_cuda
+def test_cuda_ln_persistent_deterministic():
+    """Two runs of the multi-program LN loops agree bitwise (fixed-order combines, no atomics on
+    data; the barrier counters are per launch)."""
+    _, _, PL = _mods()
+    T, B, I, H = 16, 16, 64, 256
+    ins, ln, L, ups = make_case(T, B, I, H, BF16, None)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
+    pf, _ = PL.plan_ln("fwd", B, H, BF16, DEV)
+    pb, _ = PL.plan_ln("bwd", B, H, BF16, DEV)
+    assert pf.programs > 1 and pb.programs > 1
+    runs = []
+    for _ in range(2):
+        out, hs, cs, gates = run_fwd(pf, *ins, ln, L)
+        dx, dh0, dc0, dw_ih, dw_hh, db, dln, dG = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L)
+        runs.append([out, hs, cs, gates, dG, dh0, dc0, *dln])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
