@@ -19,6 +19,8 @@
 #   memcheck  compute-sanitizer --tool memcheck over bench/memcheck_cases.py (every kernel,
 #             fwd+bwd, small odd shapes, variable lengths); passes only on "ERROR SUMMARY: 0 errors"
 #   demo      fused-rnn demo --quick --steps 100 on CUDA: fused_rnn.LSTM vs torch.nn.LSTM tokens/s
+#   check     fused-rnn check --quick --paths auto,persistent on CUDA (every kernel against the
+#             fp64 reference, fp32/bf16/fp16/fp64), on whatever time is left; log in pytest.txt
 #
 # Files in $OUT (8, the most the device tool brings back): summary.txt, setup.txt, pytest.txt,
 # memcheck.txt, bench_log.txt (smoke, bench and demo logs), bench.md, bench.json, bench.png.
@@ -26,7 +28,7 @@
 # CPU parts ran: pytest on the CPU, the bench's CPU mode; memcheck skipped).
 #
 # Knobs (environment): PYTHON (default python3), TOTAL_S (whole budget, default 240),
-# T_INSTALL / T_SMOKE / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO (per-stage limits, seconds), PYTEST_WORKERS
+# T_INSTALL / T_SMOKE / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO / T_CHECK (per-stage limits, seconds), PYTEST_WORKERS
 # (pytest-xdist workers when installed, default 4; 0 = none), SKIP_STAGES (comma list, e.g.
 # "install,pytest", to skip stages while testing this script), FORCE_SHIM=1 (skip pip, test the
 # shim).
@@ -39,11 +41,12 @@ OUT=$(cd "$OUT" && pwd)
 
 TOTAL_S=${TOTAL_S:-240}
 T_INSTALL=${T_INSTALL:-30}
-T_SMOKE=${T_SMOKE:-45}
-T_BENCH=${T_BENCH:-75}
+T_SMOKE=${T_SMOKE:-40}
+T_BENCH=${T_BENCH:-70}
 T_PYTEST=${T_PYTEST:-60}
-T_MEMCHECK=${T_MEMCHECK:-45}
-T_DEMO=${T_DEMO:-30}
+T_MEMCHECK=${T_MEMCHECK:-40}
+T_DEMO=${T_DEMO:-20}
+T_CHECK=${T_CHECK:-60}
 PYTEST_WORKERS=${PYTEST_WORKERS:-4}
 SKIP_STAGES=${SKIP_STAGES:-}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
@@ -278,6 +281,21 @@ else
         --quick --steps 100 --device cuda --out "$(mktemp -d)"  # its PNG/JSON would pass the 8 files
     SPEED=$(grep -E '^speed:' "$OUT/bench_log.txt" | tail -n 1)
     record demo "$RC" "$DUR" "$(status_of "$RC")" "${SPEED:-no speed line} (bench_log.txt)"
+fi
+
+# ------------------------------------------------------------------------------------ check
+# `fused-rnn check` on CUDA (issues 3 and 5 owe it): appended to pytest.txt.
+if skipped check; then
+    record check 0 0 skipped "SKIP_STAGES"
+elif [ "$HAS_GPU" != "1" ]; then
+    record check 0 0 skipped "no CUDA GPU"
+else
+    CPATHS=auto,persistent
+    [ "$PERSISTENT_OK" = 1 ] || CPATHS=auto
+    [ -f "$OUT/pytest.txt" ] || : >"$OUT/pytest.txt"
+    stage check "$T_CHECK" "$OUT/pytest.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn check --quick \
+        --device cuda --seed 1 --paths "$CPATHS"
+    record check "$RC" "$DUR" "$(status_of "$RC")" "$(grep -E '^check: [0-9]+ cases' "$OUT/pytest.txt" | tail -n 1) (pytest.txt)"
 fi
 
 # ---------------------------------------------------------------------------------- summary

@@ -96,10 +96,32 @@ def graph_unavailable(x: torch.Tensor) -> Tuple[Optional[str], bool]:
     return None, False
 
 
+_resolution_logs: list = []
+
+
+@contextlib.contextmanager
+def record_resolutions():
+    """Collect (op, path) for every resolve() inside the block (fused-rnn check uses it to tell a
+    case the requested path really ran from one that fell back to the step path)."""
+    log: list = []
+    _resolution_logs.append(log)
+    try:
+        yield log
+    finally:
+        _resolution_logs.remove(log)
+
+
 def resolve(op: str, path: str, x: torch.Tensor,
             persistent_plan: Callable[[], Tuple[object, str]]) -> str:
     """The path that will run op ("lstm_fwd", ...) for input x: "step", "graph" or "persistent".
     ``persistent_plan()`` returns (plan or None, why not) for this problem."""
+    got = _resolve(op, path, x, persistent_plan)
+    for log in _resolution_logs:
+        log.append((op, got))
+    return got
+
+
+def _resolve(op, path, x, persistent_plan) -> str:
     req = requested(path)
     if req == "auto":
         req = AUTO_PATH

@@ -138,6 +138,7 @@ class Result:
     tb: Optional[str] = None  # the exception's traceback
     skipped: Optional[str] = None  # why the kernels did not run this case (reference fallback)
     seconds: float = 0.0
+    path: str = "auto"  # the time-loop path it ran on (fused_rnn.use_path)
 
     @property
     def ok(self) -> bool:
@@ -343,12 +344,16 @@ def _forward_backward(fn, cell, leaves, douts, lengths):
 
 def run_case(case: Case, seed: int, device: torch.device, threshold: float,
              kernel: Callable = triton_path, poison: bool = True,
-             expect_triton: Optional[bool] = None) -> Result:
+             expect_triton: Optional[bool] = None, path: str = "auto") -> Result:
     """One case. ``expect_triton`` (default: ``kernel is triton_path``): a case in which the
-    kernel path called the reference path is reported as skipped."""
+    kernel path called the reference path is reported as skipped. ``path``: the time-loop path
+    the kernels run on (fused_rnn.use_path); a case that path does not take (it ran the step
+    path instead) is reported as skipped too."""
+    from . import _paths
+
     if expect_triton is None:
         expect_triton = kernel is triton_path
-    res = Result(case, threshold)
+    res = Result(case, threshold, path=path)
     ref_calls = [0]
     t0 = time.perf_counter()
     try:
@@ -365,11 +370,16 @@ def run_case(case: Case, seed: int, device: torch.device, threshold: float,
 
         r_outs, r_grads = _forward_backward(reference_path, case.cell, r_leaves, r_douts, lengths)
         with poisoned_allocations() if poison else contextlib.nullcontext(), \
-                count_reference_calls(ref_calls):
+                count_reference_calls(ref_calls), _paths.use_path(path), \
+                _paths.record_resolutions() as ran, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*path not possible.*", category=RuntimeWarning)
             k_outs, k_grads = _forward_backward(kernel, case.cell, k_leaves, k_douts, lengths)
         if expect_triton and ref_calls[0]:
             res.skipped = "the kernels did not take it; the reference path ran (" + (
                 _unsupported_reason(case, k_leaves) or "see the RuntimeWarning") + ")"
+        elif path not in ("auto", "step") and any(p != path for _, p in ran):
+            res.skipped = (f"the {path} path did not take it (ran "
+                           + ", ".join(sorted({f"{op}: {p}" for op, p in ran if p != path})) + ")")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -451,8 +461,9 @@ def table_row(res: Result) -> str:
 def run_sweep(cases: Sequence[Case], seed: int, device: torch.device, thresholds: Dict[str, float],
               kernel: Callable = triton_path, poison: bool = True,
               expect_triton: Optional[bool] = None,
-              out: Optional[TextIO] = None, verbose: bool = False) -> List[Result]:
-    """Run every case, printing the table as it goes; returns the results."""
+              out: Optional[TextIO] = None, verbose: bool = False, path: str = "auto") -> List[Result]:
+    """Run every case on time-loop path ``path``, printing the table as it goes; returns the
+    results."""
     import sys
 
     out = out or sys.stdout
@@ -460,7 +471,7 @@ def run_sweep(cases: Sequence[Case], seed: int, device: torch.device, thresholds
     results = []
     for case in cases:
         res = run_case(case, seed, device, thresholds[case.dtype], kernel=kernel, poison=poison,
-                       expect_triton=expect_triton)
+                       expect_triton=expect_triton, path=path)
         results.append(res)
         print(table_row(res), file=out, flush=True)
         if verbose and res.tb:
@@ -489,8 +500,11 @@ def inject_error(kernel: Callable) -> Callable:
 
 def main(cells: Sequence[str], dtypes: Sequence[str], quick: bool, seed: int,
          device: torch.device, tf32: Optional[bool] = None, verbose: bool = False,
-         inject: bool = False, out: Optional[TextIO] = None) -> int:
+         inject: bool = False, out: Optional[TextIO] = None, paths: Sequence[str] = ("auto",)) -> int:
     """Print the header, the table and the summary; 0 when no case failed, else 1.
+
+    ``paths``: the time-loop paths to sweep (fused_rnn._paths: auto, step, graph, persistent),
+    one table each; a case a path does not take is SKIP.
 
     ``tf32`` (CUDA): None keeps torch.backends.cuda.matmul.allow_tf32 as it is; True / False
     sets it for the run. The kernels follow that switch for fp32, and so does the threshold.
@@ -544,9 +558,13 @@ def main(cells: Sequence[str], dtypes: Sequence[str], quick: bool, seed: int,
     print(file=out, flush=True)
 
     t0 = time.perf_counter()
+    results = []
     try:
-        results = run_sweep(make_cases(cells, dtypes, shapes), seed, device, th, kernel=kernel,
-                            expect_triton=True, out=out, verbose=verbose)
+        for path in paths:
+            if list(paths) != ["auto"]:
+                print(f"path: {path}", file=out, flush=True)
+            results += run_sweep(make_cases(cells, dtypes, shapes), seed, device, th, kernel=kernel,
+                                 expect_triton=True, out=out, verbose=verbose, path=path)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
     failed = [r for r in results if not r.ok]
@@ -554,9 +572,12 @@ def main(cells: Sequence[str], dtypes: Sequence[str], quick: bool, seed: int,
     passed = len(results) - len(failed) - len(skipped)
     print(f"\ncheck: {len(results)} cases, {passed} ok, {len(skipped)} SKIP, {len(failed)} FAIL "
           f"({time.perf_counter() - t0:.1f} s, seed {seed})", file=out, flush=True)
+    def name(r):
+        return r.case.id if list(paths) == ["auto"] else f"{r.path}:{r.case.id}"
+
     if skipped:
         print("skipped (the kernels did not run them): "
-              + ", ".join(r.case.id for r in skipped), file=out, flush=True)
+              + ", ".join(name(r) for r in skipped), file=out, flush=True)
     if failed:
-        print("failed: " + ", ".join(r.case.id for r in failed), file=out, flush=True)
+        print("failed: " + ", ".join(name(r) for r in failed), file=out, flush=True)
     return 1 if failed else 0

@@ -130,6 +130,25 @@ def test_check_quick_passes_and_prints_table():
     assert f"check: {n} cases, {n} ok, 0 SKIP, 0 FAIL" in out
 
 
+def test_check_paths_persistent_and_graph():
+    """--paths: one table per time-loop path; on the CPU the persistent kernels run (one program)
+    and the graph path (CUDA only) is reported as SKIP with the path that ran instead."""
+    r = run_cli("check", "--quick", "--cells", "lnlstm,rnn_tanh", "--dtypes", "fp64", "--device", "cpu",
+                "--seed", "3", "--paths", "persistent,graph")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "path: persistent" in out and "path: graph" in out
+    pers = out.split("path: persistent", 1)[1].split("path: graph", 1)[0]
+    graph = out.split("path: graph", 1)[1]
+    n = 2 * len(check.QUICK_SHAPES)
+    assert len(_table_rows(pers)) == n and all(row.rstrip().endswith("ok") for row in _table_rows(pers))
+    rows = _table_rows(graph)
+    if not torch.cuda.is_available():
+        assert rows and all("SKIP  the graph path did not take it (ran" in row for row in rows)
+    assert f"check: {2 * n} cases" in out and "0 FAIL" in out
+    assert "graph:lnlstm-fp64" in out  # skipped cases are named with their path
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="re-exec happens only without a GPU")
 def test_check_reexecs_under_interpreter_without_gpu():
     r = run_cli("check", "--quick", "--cells", "rnn_tanh", "--dtypes", "fp64", interpret=False)
