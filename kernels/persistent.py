@@ -16,9 +16,10 @@ Design
     grid = (P, R): program (p, r) owns hidden units j in [p BLOCK_H, (p+1) BLOCK_H), all four
     gates (LSTM), for the batch rows of row block r (BLOCK_B rows; R = cdiv(B, BLOCK_B), 1 up to
     B = 64). Per step it needs the full previous row of its rows (forward: h_{t-1} [BLOCK_B, H];
-    backward: dG_{t+1} [BLOCK_B, G]), read from global memory (L2, ".cg": written by other SMs),
-    times its slice of W_hh. Rows never mix, so the P programs of one row block meet at their own
-    barrier (one counter per row block) after each step, and row blocks run independently. What only the program itself writes stays in registers across steps:
+    backward: dG_{t+1} [BLOCK_B, G]), read from global memory, times its slice of W_hh. Rows
+    never mix, so the P programs of one row block meet at their own barrier (one counter per row
+    block) after each step, and row blocks run independently. What only the program itself
+    writes stays in registers across steps:
     c and its own h columns (forward), the carried gradients gh, gc (backward).
     W_hh slice, RESIDENT=True: loaded once, before the time loop, as one [K_pad, BLOCK_H] tile
     per gate (forward: W_q[j, k]; backward: W_q[k, j], K_pad = next_pow2(H)), so one tl.dot per
@@ -39,7 +40,14 @@ counter, then a CTA barrier again so that no thread reads the next step's row be
 ANCHORS measured this pattern at 0.64 us a step with 1 program, 0.99 us with 128.
 Triton 3.9 (installed here) compiles it for sm_90 to bar.sync; red.global.gpu.release.add.u32;
 a loop of {ld.global.gpu.acquire.b32 by thread 0, broadcast through shared memory, bar.sync};
-bar.sync (read from the PTX on this CPU machine; tests/test_persistent.py checks it). The sem=
+bar.sync (read from the PTX on this CPU machine; tests/test_persistent.py checks it, and that
+there is one release add per barrier, issued by thread 0 only: the n P target counts programs).
+What makes the other programs' rows visible after a barrier is that acquire: in the SASS it is
+an LDG.E.STRONG.GPU followed by CCTL.IVALL, an invalidation of the SM's whole L1 (what
+cooperative groups' grid.sync() relies on), then BAR.SYNC. The ".cg" hint on the row loads is
+not what guarantees it: with num_stages > 1 Triton's pipeliner turns those loads into
+cp.async, and copies narrower than 16 bytes become cp.async.ca (through L1), e.g. at B16 H768
+(a review of sm_90 compiles, 2026-11-27). The sem=
 and scope= arguments of tl.atomic_add: triton-lang/triton PR #2562 added scope, and PR #5580
 (January 2025) describes both as existing attributes of every atomic, so Triton 3.6 has them.
 NONE OF THIS HAS RUN ON A GPU YET.

@@ -79,7 +79,8 @@ two regions of a direction (fwd: slots 0..7 and 8, 9; bwd: 0..3 and 4..9) must b
 fast program writes the second one (after barrier n) while a slow one may still read the first
 (until it arrives at n+1). hs / dG slots: step t writes slot t+1 (fwd) / t (bwd) and reads
 slot t / t+1, each slot read only after the barrier that follows its write and never rewritten.
-Cross-program reads (h and dG rows, partials) use ".cg" (L2), as persistent.py's.
+Cross-program reads (h and dG rows, partials) are made visible by the barrier's acquire (an L1
+invalidation on sm_90; see persistent.py), not by their ".cg" hint.
 
 Barriers: persistent._grid_barrier on a per-launch zeroed int32 counter per row block; barrier n
 waits for n P arrivals, so 3 T P < 2**31 (checked). Deadlock guard and cooperative launch as
@@ -206,7 +207,8 @@ def _load_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.
     """part[p, k, :] of every program slot p < BLOCK_P as a [BLOCK_P, BLOCK_B] tile. No masks:
     slots p >= P are zero (the launcher zeroes the buffer; no program writes them), padded rows
     only feed padded rows. Compile-time strides, so one base address serves every element of a
-    thread (immediate offsets). ".cg": written by other programs (other SMs), read from L2."""
+    thread (immediate offsets). Written by other programs: visible after the barrier's acquire
+(persistent.py's docstring); ".cg" is only a hint."""
     ps = tl.arange(0, BLOCK_P)
     return tl.load(pp + ((ps * NQ + k) * BLOCK_B)[:, None] + rl[None, :], cache_modifier=".cg")
 

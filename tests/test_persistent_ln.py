@@ -470,6 +470,9 @@ def test_ln_kernels_compile_for_sm90(direction, B, H, st):
     assert ".target sm_90" in ptx
     assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
     assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire read at GPU scope"
+    # one predicated release add per barrier of a step (PL.BARRIERS_PER_STEP), no other release
+    adds = re.findall(r"@%p\d+ (?:red|atom)\.global\.gpu\.release\.add", ptx)
+    assert len(adds) == PL.BARRIERS_PER_STEP == len(re.findall(r"\.global\.gpu\.release", ptx)), adds
     assert "mma" in ptx  # the recurrent matmul on tensor cores
     use = _res_usage(ck.asm["cubin"])
     print(f"\nLN {direction} B{B} H{H} hs/dG={st}: P={pl.programs} BLOCK_H={pl.BLOCK_H} BLOCK_K={pl.BLOCK_K} "

@@ -1,0 +1,241 @@
+"""The persistent kernels' multi-program path on the CPU: several programs per row block, run
+concurrently, meeting at the real grid barrier.
+
+The Triton interpreter runs a grid's programs one after another, so a grid barrier with more
+than one program would wait forever there; the other persistent tests use one program per row
+block. Here a fixture replaces the interpreter's grid loop with one Python thread per program
+(program ids thread-local, the atomics serialised as the hardware serialises them), and the
+launchers get the plans they would get on an H100 (BLOCK_H = 16: 3 programs at H = 37, W_hh
+resident or streamed). Memory is sequentially consistent here, so this checks what a race in
+indexing, masks, barrier counts or phase order would break (which columns and rows each
+program reads after which barrier), not the GPU's caches and memory ordering: that is the CUDA
+tests' job (tests/test_persistent.py, tests/test_persistent_ln.py). Random sleeps at the
+atomics and some loads and stores shuffle the interleavings; a control run with the barrier
+removed must then disagree with the step path, which shows the threads really interleave.
+
+Reaches into the interpreter's internals (Triton 3.9's InterpreterBuilder and GridExecutor);
+on a Triton where they differ these tests skip, saying so.
+"""
+import inspect
+import random
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import F32, F64, INTERPRET, rel_err
+
+pytestmark = pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(),
+                                reason="the CPU lane under TRITON_INTERPRET=1")
+tl = pytest.importorskip("triton.language")  # visible to the @triton.jit function defined below
+
+JITTER_S = 2e-4  # the most a thread sleeps at an atomic / a sampled load or store
+
+
+def _interpreter():
+    import triton.runtime.interpreter as interp
+
+    need = [(interp, "InterpreterBuilder"), (interp, "GridExecutor"), (interp, "interpreter_builder"),
+            (interp, "_patch_lang"), (interp, "_implicit_cvt")]
+    missing = [n for m, n in need if not hasattr(m, n)]
+    ib, ge = getattr(interp, "InterpreterBuilder", None), getattr(interp, "GridExecutor", None)
+    for cls, names in ((ib, ("create_atomic_rmw", "create_masked_load", "create_masked_store",
+                             "set_grid_dim")),
+                       (ge, ("_init_args_hst", "_restore_args_dev"))):
+        missing += [n for n in names if cls is None or not hasattr(cls, n)]
+    if missing:
+        pytest.skip(f"this Triton's interpreter lacks {', '.join(missing)}: no threaded grid")
+    return interp
+
+
+@pytest.fixture
+def threaded_grid(monkeypatch):
+    """The interpreter runs each launch's programs as concurrent threads (see the module doc)."""
+    interp = _interpreter()
+    rng = random.Random(1234)
+    local = threading.local()
+    lock = threading.Lock()
+    monkeypatch.setattr(interp.InterpreterBuilder, "grid_idx",
+                        property(lambda self: local.idx, lambda self, v: setattr(local, "idx", v)),
+                        raising=False)
+    rmw = interp.InterpreterBuilder.create_atomic_rmw
+    load = interp.InterpreterBuilder.create_masked_load
+    store = interp.InterpreterBuilder.create_masked_store
+
+    def atomic(self, *a, **k):
+        with lock:
+            r = rmw(self, *a, **k)
+        time.sleep(rng.random() * JITTER_S)
+        return r
+
+    def jitter(fn):
+        def wrapped(self, *a, **k):
+            if rng.random() < 0.2:
+                time.sleep(rng.random() * JITTER_S)
+            return fn(self, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_atomic_rmw", atomic)
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", jitter(load))
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_store", jitter(store))
+
+    def call(self, *args_dev, **kwargs):
+        spec = inspect.getfullargspec(self.fn)
+        kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
+        args_hst, kwargs_hst = self._init_args_hst(args_dev, kwargs)
+        scope = interp._patch_lang(self.fn)
+        try:
+            args = inspect.getcallargs(self.fn, *args_hst, **kwargs_hst)
+            args = {n: a if n in self.constexprs else interp._implicit_cvt(a) for n, a in args.items()}
+            grid = self.grid(args) if callable(self.grid) else self.grid
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            interp.interpreter_builder.set_grid_dim(*grid)
+            errors = []
+
+            def run(idx):
+                try:
+                    interp.interpreter_builder.grid_idx = idx
+                    self.fn(**args)
+                except BaseException as e:  # re-raised in the caller below
+                    errors.append(e)
+
+            threads = [threading.Thread(target=run, args=((x, y, z),), daemon=True)
+                       for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
+            rng.shuffle(threads)
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+                if t.is_alive():
+                    raise RuntimeError("a program is still waiting: deadlock at a grid barrier")
+            if errors:
+                raise errors[0]
+        finally:
+            scope.restore()
+        self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+    monkeypatch.setattr(interp.GridExecutor, "__call__", call)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(old)
+
+
+@pytest.fixture
+def gpu_plans(monkeypatch):
+    """The launchers plan as for an H100 (132 SMs), and the launch-time co-residency check allows
+    those grids on the CPU. ``resident=True`` asks for W_hh held on chip (tensor-core plans:
+    fp32 with TF32), False for the streamed chunks."""
+    from fused_rnn.kernels import _common, persistent, persistent_ln
+
+    real = persistent.plan
+    mode = {"resident": True}
+
+    def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False):
+        return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"])
+
+    monkeypatch.setattr(persistent, "plan", plan)
+    monkeypatch.setattr(persistent_ln, "_plain_plan", plan)
+    monkeypatch.setattr(persistent, "max_programs", lambda device: 132)
+    monkeypatch.setattr(_common, "POISON", True)
+    return mode
+
+
+def _problem(cell, T, B, I, H, dtype, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * 0.5 + shift).to(dtype)
+
+    G = H if cell == "rnn" else 4 * H
+    p = dict(x=r(T, B, I), h0=r(B, H), c0=r(B, H), w_ih=r(G, I), w_hh=r(G, H), b_ih=r(G), b_hh=r(G),
+             dout=r(T, B, H), dh=r(B, H), dc=r(B, H))
+    p["ln"] = (r(G, shift=1.0), r(G), r(H, shift=1.0), r(H)) if cell == "lnlstm" else None
+    p["L"] = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
+    return p
+
+
+def _run(cell, p, path):
+    """Forward and backward launchers on ``path``: every output tensor, flattened to a list."""
+    from fused_rnn.kernels import lstm as KL, rnn as KR
+
+    if cell == "rnn":
+        f = KR.rnn_fwd(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], lengths=p["L"], path=path)
+        b = KR.rnn_bwd(p["dout"], p["dh"], p["x"], p["w_ih"], p["w_hh"], f[2], lengths=p["L"], path=path)
+        return list(f) + list(b)
+    f = KL.lstm_fwd(p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], ln=p["ln"],
+                    lengths=p["L"], path=path)
+    b = KL.lstm_bwd(p["dout"], p["dh"], p["dc"], p["x"], p["w_ih"], p["w_hh"], f[3], f[4], f[5], p["b_ih"],
+                    p["b_hh"], ln=p["ln"], lengths=p["L"], path=path)
+    return list(f) + [t for t in b[:6]] + list(b[6] or ())
+
+
+def _spy(monkeypatch):
+    from fused_rnn.kernels import persistent, persistent_ln
+
+    plans = []
+    for mod, names in ((persistent, ("lstm_fwd_loop", "lstm_bwd_loop", "rnn_fwd_loop", "rnn_bwd_loop")),
+                       (persistent_ln, ("ln_lstm_fwd_loop", "ln_lstm_bwd_loop"))):
+        for name in names:
+            real = getattr(mod, name)
+
+            def wrapped(pl, *a, _real=real, **k):
+                plans.append(pl)
+                return _real(pl, *a, **k)
+
+            monkeypatch.setattr(mod, name, wrapped)
+    return plans
+
+
+# (cell, T, B, I, H, lengths, dtype, resident): H = 37 is 3 programs of 16 columns (the last one
+# partial); B = 70 is 2 row blocks (the second partial), each with its own barrier counter
+CASES = [
+    ("lstm", 4, 3, 5, 37, [4, 2, 0], F32, True),
+    ("lstm", 4, 3, 5, 37, [4, 2, 0], F32, False),
+    ("rnn", 4, 3, 5, 37, [4, 2, 0], F32, True),
+    ("lnlstm", 4, 3, 5, 37, [4, 2, 0], F32, True),
+    ("lnlstm", 3, 3, 5, 37, None, F64, False),
+    ("lstm", 3, 70, 4, 40, [3 - b % 4 for b in range(70)], F64, False),
+    ("lnlstm", 3, 70, 4, 40, None, F32, True),
+]
+
+
+@pytest.mark.parametrize("cell,T,B,I,H,lengths,dtype,resident", CASES,
+                         ids=[f"{c[0]}-T{c[1]}-B{c[2]}-H{c[4]}-{'fp64' if c[6] == F64 else 'fp32'}-"
+                              f"{'resident' if c[7] else 'streamed'}" for c in CASES])
+def test_multi_program_persistent_matches_step(threaded_grid, gpu_plans, monkeypatch,
+                                               cell, T, B, I, H, lengths, dtype, resident):
+    gpu_plans["resident"] = resident
+    p = _problem(cell, T, B, I, H, dtype, lengths)
+    step = _run(cell, p, "step")
+    plans = _spy(monkeypatch)
+    ours = _run(cell, p, "persistent")
+    assert len(plans) == 2 and all(pl.programs == 3 and pl.resident == resident for pl in plans), plans
+    assert all(pl.row_blocks == (2 if B > 64 else 1) for pl in plans)
+    close = 1e-12 if dtype == F64 else 1e-6
+    for i, (a, b) in enumerate(zip(ours, step)):
+        assert a.shape == b.shape and not torch.isnan(a).any(), f"output {i}: NaN (unwritten?)"
+        assert rel_err(a, b) <= close, f"output {i}: rel err {rel_err(a, b):.2e}"
+
+
+def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monkeypatch):
+    """Control: with the grid barrier a no-op, programs read rows other programs have not
+    written yet, so the results differ from the step path: the threads really interleave, and
+    the test above would see a missing barrier."""
+    import triton
+
+    from fused_rnn.kernels import persistent, persistent_ln
+
+    @triton.jit
+    def no_barrier(sync_ptr, target):
+        pass
+
+    monkeypatch.setattr(persistent, "_grid_barrier", no_barrier)
+    monkeypatch.setattr(persistent_ln, "_grid_barrier", no_barrier)
+    p = _problem("lstm", 6, 3, 5, 37, F32, None)
+    step = _run("lstm", p, "step")
+    ours = _run("lstm", p, "persistent")
+    worst = max(rel_err(a, b) if not torch.isnan(a).any() else float("inf") for a, b in zip(ours, step))
+    assert worst > 1e-3
