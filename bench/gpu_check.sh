@@ -13,8 +13,10 @@
 #             barrier each step; if that hangs or is wrong on the hardware, the later stages leave
 #             the persistent path out (bench --paths, pytest --ignore, memcheck --exclude), so one
 #             hang cannot eat the budget of every stage after it.
-#   bench     python -m fused_rnn.bench --quick --paths persistent,graph,triton (table, targets,
-#             JSON, plot); first of the long stages: the speed issue needs its numbers most
+#   bench     python -m fused_rnn.bench --quick --dtypes bf16 --paths persistent,graph,triton
+#             (table, targets, JSON, plot; cuDNN runs bf16 and its fp16 baseline; bf16 alone is
+#             enough for every target's "ours", and halves the cases in a tight budget); first
+#             of the long stages: the speed issue needs its numbers most
 #   pytest    the whole test suite on CUDA (TRITON_INTERPRET unset): python -m pytest tests --maxfail=10
 #   memcheck  compute-sanitizer --tool memcheck over bench/memcheck_cases.py (every kernel,
 #             fwd+bwd, small odd shapes, variable lengths); passes only on "ERROR SUMMARY: 0 errors"
@@ -221,7 +223,7 @@ else
     TL=$((LEFT - 15))  # the bench stops starting measurements here and still writes its table
     [ "$TL" -lt 5 ] && TL=5
     stage bench "$T_BENCH" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn.bench \
-        --quick --paths "$BPATHS" --out "$OUT" --time-limit "$TL"
+        --quick --dtypes bf16 --paths "$BPATHS" --out "$OUT" --time-limit "$TL"
     NT=$(grep -cE '^  - (PASS|MISS)' "$OUT/bench.md" 2>/dev/null)
     NP=$(grep -cE '^  - PASS' "$OUT/bench.md" 2>/dev/null)
     record bench "$RC" "$DUR" "$(status_of "$RC")" "targets: ${NP:-0}/${NT:-0} pass (bench.md)"
