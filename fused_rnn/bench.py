@@ -932,6 +932,29 @@ def render_targets(data: dict) -> str:
     return "\n".join(lines)
 
 
+def render_fastest_paths(data: dict) -> str:
+    """Which fused path was fastest for each cell, shape, dtype and mode, by how much over the
+    next one: the evidence for fused_rnn/_paths.py's "auto" policy (empty when the run timed
+    fewer than two paths anywhere)."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in data["results"]:
+        if r["kind"] == "fused" and not r.get("fallback", False):
+            groups.setdefault((r["cell"], r["shape"], r["dtype"]), []).append(r)
+    lines = []
+    for (cell, shape, dtype), rs in groups.items():
+        for mode, key in MODE_KEY.items():
+            timed = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r[key])
+            if len(timed) < 2:
+                continue
+            best, second = timed[0], timed[1]
+            lines.append(f"- {CELL_LABEL.get(cell, cell)} {shape} {dtype} {mode}: {best['method']} "
+                         f"{best[key]:.4g} ms, {second[key] / best[key]:.2f}× faster than "
+                         f"{second['method']} ({second[key]:.4g} ms)")
+    if not lines:
+        return ""
+    return "\n".join(["Fastest path (for the auto policy in fused_rnn/_paths.py):"] + lines)
+
+
 def render_markdown(data: dict) -> str:
     cfg, m = data["config"], data["machine"]
     cuda = m.get("device") == "cuda"
@@ -959,6 +982,9 @@ def render_markdown(data: dict) -> str:
         parts.append("cuDNN fp32 runs TF32 (torch.backends.cudnn.allow_tf32, the torch default).")
     if data.get("interrupted"):
         parts.append(f"**Run cut short:** {data['interrupted']}; the cases not reached are missing.")
+    fastest = render_fastest_paths(data)
+    if fastest:
+        parts += ["", fastest]
     parts += ["", render_targets(data), ""]
     return "\n".join(parts)
 

@@ -339,3 +339,18 @@ def test_persistent_smoke_script_without_a_device():
     p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "persistent_smoke.py")],
                        capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 3 and "no CUDA GPU" in p.stdout
+
+
+def test_fastest_path_lines():
+    """The per-case fastest-path lines: the ratio to the runner-up, only where two paths ran."""
+    recs = [
+        _rec("lstm", "S1", "bf16", "fused", "persistent", 2.0, 6.0),
+        _rec("lstm", "S1", "bf16", "fused", "graph", 5.0, 12.0),
+        _rec("lstm", "S1", "bf16", "fused", "triton", 20.0, 40.0),
+        _rec("rnn", "S1", "bf16", "fused", "triton", 1.0, 2.0),
+    ]
+    text = bench.render_fastest_paths({"results": recs})
+    assert "- LSTM S1 bf16 fwd: persistent 2 ms, 2.50× faster than graph (5 ms)" in text
+    assert "- LSTM S1 bf16 fwd+bwd: persistent 6 ms, 2.00× faster than graph (12 ms)" in text
+    assert "tanh RNN" not in text  # one path only
+    assert bench.render_fastest_paths({"results": recs[3:]}) == ""
