@@ -259,7 +259,8 @@ def cases():
     add("persistent lstm bf16 B130 T3 I8 H40 (3 row blocks x 3 programs)", cell="lstm", B=130, T=3,
         I=8, H=40, dtype="bf16", **pers)
     # the layer-norm LSTM's persistent kernels (kernels/persistent_ln.py): partials of the row
-    # statistics exchanged through global memory, three barriers a step
+    # statistics exchanged through global memory; B3 H37 takes the 2-barrier forward (MERGE_C), B70 H300 the
+    # 3-barrier one (kernels/persistent_ln.py: fwd_merge_c)
     for dt in ("fp32", "bf16"):
         add(f"persistent lnlstm {dt} B3 T5 I19 H37 lengths", cell="lnlstm", B=3, T=5, I=19, H=37,
             dtype=dt, **pers)

@@ -26,7 +26,9 @@ global memory, and after a grid barrier every program reads all P of them and co
 the same fixed order (deterministic, no atomics on data).
 
 Forward, step t, program p (grid (P, R); rows never mix, so each row block has its own barrier
-counter and partials); 3 grid barriers per step:
+counter and partials). Two variants, picked by the constexpr MERGE_C (fwd_merge_c: the 2-barrier
+one where BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS, K_pad = next_pow2(H); see there and below).
+Without MERGE_C, 3 grid barriers per step:
     1. a_q = xp_q[t] + h_{t-1} W_qᵀ on its slice (resident or streamed W_hh, as persistent.py);
        store a into gates[t]; per row and gate (S_q, M2_q) over own columns -> slots 0..7.
        BARRIER 3t+1.
@@ -36,6 +38,32 @@ counter and partials); 3 grid barriers per step:
     3. Combine -> mean_c, rstd_c; h_t = o tanh(z); store hs[t+1], cs[t+1], out[t] (lengths: h, c
        held and out zero past a sequence's end, as the step kernel); prefetch the own xp tiles of
        step t+1.  BARRIER 3t+3 (h_t published).
+With MERGE_C, 2 grid barriers per step (UNMEASURED on a GPU: written and tested on a CPU machine
+only, like the rest of this module); the c LayerNorm and h_t move to the start of the next step:
+    0. (t > 0) Read the whole c_{t-1} and o_{t-1} rows [BLOCK_B, H] of the row block from the
+       "cell" buffer (every program's columns, published in phase 2 of step t-1). Each program
+       computes the c statistics of every row itself: two-pass mean / var over the full row
+       (_ln_rows's operations: the same numbers on every program, deterministic, independent of
+       P; the 3-barrier variant's Chan combine of P partials rounds differently for P > 1,
+       identically for P = 1). Then h_{t-1} = o tanh(z): on the own columns, held where step
+       t-1 is past the row's length, stored to hs[t] and out[t-1] (lengths as the step kernel);
+       and for the whole row block as the matmul operand (_h_operand): rows whose step t-1 is
+       valid from c, o as above; the others (ended rows, and every row at t = 0) hold
+       h_{t-1} = h_{t-2}, read from hs[max(t-1, 0)] (not hs[t]: that slot's other columns are
+       written by the other programs in this same phase, see Hazards); rounded to hs's dtype
+       and then W_hh's, exactly what the 3-barrier variant's load of hs[t] gives. The own
+       columns and the rebuilt rows come from the same operations on the same values (c is
+       stored to the cell buffer in the compute dtype), so the operand equals hs[t] (bitwise
+       under the interpreter, where the tests compare both variants; on sm_90 assumed: the
+       compiler is free to contract the two copies of the expression differently).
+    1. As above (slots 0..7 only; NQ_MERGED = 8).  BARRIER 2t+1.
+    2. Combine -> y_q, activations, c_t; store cs[t+1] (held c) and the own columns of c_t (not
+       held: what h_t is made of) and o_t into cell slot t % 2; prefetch the own xp tiles of
+       step t+1.  BARRIER 2t+2 (c_t, o_t published).
+    After the loop (after barrier 2T), phase 0's first half for t = T: hs[T], out[T-1] (no
+    operand to rebuild). The streamed-W_hh path (fp64, fp32 without TF32) rebuilds the operand
+    chunk by chunk in its K loop (c and o re-read by BLOCK_K columns); the resident path uses
+    phase 0's c tile directly (BLOCK_S = BLOCK_K = K_pad).
 Backward, reverse step t (i = T-1-t); 3 grid barriers per step. Before the launch the launcher
 computes with torch, from the saved gates and cs, each step's and row's mean and rstd of the four
 gate rows and of c_t = cs[t+1] (bwd_stats: [T, R, 10, BLOCK_B]), as the step kernel recomputes
@@ -55,9 +83,10 @@ them; no barrier is spent on them. Per step:
     by the only program that owns those columns (the first step's read skipped).
 Fewer barriers? Each step has three dependent all-column reductions (forward: gate statistics ->
 c statistics -> h_t, which every program needs whole for the next matmul; backward: dG_{t+1} W_hh
--> the c LayerNorm's sums -> the gates' sums -> dG_t). The last two forward barriers could merge
-if every program rebuilt all of h_t from published c_t and o rows: two fp32 rows read per program
-and step instead of one h row (more L2 traffic), so not done here.
+-> the c LayerNorm's sums -> the gates' sums -> dG_t). The forward's MERGE_C variant merges the
+last two by having every program rebuild all of h_t from published c_t and o_t rows (two
+compute-dtype rows read per program and step instead of one h row, see the traffic below);
+the backward stays at three.
 
 Partials: [R, 2, BLOCK_P, 10, BLOCK_B] in the compute dtype, zeroed by the launcher; program p of
 row block r writes [r, s % 2, p, k, :] at step s (a step's parity picks the half: the addresses
@@ -79,12 +108,30 @@ two regions of a direction (fwd: slots 0..7 and 8, 9; bwd: 0..3 and 4..9) must b
 fast program writes the second one (after barrier n) while a slow one may still read the first
 (until it arrives at n+1). hs / dG slots: step t writes slot t+1 (fwd) / t (bwd) and reads
 slot t / t+1, each slot read only after the barrier that follows its write and never rewritten.
+MERGE_C (barrier n = 2s+k ends phase k of step s, k = 1, 2):
+    partials 0..7: written in phase 1 of step s (after barrier 2s), read in phase 2 (until the
+    reader arrives at 2s+2); next written in phase 1 of step s+1, after barrier 2s+2, which no
+    program passes before every program has arrived there, i.e. finished those reads.
+    cell slot s % 2 (c_s, o_s rows): written in phase 2 of step s (after barrier 2s+1), read in
+    phase 0 and the K loop of step s+1 (after barrier 2s+2, until the reader arrives at 2s+3),
+    or after the loop (s = T-1, after barrier 2T). The next write of that slot is in phase 2 of
+    step s+2 (after barrier 2s+5); even a single slot would be safe: its next write, phase 2 of
+    step s+1, comes after barrier 2s+3, which every reader has reached only after its reads. The
+    parity halves are kept for the partials' reason (step-dependent addresses). Partials and cell
+    are separate buffers: a fast program writes the cell (after 2s+1) while a slow one still
+    reads the partials (until 2s+2), and writes partials (after 2s+2) while a slow one still
+    reads the cell (until 2s+3).
+    hs: slot u (own columns) is written in phase 0 of step u (after barrier 2u; slot T after the
+    loop). Step t reads whole rows of slot max(t-1, 0), the ended rows' only: slot t-1 (t >= 2)
+    was written before barrier 2t-1 and is read after barrier 2t, so it is visible, and it is
+    never rewritten. Step t cannot read slot t: the other programs write it in the same phase.
+    It need not: a row whose step t-1 is past its length has hs[t] = hs[t-1] (held).
 Cross-program reads (h and dG rows, partials) are made visible by the barrier's acquire (an L1
 invalidation on sm_90; see persistent.py), not by their ".cg" hint.
 
 Barriers: persistent._grid_barrier on a per-launch zeroed int32 counter per row block; barrier n
-waits for n P arrivals, so 3 T P < 2**31 (checked). Deadlock guard and cooperative launch as
-persistent.py's (_check_plan, _launch_opts).
+waits for n P arrivals, so 3 T P (2 T P with MERGE_C) < 2**31 (checked). Deadlock guard and
+cooperative launch as persistent.py's (_check_plan, _launch_opts).
 
 Extra L2 traffic per program per step over the plain persistent LSTM (fp32 partials; the plain
 kernel reads one h / dG row block per step: B H (fwd), 4 B H (bwd) elements): partial reads
@@ -94,6 +141,19 @@ kernel reads one h / dG row block per step: B H (fwd), 4 B H (bwd) elements): pa
     B16 H768, P = 48:  40 KiB read (BLOCK_P = 64), 0.6 KiB written
 The backward also reads 40 BLOCK_B bytes of statistics and read-modify-writes 10 BH values of
 LN gradients per program and step, and the launcher's torch pass reads gates and cs once.
+Forward with MERGE_C, per program and step (fp32 compute dtype): the c_t and o_t rows of its
+row block, 2 BLOCK_B H 4 bytes read, replace the h row (BLOCK_B H x 2 or 4 bytes: hs's dtype;
+ended rows still read theirs, from hs[t-1]); the partials no longer carry c (8 BLOCK_P BLOCK_B
+4 bytes read, 32 BLOCK_B written); the own columns of c_t and o_t, 8 BLOCK_B BH bytes, are
+written; the whole γ_c, β_c rows (2 H parameter elements) are read instead of BH of each:
+    B16 H256, P = 16:  32 KiB c, o rows + 8 KiB partials read (3 barriers: 16 KiB fp32 / 8 KiB
+                       bf16 h row + 10 KiB partials); 2.5 KiB written (0.6 KiB)
+    B64 H64,  P = 4:   32 KiB rows + 8 KiB partials read (16 / 8 KiB h row + 10 KiB)
+    B16 H128, P = 8:   16 KiB rows + 4 KiB partials read (8 / 4 KiB h row + 5 KiB)
+i.e. 0.2-0.35 MiB more L2 reads per step and row block at B16 H256 (P = 16), bought for one
+barrier a step (~0.85 us on an H100 by others' measurement). Not chosen at B16 H768 (P = 48,
+4.5 MiB of c, o rows a step vs 1.1-2.3 MiB of h rows; the tiles also spill there).
+UNMEASURED on a GPU.
 """
 from __future__ import annotations
 
@@ -105,6 +165,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import _mm, _sigmoid, _tanh, _tile
 from .persistent import (
     LAST_LAUNCH,
@@ -119,8 +180,16 @@ from .persistent import (
 
 # partial slots per (program, row); statistic slots per (step, row) in the backward
 NQ = 10
+NQ_MERGED = 8  # the forward with MERGE_C: no partials of c_t (slots 0..7 only)
 NSTAT = 10
-BARRIERS_PER_STEP = 3
+BARRIERS_PER_STEP = 3  # the backward, and the forward without MERGE_C
+BARRIERS_PER_STEP_MERGED = 2  # the forward with MERGE_C
+# The forward's 2-barrier variant (MERGE_C) where BLOCK_B x K_pad <= this (K_pad = next_pow2(H)):
+# every program then holds whole c_t / o_t row tiles [BLOCK_B, K_pad] of its row block.
+# Chosen from sm_90 compiles (see _ln_num_warps). UNMEASURED on a GPU.
+MERGE_C_MAX_ROW_ELEMS = 4096
+# Tests (and a GPU session comparing the variants) may force the choice: True / False; None = rule.
+MERGE_C_OVERRIDE: Optional[bool] = None
 # The combine loads every program's partials of one quantity as a [BLOCK_P, BLOCK_B] tile,
 # BLOCK_P = next_pow2(P): at most this many elements (B = 64: P <= 32; B = 16: P <= 128), so
 # plan_ln takes a larger BLOCK_H where the smallest would give more programs. (UNMEASURED.)
@@ -153,12 +222,13 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
             why += f" (layer-norm LSTM: at most {cap} programs per row block of {BB} rows)"
         return None, why
     assert pl.BLOCK_B == BB and block_p(pl.programs) * pl.BLOCK_B <= max(PART_TILE_MAX_ELEMS, pl.BLOCK_B)
-    return replace(pl, num_warps=_ln_num_warps(direction, pl)), ""
+    return replace(pl, num_warps=_ln_num_warps(direction, pl, H)), ""
 
 
-def _ln_num_warps(direction: str, pl: Plan) -> int:
+def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
     """num_warps of the LN kernels: the plain plan's, except 4 for the resident backward with a
-    row tile BLOCK_B x K_pad <= 4096. Chosen from sm_90 compiles of these kernels (Triton 3.9 +
+    row tile BLOCK_B x K_pad <= 4096, and 8 for the forward's MERGE_C variant (fwd_merge_c).
+    Chosen from sm_90 compiles of these kernels (Triton 3.9 +
     its bundled ptxas on a CPU machine, specialised as a GPU launch is: aligned pointers, B and H
     divisible by 16; bf16, lengths on; registers / stack bytes from cuobjdump -res-usage;
     "fp32 | bf16" = the dtype of hs (fwd) / dG (bwd)):
@@ -177,9 +247,27 @@ def _ln_num_warps(direction: str, pl: Plan) -> int:
     streaming W_hh there instead (BLOCK_K = 32: 185 registers, BLOCK_K = 16: 170, no stack)
     would re-read the program's 64 KiB W_hh slice from L2 every step, which should cost more
     than an 8-byte spill (not measured; the GPU session should time both).
+    The forward's MERGE_C variant (2 barriers a step; same compiles; "-" = not selected there):
+        B16 H256 resident       4 warps: 255+40 B | 255+48 B   8 warps: 225 | 217, no stack
+        B16 H128 resident       4 warps: 255+24 B | 255+16 B   8 warps: 195 | 192, no stack
+        B64 H64  resident       4 warps: 255+48 B | 232, none  8 warps: 241 | 216, no stack
+        B16 H64  resident                                      8 warps: 220 | 220, no stack
+        B32 H128 resident       4 warps: 255+72 B | 255+64 B   8 warps: 255+24 B | 246, none
+        B32 H64  resident                                      8 warps: 255+40 B | 250, none
+        fp32 (TF32) B16 H256 resident, hs fp32: 8 warps 255+64 B (3-barrier: 241, none);
+        fp32 (IEEE) B16 H256 BK=32, hs fp32:    8 warps 190, none (3-barrier: 166, none)
+        - B32 H256 resident    8 warps: 255+40 B | 255+56 B   (3-barrier: 188 | 184, none)
+        - B16 H512 resident    8 warps: 255+168 B | 255+80 B  (3-barrier: 255+48 B | 239)
+        - B16 H768 BK=64       8 warps: 255+312 B | 255+320 B (3-barrier: 238 | 240, none)
+        - B64 H512 resident    8 warps: 255+984 B (bf16 hs)   (3-barrier: 255+8 B)
+    hence MERGE_C_MAX_ROW_ELEMS = 4096: every program holds whole [BLOCK_B, K_pad] c, o (and,
+    with lengths, held h) row tiles, which spill past that. (At B16 H768 a chunked variant of
+    the c statistics, tried and dropped, still spilled 16-24 B at num_stages=3.)
     UNMEASURED on a GPU: registers are not speed."""
     if direction == "bwd" and pl.resident and pl.BLOCK_B * pl.BLOCK_K <= 4096:
         return 4
+    if direction == "fwd" and fwd_merge_c(pl, H):
+        return 8
     return pl.num_warps
 
 
@@ -273,6 +361,53 @@ def _param(ptr, off, cols, cmask, ACC: tl.constexpr):
     return tl.load(ptr + off + cols, mask=cmask, other=0.0).to(ACC)
 
 
+@triton.jit
+def _merged_h_own(cp, crl, fresh, c, go, h_own, hs_ptr, out_ptr, cw_ptr, cb_ptr, t64, rows, cols, cmask, mask,
+                  B, H, eps, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
+    """MERGE_C, at step t after barrier 2t (t = T after the loop): the cell LayerNorm's mean and
+    rstd of every row of the row block from the whole c_{t-1} rows in cell slot cp (every
+    program's columns; two-pass over the full row as _ln_rows: the same numbers on every program,
+    whatever P), then h_{t-1} = o tanh(z) on the own columns, held where step t-1 is past the
+    row's length (``fresh`` False), stored to hs[t] and out[t-1] (nothing at t = 0).
+    Returns (mean, rstd [BLOCK_B], the c row tile [BLOCK_B, BLOCK_S] (0 outside fresh rows and
+    H columns), h_own)."""
+    ks = tl.arange(0, BLOCK_S)
+    km = ks < H
+    c_rows = tl.load(cp + crl[:, None] + ks[None, :], mask=fresh[:, None] & km[None, :], other=0.0,
+                     cache_modifier=".cg")
+    mean = tl.sum(tl.where(km[None, :], c_rows, 0.0), axis=1) / H
+    d = tl.where(km[None, :], c_rows - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / H
+    rstd = 1.0 / tl.sqrt(var + eps)
+    # own columns: c (held) is c_{t-1} itself on the fresh rows, go is o_{t-1}
+    h_new = go * _tanh(_norm(c, mean, rstd, cmask) * _param(cw_ptr, 0, cols, cmask, ACC)[None, :]
+                       + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
+    valid = fresh[:, None]
+    h_own = tl.where(valid, h_new, h_own)
+    smask = tl.where(t64 > 0, mask, False)
+    s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]  # hs slot t; out slot t-1 = s_cur - B H
+    tl.store(hs_ptr + s_cur, h_own.to(hs_ptr.dtype.element_ty), mask=smask)
+    tl.store(out_ptr + (s_cur - B * H), tl.where(valid, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=smask)
+    return mean, rstd, c_rows, h_own
+
+
+@triton.jit
+def _h_operand(c, orow, hprow, ks, kmask, fresh, rmask, mean, rstd, cw_ptr, cb_ptr,
+               ACC: tl.constexpr, HT: tl.constexpr, WT: tl.constexpr):
+    """MERGE_C: the matmul operand h_{t-1} [BLOCK_B, len(ks)] of columns ks for every row of the
+    row block: o tanh(ĉ γ_c + β_c) from the c chunk ``c`` (loaded masked by fresh rows) and the
+    o rows at orow (pointers [BLOCK_B] to column 0) on the fresh rows, hs[max(t-1, 0)] (hprow)
+    on the held ones; rounded to hs's dtype, then W_hh's, as a load of hs[t] would be. The same
+    operations as _merged_h_own's on the own columns, so the same values."""
+    fm = fresh[:, None] & kmask[None, :]
+    o = tl.load(orow[:, None] + ks[None, :], mask=fm, other=0.0, cache_modifier=".cg")
+    h = o * _tanh(_norm(c, mean, rstd, kmask) * _param(cw_ptr, 0, ks, kmask, ACC)[None, :]
+                  + _param(cb_ptr, 0, ks, kmask, ACC)[None, :])
+    held = tl.where(fresh, False, rmask)
+    hp = tl.load(hprow[:, None] + ks[None, :], mask=held[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
+    return tl.where(fresh[:, None], h.to(HT), hp.to(HT)).to(WT)
+
+
 @triton.heuristics(
     {
         "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
@@ -290,13 +425,16 @@ def _ln_lstm_fwd_persistent_kernel(
     len_ptr,  # [B] int64 lengths, or None
     gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]
     part_ptr,  # [R, 2, BLOCK_P, NQ, BLOCK_B] compute dtype, zeroed: 0..7 (S, M2) of i, f, g, o; 8, 9 of c
+    cell_ptr,  # MERGE_C: [R, 2, 2, BLOCK_B, H] compute dtype: [r, s % 2, 0 / 1] = c_s / o_s rows; else None
     sync_ptr,  # [R] int32, zero
     T, B, H, eps,
     HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    NQ: tl.constexpr,
+    NQ: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """The forward, 3 grid barriers a step, or 2 with MERGE_C (module docstring). BLOCK_S:
+    next_pow2(H) with MERGE_C (the c / o row tile), unused otherwise."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     pid_b = tl.program_id(1)  # the row block
@@ -329,6 +467,10 @@ def _ln_lstm_fwd_persistent_kernel(
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
+    if MERGE_C:
+        cell_rb = cell_ptr + pid_b.to(tl.int64) * (4 * BLOCK_B * H)  # this row block's [2, 2, BLOCK_B, H]
+        crl = rl * H  # row offsets within a [BLOCK_B, H] slab
+        go = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)  # o_{t-1} on the own columns, carried to step t
     g_off = (rows * G)[:, None] + cols[None, :]  # step 0
     x_i = tl.load(xp_ptr + g_off, mask=mask, other=0.0)
     x_f = tl.load(xp_ptr + g_off + H, mask=mask, other=0.0)
@@ -342,14 +484,29 @@ def _ln_lstm_fwd_persistent_kernel(
         # which keeps the compiler from hoisting every address tile out of the loop: fewer
         # registers in sm_90 compiles; not needed for correctness, see the module docstring)
         pp = part_rb + (t % 2) * (BLOCK_P * NQ * BLOCK_B)
+        if MERGE_C:
+            # ---- phase 0 (MERGE_C): h_{t-1} from the c_{t-1}, o_{t-1} rows every program
+            # published at step t-1 (cell slot (t-1) % 2). "fresh" rows: t > 0 and step t-1 valid;
+            # the others take h_{t-1} = h_{t-2} from hs[t-1] (h0 at t <= 1).
+            fresh = tl.where(t64 > 0, rmask, False)
+            if HAS_LENGTHS:
+                fresh = fresh & (t64 - 1 < L)
+            cp = cell_rb + ((t + 1) % 2) * (2 * BLOCK_B * H)
+            m_c, r_c, c_rows, h_own = _merged_h_own(cp, crl, fresh, c, go, h_own, hs_ptr, out_ptr, cw_ptr, cb_ptr,
+                                                    t64, rows, cols, cmask, mask, B, H, eps, ACC, BLOCK_S)
+            hp_row = (tl.maximum(t64 - 1, 0) * B + rows) * H  # hs[max(t-1, 0)]: h_{t-1} of the held rows
         # ---- phase 1: the recurrent matmul on the own slice, partial gate statistics
         a_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
-                         cache_modifier=".cg").to(WT)
+            if MERGE_C:  # the c row tile of phase 0 is this chunk (BLOCK_S = BLOCK_K = K_pad)
+                hk = _h_operand(c_rows, cp + BLOCK_B * H + crl, hs_ptr + hp_row, kr, krm, fresh, rmask, m_c, r_c,
+                                cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
+            else:
+                hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
+                             cache_modifier=".cg").to(WT)
             a_i = _mm(hk, wr_i, a_i, FMA, IEEE, UPCAST)
             a_f = _mm(hk, wr_f, a_f, FMA, IEEE, UPCAST)
             a_g = _mm(hk, wr_g, a_g, FMA, IEEE, UPCAST)
@@ -358,8 +515,14 @@ def _ln_lstm_fwd_persistent_kernel(
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < H
-                hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                             other=0.0, cache_modifier=".cg").to(WT)
+                if MERGE_C:  # c re-read by chunk (L2) rather than sliced from phase 0's tile
+                    ck = tl.load(cp + crl[:, None] + ks[None, :], mask=fresh[:, None] & kmask[None, :], other=0.0,
+                                 cache_modifier=".cg")
+                    hk = _h_operand(ck, cp + BLOCK_B * H + crl, hs_ptr + hp_row, ks, kmask, fresh, rmask, m_c, r_c,
+                                    cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
+                else:
+                    hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                                 other=0.0, cache_modifier=".cg").to(WT)
                 wm = kmask[:, None] & cmask[None, :]
                 a_i = _mm(hk, tl.load(w_ptr + w_i[None, :] + ks[:, None], mask=wm, other=0.0), a_i, FMA, IEEE, UPCAST)
                 a_f = _mm(hk, tl.load(w_ptr + w_f[None, :] + ks[:, None], mask=wm, other=0.0), a_f, FMA, IEEE, UPCAST)
@@ -388,9 +551,13 @@ def _ln_lstm_fwd_persistent_kernel(
         s, m2 = _own_stats(a_o, cmask, n_own)
         _store_part(pp, pid, 6, rl, s, NQ, BLOCK_B)
         _store_part(pp, pid, 7, rl, m2, NQ, BLOCK_B)
-        _grid_barrier(sync_ptr, (3 * t + 1) * nprog)
+        if MERGE_C:
+            _grid_barrier(sync_ptr, (2 * t + 1) * nprog)
+        else:
+            _grid_barrier(sync_ptr, (3 * t + 1) * nprog)
 
-        # ---- phase 2: gate LayerNorms, the cell update, partial statistics of c_t
+        # ---- phase 2: gate LayerNorms, the cell update; then partial statistics of c_t (3 barriers) or
+        # c_t, o_t published (MERGE_C)
         mean, rstd = _gate_stats(pp, 0, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
         gi = _sigmoid(_norm(a_i, mean, rstd, cmask) * _param(gw_ptr, 0, cols, cmask, ACC)[None, :]
                       + _param(gb_ptr, 0, cols, cmask, ACC)[None, :])
@@ -404,37 +571,63 @@ def _ln_lstm_fwd_persistent_kernel(
         go = _sigmoid(_norm(a_o, mean, rstd, cmask) * _param(gw_ptr, 3 * H, cols, cmask, ACC)[None, :]
                       + _param(gb_ptr, 3 * H, cols, cmask, ACC)[None, :])
         c_new = gf * c + gi * gg
-        s, m2 = _own_stats(c_new, cmask, n_own)
-        _store_part(pp, pid, 8, rl, s, NQ, BLOCK_B)
-        _store_part(pp, pid, 9, rl, m2, NQ, BLOCK_B)
-        _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
-
-        # ---- phase 3: the cell LayerNorm, h_t; publish
-        mean, rstd = _gate_stats(pp, 8, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
-        h_new = go * _tanh(_norm(c_new, mean, rstd, cmask) * _param(cw_ptr, 0, cols, cmask, ACC)[None, :]
-                           + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
-        if HAS_LENGTHS:
-            valid = (t64 < L)[:, None]
-            h_own = tl.where(valid, h_new, h_own)
-            c = tl.where(valid, c_new, c)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h_own = h_new
-            c = c_new
-            out = h_new
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
-        tl.store(hs_ptr + s_nxt, h_own.to(hs_ptr.dtype.element_ty), mask=mask)
-        tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + (h_row[:, None] + cols[None, :]), out.to(out_ptr.dtype.element_ty), mask=mask)
-
-        # step t+1's input projection, before the barrier (nothing at t+1 = T)
+        # step t+1's input projection, before the step's last barrier (nothing at t+1 = T)
         nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
         n_off = g_off + G * B
-        x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
-        x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
-        x_g = tl.load(xp_ptr + n_off + 2 * H, mask=nmask, other=0.0)
-        x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
-        _grid_barrier(sync_ptr, (3 * t + 3) * nprog)
+        if MERGE_C:
+            # ---- c_t and o_t of the own columns to cell slot t % 2 (c unheld: what h_t is made of);
+            # cs[t+1] gets the held c. h_t itself is made in phase 0 of step t+1 (or after the loop).
+            if HAS_LENGTHS:
+                c = tl.where((t64 < L)[:, None], c_new, c)
+            else:
+                c = c_new
+            tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
+            cq = cell_rb + (t % 2) * (2 * BLOCK_B * H) + crl[:, None] + cols[None, :]
+            tl.store(cq, c_new, mask=mask)
+            tl.store(cq + BLOCK_B * H, go, mask=mask)
+            x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
+            x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
+            x_g = tl.load(xp_ptr + n_off + 2 * H, mask=nmask, other=0.0)
+            x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
+            _grid_barrier(sync_ptr, (2 * t + 2) * nprog)
+        else:
+            s, m2 = _own_stats(c_new, cmask, n_own)
+            _store_part(pp, pid, 8, rl, s, NQ, BLOCK_B)
+            _store_part(pp, pid, 9, rl, m2, NQ, BLOCK_B)
+            _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
+
+            # ---- phase 3: the cell LayerNorm, h_t; publish
+            mean, rstd = _gate_stats(pp, 8, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+            h_new = go * _tanh(_norm(c_new, mean, rstd, cmask) * _param(cw_ptr, 0, cols, cmask, ACC)[None, :]
+                               + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
+            if HAS_LENGTHS:
+                valid = (t64 < L)[:, None]
+                h_own = tl.where(valid, h_new, h_own)
+                c = tl.where(valid, c_new, c)
+                out = tl.where(valid, h_new, 0.0)
+            else:
+                h_own = h_new
+                c = c_new
+                out = h_new
+            tl.store(hs_ptr + s_nxt, h_own.to(hs_ptr.dtype.element_ty), mask=mask)
+            tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + (h_row[:, None] + cols[None, :]), out.to(out_ptr.dtype.element_ty), mask=mask)
+
+            x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
+            x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
+            x_g = tl.load(xp_ptr + n_off + 2 * H, mask=nmask, other=0.0)
+            x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
+            _grid_barrier(sync_ptr, (3 * t + 3) * nprog)
+
+    if MERGE_C:  # h_{T-1} of the own columns: hs[T], out[T-1] (no matmul operand to rebuild)
+        t64 = zero64 + T
+        fresh = tl.where(t64 > 0, rmask, False)
+        if HAS_LENGTHS:
+            fresh = fresh & (t64 - 1 < L)
+        cp = cell_rb + ((T + 1) % 2) * (2 * BLOCK_B * H)
+        _merged_h_own(cp, crl, fresh, c, go, h_own, hs_ptr, out_ptr, cw_ptr, cb_ptr, t64, rows, cols, cmask, mask,
+                      B, H, eps, ACC, BLOCK_S)
 
 
 @triton.jit
@@ -685,18 +878,35 @@ def _check_buffers(*ts) -> None:
             assert t.is_contiguous(), "persistent LN kernels take contiguous buffers"
 
 
-def _partials(pl: Plan, dtype: torch.dtype, device) -> torch.Tensor:
-    # [R, 2 (step parity), BLOCK_P, NQ, BLOCK_B]; zeroed: the slots of programs p >= P are read
+def _partials(pl: Plan, dtype: torch.dtype, device, nq: int = NQ) -> torch.Tensor:
+    # [R, 2 (step parity), BLOCK_P, nq, BLOCK_B]; zeroed: the slots of programs p >= P are read
     # (as zeros) by the unmasked combine loads and never written
-    return torch.zeros((pl.row_blocks, 2, block_p(pl.programs), NQ, pl.BLOCK_B), dtype=dtype, device=device)
+    return torch.zeros((pl.row_blocks, 2, block_p(pl.programs), nq, pl.BLOCK_B), dtype=dtype, device=device)
 
 
-def _ln_sync_counter(T: int, pl: Plan, device) -> torch.Tensor:
-    # barrier n waits for n P <= 3 T P arrivals: keep that in int32; one counter per row block
-    if BARRIERS_PER_STEP * T * pl.programs >= 2 ** 31:
-        raise ValueError(f"persistent LN kernels: {BARRIERS_PER_STEP} x T={T} x {pl.programs} programs "
+def _ln_sync_counter(T: int, pl: Plan, device, per_step: int = BARRIERS_PER_STEP) -> torch.Tensor:
+    # barrier n waits for n P <= per_step T P arrivals: keep that in int32; one counter per row block
+    if per_step * T * pl.programs >= 2 ** 31:
+        raise ValueError(f"persistent LN kernels: {per_step} x T={T} x {pl.programs} programs "
                          "overflows the int32 barrier counter")
     return torch.zeros(pl.row_blocks, dtype=torch.int32, device=device)
+
+
+def k_pad(H: int) -> int:
+    """The padded row width of the whole-row tiles (the resident W_hh tile's K)."""
+    return max(16, triton.next_power_of_2(int(H)))
+
+
+def fwd_merge_c(pl: Plan, H: int) -> bool:
+    """Whether the forward runs the 2-barrier variant (MERGE_C): MERGE_C_OVERRIDE if set, else
+    the row tile rule BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS (see there)."""
+    if MERGE_C_OVERRIDE is not None:
+        return bool(MERGE_C_OVERRIDE)
+    return pl.BLOCK_B * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
+
+
+def fwd_barriers_per_step(pl: Plan, H: int) -> int:
+    return BARRIERS_PER_STEP_MERGED if fwd_merge_c(pl, H) else BARRIERS_PER_STEP
 
 
 def _check_ln_plan(pl: Plan, B: int, H: int, device) -> int:
@@ -706,26 +916,40 @@ def _check_ln_plan(pl: Plan, B: int, H: int, device) -> int:
     return bp
 
 
-def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, ln, lengths, eps, fma, ieee, upcast) -> None:
+def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, ln, lengths, eps, fma, ieee, upcast,
+                     merge_c: Optional[bool] = None) -> None:
     """All T forward steps of the layer-norm LSTM: fills hs[1:], cs[1:], out and (if not None)
     gates, as kernels.lstm.lstm_fwd(..., ln=ln, path="step") does with the same buffers.
     hs[0], cs[0] hold h0, c0. The compute dtype is cs's (fp32 / fp64); hs may be cs's dtype or the
-    storage dtype."""
+    storage dtype. ``merge_c``: the 2-barrier variant (True) or the 3-barrier one (False);
+    None: fwd_merge_c(pl, H)."""
     T, B, H = out.shape
     BP = _check_ln_plan(pl, B, H, xp.device)
     gw, gb, cw, cb = _ln_params(ln, H)
     _check_buffers(xp, w_hh, hs, cs, out, gates, lengths)
     assert hs.shape == cs.shape == (T + 1, B, H) and xp.shape == (T, B, 4 * H) and w_hh.shape == (4 * H, H)
     assert gates is None or gates.shape == (T, B, 4 * H)
-    part = _partials(pl, cs.dtype, xp.device)
-    sync = _ln_sync_counter(T, pl, xp.device)
+    merge = fwd_merge_c(pl, H) if merge_c is None else bool(merge_c)
+    KP = k_pad(H)
+    if merge and pl.resident:
+        assert pl.BLOCK_K == KP, "the resident MERGE_C operand is phase 0's whole c row tile"
+    nq = NQ_MERGED if merge else NQ
+    part = _partials(pl, cs.dtype, xp.device, nq)
+    # MERGE_C: c_t and o_t rows by step parity, [R, 2, 2, BLOCK_B, H]; the kernel reads only what
+    # it wrote (masked loads), so not zeroed (NaN when kernels._common.POISON is on)
+    cell = _common.alloc((pl.row_blocks, 2, 2, pl.BLOCK_B, H), cs.dtype, xp.device) if merge else None
+    nbar = BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
+    sync = _ln_sync_counter(T, pl, xp.device, nbar)
     k = _ln_lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, cs, out, gates, lengths, gw, gb, cw, cb, part, sync, T, B, H, float(eps),
+        xp, w_hh, hs, cs, out, gates, lengths, gw, gb, cw, cb, part, cell, sync, T, B, H, float(eps),
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=NQ,
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, MERGE_C=merge,
+        BLOCK_S=KP if merge else 1,
         **_launch_opts(xp.device, pl),
     )
     _record("ln_lstm_fwd", k)
+    if k is not None and "ln_lstm_fwd" in LAST_LAUNCH:
+        LAST_LAUNCH["ln_lstm_fwd"]["barriers_per_step"] = nbar
 
 
 def bwd_stats(gates: torch.Tensor, cs: torch.Tensor, eps: float, dtype: torch.dtype, BLOCK_B: int) -> torch.Tensor:

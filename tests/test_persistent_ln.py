@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import (
-    BF16, DT_NAME, F32, F64, kernel_device, rel_err, requires_cuda, requires_kernels, requires_sm90_compile, tol,
+    BF16, DT_NAME, F32, F64, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels, requires_sm90_compile,
+    tol,
 )
 from fused_rnn.reference import LN_EPS, lstm_cell_ref, lstm_sequence_ref
 
@@ -49,9 +50,10 @@ def make_case(T, B, I, H, dtype, lengths=None, seed=0):
     return ins, ln, L, ups
 
 
-def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None):
+def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=None):
     """Our forward loop on freshly NaN-filled buffers; ``like``: the step path's (hs, cs, gates)
-    whose dtypes to copy (so the test follows whatever dtypes kernels.lstm chose)."""
+    whose dtypes to copy (so the test follows whatever dtypes kernels.lstm chose); ``merge_c``:
+    the forward variant (None: the launcher's rule, PL.fwd_merge_c)."""
     C, KL, PL = _mods()
     T, B, _ = x.shape
     G, H = w_hh.shape
@@ -65,7 +67,7 @@ def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None):
     out = torch.full((T, B, H), NAN, dtype=x.dtype, device=x.device)
     gates = torch.full((T, B, G), NAN, dtype=gdt, device=x.device)
     PL.ln_lstm_fwd_loop(pl, xp, w_hh.contiguous(), hs, cs, out, gates, ln, L, LN_EPS,
-                        *C.dot_flags(w_hh.dtype, False, x.device))
+                        *C.dot_flags(w_hh.dtype, False, x.device), merge_c=merge_c)
     return out, hs, cs, gates
 
 
@@ -231,6 +233,64 @@ def test_ln_persistent_16bit_state_buffers():
         check(a, b, tol(BF16), f"{n} vs reference")
 
 
+def _count_barriers(monkeypatch):
+    """Spy on the launchers' barrier counters: a list of (counter tensor, barriers per step, plan)
+    per launch; after a launch counter r holds the arrivals at row block r's barriers."""
+    _, _, PL = _mods()
+    real = PL._ln_sync_counter
+    seen = []
+
+    def spy(T, pl, device, per_step=PL.BARRIERS_PER_STEP):
+        sync = real(T, pl, device, per_step)
+        seen.append((sync, per_step, pl))
+        return sync
+
+    monkeypatch.setattr(PL, "_ln_sync_counter", spy)
+    return seen
+
+
+# The forward's two variants: MERGE_C (2 grid barriers a step; every program rebuilds h_t from the
+# published c_t and o_t rows) and 3 barriers. Lengths with a 0, a full one and one past T; H not a
+# multiple of 16; B = 70 (two row blocks); fp32, fp64 (W_hh streamed on the CPU), bf16.
+VARIANT_CASES = [("T5-B3-H37-len", F32), ("T5-B3-H37-len", F64), ("T5-B3-H37-len", BF16), ("T3-B17-H20-len", F64),
+                 ("T3-B17-H20-len", BF16), ("T2-B70-H5-len", F32), ("T1-B5-H16", F64)]
+
+
+@requires_kernels
+@pytest.mark.parametrize("sid,dtype", VARIANT_CASES, ids=[f"{c[0]}-{DT_NAME[c[1]]}" for c in VARIANT_CASES])
+def test_ln_persistent_fwd_variants(monkeypatch, sid, dtype):
+    """Both forward variants against the step path, and against each other: with one program per
+    row block (the interpreter) both take the c statistics with _ln_rows's operations (Chan's
+    combine of one partial is that exactly) and the rebuilt matmul operand is what hs holds, so
+    they agree bitwise; on a GPU (P > 1) to CLOSE. Each launch passes exactly its barriers."""
+    C, KL, PL = _mods()
+    T, B, I, H, lengths = SHAPES[sid]
+    ins, ln, L, _ = make_case(T, B, I, H, dtype, lengths)
+    pf, why = PL.plan_ln("fwd", B, H, dtype, DEV)
+    assert pf is not None, why
+    assert PL.fwd_merge_c(pf, H)  # the rule picks MERGE_C at these sizes
+    step = KL.lstm_fwd(*ins, ln, L, path="step")
+    seen = _count_barriers(monkeypatch)
+    runs = {m: run_fwd(pf, *ins, ln, L, like=step[3:], merge_c=m) for m in (True, False)}
+    assert [per_step for _, per_step, _ in seen] == [2, 3]
+    for sync, per_step, pl in seen:
+        assert sync.tolist() == [per_step * T * pl.programs] * pl.row_blocks
+    names = ("out", "hs", "cs", "gates")
+    for m, res in runs.items():
+        for name, a, b in zip(names, res, (step[0], step[3], step[4], step[5])):
+            check(a, b, CLOSE[dtype], f"merge_c={m}: fwd {name} vs step")
+    for name, a, b in zip(names, runs[True], runs[False]):
+        if DEV.type == "cpu":
+            assert torch.equal(a, b), f"{name}: MERGE_C and 3 barriers differ"
+        else:
+            check(a, b, CLOSE[dtype], f"{name}: MERGE_C vs 3 barriers")
+    if L is not None:  # past a row's end: out zero, h and c held (hs[t+1] = hs[t])
+        out, hs, cs, _ = runs[True]
+        ended = torch.arange(T, device=DEV).unsqueeze(1) >= L.unsqueeze(0)  # [T, B]
+        assert (out[ended] == 0).all()
+        assert torch.equal(hs[1:][ended], hs[:-1][ended]) and torch.equal(cs[1:][ended], cs[:-1][ended])
+
+
 class _LNLoops(torch.autograd.Function):
     """A layer-norm LSTM layer through the persistent loops only (for gradcheck)."""
 
@@ -360,6 +420,46 @@ def test_partials_layout_multi_program(H, BH):
     assert (part[P:] == 0).all()  # slots past the grid untouched
 
 
+# ------------------------------- the forward variants with P = 3 programs per row block (threads)
+# tests/test_persistent_threads.py's fixtures: one thread per program under the interpreter, H100
+# plans. Its LN cases run whichever variant the rule picks (MERGE_C at those sizes); these force
+# each one, forward only (the backward does not change with the variant).
+if triton is not None and INTERPRET:
+    from test_persistent_threads import _problem, gpu_plans, threaded_grid  # noqa: F401 (fixtures)
+
+# (T, B, I, H, lengths, dtype, resident W_hh, MERGE_C): H = 37 is 3 programs of 16 columns
+THREAD_CASES = [
+    (4, 3, 5, 37, [4, 2, 0], F32, True, False),
+    (3, 3, 5, 37, [3, 1, 0], F64, False, False),
+    (4, 3, 5, 37, [4, 2, 0], F64, False, True),
+]
+
+
+@pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(), reason="the CPU lane under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("T,B,I,H,lengths,dtype,resident,merge", THREAD_CASES,
+                         ids=[f"T{c[0]}-B{c[1]}-H{c[3]}-{DT_NAME[c[5]]}-{'resident' if c[6] else 'streamed'}-"
+                              f"{'merge_c' if c[7] else '3bar'}" for c in THREAD_CASES])
+def test_ln_fwd_variants_threaded(threaded_grid, gpu_plans, monkeypatch, T, B, I, H, lengths, dtype, resident,
+                                  merge):
+    """Each forward variant with 3 concurrent programs per row block against the step path."""
+    _, KL, PL = _mods()
+    gpu_plans["resident"] = resident
+    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", merge)
+    p = _problem("lnlstm", T, B, I, H, dtype, lengths)
+    args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
+    step = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="step")
+    seen = _count_barriers(monkeypatch)
+    ours = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="persistent")
+    assert len(seen) == 1
+    sync, per_step, pl = seen[0]
+    assert pl.programs == 3 and pl.resident == resident and per_step == (2 if merge else 3)
+    assert sync.tolist() == [per_step * T * 3]
+    close = 1e-12 if dtype == F64 else 1e-6
+    for i, (a, b) in enumerate(zip(ours, step)):
+        assert a.shape == b.shape and not torch.isnan(a).any(), f"output {i}: NaN (unwritten?)"
+        assert rel_err(a, b) <= close, f"output {i}: rel err {rel_err(a, b):.2e}"
+
+
 # ---------------------------------------------------------------- the plan (no kernels run)
 def test_plan_ln():
     pytest.importorskip("triton")
@@ -388,6 +488,36 @@ def test_plan_ln():
     assert pl.row_blocks == 2 and pl.BLOCK_B == 64
 
 
+def test_plan_ln_fwd_variant():
+    """The forward's MERGE_C rule (BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS) and its num_warps (8:
+    the sm_90 compiles spilled at 4, see _ln_num_warps), and MERGE_C_OVERRIDE."""
+    pytest.importorskip("triton")
+    from fused_rnn.kernels import persistent_ln as PL
+
+    cuda = torch.device("cuda", 0)
+    for B, H, merged in ((16, 256, True), (16, 128, True), (64, 64, True), (5, 37, True), (32, 256, False),
+                         (16, 512, False), (16, 768, False), (64, 512, False)):
+        pl, _ = PL.plan_ln("fwd", B, H, BF16, cuda, limit=132)
+        assert PL.fwd_merge_c(pl, H) == merged, (B, H)
+        assert PL.fwd_barriers_per_step(pl, H) == (2 if merged else 3)
+        if merged:
+            assert pl.num_warps == 8
+    pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
+    assert not pl.resident and pl.num_warps == 8
+    pl, _ = PL.plan_ln("fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: streamed W_hh
+    assert not pl.resident and PL.fwd_merge_c(pl, 256)
+    pl, _ = PL.plan_ln("fwd", 70, 20, F32, "cpu")  # the interpreter: one program of K_pad columns
+    assert PL.fwd_merge_c(pl, 20)
+    try:
+        PL.MERGE_C_OVERRIDE = False
+        pl, _ = PL.plan_ln("fwd", 64, 64, BF16, cuda, limit=132)
+        assert not PL.fwd_merge_c(pl, 64) and pl.num_warps == 4  # the plain plan's
+        PL.MERGE_C_OVERRIDE = True
+        assert PL.fwd_merge_c(PL.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)[0], 512)
+    finally:
+        PL.MERGE_C_OVERRIDE = None
+
+
 def test_sync_counter_overflow_guard():
     pytest.importorskip("triton")
     from fused_rnn.kernels import persistent_ln as PL
@@ -396,6 +526,11 @@ def test_sync_counter_overflow_guard():
     with pytest.raises(ValueError, match="overflows the int32 barrier counter"):
         PL._ln_sync_counter(2 ** 31 // (3 * pl.programs) + 1, pl, "cpu")
     assert PL._ln_sync_counter(1000, pl, "cpu").tolist() == [0]
+    # MERGE_C: 2 barriers a step
+    T2 = 2 ** 31 // (3 * pl.programs) + 1  # too many steps at 3 barriers, not at 2
+    assert PL._ln_sync_counter(T2, pl, "cpu", 2).tolist() == [0]
+    with pytest.raises(ValueError, match="overflows the int32 barrier counter"):
+        PL._ln_sync_counter(2 ** 31 // (2 * pl.programs) + 1, pl, "cpu", 2)
 
 
 # ------------------------------------------------------------- sm_90 compile (no GPU needed)
@@ -429,35 +564,49 @@ def _res_usage(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", text)}
 
 
-# (shape, hs / dG dtype): every kernel at S1/S2/S4's plans with fp32 state buffers (kernels.lstm's
-# layout at the time of writing) and with bf16 ones (the storage-dtype layout being introduced).
+# (direction, shape, hs / dG dtype, forward variant): every kernel at S1/S2/S4's plans with fp32
+# state buffers (kernels.lstm's layout at the time of writing) and with bf16 ones (the
+# storage-dtype layout being introduced). Variant None: the plan's (fwd_merge_c: MERGE_C at
+# B16 H256, B16 H128, B64 H64); False: the 3-barrier forward forced where the plan picks MERGE_C.
 # Spill bytes allowed: 0, except the forward at B64 H512 with a bf16 hs (8 B of stack: see
 # _ln_num_warps).
-SM90_CASES = [(d, B, H, st) for (B, H) in ((16, 256), (64, 512), (16, 768)) for d in ("fwd", "bwd")
-              for st in ("fp32", "bf16")]
+SM90_CASES = ([(d, B, H, st, None) for (B, H) in ((16, 256), (64, 512), (16, 768)) for d in ("fwd", "bwd")
+               for st in ("fp32", "bf16")]
+              + [("fwd", 16, 256, st, False) for st in ("fp32", "bf16")]
+              + [("fwd", B, H, st, None) for (B, H) in ((16, 128), (64, 64)) for st in ("fp32", "bf16")])
 SM90_SPILL_ALLOWED = {("fwd", 64, 512, "bf16"): 16}
 
 
 @requires_sm90_compile
-@pytest.mark.parametrize("direction,B,H,st", SM90_CASES,
-                         ids=[f"{d}-B{B}-H{H}-{st}" for d, B, H, st in SM90_CASES])
-def test_ln_kernels_compile_for_sm90(direction, B, H, st):
+@pytest.mark.parametrize("direction,B,H,st,merge", SM90_CASES,
+                         ids=[f"{d}-B{B}-H{H}-{st}" + ("-3bar" if m is False else "") for d, B, H, st, m in SM90_CASES])
+def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
     """Both persistent LN kernels compile for an H100 (sm_90) at plan_ln's plans (bf16 inputs,
-    lengths on), with the grid barrier's release/acquire atomics in the PTX; prints registers,
-    stack (spill) bytes and shared memory, and checks the spill budget."""
+    lengths on), with the grid barrier's release/acquire atomics in the PTX (one release add per
+    barrier of a step: 2 for the forward's MERGE_C variant, else 3); prints registers, stack
+    (spill) bytes and shared memory, and checks the spill budget."""
     from fused_rnn.kernels import persistent_ln as PL
 
+    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", merge)
     pl, why = PL.plan_ln(direction, B, H, BF16, torch.device("cuda", 0), limit=132)
     assert pl is not None, why
+    merged = direction == "fwd" and PL.fwd_merge_c(pl, H)
+    nbar = PL.fwd_barriers_per_step(pl, H) if direction == "fwd" else PL.BARRIERS_PER_STEP
+    assert nbar == (PL.BARRIERS_PER_STEP_MERGED if merged else PL.BARRIERS_PER_STEP)
     const = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                 BLOCK_K=pl.BLOCK_K, BLOCK_P=PL.block_p(pl.programs), NQ=PL.NQ, HAS_LENGTHS=True)
+                 BLOCK_K=pl.BLOCK_K, BLOCK_P=PL.block_p(pl.programs), NQ=PL.NQ_MERGED if merged else PL.NQ,
+                 HAS_LENGTHS=True)
     sig = dict(len_ptr="*i64", part_ptr="*fp32", sync_ptr="*i32", T="i32", B="i32", H="i32", gw_ptr="*bf16",
                gb_ptr="*bf16", cw_ptr="*bf16", cb_ptr="*bf16")
     if direction == "fwd":
         kern = PL._ln_lstm_fwd_persistent_kernel
         sig.update(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr=f"*{st}", cs_ptr="*fp32", out_ptr="*bf16",
                    gates_ptr="*fp32", eps="fp32")
-        const["STORE_GATES"] = True
+        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=PL.k_pad(H) if merged else 1)
+        if merged:
+            sig["cell_ptr"] = "*fp32"
+        else:
+            const["cell_ptr"] = None
     else:
         kern = PL._ln_lstm_bwd_persistent_kernel
         sig.update(gates_ptr="*fp32", w_ptr="*bf16", cs_ptr="*fp32", dout_ptr="*bf16", dg_ptr=f"*{st}",
@@ -470,14 +619,14 @@ def test_ln_kernels_compile_for_sm90(direction, B, H, st):
     assert ".target sm_90" in ptx
     assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
     assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire read at GPU scope"
-    # one predicated release add per barrier of a step (PL.BARRIERS_PER_STEP), no other release
+    # one predicated release add per barrier of a step (nbar), no other release
     adds = re.findall(r"@%p\d+ (?:red|atom)\.global\.gpu\.release\.add", ptx)
-    assert len(adds) == PL.BARRIERS_PER_STEP == len(re.findall(r"\.global\.gpu\.release", ptx)), adds
+    assert len(adds) == nbar == len(re.findall(r"\.global\.gpu\.release", ptx)), adds
     assert "mma" in ptx  # the recurrent matmul on tensor cores
     use = _res_usage(ck.asm["cubin"])
-    print(f"\nLN {direction} B{B} H{H} hs/dG={st}: P={pl.programs} BLOCK_H={pl.BLOCK_H} BLOCK_K={pl.BLOCK_K} "
-          f"resident={pl.resident} num_warps={pl.num_warps}: regs={use['REG']} stack={use['STACK']} B "
-          f"shared={ck.metadata.shared} B")
+    print(f"\nLN {direction} B{B} H{H} hs/dG={st} barriers/step={nbar}: P={pl.programs} BLOCK_H={pl.BLOCK_H} "
+          f"BLOCK_K={pl.BLOCK_K} resident={pl.resident} num_warps={pl.num_warps}: regs={use['REG']} "
+          f"stack={use['STACK']} B shared={ck.metadata.shared} B")
     assert use["STACK"] <= SM90_SPILL_ALLOWED.get((direction, B, H, st), 0), "register spills"
 
 
@@ -488,15 +637,21 @@ CUDA_SHAPES = [(64, 16, 64, 256, None), (32, 64, 48, 512, "len")]  # (T, B, I, H
 def _cuda_cases():
     for shape in CUDA_SHAPES:
         for dtype in (BF16, F32):
-            yield pytest.param(shape, dtype, id=f"T{shape[0]}-B{shape[1]}-H{shape[3]}-{DT_NAME[dtype]}")
+            yield pytest.param(shape, dtype, None, id=f"T{shape[0]}-B{shape[1]}-H{shape[3]}-{DT_NAME[dtype]}")
+    # the plan picks MERGE_C at B16 H256: the 3-barrier forward there too
+    shape = CUDA_SHAPES[0]
+    for dtype in (BF16, F32):
+        yield pytest.param(shape, dtype, False, id=f"T{shape[0]}-B{shape[1]}-H{shape[3]}-{DT_NAME[dtype]}-3bar")
 
 
 @requires_cuda
-@pytest.mark.parametrize("shape,dtype", list(_cuda_cases()))
-def test_cuda_ln_multi_program_matches_step(shape, dtype):
-    """The multi-program LN kernels (3 grid barriers a step, partial statistics across programs)
-    against the step path and the fp64 reference, forward and backward."""
+@pytest.mark.parametrize("shape,dtype,merge", list(_cuda_cases()))
+def test_cuda_ln_multi_program_matches_step(monkeypatch, shape, dtype, merge):
+    """The multi-program LN kernels (partial statistics across programs; the forward with 2 grid
+    barriers a step where the plan picks MERGE_C, else 3; ``merge`` False forces 3) against the
+    step path and the fp64 reference, forward and backward."""
     C, KL, PL = _mods()
+    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", merge)
     T, B, I, H, lens = shape
     lengths = None if lens is None else [T - (b % 7) for b in range(B - 1)] + [0]
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
