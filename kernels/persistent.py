@@ -217,6 +217,63 @@ def _grid_barrier(sync_ptr, target):
     tl.debug_barrier()  # no thread reads the next step's row before the acquire
 
 
+@triton.jit
+def _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K: tl.constexpr):
+    """The forward's resident W_hh slice, loaded once: tile q holds W_q[j, k] at [k, j]
+    (w_q: the offsets of the rows (q H + j) H of this program's units j)."""
+    kr = tl.arange(0, BLOCK_K)
+    wm = (kr < H)[:, None] & cmask[None, :]
+    return (tl.load(w_ptr + w_i[None, :] + kr[:, None], mask=wm, other=0.0),
+            tl.load(w_ptr + w_f[None, :] + kr[:, None], mask=wm, other=0.0),
+            tl.load(w_ptr + w_g[None, :] + kr[:, None], mask=wm, other=0.0),
+            tl.load(w_ptr + w_o[None, :] + kr[:, None], mask=wm, other=0.0))
+
+
+@triton.jit
+def _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K: tl.constexpr):
+    """The backward's resident W_hh slice, loaded once: tile q holds W_q[k, j] = W_hh[q H + k, j]
+    at [k, j]."""
+    kr = tl.arange(0, BLOCK_K)
+    wm = (kr < H)[:, None] & cmask[None, :]
+    return (tl.load(w_ptr + (kr.to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0),
+            tl.load(w_ptr + ((kr + H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0),
+            tl.load(w_ptr + ((kr + 2 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0),
+            tl.load(w_ptr + ((kr + 3 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0))
+
+
+@triton.jit
+def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC: tl.constexpr, RESIDENT: tl.constexpr,
+                    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dG_{t+1} W_hh on this program's columns: the rows dg_row of dG (every program's dG_{t+1},
+    published before the barrier) times the resident tiles ``wr`` (_w_tiles_bwd; None when not
+    RESIDENT) or W_hh streamed in BLOCK_K chunks of the K = 4H reduction."""
+    WT = w_ptr.dtype.element_ty
+    G = 4 * H
+    carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+    if RESIDENT:
+        kr = tl.arange(0, BLOCK_K)
+        dm = rmask[:, None] & (kr < H)[None, :]
+        d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
+        carry = _mm(tl.load(d_ptr, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[0], carry, FMA, IEEE, UPCAST)
+        carry = _mm(tl.load(d_ptr + H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[1], carry, FMA, IEEE,
+                    UPCAST)
+        carry = _mm(tl.load(d_ptr + 2 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[2], carry, FMA,
+                    IEEE, UPCAST)
+        carry = _mm(tl.load(d_ptr + 3 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[3], carry, FMA,
+                    IEEE, UPCAST)
+    else:
+        for k0 in range(0, G, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < G
+            dgk = tl.load(dg_ptr + dg_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
+                          cache_modifier=".cg").to(WT)
+            wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
+    return carry
+
+
 @triton.heuristics(
     {
         "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
@@ -253,14 +310,10 @@ def _lstm_fwd_persistent_kernel(
     w_f = (cols + H).to(tl.int64) * H
     w_g = (cols + 2 * H).to(tl.int64) * H
     w_o = (cols + 3 * H).to(tl.int64) * H
-    if RESIDENT:  # the slice, once: tile q holds W_q[j, k] at [k, j]
+    if RESIDENT:  # the slice, once
         kr = tl.arange(0, BLOCK_K)
         krm = kr < H
-        wm = krm[:, None] & cmask[None, :]
-        wr_i = tl.load(w_ptr + w_i[None, :] + kr[:, None], mask=wm, other=0.0)
-        wr_f = tl.load(w_ptr + w_f[None, :] + kr[:, None], mask=wm, other=0.0)
-        wr_g = tl.load(w_ptr + w_g[None, :] + kr[:, None], mask=wm, other=0.0)
-        wr_o = tl.load(w_ptr + w_o[None, :] + kr[:, None], mask=wm, other=0.0)
+        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K)
 
     b_off = (rows * H)[:, None] + cols[None, :]
     h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(ACC)  # h_{t-1}, this program's columns
@@ -368,17 +421,11 @@ def _lstm_bwd_persistent_kernel(
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
     sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
-    WT = w_ptr.dtype.element_ty
     G = 4 * H
     zero64 = tl.zeros([], dtype=tl.int64)
-    if RESIDENT:  # the slice, once: tile q holds W_q[k, j] = W_hh[q H + k, j] at [k, j]
-        kr = tl.arange(0, BLOCK_K)
-        krm = kr < H
-        wm = krm[:, None] & cmask[None, :]
-        wr_i = tl.load(w_ptr + (kr.to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
-        wr_f = tl.load(w_ptr + ((kr + H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
-        wr_g = tl.load(w_ptr + ((kr + 2 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
-        wr_o = tl.load(w_ptr + ((kr + 3 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+    wr = None
+    if RESIDENT:  # the slice, once
+        wr = _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K)
 
     if HAS_LENGTHS:
         L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
@@ -403,27 +450,9 @@ def _lstm_bwd_persistent_kernel(
         t64 = zero64 + (T - 1 - i)
         valid = (t64 < L)[:, None]
         nvalid = (t64 + 1 < L)[:, None]
-        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
-        if RESIDENT:
-            dm = rmask[:, None] & krm[None, :]
-            d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
-            carry = _mm(tl.load(d_ptr, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_i, carry, FMA, IEEE, UPCAST)
-            carry = _mm(tl.load(d_ptr + H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_f, carry, FMA, IEEE,
-                        UPCAST)
-            carry = _mm(tl.load(d_ptr + 2 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_g, carry, FMA,
-                        IEEE, UPCAST)
-            carry = _mm(tl.load(d_ptr + 3 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_o, carry, FMA,
-                        IEEE, UPCAST)
-        else:
-            for k0 in range(0, G, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < G
-                dgk = tl.load(dg_ptr + dg_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
-                              cache_modifier=".cg").to(WT)
-                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                             mask=kmask[:, None] & cmask[None, :], other=0.0)
-                carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
+        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC, RESIDENT, FMA, IEEE, UPCAST,
+                                BLOCK_B, BLOCK_H, BLOCK_K)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
         dc = tl.where(valid, gc, 0.0)

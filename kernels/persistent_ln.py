@@ -169,6 +169,9 @@ from . import _common
 from ._common import _mm, _sigmoid, _tanh, _tile
 from .persistent import (
     LAST_LAUNCH,
+    _lstm_bwd_carry,
+    _w_tiles_bwd,
+    _w_tiles_fwd,
     Plan,
     _check_plan,
     _grid_barrier,
@@ -453,14 +456,10 @@ def _ln_lstm_fwd_persistent_kernel(
     w_f = (cols + H).to(tl.int64) * H
     w_g = (cols + 2 * H).to(tl.int64) * H
     w_o = (cols + 3 * H).to(tl.int64) * H
-    if RESIDENT:  # the slice, once: tile q holds W_q[j, k] at [k, j]
+    if RESIDENT:  # the slice, once
         kr = tl.arange(0, BLOCK_K)
         krm = kr < H
-        wm = krm[:, None] & cmask[None, :]
-        wr_i = tl.load(w_ptr + w_i[None, :] + kr[:, None], mask=wm, other=0.0)
-        wr_f = tl.load(w_ptr + w_f[None, :] + kr[:, None], mask=wm, other=0.0)
-        wr_g = tl.load(w_ptr + w_g[None, :] + kr[:, None], mask=wm, other=0.0)
-        wr_o = tl.load(w_ptr + w_o[None, :] + kr[:, None], mask=wm, other=0.0)
+        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K)
 
     b_off = (rows * H)[:, None] + cols[None, :]
     h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(ACC)  # h_{t-1}, own columns
@@ -675,17 +674,11 @@ def _ln_lstm_bwd_persistent_kernel(
     rl = tl.arange(0, BLOCK_B)
     part_rb = part_ptr + pid_b * (2 * BLOCK_P * NQ * BLOCK_B)
     ACC = gc_ptr.dtype.element_ty
-    WT = w_ptr.dtype.element_ty
     G = 4 * H
     zero64 = tl.zeros([], dtype=tl.int64)
-    if RESIDENT:  # the slice, once: tile q holds W_q[k, j] = W_hh[q H + k, j] at [k, j]
-        kr = tl.arange(0, BLOCK_K)
-        krm = kr < H
-        wm = krm[:, None] & cmask[None, :]
-        wr_i = tl.load(w_ptr + (kr.to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
-        wr_f = tl.load(w_ptr + ((kr + H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
-        wr_g = tl.load(w_ptr + ((kr + 2 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
-        wr_o = tl.load(w_ptr + ((kr + 3 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0)
+    wr = None
+    if RESIDENT:  # the slice, once
+        wr = _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K)
     # LN parameter gradients of the own columns, summed over rows and steps: accumulated in row
     # r = pid_b of the [R', G] / [R', H] buffers, which only this program touches at these
     # columns (read-modify-write once per step, the read of the first step skipped: the old
@@ -722,27 +715,9 @@ def _ln_lstm_bwd_persistent_kernel(
         vm = valid & mask
         amask = tl.where(i > 0, cmask, False)  # read the LN-gradient accumulators after step T-1
         # ---- phase 1: carried gradient, the cell LayerNorm's and the o gate's row sums
-        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
-        if RESIDENT:
-            dm = rmask[:, None] & krm[None, :]
-            d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
-            carry = _mm(tl.load(d_ptr, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_i, carry, FMA, IEEE, UPCAST)
-            carry = _mm(tl.load(d_ptr + H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_f, carry, FMA, IEEE,
-                        UPCAST)
-            carry = _mm(tl.load(d_ptr + 2 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_g, carry, FMA,
-                        IEEE, UPCAST)
-            carry = _mm(tl.load(d_ptr + 3 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr_o, carry, FMA,
-                        IEEE, UPCAST)
-        else:
-            for k0 in range(0, G, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < G
-                dgk = tl.load(dg_ptr + dg_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
-                              cache_modifier=".cg").to(WT)
-                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                             mask=kmask[:, None] & cmask[None, :], other=0.0)
-                carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
+        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC, RESIDENT, FMA, IEEE, UPCAST,
+                                BLOCK_B, BLOCK_H, BLOCK_K)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
         dc = tl.where(valid, gc, 0.0)
