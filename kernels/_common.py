@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_rnn._buffers import grad_dtype, lstm_gates_dtype, lstm_hs_dtype, operand_dtype, state_dtype  # noqa: F401
+from fused_rnn._buffers import state_dtype
 
 # Debug switch for the tests: when True the launchers allocate every buffer a kernel is meant to
 # fill with NaN (torch.full) instead of torch.empty, so an element a kernel forgets to write

@@ -8,8 +8,9 @@ Legend
 Layout is time-major: x [T, B, I], out [T, B, H]. Saved state sequences hs, cs are [T+1, B, H]
 (slot 0 = h0 / c0, slot t+1 = the carried state after step t); cs in the state dtype (fp32, or
 fp64 for fp64 inputs), hs in the operand dtype (the storage dtype for fp16 / bf16: h_t is only
-ever read as a matmul operand, rounded to that dtype anyway; see fused_rnn/_buffers.py). A program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates,
-so the pointwise update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
+ever read as a matmul operand, rounded to that dtype anyway; see fused_rnn/_buffers.py). A
+program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates, so the pointwise
+update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
 
 Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
 hand the whole loop to one launch of kernels/persistent.py, or of kernels/persistent_ln.py for
@@ -22,8 +23,8 @@ the layer-norm LSTM, instead):
 
 Save or recompute: forward stores the pre-activation gates [T, B, G] (before any LayerNorm; the
 operand dtype for the plain LSTM, written over the input projection xp in place, which no one
-reads again; the state dtype for the layer-norm LSTM) and backward reads them; the activations and LN statistics are recomputed from them in
-the backward step (cheap, pointwise). The alternatives: (a) save_gates=False recomputes the gates
+reads again; the state dtype for the layer-norm LSTM) and backward reads them; the activations
+and LN statistics are recomputed from them in the backward step (cheap, pointwise). The alternatives: (a) save_gates=False recomputes the gates
 before the reverse loop as one GEMM, gates = x W_ihᵀ + b + hs[:T] W_hhᵀ, which materialises the
 same [T, B, G] tensor and re-runs the input projection, so it only adds work (its gain: a smaller
 peak memory between forward and backward); (b) recomputing h_{t-1} W_hhᵀ inside each backward
@@ -39,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_rnn._buffers import grad_dtype, lstm_gates_dtype, lstm_hs_dtype, state_dtype
 from fused_rnn.reference import LN_EPS  # one source of truth (nn.LayerNorm's default)
 
 from ._common import (
@@ -52,12 +54,8 @@ from ._common import (
     after_loop_grads,
     alloc,
     dot_flags,
-    grad_dtype,
     input_projection,
-    lstm_gates_dtype,
-    lstm_hs_dtype,
     pow2_block,
-    state_dtype,
 )
 
 

@@ -26,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_rnn._buffers import grad_dtype, state_dtype
+
 from ._common import (
-    SUPPORTED_DTYPES, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, grad_dtype, input_projection, pow2_block,
-    state_dtype,
+    SUPPORTED_DTYPES, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection, pow2_block,
 )
 
 NONLINEARITIES = ("tanh", "relu")
