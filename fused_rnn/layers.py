@@ -114,9 +114,11 @@ class _SequenceLayer:
                     f"input_size={self.input_size}"
                 )
             batched = True
-            lengths = lengths.to(x.device)
+            # pad_packed_sequence returns the lengths on the CPU: test them there (no device sync)
             if bool((lengths == x.shape[0]).all()):
                 lengths = None  # every sequence runs to the end: no masking needed
+            else:
+                lengths = lengths.to(x.device)
         else:
             batched = V.check_input(input, self.input_size, self.batch_first)
             x = input

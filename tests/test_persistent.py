@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+import triton
 
 from conftest import (
     BF16, DT_NAME, F16, F32, F64, HAS_CUDA, compile_sm90, kernel_device, ptxas_usage, rel_err, requires_cuda,
@@ -419,8 +420,10 @@ def test_resolve_policy():
 # backward, S3 four row blocks, S4 K_pad 1024 streamed
 SM90_SHAPES = {"S1": (16, 256), "S2": (64, 512), "S3": (256, 1024), "S4": (16, 768)}
 # ptxas 13.4 (Triton 3.9) spill stores in bytes at these plans, bf16 with lengths: 0 everywhere
-# except the LSTM backward at S3 (32; 255 registers at 8 warps, 16 warps spilled as much): left alone
-SM90_MAX_SPILL = 32
+# except the LSTM backward at S3 (32; 255 registers at 8 warps, 16 warps spilled as much): left alone.
+# Triton 3.6 (the GPU machine's; checked on the CPU, 2026-11-27) allocates that kernel 40 bytes of
+# spill, the same kernel and plan. A regression guard per compiler, not a correctness bound.
+SM90_MAX_SPILL = 40 if triton.__version__.startswith("3.6.") else 32
 
 
 @requires_sm90_compile

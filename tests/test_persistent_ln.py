@@ -16,6 +16,7 @@ import tempfile
 
 import pytest
 import torch
+import triton
 
 from conftest import (
     BF16, DT_NAME, F32, F64, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels, requires_sm90_compile,
@@ -568,13 +569,14 @@ def _res_usage(cubin: bytes) -> dict:
 # state buffers (kernels.lstm's layout at the time of writing) and with bf16 ones (the
 # storage-dtype layout being introduced). Variant None: the plan's (fwd_merge_c: MERGE_C at
 # B16 H256, B16 H128, B64 H64); False: the 3-barrier forward forced where the plan picks MERGE_C.
-# Spill bytes allowed: 0, except the forward at B64 H512 with a bf16 hs (8 B of stack: see
-# _ln_num_warps).
+# Spill bytes allowed: 0, except the forward at B64 H512 with a bf16 hs (16 B of stack under
+# Triton 3.9, 32 B under Triton 3.6, the GPU machine's, checked on the CPU 2026-11-27: see
+# _ln_num_warps). A regression guard per compiler, not a correctness bound.
 SM90_CASES = ([(d, B, H, st, None) for (B, H) in ((16, 256), (64, 512), (16, 768)) for d in ("fwd", "bwd")
                for st in ("fp32", "bf16")]
               + [("fwd", 16, 256, st, False) for st in ("fp32", "bf16")]
               + [("fwd", B, H, st, None) for (B, H) in ((16, 128), (64, 64)) for st in ("fp32", "bf16")])
-SM90_SPILL_ALLOWED = {("fwd", 64, 512, "bf16"): 16}
+SM90_SPILL_ALLOWED = {("fwd", 64, 512, "bf16"): 32 if triton.__version__.startswith("3.6.") else 16}
 
 
 @requires_sm90_compile
