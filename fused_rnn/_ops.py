@@ -57,8 +57,8 @@ def lstm_fwd(
     lengths: Optional[Tensor], eps: float, allow_tf32: bool, fused: bool, save_gates: bool,
     path: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> out [T,B,H], h_n, c_n [B,H] (x's dtype); hs, cs [T+1,B,H], gates [T,B,4H] or [0]
-    (in the dtypes of fused_rnn._buffers)."""
+    """-> out [T,B,H], h_n, c_n [B,H] (x's dtype); hs, cs [T+1,B,H], gates [T+1,B,4H] (slot T
+    zero) or [0] (in the dtypes of fused_rnn._buffers)."""
     K = lstm_kernels()
     ln = _ln(ln_gw, ln_gb, ln_cw, ln_cb)
     B, H = x.shape[1], w_hh.shape[1]
@@ -78,8 +78,8 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths, ep
     T, B, _I = x.shape
     G, H = w_hh.shape
     sd = _buffers.state_dtype(x.dtype)
-    if save_gates:
-        gates = x.new_empty((T, B, G), dtype=_buffers.lstm_gates_dtype(x.dtype, ln_gw is not None))
+    if save_gates:  # slot T: spare, zero (kernels.lstm.lstm_fwd)
+        gates = x.new_empty((T + 1, B, G), dtype=_buffers.lstm_gates_dtype(x.dtype, ln_gw is not None))
     else:
         gates = x.new_empty((0,), dtype=sd)
     return (
@@ -100,18 +100,34 @@ def lstm_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> dx [T,B,I] (or [0]), dh0, dc0 [B,H], dw_ih [4H,I], dw_hh [4H,H], db [4H] (state dtype),
     dln_gw [4H], dln_gb [4H], dln_cw [H], dln_cb [H]; the weight ones [0] when not need_dw, the
-    LN ones [0] without LN."""
+    LN ones [0] without LN. ``gates`` is read, never written (see lstm_bwd_consuming)."""
+    return _lstm_bwd(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb,
+                     lengths, eps, allow_tf32, fused, need_dx, need_dw, path, consume_gates=False)
+
+
+def lstm_bwd_consuming(*args):
+    """fused_rnn::lstm_bwd's computation (same arguments, same results) that writes the gate
+    gradients over ``gates`` (kernels.lstm.lstm_bwd(consume_gates=True)) instead of allocating
+    them: a [T+1, B, 4H] buffer less at the backward's peak. Not an op: for eager callers that
+    own ``gates`` and will not read it again (LSTMFunction's first backward, fused_rnn/lstm.py);
+    traced code calls the op, which leaves its inputs alone."""
+    return _lstm_bwd(*args, consume_gates=True)
+
+
+def _lstm_bwd(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb,
+              lengths, eps, allow_tf32, fused, need_dx, need_dw, path="auto", *, consume_gates):
     K = lstm_kernels()
     ln = _ln(ln_gw, ln_gb, ln_cw, ln_cb)
     B, H = x.shape[1], w_hh.shape[1]
     p = _paths.resolve("lstm_bwd", path, x, lambda: K.persistent_plan(
         "bwd", B, H, ln, fused, x.dtype, x.device, allow_tf32=allow_tf32))
     run = functools.partial(K.lstm_bwd, eps=eps, allow_tf32=allow_tf32, fused=fused, need_dx=need_dx,
-                            need_dw=need_dw)
+                            need_dw=need_dw, consume_gates=consume_gates)
     args = (dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln, lengths)
     with torch.autocast(x.device.type, enabled=False):
         if p == "graph":
-            res = _paths.graphed("lstm_bwd", run, args, (eps, allow_tf32, fused, need_dx, need_dw))
+            # the graph consumes its own static copy of gates, never the caller's
+            res = _paths.graphed("lstm_bwd", run, args, (eps, allow_tf32, fused, need_dx, need_dw, consume_gates))
         else:
             res = run(*args, path=p)
     dx, dh0, dc0, dw_ih, dw_hh, db, dln = res

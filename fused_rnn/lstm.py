@@ -30,7 +30,11 @@ class LSTMFunction(torch.autograd.Function):
     """One LSTM layer, one direction, over a whole sequence, with a hand-written backward.
 
     Saves x, the weights, the state sequences hs, cs [T+1, B, H] and (by default) the gate
-    pre-activations [T, B, 4H]; see fused_rnn.kernels.lstm for the save-or-recompute choice.
+    pre-activations [T+1, B, 4H]; see fused_rnn.kernels.lstm for the save-or-recompute choice.
+    The first eager backward writes the gate gradients over the saved gates (one [T+1, B, 4H]
+    buffer less at its peak); a later backward of the same graph (retain_graph=True) first runs
+    the forward again for identical gates, so that it returns the same gradients, bit for bit.
+    Traced backwards (torch.compile) call the op that leaves the saved gates alone.
     ``path`` (optional, last): "auto", "step", "graph" or "persistent" for the forward and the
     backward (fused_rnn._paths); "auto" defers to use_path() / FUSED_RNN_PATH / the policy.
     """
@@ -50,10 +54,22 @@ class LSTMFunction(torch.autograd.Function):
         x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_dw = any(need[3:11])
-        dx, dh0, dc0, dw_ih, dw_hh, db, dgw, dgb, dcw, dcb = torch.ops.fused_rnn.lstm_bwd(
-            dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, lengths,
-            ctx.eps, ctx.allow_tf32, ctx.fused, need[0], need_dw, ctx.path,
-        )
+        args = (dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, lengths,
+                ctx.eps, ctx.allow_tf32, ctx.fused, need[0], need_dw, ctx.path)
+        if _eager(gates):
+            if getattr(ctx, "gates_consumed", False):
+                # an earlier backward of this graph (retain_graph=True) wrote dG over them: run
+                # the forward again for the same gates, bit for bit (backward stays reentrant;
+                # a GEMM recompute would round differently)
+                gates = torch.ops.fused_rnn.lstm_fwd(
+                    x, hs[0].to(x.dtype), cs[0].to(x.dtype), w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths,
+                    ctx.eps, ctx.allow_tf32, ctx.fused, True, ctx.path)[5]
+                args = args[:8] + (gates,) + args[9:]
+            ctx.gates_consumed = gates.numel() > 0
+            res = _ops.lstm_bwd_consuming(*args)
+        else:
+            res = torch.ops.fused_rnn.lstm_bwd(*args)
+        dx, dh0, dc0, dw_ih, dw_hh, db, dgw, dgb, dcw, dcb = res
         return (
             dx if need[0] else None,
             dh0 if need[1] else None,
@@ -68,6 +84,16 @@ class LSTMFunction(torch.autograd.Function):
             dcb if need[10] else None,
             None, None, None, None, None, None,
         )
+
+
+def _eager(t: torch.Tensor) -> bool:
+    """Whether this backward runs eagerly on real tensors, so that it may write into the saved
+    gates (nothing records the write): not under torch.compile / export tracing, no fake or
+    functional tensor subclass, no Python dispatch mode (make_fx) active. When in doubt, no."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return False
+    mode = getattr(torch.utils._python_dispatch, "_get_current_dispatch_mode", None)
+    return mode is not None and mode() is None
 
 
 def _same_dtype(x, tensors) -> bool:

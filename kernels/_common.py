@@ -54,9 +54,10 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def input_projection(x, w_ih, b_ih, b_hh):
+def input_projection(x, w_ih, b_ih, b_hh, out=None):
     """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, G]
-    (G = 4H for the LSTM, H for the RNN)."""
+    (G = 4H for the LSTM, H for the RNN). ``out``: a contiguous [T, B, G] buffer to write it into
+    (a view of a larger one: the LSTM's gates buffer has a spare slot T), else a new tensor."""
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
     bias = None
@@ -64,7 +65,11 @@ def input_projection(x, w_ih, b_ih, b_hh):
         bias = b_ih
     if b_hh is not None:
         bias = b_hh if bias is None else bias + b_hh
-    xp = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
+    o2 = None if out is None else out.view(T * B, -1)
+    if bias is None:
+        xp = torch.mm(x2, w_ih.t(), out=o2)
+    else:
+        xp = torch.addmm(bias, x2, w_ih.t(), out=o2)
     return xp.view(T, B, -1)
 
 

@@ -23,7 +23,9 @@ the layer-norm LSTM, instead):
 
 Save or recompute: forward stores the pre-activation gates [T, B, G] (before any LayerNorm; the
 operand dtype for the plain LSTM, written over the input projection xp in place, which no one
-reads again; the state dtype for the layer-norm LSTM) and backward reads them; the activations
+reads again; the state dtype for the layer-norm LSTM) in a [T+1, B, G] buffer whose slot T is
+zero, so that the backward can write dG [T+1, B, G] over it (lstm_bwd's consume_gates), and
+backward reads them; the activations
 and LN statistics are recomputed from them in the backward step (cheap, pointwise). The alternatives: (a) save_gates=False recomputes the gates
 before the reverse loop as one GEMM, gates = x W_ihᵀ + b + hs[:T] W_hhᵀ, which materialises the
 same [T, B, G] tensor and re-runs the input projection, so it only adds work (its gain: a smaller
@@ -453,19 +455,25 @@ def lstm_fwd(
     gw, gb, cw, cb = _ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
 
-    xp = input_projection(x, w_ih, b_ih, b_hh)
+    gates_buf = gates = None
+    if save_gates:
+        # [T+1, B, G]: slots 0..T-1 the gates, slot T zero, so that the backward can write dG
+        # [T+1, B, G] (its slot T: the zero carry into the last step) over this buffer in place.
+        gd = lstm_gates_dtype(dt, ln is not None)
+        gates_buf = alloc((T + 1, B, G), gd, dev)
+        gates_buf[T].zero_()
+        gates = gates_buf[:T]
+    # xp is this function's own temporary: each program overwrites the xp tile of step t with the
+    # gates of step t after reading it (no other program reads that tile), so when the dtypes
+    # agree the input projection is written straight into the gates buffer. A separate xp when
+    # they differ (the LN-LSTM in 16 bits) or when no gates are saved.
+    share = gates is not None and gates.dtype == x.dtype
+    xp = input_projection(x, w_ih, b_ih, b_hh, out=gates if share else None)
     hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
     cs = alloc((T + 1, B, H), sd, dev)
     hs[0].copy_(h0)
     cs[0].copy_(c0)
     out = alloc((T, B, H), dt, dev)
-    gates = None
-    if save_gates:
-        gd = lstm_gates_dtype(dt, ln is not None)
-        # xp is this function's own temporary: each program overwrites the xp tile of step t with
-        # the gates of step t after reading it (no other program reads that tile), saving a
-        # [T, B, G] buffer. A separate buffer when the dtypes differ (the LN-LSTM in 16 bits).
-        gates = xp if xp.dtype == gd else alloc((T, B, G), gd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None and ln is not None:
         from . import persistent_ln
@@ -489,9 +497,9 @@ def lstm_fwd(
             )
     h_n = hs[T].to(dt, copy=True)
     c_n = cs[T].to(dt, copy=True)
-    if gates is None:
-        gates = cs.new_empty(0)
-    return out, h_n, c_n, hs, cs, gates
+    if gates_buf is None:
+        gates_buf = cs.new_empty(0)
+    return out, h_n, c_n, hs, cs, gates_buf
 
 
 @torch.no_grad()
@@ -515,9 +523,19 @@ def lstm_bwd(
     need_dx: bool = True,
     need_dw: bool = True,
     path: str = "step",
+    consume_gates: bool = False,
 ):
     """Whole-sequence backward matching lstm_fwd: reverse recurrence with the fused kernels,
     then the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
+
+    gates: lstm_fwd's [T+1, B, G] buffer (a [T, B, G] tensor is taken too), or an empty tensor
+    (recomputed here). The gate gradients dG [T+1, B, G] are written over the gates buffer in
+    place when it has the spare slot T, dG's dtype (fused_rnn._buffers.grad_dtype) and either
+    was recomputed here or ``consume_gates`` is True: step t reads gates[t] and writes dG[t], the
+    same tile of the same program, and every other reader of dG reads slots > t, already
+    overwritten. That saves a [T+1, B, G] buffer (134 MB at S2 in bf16) and leaves the caller's
+    gates holding dG: only a caller that will not read them again may pass consume_gates
+    (LSTMFunction's first eager backward; fused_rnn/lstm.py).
 
     Returns (dx [T, B, I] or None, dh0, dc0 [B, H], dw_ih [G, I], dw_hh [G, H], db [G]
     (state dtype; the gradient of both b_ih and b_hh), dln = (dgw, dgb, dcw, dcb) or None);
@@ -539,18 +557,31 @@ def lstm_bwd(
     lengths = None if lengths is None else lengths.contiguous()
     if gates is None or gates.numel() == 0:
         # recompute the pre-activations in one GEMM (same operands as forward's: h in w's dtype),
-        # in the dtype forward would have saved them in
+        # in the dtype forward would have saved them in, into a buffer of our own (consumable)
         gd = lstm_gates_dtype(dt, ln is not None)
         xp = input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh)
         hprev = hs[:T].reshape(T * B, H).to(w_hh.dtype).to(gd)
-        gates = torch.addmm(xp.reshape(T * B, G).to(gd), hprev, w_hh.to(gd).t()).view(T, B, G)
+        gates = alloc((T + 1, B, G), gd, dev)
+        gates[T].zero_()
+        torch.addmm(xp.reshape(T * B, G).to(gd), hprev, w_hh.to(gd).t(), out=gates[:T].view(T * B, G))
+        consume_gates = True
+    assert gates.shape[1:] == (B, G) and gates.shape[0] in (T, T + 1) and gates.is_contiguous(), \
+        f"gates: expected [T(+1)={T}(+1), B={B}, G={G}], contiguous; got {tuple(gates.shape)}"
 
     # dG (the gate pre-activation gradients) in grad_dtype: bf16 / fp16 for 16-bit inputs. Its
     # readers are the recurrent tl.dot, which rounds it to W_hh's dtype anyway, and the GEMMs
     # after the loop, which then run on tensor cores (fused_rnn/_buffers.py).
     # Slot T stays zero: the carried gradient into the last step is dh_n alone.
-    dG = alloc((T + 1, B, G), grad_dtype(dt), dev)
-    dG[T].zero_()
+    gd = grad_dtype(dt)
+    if consume_gates and gates.shape[0] == T + 1 and gates.dtype == gd:
+        # slot T: zero since lstm_fwd (no kernel writes it), and not zeroed again here: a torch
+        # in-place op would bump the saved tensor's version counter, and a later backward of the
+        # same graph would then refuse to unpack the saved tensors
+        dG = gates
+    else:
+        dG = alloc((T + 1, B, G), gd, dev)
+        dG[T].zero_()
+    gates = gates[:T]
     gh = dh_n.to(sd, copy=True).contiguous()
     gc = dc_n.to(sd, copy=True).contiguous()
     carry = None if fused or plan is not None else alloc((B, H), w_hh.dtype, dev)

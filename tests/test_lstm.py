@@ -183,6 +183,68 @@ def test_lstm_recompute_gates(cell):
         assert rel_err(b, a) < 1e-12
 
 
+@pytest.mark.parametrize("path", ["step", "persistent"])
+@pytest.mark.parametrize("ln", [False, True], ids=["plain", "ln"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
+def test_lstm_backward_writes_dG_over_saved_gates(dtype, ln, path, monkeypatch):
+    """The first eager backward writes dG over the saved gates buffer (no [T+1, B, 4H] dG
+    allocated) where the dtypes agree (plain LSTM; LN-LSTM in fp32), with the gradients of the
+    op that leaves the gates alone, bit for bit. A second and a third backward of the same graph
+    (retain_graph) run the forward again for the gates and return the same gradients, bit for
+    bit (backward reentrant, as gradcheck demands)."""
+    from fused_rnn import _ops, _paths
+    from fused_rnn.kernels import lstm as K
+
+    T, B, I, H = 5, 3, 4, 6
+    ins, L, ups = make_case(T, B, I, H, dtype, ln, True, [5, 2, 0])
+    leaves = [t.detach().requires_grad_() for t in ins]
+    real_alloc = K.alloc
+    dG_allocs = []
+
+    def spy_alloc(shape, dt, device):
+        if tuple(shape) == (T + 1, B, 4 * H):
+            dG_allocs.append(dt)
+        return real_alloc(shape, dt, device)
+
+    consumed, forwards = [], []
+    real_consuming, real_fwd = _ops.lstm_bwd_consuming, K.lstm_fwd
+
+    def spy_consuming(*a):
+        consumed.append(a[8].numel() > 0)  # gates passed (True) or to be recomputed (False)
+        return real_consuming(*a)
+
+    def spy_fwd(*a, **k):
+        forwards.append(k.get("save_gates"))
+        return real_fwd(*a, **k)
+
+    monkeypatch.setattr(_ops, "lstm_bwd_consuming", spy_consuming)
+    monkeypatch.setattr(K, "lstm_fwd", spy_fwd)
+    with _paths.use_path(path):
+        outs = triton_lstm(True)(leaves, L)
+        loss = sum((o.float() * u.float()).sum() for o, u in zip(outs, ups))
+        monkeypatch.setattr(K, "alloc", spy_alloc)
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        in_place = not (ln and dtype == BF16)  # LN-LSTM gates fp32, dG bf16: no aliasing
+        assert dG_allocs == ([] if in_place else [dtype]), dG_allocs
+        second = torch.autograd.grad(loss, leaves, retain_graph=True)
+        third = torch.autograd.grad(loss, leaves)
+    assert consumed == [True, True, True] and forwards == [True] * 3  # 1 forward, 2 re-runs
+    # the op (gates left alone) on a fresh forward: identical to the first backward
+    monkeypatch.setattr(_ops, "lstm_bwd_consuming", lambda *a: torch.ops.fused_rnn.lstm_bwd(*a))
+    ref_like = [t.detach().requires_grad_() for t in ins]
+    with _paths.use_path(path):
+        outs2 = triton_lstm(True)(ref_like, L)
+        loss2 = sum((o.float() * u.float()).sum() for o, u in zip(outs2, ups))
+        op_grads = torch.autograd.grad(loss2, ref_like)
+    for a, b, n in zip(first, op_grads, NAMES):
+        assert torch.equal(a, b), f"{n}: consuming backward differs from the op's"
+    ref = fwd_bwd(reference_lstm, ins, L, ups, dtype=F64)[1]
+    assert_close(list(first), ref, tol(dtype), NAMES)
+    for again in (second, third):
+        for a, b, n in zip(first, again, NAMES):
+            assert torch.equal(a, b), f"{n}: a later backward of the same graph differs from the first"
+
+
 def test_lstm_deterministic():
     """Two identical calls: bitwise-identical outputs and gradients (LN partial sums over two row
     blocks included)."""

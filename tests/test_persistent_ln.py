@@ -66,8 +66,9 @@ def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=Non
     hs[0] = h0
     cs[0] = c0
     out = torch.full((T, B, H), NAN, dtype=x.dtype, device=x.device)
-    gates = torch.full((T, B, G), NAN, dtype=gdt, device=x.device)
-    PL.ln_lstm_fwd_loop(pl, xp, w_hh.contiguous(), hs, cs, out, gates, ln, L, LN_EPS,
+    gates = torch.full((T + 1, B, G), NAN, dtype=gdt, device=x.device)  # kernels.lstm's layout:
+    gates[T] = 0  # slot T spare and zero (the backward may write dG over the buffer)
+    PL.ln_lstm_fwd_loop(pl, xp, w_hh.contiguous(), hs, cs, out, gates[:T], ln, L, LN_EPS,
                         *C.dot_flags(w_hh.dtype, False, x.device), merge_c=merge_c)
     return out, hs, cs, gates
 
@@ -85,7 +86,7 @@ def run_bwd(pl, ups, x, w_ih, w_hh, hs, cs, gates, ln, L, dg_dtype=None):
     gh = dh_n.to(sd, copy=True).contiguous()
     gc = dc_n.to(sd, copy=True).contiguous()
     dln = [torch.full((pl.row_blocks, n), NAN, dtype=sd, device=x.device) for n in (G, G, H, H)]
-    PL.ln_lstm_bwd_loop(pl, gates, w_hh.contiguous(), cs, dout.contiguous(), dG, gh, gc, ln, L, LN_EPS, dln,
+    PL.ln_lstm_bwd_loop(pl, gates[:T], w_hh.contiguous(), cs, dout.contiguous(), dG, gh, gc, ln, L, LN_EPS, dln,
                         *C.dot_flags(w_hh.dtype, False, x.device))
     d = dG[:T].to(sd).reshape(T * B, G)
     dh0 = dG[0].to(sd) @ w_hh.to(sd)
@@ -179,7 +180,7 @@ def test_ln_persistent_matches_step_and_reference(sid, dtype):
     for name, a, b in (("out", out, step[0]), ("hs", hs, step[3]), ("cs", cs, step[4]), ("gates", gates, step[5])):
         check(a, b, close, f"fwd {name} vs step")
     for name, a, b in (("out", out, ref_fwd[0]), ("hs", hs, ref_fwd[3]), ("cs", cs, ref_fwd[4]),
-                       ("gates", gates, ref_fwd[5])):
+                       ("gates", gates[:T], ref_fwd[5])):
         check(a, b, tol(dtype), f"fwd {name} vs reference")
     assert out.dtype == dtype
     if L is not None:  # zero output past a sequence's end, h and c held
