@@ -23,14 +23,18 @@
 #   demo      fused-rnn demo --quick --steps 100 on CUDA: fused_rnn.LSTM vs torch.nn.LSTM tokens/s
 #   check     fused-rnn check --quick --paths auto,persistent on CUDA (every kernel against the
 #             fp64 reference, fp32/bf16/fp16/fp64), on whatever time is left; log in pytest.txt
+#   tune      bench/persistent_tune.py: the persistent kernels' plan variants (BLOCK_H x warps,
+#             the LN forward's 2 or 3 barriers) timed at S1, S2, S4, S3 -> tune.md; only on the
+#             time left of TOTAL_S (at the default 240 s there is none: TOTAL_S=420 runs it)
 #
 # Files in $OUT (8, the most the device tool brings back): summary.txt, setup.txt, pytest.txt,
-# memcheck.txt, bench_log.txt (smoke, bench and demo logs), bench.md, bench.json, bench.png.
+# memcheck.txt, bench_log.txt (smoke, bench, demo and tune logs), bench.md, bench.json, tune.md.
+# No bench.png: render it where the files land, `fused-rnn bench --render bench.json --out DIR`.
 # Exit status: 0 every stage ran and passed; 1 a stage failed or timed out; 3 no CUDA GPU (the
 # CPU parts ran: pytest on the CPU, the bench's CPU mode; memcheck skipped).
 #
 # Knobs (environment): PYTHON (default python3), TOTAL_S (whole budget, default 240),
-# T_INSTALL / T_SMOKE / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO / T_CHECK (per-stage limits, seconds), PYTEST_WORKERS
+# T_INSTALL / T_SMOKE / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO / T_CHECK / T_TUNE (per-stage limits, seconds), PYTEST_WORKERS
 # (pytest-xdist workers when installed, default 4; 0 = none), SKIP_STAGES (comma list, e.g.
 # "install,pytest", to skip stages while testing this script), FORCE_SHIM=1 (skip pip, test the
 # shim).
@@ -49,6 +53,7 @@ T_PYTEST=${T_PYTEST:-60}
 T_MEMCHECK=${T_MEMCHECK:-40}
 T_DEMO=${T_DEMO:-20}
 T_CHECK=${T_CHECK:-60}
+T_TUNE=${T_TUNE:-200}
 PYTEST_WORKERS=${PYTEST_WORKERS:-4}
 SKIP_STAGES=${SKIP_STAGES:-}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
@@ -223,7 +228,7 @@ else
     TL=$((LEFT - 15))  # the bench stops starting measurements here and still writes its table
     [ "$TL" -lt 5 ] && TL=5
     stage bench "$T_BENCH" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn.bench \
-        --quick --dtypes bf16 --paths "$BPATHS" --out "$OUT" --time-limit "$TL"
+        --quick --dtypes bf16 --paths "$BPATHS" --out "$OUT" --time-limit "$TL" --no-plot
     NT=$(grep -cE '^  - (PASS|MISS)' "$OUT/bench.md" 2>/dev/null)
     NP=$(grep -cE '^  - PASS' "$OUT/bench.md" 2>/dev/null)
     record bench "$RC" "$DUR" "$(status_of "$RC")" "targets: ${NP:-0}/${NT:-0} pass (bench.md)"
@@ -298,6 +303,27 @@ else
     stage check "$T_CHECK" "$OUT/pytest.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn check --quick \
         --device cuda --seed 1 --paths "$CPATHS"
     record check "$RC" "$DUR" "$(status_of "$RC")" "$(grep -E '^check: [0-9]+ cases' "$OUT/pytest.txt" | tail -n 1) (pytest.txt)"
+fi
+
+# ------------------------------------------------------------------------------------- tune
+# Block sizes of the persistent kernels, timed (issue 4: choices with their numbers beside them).
+# Its table goes to tune.md (its JSON stays on the machine: 8 files come back at most).
+if skipped tune; then
+    record tune 0 0 skipped "SKIP_STAGES"
+elif [ "$HAS_GPU" != "1" ]; then
+    record tune 0 0 skipped "no CUDA GPU"
+elif [ "$PERSISTENT_OK" != 1 ]; then
+    record tune 0 0 skipped "the persistent smoke test failed"
+elif [ $((DEADLINE - $(date +%s))) -lt 60 ]; then
+    record tune 0 0 skipped "under 60 s of the ${TOTAL_S} s budget left (TOTAL_S=420 leaves it ~3 min)"
+else
+    LEFT=$((DEADLINE - $(date +%s) - 5))
+    [ "$LEFT" -gt "$T_TUNE" ] && LEFT=$T_TUNE
+    TDIR=$(mktemp -d)
+    stage tune "$T_TUNE" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" bench/persistent_tune.py \
+        --out "$TDIR" --budget-s "$((LEFT > 40 ? LEFT - 30 : 10))"
+    [ -f "$TDIR/tune.md" ] && cp "$TDIR/tune.md" "$OUT/tune.md"
+    record tune "$RC" "$DUR" "$(status_of "$RC")" "$(grep -c '^- ' "$OUT/tune.md" 2>/dev/null || echo 0) best-variant lines (tune.md)"
 fi
 
 # ---------------------------------------------------------------------------------- summary

@@ -101,6 +101,10 @@ ROW_TILE_MAX_ELEMS = 32 * 1024
 # more work) and the RNN forward spilled (255 regs + 208 B stack at 8 warps); streaming in
 # BLOCK_K=64 chunks compiled without spills (253 regs at 8 warps).
 RESIDENT_MAX_K = 512
+# Overrides of plan()'s choices on CUDA, for bench/persistent_tune.py (which times each variant):
+# {"BLOCK_H": 16 | 32 | 64, "num_warps": 4 | 8 | 16}. Empty: plan()'s rules. Process-wide; not
+# for use while other threads launch.
+PLAN_OVERRIDE: dict = {}
 # Cooperative launch on CUDA (see the module docstring). A switch so that a GPU session can turn
 # it off if the installed Triton rejects the option.
 COOPERATIVE_LAUNCH = True
@@ -171,10 +175,11 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     if cpu:
         BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid
     else:
-        BH = next((b for b in BLOCK_H_CHOICES if grid_fits(R * triton.cdiv(H, b), limit)), None)
+        choices = (PLAN_OVERRIDE["BLOCK_H"],) if "BLOCK_H" in PLAN_OVERRIDE else BLOCK_H_CHOICES
+        BH = next((b for b in choices if grid_fits(R * triton.cdiv(H, b), limit)), None)
         if BH is None:
             return None, (f"batch {B} x hidden size {H} needs more than {limit} programs even at "
-                          f"BLOCK_H={BLOCK_H_CHOICES[-1]} ({R} row blocks)")
+                          f"BLOCK_H={choices[-1]} ({R} row blocks)")
     programs = triton.cdiv(H, BH)
     # on the CPU only the programs of one row block wait for each other (the interpreter runs the
     # blocks one after another); on a GPU every program of the grid must be resident at once
@@ -199,6 +204,8 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
         BK = pow2_block(K, 16, (32 if BB * BH >= 2048 else 64) if mma else 32)
     # 4 warps spilled at B=64 and at H=768 (255 regs + 360-528 B stack); 8 did not (sm_90 compiles)
     num_warps = 4 if BB * K_pad <= 4096 and w_bytes <= 16 * 1024 else 8
+    if not cpu:
+        num_warps = PLAN_OVERRIDE.get("num_warps", num_warps)
     return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R), ""
 
 

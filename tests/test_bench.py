@@ -341,6 +341,30 @@ def test_persistent_smoke_script_without_a_device():
     assert p.returncode == 3 and "no CUDA GPU" in p.stdout
 
 
+@pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(), reason="the CPU check of the script: TRITON_INTERPRET=1")
+def test_persistent_tune_script_runs_on_the_interpreter(tmp_path):
+    """bench/persistent_tune.py (the GPU session's block-size sweep) works as a script: on the CPU
+    the interpreter's one plan per cell and direction, timed, with its table and JSON."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "persistent_tune.py"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert {(r["cell"], r["direction"]) for r in rows} == {(c, d) for c in ("lstm", "rnn", "lnlstm")
+                                                          for d in ("fwd", "bwd")}
+    assert all(r.get("ok") and r["rel_err_vs_default"] == 0 and r["ms"] > 0 for r in rows), rows
+    md = (tmp_path / "tune.md").read_text()
+    assert md.count("default") >= 6 and "Best per cell" in md
+
+
+def test_persistent_tune_script_without_a_device():
+    if INTERPRET or torch.cuda.is_available():
+        pytest.skip("only where the script has no device to run on")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "persistent_tune.py"), "--out", "/nonexistent/x"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 3 and "no CUDA GPU" in p.stderr
+
+
 def test_fastest_path_lines():
     """The per-case fastest-path lines: the ratio to the runner-up, only where two paths ran."""
     recs = [

@@ -355,6 +355,24 @@ def test_plan_grid_fits_the_sms():
     assert not pl.resident and pl.BLOCK_K == 8
 
 
+def test_plan_override_for_the_tuner(monkeypatch):
+    """persistent.PLAN_OVERRIDE (bench/persistent_tune.py's variants) sets BLOCK_H and num_warps
+    on CUDA, keeps the deadlock guard, and leaves the interpreter's one-program plan alone."""
+    from fused_rnn.kernels import persistent as P
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(P, "PLAN_OVERRIDE", {"BLOCK_H": 64, "num_warps": 8})
+    pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
+    assert (pl.programs, pl.BLOCK_H, pl.num_warps) == (4, 64, 8)
+    pl, why = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # 4 x 16 = 64 programs fit
+    assert (pl.programs, pl.row_blocks, pl.BLOCK_H) == (16, 4, 64)
+    monkeypatch.setattr(P, "PLAN_OVERRIDE", {"BLOCK_H": 16})
+    pl, why = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # 4 x 64 > 132: no plan
+    assert pl is None and "BLOCK_H=16" in why
+    pl, _ = _plan("lstm", "fwd", 5, 37, F32, "cpu")
+    assert pl.programs == 1 and pl.BLOCK_H >= 37
+
+
 def test_plan_cpu_is_one_program():
     """Under the interpreter programs run one after another: one program covering all of H per
     row block (row blocks never wait for each other)."""

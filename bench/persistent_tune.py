@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Time the persistent kernels' plan variants at the benchmark shapes, so that a GPU session can
+choose block sizes with the numbers beside the choice (issue 4: "choose ... block sizes, by shape
+and device, with the measurements that justify each choice written beside it").
+
+    python bench/persistent_tune.py [--out DIR] [--budget-s 200] [--shapes S1,S2,S4,S3]
+                                    [--cells lstm,rnn,lnlstm] [--dtype bf16]
+
+For each cell, shape and direction it times the whole-layer launcher on the persistent path
+(kernels.lstm / kernels.rnn lstm_fwd, lstm_bwd, ...: input projection, one persistent launch, and
+the backward's GEMMs after it) under each variant:
+    lstm, rnn   kernels.persistent.PLAN_OVERRIDE: BLOCK_H in 16, 32, 64 x num_warps 4, 8
+                (plan()'s own choice is the "default" row)
+    lnlstm      forward: kernels.persistent_ln.MERGE_C_OVERRIDE True / False (2 or 3 barriers a
+                step); backward: the plan's one variant
+Each variant's results are compared with the default variant's (relative error of out and of
+dx; a variant that disagrees beyond 2e-2 in bf16 is marked WRONG) and timed with
+triton.testing.do_bench (median). Variants that cannot run (grid over the SM count) are listed
+with the reason; one that raises is listed with its error and the sweep goes on. Stops starting
+new cases past --budget-s, in the order of need: LSTM S1, S2, S4, S3, then the RNN, then the
+LN-LSTM.
+
+Output: a markdown table on stdout and in DIR/tune.md, every row in DIR/tune.json, and one
+"best" line per cell, shape and direction with its ratio to the default.
+Without a GPU (TRITON_INTERPRET=1 on the CPU) it runs one tiny shape with the interpreter's one
+plan, to check the script itself (tests/test_cli.py).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+try:
+    import fused_rnn  # noqa: F401
+except ImportError:  # a source tree that was not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import fused_rnn  # noqa: F401
+
+SHAPES = {"S1": (16, 1024, 256), "S2": (64, 512, 512), "S3": (256, 256, 1024), "S4": (16, 1024, 768)}
+CPU_SHAPE = {"tiny": (3, 4, 16)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    n = b.norm()
+    return float((a - b).norm() / n) if n > 0 else float((a - b).norm())
+
+
+def make_inputs(cell, B, T, H, dtype, dev):
+    g = torch.Generator().manual_seed(0)
+    G = H if cell == "rnn" else 4 * H
+
+    def r(*shape, scale=1.0):
+        return ((torch.rand(*shape, generator=g) * 2 - 1) * scale).to(dev, dtype)
+
+    k = H ** -0.5
+    d = {"x": r(T, B, H), "h0": r(B, H, scale=0.5), "c0": r(B, H, scale=0.5),
+         "w_ih": r(G, H, scale=k), "w_hh": r(G, H, scale=k), "b_ih": r(G, scale=k), "b_hh": r(G, scale=k),
+         "dout": r(T, B, H), "dh": r(B, H), "dc": r(B, H)}
+    d["ln"] = None
+    if cell == "lnlstm":
+        d["ln"] = tuple(r(n, scale=0.2) + s for n, s in ((G, 1.0), (G, 0.0), (H, 1.0), (H, 0.0)))
+    return d
+
+
+def runners(cell, d):
+    """(fwd(), bwd()) closures on the persistent path; bwd reuses one forward's saved tensors
+    (consume_gates off: every call reads the same gates)."""
+    from fused_rnn.kernels import lstm as KL, rnn as KR
+
+    if cell == "rnn":
+        def fwd():
+            return KR.rnn_fwd(d["x"], d["h0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], None, path="persistent")
+        saved = fwd()
+
+        def bwd():
+            return KR.rnn_bwd(d["dout"], d["dh"], d["x"], d["w_ih"], d["w_hh"], saved[2], None, path="persistent")
+        return fwd, bwd, saved
+
+    def fwd():
+        return KL.lstm_fwd(d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["ln"], None,
+                           path="persistent")
+    saved = fwd()
+
+    def bwd():
+        return KL.lstm_bwd(d["dout"], d["dh"], d["dc"], d["x"], d["w_ih"], d["w_hh"], saved[3], saved[4], saved[5],
+                           d["b_ih"], d["b_hh"], d["ln"], None, path="persistent")
+    return fwd, bwd, saved
+
+
+def variants(cell, direction, cuda):
+    """[(name, apply(), undo())]: the default first."""
+    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+
+    out = [("default", lambda: None, lambda: None)]
+    if not cuda:
+        return out
+    if cell in ("lstm", "rnn"):
+        for bh in (16, 32, 64):
+            for nw in (4, 8):
+                def apply(bh=bh, nw=nw):
+                    P.PLAN_OVERRIDE.update(BLOCK_H=bh, num_warps=nw)
+                out.append((f"BLOCK_H={bh} warps={nw}", apply, P.PLAN_OVERRIDE.clear))
+    elif direction == "fwd":
+        for m in (True, False):
+            def apply(m=m):
+                PL.MERGE_C_OVERRIDE = m
+
+            def undo():
+                PL.MERGE_C_OVERRIDE = None
+            out.append((f"MERGE_C={m} ({2 if m else 3} barriers)", apply, undo))
+    return out
+
+
+def plan_of(cell, direction, B, H, dtype, dev):
+    from fused_rnn.kernels import lstm as KL, rnn as KR
+
+    if cell == "rnn":
+        return KR.persistent_plan(direction, B, H, True, dtype, dev)
+    ln = () if cell == "lnlstm" else None  # persistent_plan only tests ln for None
+    return KL.persistent_plan(direction, B, H, ln, True, dtype, dev)
+
+
+def time_ms(fn, cuda):
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "tune_out"))
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--shapes", default="S1,S2,S4,S3")
+    ap.add_argument("--cells", default="lstm,rnn,lnlstm")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    a = ap.parse_args(argv)
+    from fused_rnn import _backend
+    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+
+    cuda = torch.cuda.is_available() and not _backend.interpreter_on()
+    if not cuda and not _backend.interpreter_on():
+        print("persistent_tune: no CUDA GPU and TRITON_INTERPRET is not set: nothing to run", file=sys.stderr)
+        return 3
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = DTYPES[a.dtype] if cuda else torch.float32
+    shapes = {k: SHAPES[k] for k in a.shapes.split(",")} if cuda else CPU_SHAPE
+    os.makedirs(a.out, exist_ok=True)
+    t_end = time.time() + a.budget_s
+    rows, skipped = [], []
+    machine = (torch.cuda.get_device_name(0) if cuda else "CPU (Triton interpreter)")
+    import triton
+
+    head = (f"persistent_tune: {machine}, torch {torch.__version__}, Triton {triton.__version__}, "
+            f"{a.dtype if cuda else 'fp32'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(head, flush=True)
+    for cell in a.cells.split(","):
+        for sname, (B, T, H) in shapes.items():
+            if time.time() > t_end:
+                skipped.append(f"{cell} {sname}: past the budget")
+                continue
+            d = make_inputs(cell, B, T, H, dtype, dev)
+            for direction in ("fwd", "bwd"):
+                ref = None
+                for vname, apply, undo in variants(cell, direction, cuda):
+                    if time.time() > t_end:
+                        skipped.append(f"{cell} {sname} {direction} {vname}: past the budget")
+                        continue
+                    row = {"cell": cell, "shape": sname, "B": B, "T": T, "H": H, "direction": direction,
+                           "variant": vname}
+                    apply()
+                    try:
+                        pl, why = plan_of(cell, direction, B, H, dtype, dev)
+                        row["plan"] = str(pl) if pl is not None else None
+                        if pl is None:
+                            row["error"] = f"no plan: {why}"
+                        else:
+                            fwd, bwd, _ = runners(cell, d)
+                            fn = fwd if direction == "fwd" else bwd
+                            res = fn()
+                            key = res[0] if res[0] is not None else res[1]  # out / dx
+                            if ref is None:
+                                ref = key.detach().clone()
+                            row["rel_err_vs_default"] = rel(key, ref)
+                            row["ok"] = row["rel_err_vs_default"] <= TOL[dtype]
+                            row["ms"] = time_ms(fn, cuda)
+                            launch = (PL.LAST_LAUNCH.get(f"ln_lstm_{direction}") if cell == "lnlstm"
+                                      else P.LAST_LAUNCH.get(f"{cell}_{direction}")) or {}
+                            row["regs"], row["spills"] = launch.get("n_regs"), launch.get("n_spills")
+                    except Exception as e:  # reported in the table, not hidden: the sweep goes on
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    finally:
+                        undo()
+                    rows.append(row)
+                    print(_md(row), flush=True)  # progress: the table's row
+    md = [head, "", "| cell | shape | dir | variant | plan | ms | rel err vs default | regs / spills |",
+          "|---|---|---|---|---|---|---|---|"] + [_md(r) for r in rows]
+    md += ["", "Best per cell, shape and direction (ratio to the default variant):"]
+    md += _best(rows)
+    if skipped:
+        md += ["", "Not run (budget): " + "; ".join(skipped)]
+    text = "\n".join(md) + "\n"
+    print("\n" + text)
+    with open(os.path.join(a.out, "tune.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(a.out, "tune.json"), "w") as f:
+        json.dump({"machine": head, "rows": rows, "skipped": skipped}, f, indent=1)
+    # exit 1 on a wrong result or a variant that raised (a grid that does not fit is no failure)
+    bad = [r for r in rows if r.get("ok") is False or not r.get("error", "no plan").startswith("no plan")]
+    return 1 if bad else 0
+
+
+def _md(r) -> str:
+    if "error" in r:
+        return f"| {r['cell']} | {r['shape']} | {r['direction']} | {r['variant']} | – | – | {r['error']} | – |"
+    flag = "" if r["ok"] else " WRONG"
+    return (f"| {r['cell']} | {r['shape']} | {r['direction']} | {r['variant']} | {r['plan']} | {r['ms']:.3f} | "
+            f"{r['rel_err_vs_default']:.1e}{flag} | {r['regs']} / {r['spills']} |")
+
+
+def _best(rows):
+    out = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["cell"], r["shape"], r["direction"]), []).append(r)
+    for (cell, shape, direction), rs in groups.items():
+        good = [r for r in rs if r.get("ok")]
+        default = next((r for r in good if r["variant"] == "default"), None)
+        if not good or default is None:
+            out.append(f"- {cell} {shape} {direction}: no timed default")
+            continue
+        best = min(good, key=lambda r: r["ms"])
+        out.append(f"- {cell} {shape} {direction}: {best['variant']} {best['ms']:.3f} ms "
+                   f"({best['ms'] / default['ms']:.2f}x the default's {default['ms']:.3f} ms; plan {best['plan']})")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
