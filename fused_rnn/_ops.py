@@ -56,15 +56,19 @@ def lstm_fwd(
     ln_gw: Optional[Tensor], ln_gb: Optional[Tensor], ln_cw: Optional[Tensor], ln_cb: Optional[Tensor],
     lengths: Optional[Tensor], eps: float, allow_tf32: bool, fused: bool, save_gates: bool,
     path: str = "auto",
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> out [T,B,H], h_n, c_n [B,H] (x's dtype); hs, cs [T+1,B,H], gates [T+1,B,4H] (slot T
-    zero) or [0] (in the dtypes of fused_rnn._buffers)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> h_n, c_n [B,H] (x's dtype); hs, cs [T+1,B,H], gates [T+1,B,4H] (slot T zero) or [0] (in
+    the dtypes of fused_rnn._buffers). The output sequence is hs[1:] (x's dtype; 0 past a
+    sequence's end): a view the caller takes, since an op's outputs may not alias each other."""
     K = lstm_kernels()
     ln = _ln(ln_gw, ln_gb, ln_cw, ln_cb)
     B, H = x.shape[1], w_hh.shape[1]
     p = _paths.resolve("lstm_fwd", path, x, lambda: K.persistent_plan(
         "fwd", B, H, ln, fused, x.dtype, x.device, allow_tf32=allow_tf32))
-    run = functools.partial(K.lstm_fwd, eps=eps, allow_tf32=allow_tf32, fused=fused, save_gates=save_gates)
+
+    def run(*a, path="step"):  # the launcher without its out (= hs[1:])
+        return K.lstm_fwd(*a, eps=eps, allow_tf32=allow_tf32, fused=fused, save_gates=save_gates, path=path)[1:]
+
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths)
     with torch.autocast(x.device.type, enabled=False):
         if p == "graph":
@@ -83,7 +87,7 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths, ep
     else:
         gates = x.new_empty((0,), dtype=sd)
     return (
-        x.new_empty((T, B, H)), x.new_empty((B, H)), x.new_empty((B, H)),
+        x.new_empty((B, H)), x.new_empty((B, H)),
         x.new_empty((T + 1, B, H), dtype=_buffers.lstm_hs_dtype(x.dtype)), x.new_empty((T + 1, B, H), dtype=sd),
         gates,
     )

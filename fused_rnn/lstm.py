@@ -29,8 +29,9 @@ def _allow_tf32(x: torch.Tensor) -> bool:
 class LSTMFunction(torch.autograd.Function):
     """One LSTM layer, one direction, over a whole sequence, with a hand-written backward.
 
-    Saves x, the weights, the state sequences hs, cs [T+1, B, H] and (by default) the gate
-    pre-activations [T+1, B, 4H]; see fused_rnn.kernels.lstm for the save-or-recompute choice.
+    Saves x, the weights, the state sequences hs, cs [T+1, B, H] (hs[1:] is the output) and (by
+    default) the gate pre-activations [T+1, B, 4H]; see fused_rnn.kernels.lstm for the
+    save-or-recompute choice.
     The first eager backward writes the gate gradients over the saved gates (one [T+1, B, 4H]
     buffer less at its peak); a later backward of the same graph (retain_graph=True) first runs
     the forward again for identical gates, so that it returns the same gradients, bit for bit.
@@ -42,12 +43,15 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused,
                 save_gates, path="auto"):
-        out, h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(
+        h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused, save_gates, path
         )
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates)
         ctx.eps, ctx.allow_tf32, ctx.fused, ctx.path = eps, allow_tf32, fused, path
-        return out, h_n, c_n
+        # the outputs are the saved h_t themselves (hs holds h0, then each step's output): no
+        # buffer of their own. As with nn.LSTM (cuDNN saves its output too), modifying the
+        # output in place before backward is an error, not a wrong gradient.
+        return hs[1:], h_n, c_n
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n):
@@ -63,7 +67,7 @@ class LSTMFunction(torch.autograd.Function):
                 # a GEMM recompute would round differently)
                 gates = torch.ops.fused_rnn.lstm_fwd(
                     x, hs[0].to(x.dtype), cs[0].to(x.dtype), w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths,
-                    ctx.eps, ctx.allow_tf32, ctx.fused, True, ctx.path)[5]
+                    ctx.eps, ctx.allow_tf32, ctx.fused, True, ctx.path)[4]
                 args = args[:8] + (gates,) + args[9:]
             ctx.gates_consumed = gates.numel() > 0
             res = _ops.lstm_bwd_consuming(*args)

@@ -5,10 +5,13 @@ Legend
     I   input features             H   hidden units
     G   = 4H gate pre-activations, gate order i, f, g, o, 4H contiguous per row
     K   reduction dim of the recurrent matmul (H forward, G backward)
-Layout is time-major: x [T, B, I], out [T, B, H]. Saved state sequences hs, cs are [T+1, B, H]
-(slot 0 = h0 / c0, slot t+1 = the carried state after step t); cs in the state dtype (fp32, or
-fp64 for fp64 inputs), hs in the operand dtype (the storage dtype for fp16 / bf16: h_t is only
-ever read as a matmul operand, rounded to that dtype anyway; see fused_rnn/_buffers.py). A
+Layout is time-major: x [T, B, I], out [T, B, H]. Saved state sequences hs, cs are [T+1, B, H]:
+slot 0 = h0 / c0; slot t+1 of hs = the output of step t (0 past a sequence's end; out is the
+view hs[1:]), slot t+1 of cs = the carried c after step t (held past the end); cs in the state
+dtype (fp32, or fp64 for fp64 inputs), hs in the operand dtype = x's dtype (the storage dtype
+for fp16 / bf16: h_t is only ever read as a matmul operand, rounded to that dtype anyway; see
+fused_rnn/_buffers.py). The recurrent matmul of step t reads hs[t]: h_{t-1} on every row still
+running, which is all it needs (a finished row's results are masked). A
 program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates, so the pointwise
 update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
 
@@ -137,9 +140,8 @@ def _lstm_fwd_kernel(
     xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
     w_ptr,  # [G, H] W_hh (FUSED) or None
     mm_ptr,  # [B, G] h_{t-1} W_hhᵀ computed by torch (not FUSED) or None
-    hs_ptr,  # [T+1, B, H] lstm_hs_dtype: reads slot t, writes slot t+1
-    cs_ptr,  # [T+1, B, H] state dtype: reads slot t, writes slot t+1
-    out_ptr,  # [T, B, H] storage dtype: writes step t
+    hs_ptr,  # [T+1, B, H] lstm_hs_dtype: reads slot t, writes slot t+1 (= out[t]: 0 past the end)
+    cs_ptr,  # [T+1, B, H] state dtype: reads slot t, writes slot t+1 (held past the end)
     gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations (before any LN), or None; may be xp_ptr
     len_ptr,  # [B] int64 lengths, or None
     gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]; or None
@@ -221,17 +223,13 @@ def _lstm_fwd_kernel(
 
     if HAS_LENGTHS:
         valid = (t64 < tl.load(len_ptr + rows, mask=rmask, other=0))[:, None]
-        h_prev = tl.load(hs_ptr + s_cur, mask=mask, other=0.0).to(ACC)
-        h_keep = tl.where(valid, h_new, h_prev)
+        h_out = tl.where(valid, h_new, 0.0)
         c_keep = tl.where(valid, c_new, c_prev)
-        out = tl.where(valid, h_new, 0.0)
     else:
-        h_keep = h_new
+        h_out = h_new
         c_keep = c_new
-        out = h_new
-    tl.store(hs_ptr + s_nxt, h_keep.to(hs_ptr.dtype.element_ty), mask=mask)
+    tl.store(hs_ptr + s_nxt, h_out.to(hs_ptr.dtype.element_ty), mask=mask)
     tl.store(cs_ptr + s_nxt, c_keep, mask=mask)
-    tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Reverse step t. valid_t = t < len; gh_t, gc_t = gradients w.r.t. the carried states h_t, c_t
@@ -436,7 +434,11 @@ def lstm_fwd(
     x [T, B, I], h0/c0 [B, H], w_ih [G, I], w_hh [G, H], b_* [G] or None, ln None or
     (gate_w [G], gate_b [G], cell_w [H], cell_b [H]), lengths None or int [B].
     Returns (out [T, B, H], h_n [B, H], c_n [B, H]) in x's dtype and, for backward,
-    (hs, cs [T+1, B, H], gates [T, B, G] or an empty tensor) in the dtypes of fused_rnn._buffers.
+    (hs, cs [T+1, B, H], gates [T+1, B, G] or an empty tensor) in the dtypes of
+    fused_rnn._buffers. ``out`` is hs[1:], a view: hs holds h0 and then the outputs (0 past a
+    sequence's end; the LSTM's hs dtype is x's), so the saved h_t cost no buffer of their own.
+    cs holds c0 and the carried c (held past the end, so c_n = cs[T]); h_n is gathered from hs at
+    each sequence's last step.
     path: "step" (one launch per step) or "persistent" (one launch for all steps, when
     persistent_plan() allows it; otherwise the step loop). Same buffers and results either way.
     """
@@ -470,20 +472,20 @@ def lstm_fwd(
     share = gates is not None and gates.dtype == x.dtype
     xp = input_projection(x, w_ih, b_ih, b_hh, out=gates if share else None)
     hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
+    assert hs.dtype == dt, "out is a view of hs: the LSTM's hs dtype must be x's (fused_rnn._buffers)"
     cs = alloc((T + 1, B, H), sd, dev)
     hs[0].copy_(h0)
     cs[0].copy_(c0)
-    out = alloc((T, B, H), dt, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None and ln is not None:
         from . import persistent_ln
 
-        persistent_ln.ln_lstm_fwd_loop(plan, xp, w_hh, hs, cs, out, gates, (gw, gb, cw, cb), lengths, eps,
+        persistent_ln.ln_lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, (gw, gb, cw, cb), lengths, eps,
                                        fma, ieee, upcast)
     elif plan is not None:
         from . import persistent
 
-        persistent.lstm_fwd_loop(plan, xp, w_hh, hs, cs, out, gates, lengths, fma, ieee, upcast)
+        persistent.lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     else:
         mm = None if fused else alloc((B, G), w_hh.dtype, dev)
         BB, BH, BK, nw = _blocks(B, H, H, fused, ln is not None, dt)
@@ -492,14 +494,25 @@ def lstm_fwd(
             if not fused:
                 torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
             _lstm_fwd_kernel[grid](
-                xp, w_hh if fused else None, mm, hs, cs, out, gates, lengths, gw, gb, cw, cb,
+                xp, w_hh if fused else None, mm, hs, cs, gates, lengths, gw, gb, cw, cb,
                 t, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
             )
-    h_n = hs[T].to(dt, copy=True)
+    h_n = last_h(hs, lengths)
     c_n = cs[T].to(dt, copy=True)
     if gates_buf is None:
         gates_buf = cs.new_empty(0)
-    return out, h_n, c_n, hs, cs, gates_buf
+    return hs[1:], h_n, c_n, hs, cs, gates_buf
+
+
+def last_h(hs: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """h_n [B, H] (a new tensor) from hs [T+1, B, H] = (h0, out_0 .. out_{T-1}): slot
+    min(length, T) of each row (slot 0, h0, for an empty sequence). A gather on the device: no
+    host sync."""
+    T = hs.shape[0] - 1
+    if lengths is None:
+        return hs[T].clone()
+    idx = lengths.clamp(0, T)
+    return hs[idx, torch.arange(hs.shape[1], device=hs.device)]
 
 
 @torch.no_grad()

@@ -291,9 +291,8 @@ def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC: tl.co
 def _lstm_fwd_persistent_kernel(
     xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
     w_ptr,  # [G, H] W_hh
-    hs_ptr,  # [T+1, B, H] lstm_hs_dtype: slot 0 = h0 in, slots 1..T out
-    cs_ptr,  # [T+1, B, H] state dtype: slot 0 = c0 in, slots 1..T out
-    out_ptr,  # [T, B, H] storage dtype
+    hs_ptr,  # [T+1, B, H] lstm_hs_dtype: slot 0 = h0 in, slots 1..T the outputs (0 past the end)
+    cs_ptr,  # [T+1, B, H] state dtype: slot 0 = c0 in, slots 1..T the carried c (held past the end)
     gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations, or None; may be xp_ptr
     len_ptr,  # [B] int64 lengths, or None
     sync_ptr,  # [row blocks] int32, zero
@@ -323,7 +322,6 @@ def _lstm_fwd_persistent_kernel(
         wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K)
 
     b_off = (rows * H)[:, None] + cols[None, :]
-    h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(ACC)  # h_{t-1}, this program's columns
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
@@ -375,19 +373,15 @@ def _lstm_fwd_persistent_kernel(
         go = _sigmoid(a_o)
         c_new = gf * c + gi * gg
         h_new = go * _tanh(c_new)
-        if HAS_LENGTHS:
+        if HAS_LENGTHS:  # past a row's end: h_t 0 (the output), c held
             valid = (t64 < L)[:, None]
-            h_own = tl.where(valid, h_new, h_own)
+            h_new = tl.where(valid, h_new, 0.0)
             c = tl.where(valid, c_new, c)
-            out = tl.where(valid, h_new, 0.0)
         else:
-            h_own = h_new
             c = c_new
-            out = h_new
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
-        tl.store(hs_ptr + s_nxt, h_own.to(HT), mask=mask)
+        tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
         tl.store(cs_ptr + s_nxt, c, mask=mask)
-        tl.store(out_ptr + (h_row[:, None] + cols[None, :]), out.to(out_ptr.dtype.element_ty), mask=mask)
 
         # step t+1's input projection, before the barrier (nothing at t+1 = T)
         nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
@@ -693,13 +687,13 @@ def _check_plan(pl: Plan, B: int, H: int, device) -> None:
                            f"co-resident on {device}")
 
 
-def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, lengths, fma, ieee, upcast) -> None:
-    """All T forward steps: fills hs[1:], cs[1:], out and (if not None) gates."""
-    T, B, H = out.shape
+def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast) -> None:
+    """All T forward steps: fills hs[1:] (the outputs), cs[1:] and (if not None) gates."""
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     _check_plan(pl, B, H, xp.device)
     sync = _sync_counter(T, pl, xp.device)
     k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, cs, out, gates, lengths, sync, T, B, H,
+        xp, w_hh, hs, cs, gates, lengths, sync, T, B, H,
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
     )

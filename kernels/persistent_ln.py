@@ -35,9 +35,9 @@ Without MERGE_C, 3 grid barriers per step:
     2. Combine (Chan's formula, _chan_combine) -> mean_q, rstd_q; y_q, activations;
        c_t = f c_{t-1} + i g (c in registers); (S_c, M2_c) of c_t over own columns -> slots 8, 9.
        BARRIER 3t+2.
-    3. Combine -> mean_c, rstd_c; h_t = o tanh(z); store hs[t+1], cs[t+1], out[t] (lengths: h, c
-       held and out zero past a sequence's end, as the step kernel); prefetch the own xp tiles of
-       step t+1.  BARRIER 3t+3 (h_t published).
+    3. Combine -> mean_c, rstd_c; h_t = o tanh(z); store hs[t+1] (the output: zero past a
+       sequence's end) and cs[t+1] (c held there), as the step kernel; prefetch the own xp tiles
+       of step t+1.  BARRIER 3t+3 (h_t published).
 With MERGE_C, 2 grid barriers per step (UNMEASURED on a GPU: written and tested on a CPU machine
 only, like the rest of this module); the c LayerNorm and h_t move to the start of the next step:
     0. (t > 0) Read the whole c_{t-1} and o_{t-1} rows [BLOCK_B, H] of the row block from the
@@ -45,13 +45,13 @@ only, like the rest of this module); the c LayerNorm and h_t move to the start o
        computes the c statistics of every row itself: two-pass mean / var over the full row
        (_ln_rows's operations: the same numbers on every program, deterministic, independent of
        P; the 3-barrier variant's Chan combine of P partials rounds differently for P > 1,
-       identically for P = 1). Then h_{t-1} = o tanh(z): on the own columns, held where step
-       t-1 is past the row's length, stored to hs[t] and out[t-1] (lengths as the step kernel);
-       and for the whole row block as the matmul operand (_h_operand): rows whose step t-1 is
-       valid from c, o as above; the others (ended rows, and every row at t = 0) hold
-       h_{t-1} = h_{t-2}, read from hs[max(t-1, 0)] (not hs[t]: that slot's other columns are
-       written by the other programs in this same phase, see Hazards); rounded to hs's dtype
-       and then W_hh's, exactly what the 3-barrier variant's load of hs[t] gives. The own
+       identically for P = 1). Then h_{t-1} = o tanh(z): on the own columns, stored to hs[t]
+       (zero where step t-1 is past the row's length, as the step kernel); and for the whole
+       row block as the matmul operand (_h_operand): rows whose step t-1 is valid from c, o as
+       above; the others are what hs[t] holds for them without reading it (the other programs
+       write its other columns in this same phase, see Hazards): h0 at t = 0, else 0 (the
+       output of a step past the row's end); rounded to hs's dtype and then W_hh's, exactly
+       what the 3-barrier variant's load of hs[t] gives. The own
        columns and the rebuilt rows come from the same operations on the same values (c is
        stored to the cell buffer in the compute dtype), so the operand equals hs[t] (bitwise
        under the interpreter, where the tests compare both variants; on sm_90 assumed: the
@@ -60,8 +60,8 @@ only, like the rest of this module); the c LayerNorm and h_t move to the start o
     2. Combine -> y_q, activations, c_t; store cs[t+1] (held c) and the own columns of c_t (not
        held: what h_t is made of) and o_t into cell slot t % 2; prefetch the own xp tiles of
        step t+1.  BARRIER 2t+2 (c_t, o_t published).
-    After the loop (after barrier 2T), phase 0's first half for t = T: hs[T], out[T-1] (no
-    operand to rebuild). The streamed-W_hh path (fp64, fp32 without TF32) rebuilds the operand
+    After the loop (after barrier 2T), phase 0's first half for t = T: hs[T] (no operand to
+    rebuild). The streamed-W_hh path (fp64, fp32 without TF32) rebuilds the operand
     chunk by chunk in its K loop (c and o re-read by BLOCK_K columns); the resident path uses
     phase 0's c tile directly (BLOCK_S = BLOCK_K = K_pad).
 Backward, reverse step t (i = T-1-t); 3 grid barriers per step. Before the launch the launcher
@@ -122,10 +122,9 @@ MERGE_C (barrier n = 2s+k ends phase k of step s, k = 1, 2):
     reads the partials (until 2s+2), and writes partials (after 2s+2) while a slow one still
     reads the cell (until 2s+3).
     hs: slot u (own columns) is written in phase 0 of step u (after barrier 2u; slot T after the
-    loop). Step t reads whole rows of slot max(t-1, 0), the ended rows' only: slot t-1 (t >= 2)
-    was written before barrier 2t-1 and is read after barrier 2t, so it is visible, and it is
-    never rewritten. Step t cannot read slot t: the other programs write it in the same phase.
-    It need not: a row whose step t-1 is past its length has hs[t] = hs[t-1] (held).
+    loop). The kernel reads no slot of hs but slot 0 (h0, written before the launch): step t
+    cannot read slot t (the other programs write it in the same phase), and need not, as
+    _h_operand knows what it holds where it does not rebuild it (h0 at t = 0, else 0).
 Cross-program reads (h and dG rows, partials) are made visible by the barrier's acquire (an L1
 invalidation on sm_90; see persistent.py), not by their ".cg" hint.
 
@@ -246,10 +245,12 @@ def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
     spilled far more; what fixed them: the partials with compile-time strides (one base address
     per thread), their addresses depending on the step (parity), the LN parameters loaded where
     used, the backward's LN-gradient sums accumulated in memory and its statistics loaded where
-    used. The one remaining spill (fwd B64 H512 with a bf16 hs, 8 bytes of stack) is left:
-    streaming W_hh there instead (BLOCK_K = 32: 185 registers, BLOCK_K = 16: 170, no stack)
-    would re-read the program's 64 KiB W_hh slice from L2 every step, which should cost more
-    than an 8-byte spill (not measured; the GPU session should time both).
+    used. The one remaining spill (fwd B64 H512 with a bf16 hs, 8 bytes of stack) went when the
+    forward stopped carrying a held h in registers (its hs[t+1] is the output, 0 past the end):
+    252 registers, no stack (Triton 3.9). Triton 3.6 (the GPU machine's) still spills 32 bytes
+    there; streaming W_hh instead (BLOCK_K = 32: 185 registers, BLOCK_K = 16: 170, no stack,
+    Triton 3.9) would re-read the program's 64 KiB W_hh slice from L2 every step, which should
+    cost more than a 32-byte spill (not measured; the GPU session should time both).
     The forward's MERGE_C variant (2 barriers a step; same compiles; "-" = not selected there):
         B16 H256 resident       4 warps: 255+40 B | 255+48 B   8 warps: 225 | 217, no stack
         B16 H128 resident       4 warps: 255+24 B | 255+16 B   8 warps: 195 | 192, no stack
@@ -365,15 +366,15 @@ def _param(ptr, off, cols, cmask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _merged_h_own(cp, crl, fresh, c, go, h_own, hs_ptr, out_ptr, cw_ptr, cb_ptr, t64, rows, cols, cmask, mask,
+def _merged_h_own(cp, crl, fresh, c, go, hs_ptr, cw_ptr, cb_ptr, t64, rows, cols, cmask, mask,
                   B, H, eps, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
     """MERGE_C, at step t after barrier 2t (t = T after the loop): the cell LayerNorm's mean and
     rstd of every row of the row block from the whole c_{t-1} rows in cell slot cp (every
     program's columns; two-pass over the full row as _ln_rows: the same numbers on every program,
-    whatever P), then h_{t-1} = o tanh(z) on the own columns, held where step t-1 is past the
-    row's length (``fresh`` False), stored to hs[t] and out[t-1] (nothing at t = 0).
+    whatever P), then h_{t-1} = o tanh(z) on the own columns, stored to hs[t] (the output of step
+    t-1: 0 where step t-1 is past the row's length, ``fresh`` False; nothing at t = 0).
     Returns (mean, rstd [BLOCK_B], the c row tile [BLOCK_B, BLOCK_S] (0 outside fresh rows and
-    H columns), h_own)."""
+    H columns))."""
     ks = tl.arange(0, BLOCK_S)
     km = ks < H
     c_rows = tl.load(cp + crl[:, None] + ks[None, :], mask=fresh[:, None] & km[None, :], other=0.0,
@@ -385,29 +386,26 @@ def _merged_h_own(cp, crl, fresh, c, go, h_own, hs_ptr, out_ptr, cw_ptr, cb_ptr,
     # own columns: c (held) is c_{t-1} itself on the fresh rows, go is o_{t-1}
     h_new = go * _tanh(_norm(c, mean, rstd, cmask) * _param(cw_ptr, 0, cols, cmask, ACC)[None, :]
                        + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
-    valid = fresh[:, None]
-    h_own = tl.where(valid, h_new, h_own)
     smask = tl.where(t64 > 0, mask, False)
-    s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]  # hs slot t; out slot t-1 = s_cur - B H
-    tl.store(hs_ptr + s_cur, h_own.to(hs_ptr.dtype.element_ty), mask=smask)
-    tl.store(out_ptr + (s_cur - B * H), tl.where(valid, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=smask)
-    return mean, rstd, c_rows, h_own
+    s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]  # hs slot t
+    tl.store(hs_ptr + s_cur, tl.where(fresh[:, None], h_new, 0.0).to(hs_ptr.dtype.element_ty), mask=smask)
+    return mean, rstd, c_rows
 
 
 @triton.jit
-def _h_operand(c, orow, hprow, ks, kmask, fresh, rmask, mean, rstd, cw_ptr, cb_ptr,
+def _h_operand(c, orow, h0row, ks, kmask, fresh, first, mean, rstd, cw_ptr, cb_ptr,
                ACC: tl.constexpr, HT: tl.constexpr, WT: tl.constexpr):
     """MERGE_C: the matmul operand h_{t-1} [BLOCK_B, len(ks)] of columns ks for every row of the
-    row block: o tanh(ĉ γ_c + β_c) from the c chunk ``c`` (loaded masked by fresh rows) and the
-    o rows at orow (pointers [BLOCK_B] to column 0) on the fresh rows, hs[max(t-1, 0)] (hprow)
-    on the held ones; rounded to hs's dtype, then W_hh's, as a load of hs[t] would be. The same
-    operations as _merged_h_own's on the own columns, so the same values."""
+    row block, what a load of hs[t] gives: o tanh(ĉ γ_c + β_c) from the c chunk ``c`` (loaded
+    masked by fresh rows) and the o rows at orow (pointers [BLOCK_B] to column 0) on the fresh
+    rows; h0 (h0row, hs[0]) on the rows of ``first`` (t = 0: every row); 0 on the others (step
+    t-1 past the row's end: hs[t] is that step's output, 0); rounded to hs's dtype, then
+    W_hh's. The same operations as _merged_h_own's on the own columns, so the same values."""
     fm = fresh[:, None] & kmask[None, :]
     o = tl.load(orow[:, None] + ks[None, :], mask=fm, other=0.0, cache_modifier=".cg")
     h = o * _tanh(_norm(c, mean, rstd, kmask) * _param(cw_ptr, 0, ks, kmask, ACC)[None, :]
                   + _param(cb_ptr, 0, ks, kmask, ACC)[None, :])
-    held = tl.where(fresh, False, rmask)
-    hp = tl.load(hprow[:, None] + ks[None, :], mask=held[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
+    hp = tl.load(h0row[:, None] + ks[None, :], mask=first[:, None] & kmask[None, :], other=0.0)
     return tl.where(fresh[:, None], h.to(HT), hp.to(HT)).to(WT)
 
 
@@ -421,9 +419,8 @@ def _h_operand(c, orow, hprow, ks, kmask, fresh, rmask, mean, rstd, cw_ptr, cb_p
 def _ln_lstm_fwd_persistent_kernel(
     xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
     w_ptr,  # [G, H] W_hh
-    hs_ptr,  # [T+1, B, H] compute or storage dtype: slot 0 = h0 in, slots 1..T out
-    cs_ptr,  # [T+1, B, H] compute dtype: slot 0 = c0 in, slots 1..T out
-    out_ptr,  # [T, B, H] storage dtype
+    hs_ptr,  # [T+1, B, H] compute or storage dtype: slot 0 = h0 in, slots 1..T the outputs (0 past the end)
+    cs_ptr,  # [T+1, B, H] compute dtype: slot 0 = c0 in, slots 1..T the carried c (held past the end)
     gates_ptr,  # [T, B, G] pre-LN pre-activations, or None
     len_ptr,  # [B] int64 lengths, or None
     gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]
@@ -462,7 +459,6 @@ def _ln_lstm_fwd_persistent_kernel(
         wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K)
 
     b_off = (rows * H)[:, None] + cols[None, :]
-    h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(ACC)  # h_{t-1}, own columns
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
@@ -486,14 +482,15 @@ def _ln_lstm_fwd_persistent_kernel(
         if MERGE_C:
             # ---- phase 0 (MERGE_C): h_{t-1} from the c_{t-1}, o_{t-1} rows every program
             # published at step t-1 (cell slot (t-1) % 2). "fresh" rows: t > 0 and step t-1 valid;
-            # the others take h_{t-1} = h_{t-2} from hs[t-1] (h0 at t <= 1).
+            # the others: h0 at t = 0, else 0 (step t-1's output past the row's end)
             fresh = tl.where(t64 > 0, rmask, False)
             if HAS_LENGTHS:
                 fresh = fresh & (t64 - 1 < L)
+            first = tl.where(t64 == 0, rmask, False)
             cp = cell_rb + ((t + 1) % 2) * (2 * BLOCK_B * H)
-            m_c, r_c, c_rows, h_own = _merged_h_own(cp, crl, fresh, c, go, h_own, hs_ptr, out_ptr, cw_ptr, cb_ptr,
-                                                    t64, rows, cols, cmask, mask, B, H, eps, ACC, BLOCK_S)
-            hp_row = (tl.maximum(t64 - 1, 0) * B + rows) * H  # hs[max(t-1, 0)]: h_{t-1} of the held rows
+            m_c, r_c, c_rows = _merged_h_own(cp, crl, fresh, c, go, hs_ptr, cw_ptr, cb_ptr,
+                                             t64, rows, cols, cmask, mask, B, H, eps, ACC, BLOCK_S)
+            h0_row = rows * H  # hs[0]
         # ---- phase 1: the recurrent matmul on the own slice, partial gate statistics
         a_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
@@ -501,7 +498,7 @@ def _ln_lstm_fwd_persistent_kernel(
         a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
             if MERGE_C:  # the c row tile of phase 0 is this chunk (BLOCK_S = BLOCK_K = K_pad)
-                hk = _h_operand(c_rows, cp + BLOCK_B * H + crl, hs_ptr + hp_row, kr, krm, fresh, rmask, m_c, r_c,
+                hk = _h_operand(c_rows, cp + BLOCK_B * H + crl, hs_ptr + h0_row, kr, krm, fresh, first, m_c, r_c,
                                 cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
             else:
                 hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
@@ -517,7 +514,7 @@ def _ln_lstm_fwd_persistent_kernel(
                 if MERGE_C:  # c re-read by chunk (L2) rather than sliced from phase 0's tile
                     ck = tl.load(cp + crl[:, None] + ks[None, :], mask=fresh[:, None] & kmask[None, :], other=0.0,
                                  cache_modifier=".cg")
-                    hk = _h_operand(ck, cp + BLOCK_B * H + crl, hs_ptr + hp_row, ks, kmask, fresh, rmask, m_c, r_c,
+                    hk = _h_operand(ck, cp + BLOCK_B * H + crl, hs_ptr + h0_row, ks, kmask, fresh, first, m_c, r_c,
                                     cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
                 else:
                     hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
@@ -600,18 +597,14 @@ def _ln_lstm_fwd_persistent_kernel(
             mean, rstd = _gate_stats(pp, 8, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
             h_new = go * _tanh(_norm(c_new, mean, rstd, cmask) * _param(cw_ptr, 0, cols, cmask, ACC)[None, :]
                                + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
-            if HAS_LENGTHS:
+            if HAS_LENGTHS:  # past a row's end: h_t 0 (the output), c held
                 valid = (t64 < L)[:, None]
-                h_own = tl.where(valid, h_new, h_own)
+                h_new = tl.where(valid, h_new, 0.0)
                 c = tl.where(valid, c_new, c)
-                out = tl.where(valid, h_new, 0.0)
             else:
-                h_own = h_new
                 c = c_new
-                out = h_new
-            tl.store(hs_ptr + s_nxt, h_own.to(hs_ptr.dtype.element_ty), mask=mask)
+            tl.store(hs_ptr + s_nxt, h_new.to(hs_ptr.dtype.element_ty), mask=mask)
             tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
-            tl.store(out_ptr + (h_row[:, None] + cols[None, :]), out.to(out_ptr.dtype.element_ty), mask=mask)
 
             x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
             x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
@@ -619,13 +612,13 @@ def _ln_lstm_fwd_persistent_kernel(
             x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
             _grid_barrier(sync_ptr, (3 * t + 3) * nprog)
 
-    if MERGE_C:  # h_{T-1} of the own columns: hs[T], out[T-1] (no matmul operand to rebuild)
+    if MERGE_C:  # h_{T-1} of the own columns: hs[T] (no matmul operand to rebuild)
         t64 = zero64 + T
         fresh = tl.where(t64 > 0, rmask, False)
         if HAS_LENGTHS:
             fresh = fresh & (t64 - 1 < L)
         cp = cell_rb + ((T + 1) % 2) * (2 * BLOCK_B * H)
-        _merged_h_own(cp, crl, fresh, c, go, h_own, hs_ptr, out_ptr, cw_ptr, cb_ptr, t64, rows, cols, cmask, mask,
+        _merged_h_own(cp, crl, fresh, c, go, hs_ptr, cw_ptr, cb_ptr, t64, rows, cols, cmask, mask,
                       B, H, eps, ACC, BLOCK_S)
 
 
@@ -891,17 +884,17 @@ def _check_ln_plan(pl: Plan, B: int, H: int, device) -> int:
     return bp
 
 
-def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, ln, lengths, eps, fma, ieee, upcast,
+def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, ln, lengths, eps, fma, ieee, upcast,
                      merge_c: Optional[bool] = None) -> None:
-    """All T forward steps of the layer-norm LSTM: fills hs[1:], cs[1:], out and (if not None)
-    gates, as kernels.lstm.lstm_fwd(..., ln=ln, path="step") does with the same buffers.
+    """All T forward steps of the layer-norm LSTM: fills hs[1:] (the outputs), cs[1:] and (if
+    not None) gates, as kernels.lstm.lstm_fwd(..., ln=ln, path="step") does with the same buffers.
     hs[0], cs[0] hold h0, c0. The compute dtype is cs's (fp32 / fp64); hs may be cs's dtype or the
     storage dtype. ``merge_c``: the 2-barrier variant (True) or the 3-barrier one (False);
     None: fwd_merge_c(pl, H)."""
-    T, B, H = out.shape
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     BP = _check_ln_plan(pl, B, H, xp.device)
     gw, gb, cw, cb = _ln_params(ln, H)
-    _check_buffers(xp, w_hh, hs, cs, out, gates, lengths)
+    _check_buffers(xp, w_hh, hs, cs, gates, lengths)
     assert hs.shape == cs.shape == (T + 1, B, H) and xp.shape == (T, B, 4 * H) and w_hh.shape == (4 * H, H)
     assert gates is None or gates.shape == (T, B, 4 * H)
     merge = fwd_merge_c(pl, H) if merge_c is None else bool(merge_c)
@@ -916,7 +909,7 @@ def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, out, gates, ln, lengths, eps, f
     nbar = BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
     sync = _ln_sync_counter(T, pl, xp.device, nbar)
     k = _ln_lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, cs, out, gates, lengths, gw, gb, cw, cb, part, cell, sync, T, B, H, float(eps),
+        xp, w_hh, hs, cs, gates, lengths, gw, gb, cw, cb, part, cell, sync, T, B, H, float(eps),
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, MERGE_C=merge,
         BLOCK_S=KP if merge else 1,

@@ -245,6 +245,23 @@ def test_lstm_backward_writes_dG_over_saved_gates(dtype, ln, path, monkeypatch):
             assert torch.equal(a, b), f"{n}: a later backward of the same graph differs from the first"
 
 
+def test_lstm_output_is_the_saved_h_sequence():
+    """LSTMFunction's output is a view of the h sequence it saves for backward (no copy), and an
+    in-place change of it is refused (as with nn.LSTM, whose cuDNN backward reads its output
+    too), never a silently wrong gradient."""
+    ins, L, ups = make_case(4, 3, 5, 6, F32, False, True, [4, 2, 0])
+    leaves = [t.detach().requires_grad_() for t in ins]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, h_n, c_n = triton_lstm(True)(leaves, L)
+    assert any(t.dim() == 3 and t.shape[0] == 5 and t[1:].data_ptr() == out.data_ptr() for t in saved)
+    assert (out[2:, 1] == 0).all() and (out[:, 2] == 0).all()  # past each sequence's end
+    ref = reference_lstm([t.detach().double() for t in ins], L)
+    assert rel_err(h_n, ref[1]) < 1e-5 and rel_err(c_n, ref[2]) < 1e-5  # h_n from each row's last step
+    with pytest.raises(RuntimeError):
+        out.mul_(2)
+
+
 def test_lstm_deterministic():
     """Two identical calls: bitwise-identical outputs and gradients (LN partial sums over two row
     blocks included)."""
@@ -312,7 +329,7 @@ def test_lstm_custom_ops_opcheck(dtype, ln):
     lnp = lnp or [None] * 4
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, LN_EPS, False, True, True)
     torch.library.opcheck(torch.ops.fused_rnn.lstm_fwd.default, args)
-    out, h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(*args)
+    h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(*args)
     bargs = (*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, *lnp, L, LN_EPS, False, True, True, True)
     torch.library.opcheck(torch.ops.fused_rnn.lstm_bwd.default, bargs)
 
@@ -328,11 +345,11 @@ def test_lstm_buffer_dtypes(dtype, ln, monkeypatch):
     ins, L, ups = make_case(3, 2, 4, 5, dtype, ln, True, None)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp = ins
     out, h_n, c_n, hs, cs, gates = K.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lnp or None)
-    assert hs.dtype == (dtype if half else F32)
+    assert hs.dtype == dtype
     assert cs.dtype == F32
     assert gates.dtype == (F32 if ln or not half else dtype)
-    # h_t in hs is the output rounded to the storage dtype, bit for bit
-    assert torch.equal(hs[1:].to(dtype), out)
+    # the output is hs[1:] itself: the saved h_t cost no buffer of their own
+    assert out.data_ptr() == hs[1].data_ptr() and out.dtype == hs.dtype == dtype
     seen = {}
     real_alloc = K.alloc
 

@@ -300,7 +300,7 @@ def test_persistent_custom_ops_opcheck():
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, None, None, L, LN_EPS, False, True, True, "persistent")
     torch.library.opcheck(torch.ops.fused_rnn.lstm_fwd.default, args)
-    out, h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(*args)
+    h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(*args)
     bargs = (*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, None, None, None, L, LN_EPS, False, True, True,
              True, "persistent")
     torch.library.opcheck(torch.ops.fused_rnn.lstm_bwd.default, bargs)
@@ -462,7 +462,7 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape):
     scalars = dict(len_ptr="*i64", sync_ptr="*i32", T="i32", B="i32", H="i32")
     if cell == "lstm" and direction == "fwd":
         kern, sig = P._lstm_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*bf16",
-                                                        cs_ptr="*fp32", out_ptr="*bf16", gates_ptr="*bf16")
+                                                        cs_ptr="*fp32", gates_ptr="*bf16")
         blocks["STORE_GATES"] = True
     elif cell == "lstm":
         kern, sig = P._lstm_bwd_persistent_kernel, dict(gates_ptr="*bf16", w_ptr="*bf16", cs_ptr="*fp32",

@@ -31,7 +31,7 @@ def _lstm_case(direction, dtype, H, fused, ln, lengths):
     const = dict(FUSED=fused, LN=ln, HAS_LENGTHS=lengths, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, **_flags(dtype))
     ln_ptrs = ("gw_ptr", "gb_ptr", "cw_ptr", "cb_ptr")
     if direction == "fwd":
-        sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr=f"*{st}", out_ptr=f"*{dt}", gates_ptr=f"*{st}",
+        sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr=f"*{st}", gates_ptr=f"*{st}",
                    t="i32", B="i32", H="i32", eps="fp32")
         const["STORE_GATES"] = True
         kern = K._lstm_fwd_kernel
