@@ -100,6 +100,16 @@ def compile_sm90(kernel, signature, constexprs, **options):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def triton_36() -> bool:
+    """Whether the installed Triton is 3.6 (the GPU machine's), whose sm_90 register allocation
+    some compile tests record separately; False without Triton."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return triton.__version__.startswith("3.6.")
+
+
 def ptxas_usage(compiled):
     """(registers, spill-store bytes) of a compiled sm_90 kernel, from ``ptxas -v`` on its PTX with
     the ptxas Triton itself uses for sm_90; None when this Triton does not expose that tool."""

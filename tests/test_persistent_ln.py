@@ -16,11 +16,10 @@ import tempfile
 
 import pytest
 import torch
-import triton
 
 from conftest import (
     BF16, DT_NAME, F32, F64, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels, requires_sm90_compile,
-    tol,
+    tol, triton_36,
 )
 from fused_rnn.reference import LN_EPS, lstm_cell_ref, lstm_sequence_ref
 
@@ -578,7 +577,7 @@ SM90_CASES = ([(d, B, H, st, None) for (B, H) in ((16, 256), (64, 512), (16, 768
                for st in ("fp32", "bf16")]
               + [("fwd", 16, 256, st, False) for st in ("fp32", "bf16")]
               + [("fwd", B, H, st, None) for (B, H) in ((16, 128), (64, 64)) for st in ("fp32", "bf16")])
-SM90_SPILL_ALLOWED = {("fwd", 64, 512, "bf16"): 32} if triton.__version__.startswith("3.6.") else {}
+SM90_SPILL_ALLOWED = {("fwd", 64, 512, "bf16"): 32} if triton_36() else {}
 
 
 @requires_sm90_compile
