@@ -7,6 +7,9 @@ Paths (of the custom ops fused_rnn::lstm_fwd / lstm_bwd / rnn_fwd / rnn_bwd, fus
     persistent  one launch for all T steps (kernels/persistent.py; persistent_ln.py for the
                 layer-norm LSTM): rows in blocks of up to 64 with a barrier each, a grid that
                 fits on the SMs (kernels.persistent.plan)
+    adaptive    on CUDA tensors: persistent where its plan fits, else graph where a capture is
+                possible, else step; on the CPU: step. Silent: it asks for nothing it cannot get.
+                The candidate policy for AUTO_PATH (below), selectable now for measurements.
     auto        the policy below
 
 Every path writes the same saved tensors in the same layouts, so a forward on one path pairs
@@ -18,19 +21,19 @@ Choosing (first match wins):
     1. the ``path`` argument of the custom ops / autograd Functions, when not "auto";
     2. ``use_path(name)``: a process-wide override (not per thread: the autograd engine runs
        backward on its own threads, which a thread-local or context variable would not reach);
-    3. the environment variable FUSED_RNN_PATH=step|graph|persistent|auto, read at each call;
+    3. the environment variable FUSED_RNN_PATH=step|graph|persistent|adaptive|auto, read at each call;
     4. AUTO_PATH.
 
 AUTO_PATH = "step". The only GPU figures are ANCHORS.md's, for prototypes, not these kernels
 (H100, bf16 forward): a persistent forward 2.55 ms at S1 (B16 T1024 H256) and 3.1 ms at S2
 (B64 T512 H512) against 5.2 and 4.2 ms for a fused step kernel replayed from a CUDA graph; eager
 per-step launches are launch-bound (S1, addmm + pointwise: 63 ms eager, 7.0 ms graph-replayed).
-Those make "persistent where plan() fits, else graph on CUDA, else step" the expected policy,
-but the persistent and graph paths of this code base have never run on a GPU (written without
-one). Until a GPU session measures them (bench: --paths triton,graph,persistent) and the CUDA
-tests pass, auto stays on the step path, so that no user gets an unmeasured path by default.
-THE H100 MEASUREMENT IS OWED; change AUTO_PATH (or make it shape-dependent) with the numbers
-written here.
+Those make "persistent where plan() fits, else graph on CUDA, else step" (the "adaptive" path)
+the expected policy, but the persistent and graph paths of this code base have never run on a
+GPU (written without one). Until a GPU session measures them (bench: --paths
+triton,graph,persistent) and the CUDA tests pass, auto stays on the step path, so that no user
+gets an unmeasured path by default. THE H100 MEASUREMENT IS OWED; then set AUTO_PATH =
+"adaptive" (or make it shape-dependent) with the numbers written here.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ import torch
 
 from ._backend import interpreter_on, warn_once
 
-PATHS = ("auto", "step", "graph", "persistent")
+PATHS = ("auto", "step", "graph", "persistent", "adaptive")
 ENV_VAR = "FUSED_RNN_PATH"
 AUTO_PATH = "step"  # see the module docstring: unmeasured alternatives stay opt-in
 
@@ -125,6 +128,12 @@ def _resolve(op, path, x, persistent_plan) -> str:
     req = requested(path)
     if req == "auto":
         req = AUTO_PATH
+    if req == "adaptive":
+        if not x.is_cuda or interpreter_on():
+            return "step"
+        if persistent_plan()[0] is not None:
+            return "persistent"
+        return "graph" if graph_unavailable(x)[0] is None else "step"
     if req == "graph":
         why, warn = graph_unavailable(x)
         if why is None:

@@ -377,7 +377,7 @@ def run_case(case: Case, seed: int, device: torch.device, threshold: float,
         if expect_triton and ref_calls[0]:
             res.skipped = "the kernels did not take it; the reference path ran (" + (
                 _unsupported_reason(case, k_leaves) or "see the RuntimeWarning") + ")"
-        elif path not in ("auto", "step") and any(p != path for _, p in ran):
+        elif path not in ("auto", "step", "adaptive") and any(p != path for _, p in ran):
             res.skipped = (f"the {path} path did not take it (ran "
                            + ", ".join(sorted({f"{op}: {p}" for op, p in ran if p != path})) + ")")
         if device.type == "cuda":

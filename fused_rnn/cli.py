@@ -108,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 on CUDA: on = set torch.backends.cuda.matmul.allow_tf32 (the "
                         "kernels follow it) and use the TF32 threshold 5e-3, off = IEEE fp32 and "
                         "1e-4; auto = leave allow_tf32 as it is (torch's default: off)")
-    c.add_argument("--paths", type=_csv(("auto", "step", "graph", "persistent"), "path"), default=["auto"],
+    c.add_argument("--paths", type=_csv(("auto", "step", "graph", "persistent", "adaptive"), "path"), default=["auto"],
                    help="comma-separated time-loop paths to check, one table each: auto (the "
-                        "default policy), step, graph (CUDA), persistent; a case a path does not "
-                        "take is SKIP (default: auto)")
+                        "default policy), step, graph (CUDA), persistent, adaptive (persistent, "
+                        "else graph, else step); a case a path does not take is SKIP (default: auto)")
     c.add_argument("-v", "--verbose", action="store_true",
                    help="print every tensor's error and the traceback of failed cases")
     c.add_argument("--_inject-error", dest="inject_error", action="store_true",

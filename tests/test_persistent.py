@@ -432,6 +432,27 @@ def test_resolve_policy():
         assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == "step"
 
 
+def test_resolve_adaptive(monkeypatch):
+    """"adaptive": on CUDA tensors persistent where the plan fits, else graph where a capture is
+    possible, else step, silently; on the CPU the step path (the plan is not even asked for)."""
+    def no_call():
+        raise AssertionError("adaptive asked the CPU for a persistent plan")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _paths.resolve("op", "adaptive", torch.zeros(2, 2, 2), no_call) == "step"
+        x = torch.zeros(2, 2, 2)
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        monkeypatch.setattr(_paths, "interpreter_on", lambda: False)
+        monkeypatch.setattr(_paths, "graph_unavailable", lambda x: (None, False))
+        assert _paths.resolve("op", "adaptive", x, lambda: (object(), "")) == "persistent"
+        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == "graph"
+        monkeypatch.setattr(_paths, "graph_unavailable", lambda x: ("capturing", False))
+        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == "step"
+        monkeypatch.setattr(_paths, "AUTO_PATH", "adaptive")
+        assert _paths.resolve("op", "auto", x, lambda: (object(), "")) == "persistent"
+
+
 # ------------------------------------------------------------- sm_90 compile (no GPU needed)
 # the four benchmark shapes' (B, H): S1 resident W_hh, S2 resident forward / streamed LSTM
 # backward, S3 four row blocks, S4 K_pad 1024 streamed
