@@ -4,6 +4,7 @@ Everything here runs on the CPU in seconds: `--device cpu` on a tiny shape, and 
 records for the GPU-only parts (targets, the GPU table). The GPU run itself is
 bench/gpu_check.sh's job.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -354,6 +355,36 @@ def test_persistent_tune_script_runs_on_the_interpreter(tmp_path):
     assert all(r.get("ok") and r["rel_err_vs_default"] == 0 and r["ms"] > 0 for r in rows), rows
     md = (tmp_path / "tune.md").read_text()
     assert md.count("default") >= 6 and "Best per cell" in md
+
+
+def test_persistent_tune_order_variants_and_best():
+    """The tuner's pieces that only a GPU run exercises end to end: the order of need, the
+    variants per cell on CUDA (default first), and the best-variant lines."""
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("persistent_tune", os.path.join(REPO, "bench", "persistent_tune.py"))
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    order = tune._order(["rnn", "lstm", "lnlstm"], ["S3", "S1", "S2"])
+    assert order[:5] == [("lstm", "S1"), ("lstm", "S2"), ("lstm", "S3"), ("rnn", "S1"), ("lnlstm", "S1")]
+    assert sorted(order) == sorted((c, s) for c in ("rnn", "lstm", "lnlstm") for s in ("S3", "S1", "S2"))
+    names = [v[0] for v in tune.variants("lstm", "fwd", True)]
+    assert names[0] == "default" and len(names) == 7 and "BLOCK_H=64 warps=8" in names
+    assert [v[0] for v in tune.variants("lnlstm", "fwd", True)][1:] == ["MERGE_C=True (2 barriers)",
+                                                                       "MERGE_C=False (3 barriers)"]
+    assert [v[0] for v in tune.variants("lnlstm", "bwd", True)] == ["default"]
+    from fused_rnn.kernels import persistent as P
+
+    for name, apply, undo in tune.variants("rnn", "bwd", True)[1:]:
+        apply()
+        assert P.PLAN_OVERRIDE and name == f"BLOCK_H={P.PLAN_OVERRIDE['BLOCK_H']} warps={P.PLAN_OVERRIDE['num_warps']}"
+        undo()
+        assert P.PLAN_OVERRIDE == {}
+    rows = [dict(cell="lstm", shape="S1", direction="fwd", variant="default", ok=True, ms=2.0, plan="p0"),
+            dict(cell="lstm", shape="S1", direction="fwd", variant="v1", ok=True, ms=1.5, plan="p1"),
+            dict(cell="lstm", shape="S1", direction="fwd", variant="v2", ok=False, ms=1.0, plan="p2"),
+            dict(cell="lstm", shape="S1", direction="bwd", variant="v1", ok=True, ms=1.0, plan="p1")]
+    best = tune._best(rows)
+    assert best[0].startswith("- lstm S1 fwd: v1 1.500 ms (0.75x") and "no timed default" in best[1]
 
 
 def test_persistent_tune_script_without_a_device():
