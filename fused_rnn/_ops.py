@@ -88,7 +88,8 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths, ep
         gates = x.new_empty((0,), dtype=sd)
     return (
         x.new_empty((B, H)), x.new_empty((B, H)),
-        x.new_empty((T + 1, B, H), dtype=_buffers.lstm_hs_dtype(x.dtype)), x.new_empty((T + 1, B, H), dtype=sd),
+        x.new_empty((T + 1, B, H), dtype=_buffers.lstm_hs_dtype(x.dtype)),
+        x.new_empty((T + 1, B, H), dtype=_buffers.lstm_cs_dtype(x.dtype, ln_gw is not None)),
         gates,
     )
 
@@ -139,7 +140,7 @@ def _lstm_bwd(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw,
     return (
         dx if dx is not None else _none(x), dh0, dc0,
         dw_ih if dw_ih is not None else _none(w_ih), dw_hh if dw_hh is not None else _none(w_hh),
-        db if db is not None else _none(cs), *dln,
+        db if db is not None else x.new_empty(0, dtype=_buffers.state_dtype(x.dtype)), *dln,
     )
 
 
@@ -150,9 +151,9 @@ def _(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, 
     G, H = w_hh.shape
     dx = x.new_empty((T, B, I)) if need_dx else _none(x)
     if need_dw:
-        dw = (w_ih.new_empty((G, I)), w_hh.new_empty((G, H)), cs.new_empty((G,)))
+        dw = (w_ih.new_empty((G, I)), w_hh.new_empty((G, H)), x.new_empty((G,), dtype=_buffers.state_dtype(x.dtype)))
     else:
-        dw = (_none(w_ih), _none(w_hh), _none(cs))
+        dw = (_none(w_ih), _none(w_hh), x.new_empty(0, dtype=_buffers.state_dtype(x.dtype)))
     if need_dw and ln_gw is not None:
         dln = (ln_gw.new_empty((G,)), ln_gb.new_empty((G,)), ln_cw.new_empty((H,)), ln_cb.new_empty((H,)))
     else:

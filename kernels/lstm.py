@@ -7,10 +7,12 @@ Legend
     K   reduction dim of the recurrent matmul (H forward, G backward)
 Layout is time-major: x [T, B, I], out [T, B, H]. Saved state sequences hs, cs are [T+1, B, H]:
 slot 0 = h0 / c0; slot t+1 of hs = the output of step t (0 past a sequence's end; out is the
-view hs[1:]), slot t+1 of cs = the carried c after step t (held past the end); cs in the state
-dtype (fp32, or fp64 for fp64 inputs), hs in the operand dtype = x's dtype (the storage dtype
-for fp16 / bf16: h_t is only ever read as a matmul operand, rounded to that dtype anyway; see
-fused_rnn/_buffers.py). The recurrent matmul of step t reads hs[t]: h_{t-1} on every row still
+view hs[1:]), slot t+1 of cs = the carried c after step t (held past the end). hs in the operand
+dtype = x's dtype (the storage dtype for fp16 / bf16: h_t is only ever read as a matmul operand,
+rounded to that dtype anyway); cs too for the plain LSTM (only the backward reads it; the
+kernels carry c in the state dtype: in registers, or in the step path's [2, B, H] buffer cc),
+in the state dtype (fp32, or fp64 for fp64 inputs) for the layer-norm LSTM; see
+fused_rnn/_buffers.py. The recurrent matmul of step t reads hs[t]: h_{t-1} on every row still
 running, which is all it needs (a finished row's results are masked). A
 program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates, so the pointwise
 update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
@@ -45,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_rnn._buffers import grad_dtype, lstm_gates_dtype, lstm_hs_dtype, state_dtype
+from fused_rnn._buffers import grad_dtype, lstm_cs_dtype, lstm_gates_dtype, lstm_hs_dtype, state_dtype
 from fused_rnn.reference import LN_EPS  # one source of truth (nn.LayerNorm's default)
 
 from ._common import (
@@ -141,7 +143,8 @@ def _lstm_fwd_kernel(
     w_ptr,  # [G, H] W_hh (FUSED) or None
     mm_ptr,  # [B, G] h_{t-1} W_hhᵀ computed by torch (not FUSED) or None
     hs_ptr,  # [T+1, B, H] lstm_hs_dtype: reads slot t, writes slot t+1 (= out[t]: 0 past the end)
-    cs_ptr,  # [T+1, B, H] state dtype: reads slot t, writes slot t+1 (held past the end)
+    cs_ptr,  # [T+1, B, H] lstm_cs_dtype: writes slot t+1 (held past the end)
+    cc_ptr,  # [2, B, H] state dtype: the carried c, slot t % 2 in, (t+1) % 2 out (slot 0 = c0 at t = 0)
     gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations (before any LN), or None; may be xp_ptr
     len_ptr,  # [B] int64 lengths, or None
     gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]; or None
@@ -153,11 +156,10 @@ def _lstm_fwd_kernel(
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
-    ACC = cs_ptr.dtype.element_ty
+    ACC = cc_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
     G = 4 * H
 
-    s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]  # slot t of hs/cs, step t of out
     s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]  # slot t+1 of hs/cs
     g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]  # gate i of step t in [T, B, G]
 
@@ -212,7 +214,9 @@ def _lstm_fwd_kernel(
     gf = _sigmoid(a_f)
     gg = _tanh(a_g)
     go = _sigmoid(a_o)
-    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)
+    c_off = (((t64 % 2) * B + rows) * H)[:, None] + cols[None, :]  # slot t % 2 of cc
+    c_nxt = ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :]
+    c_prev = tl.load(cc_ptr + c_off, mask=mask, other=0.0)
     c_new = gf * c_prev + gi * gg
     if LN:
         _, _, z = _ln_rows(c_new, cmask, tl.load(cw_ptr + cols, mask=cmask, other=0.0).to(ACC),
@@ -229,7 +233,8 @@ def _lstm_fwd_kernel(
         h_out = h_new
         c_keep = c_new
     tl.store(hs_ptr + s_nxt, h_out.to(hs_ptr.dtype.element_ty), mask=mask)
-    tl.store(cs_ptr + s_nxt, c_keep, mask=mask)
+    tl.store(cc_ptr + c_nxt, c_keep, mask=mask)
+    tl.store(cs_ptr + s_nxt, c_keep.to(cs_ptr.dtype.element_ty), mask=mask)
 
 
 # Reverse step t. valid_t = t < len; gh_t, gc_t = gradients w.r.t. the carried states h_t, c_t
@@ -257,7 +262,7 @@ def _lstm_bwd_kernel(
     gates_ptr,  # [T, B, G] saved pre-activations, lstm_gates_dtype
     w_ptr,  # [G, H] W_hh (FUSED) or None
     carry_ptr,  # [B, H] dG_{t+1} W_hh computed by torch (not FUSED) or None
-    cs_ptr,  # [T+1, B, H] saved c: slot t = c_{t-1}, slot t+1 = c_t
+    cs_ptr,  # [T+1, B, H] saved c (lstm_cs_dtype): slot t = c_{t-1}, slot t+1 = c_t
     dout_ptr,  # [T, B, H] storage dtype
     dg_ptr,  # [T+1, B, G] grad_dtype: reads slot t+1 (FUSED), writes slot t; slot T is zero
     gh_ptr,  # [B, H] in: gh_{t+1}, out: gh_t
@@ -332,8 +337,8 @@ def _lstm_bwd_kernel(
     gf = _sigmoid(y_f)
     gg = _tanh(y_g)
     go = _sigmoid(y_o)
-    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)
-    c_new = tl.load(cs_ptr + s_nxt, mask=mask, other=0.0)  # = c_t where valid_t
+    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0).to(ACC)
+    c_new = tl.load(cs_ptr + s_nxt, mask=mask, other=0.0).to(ACC)  # = c_t where valid_t
     if LN:
         w_c = tl.load(cw_ptr + cols, mask=cmask, other=0.0).to(ACC)
         n_c, r_c, z = _ln_rows(c_new, cmask, w_c, tl.load(cb_ptr + cols, mask=cmask, other=0.0).to(ACC), H, eps)
@@ -473,7 +478,7 @@ def lstm_fwd(
     xp = input_projection(x, w_ih, b_ih, b_hh, out=gates if share else None)
     hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
     assert hs.dtype == dt, "out is a view of hs: the LSTM's hs dtype must be x's (fused_rnn._buffers)"
-    cs = alloc((T + 1, B, H), sd, dev)
+    cs = alloc((T + 1, B, H), lstm_cs_dtype(dt, ln is not None), dev)
     hs[0].copy_(h0)
     cs[0].copy_(c0)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
@@ -488,19 +493,21 @@ def lstm_fwd(
         persistent.lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     else:
         mm = None if fused else alloc((B, G), w_hh.dtype, dev)
+        cc = alloc((2, B, H), sd, dev)  # c carried in the state dtype (cs may be 16-bit)
+        cc[0].copy_(c0)
         BB, BH, BK, nw = _blocks(B, H, H, fused, ln is not None, dt)
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
         for t in range(T):
             if not fused:
                 torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
             _lstm_fwd_kernel[grid](
-                xp, w_hh if fused else None, mm, hs, cs, gates, lengths, gw, gb, cw, cb,
+                xp, w_hh if fused else None, mm, hs, cs, cc, gates, lengths, gw, gb, cw, cb,
                 t, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
             )
     h_n = last_h(hs, lengths)
     c_n = cs[T].to(dt, copy=True)
     if gates_buf is None:
-        gates_buf = cs.new_empty(0)
+        gates_buf = cs.new_empty(0, dtype=sd)
     return hs[1:], h_n, c_n, hs, cs, gates_buf
 
 

@@ -200,7 +200,8 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
         K = gates * H if direction == "bwd" else H
         # streamed mma chunks: 64, or 32 for a 64 x 32 tile (S3's plan, B256 H1024 bf16, 8 warps,
         # ptxas 13.4 for sm_90: LSTM fwd BK=64 255 regs + 20 B spilled, BK=32 252 regs, none;
-        # LSTM bwd 255 regs + 32 B spilled at BK=64, + 16 B at BK=32, + 24-32 B at 16 warps)
+        # LSTM bwd 255 regs + 32 B spilled at BK=64, + 16 B at BK=32, + 24-32 B at 16 warps; since
+        # the saved c is 16-bit, BK=32: 252 regs, none; Triton 3.6: 254 + 16 B)
         BK = pow2_block(K, 16, (32 if BB * BH >= 2048 else 64) if mma else 32)
     # 4 warps spilled at B=64 and at H=768 (255 regs + 360-528 B stack); 8 did not (sm_90 compiles)
     num_warps = 4 if BB * K_pad <= 4096 and w_bytes <= 16 * 1024 else 8
@@ -285,6 +286,8 @@ def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC: tl.co
     {
         "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
         "STORE_GATES": lambda a: a["gates_ptr"] is not None,
+        # the compute dtype (c is carried in registers; the saved cs may be 16-bit)
+        "ACC": lambda a: tl.float64 if a["xp_ptr"].dtype == torch.float64 else tl.float32,
     }
 )
 @triton.jit(do_not_specialize=["T"])
@@ -292,12 +295,12 @@ def _lstm_fwd_persistent_kernel(
     xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
     w_ptr,  # [G, H] W_hh
     hs_ptr,  # [T+1, B, H] lstm_hs_dtype: slot 0 = h0 in, slots 1..T the outputs (0 past the end)
-    cs_ptr,  # [T+1, B, H] state dtype: slot 0 = c0 in, slots 1..T the carried c (held past the end)
+    cs_ptr,  # [T+1, B, H] lstm_cs_dtype: slot 0 = c0 in, slots 1..T the carried c (held past the end)
     gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations, or None; may be xp_ptr
     len_ptr,  # [B] int64 lengths, or None
     sync_ptr,  # [row blocks] int32, zero
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, ACC: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -306,7 +309,6 @@ def _lstm_fwd_persistent_kernel(
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
     sync_ptr += pid_b  # this row block's barrier counter
-    ACC = cs_ptr.dtype.element_ty
     HT = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     G = 4 * H
@@ -322,7 +324,7 @@ def _lstm_fwd_persistent_kernel(
         wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K)
 
     b_off = (rows * H)[:, None] + cols[None, :]
-    c = tl.load(cs_ptr + b_off, mask=mask, other=0.0)
+    c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
     g_off = (rows * G)[:, None] + cols[None, :]  # step 0
@@ -381,7 +383,7 @@ def _lstm_fwd_persistent_kernel(
             c = c_new
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
         tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
-        tl.store(cs_ptr + s_nxt, c, mask=mask)
+        tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
 
         # step t+1's input projection, before the barrier (nothing at t+1 = T)
         nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
@@ -404,7 +406,7 @@ def _lstm_fwd_persistent_kernel(
 def _lstm_bwd_persistent_kernel(
     gates_ptr,  # [T, B, G] saved pre-activations, lstm_gates_dtype
     w_ptr,  # [G, H] W_hh
-    cs_ptr,  # [T+1, B, H] saved c
+    cs_ptr,  # [T+1, B, H] saved c (lstm_cs_dtype)
     dout_ptr,  # [T, B, H] storage dtype
     dg_ptr,  # [T+1, B, G] grad_dtype: slot T zero (in), slots 0..T-1 out
     gh_ptr,  # [B, H] in: dh_n, out: gh_0
@@ -444,8 +446,8 @@ def _lstm_bwd_persistent_kernel(
     a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0).to(ACC)
     a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0).to(ACC)
     d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
-    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)  # c_{t-1} = slot t
-    c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0)  # c_t = slot t+1
+    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0).to(ACC)  # c_{t-1} = slot t
+    c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0).to(ACC)  # c_t = slot t+1
 
     for i in range(T):
         t64 = zero64 + (T - 1 - i)
@@ -488,7 +490,7 @@ def _lstm_bwd_persistent_kernel(
         a_o = tl.load(gates_ptr + p_off + 3 * H, mask=pmask, other=0.0).to(ACC)
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
-        c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
+        c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0).to(ACC)
         _grid_barrier(sync_ptr, (i + 1) * nprog)
     tl.store(gh_ptr + b_off, gh, mask=mask)
     tl.store(gc_ptr + b_off, gc, mask=mask)

@@ -337,8 +337,8 @@ def test_lstm_custom_ops_opcheck(dtype, ln):
 @pytest.mark.parametrize("ln", [False, True], ids=["plain", "ln"])
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=DT_NAME.get)
 def test_lstm_buffer_dtypes(dtype, ln, monkeypatch):
-    """fused_rnn/_buffers.py: h_t, the plain LSTM's gates and dG in 16 bits for 16-bit inputs
-    (the gates written over the input projection), c and the LN-LSTM's gates in fp32."""
+    """fused_rnn/_buffers.py: h_t, the plain LSTM's gates, saved c and dG in 16 bits for 16-bit
+    inputs (the gates written over the input projection), the LN-LSTM's gates and c in fp32."""
     from fused_rnn.kernels import lstm as K
 
     half = dtype in (F16, BF16)
@@ -346,7 +346,7 @@ def test_lstm_buffer_dtypes(dtype, ln, monkeypatch):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp = ins
     out, h_n, c_n, hs, cs, gates = K.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lnp or None)
     assert hs.dtype == dtype
-    assert cs.dtype == F32
+    assert cs.dtype == (F32 if ln or not half else dtype)
     assert gates.dtype == (F32 if ln or not half else dtype)
     # the output is hs[1:] itself: the saved h_t cost no buffer of their own
     assert out.data_ptr() == hs[1].data_ptr() and out.dtype == hs.dtype == dtype

@@ -458,10 +458,10 @@ def test_resolve_adaptive(monkeypatch):
 # backward, S3 four row blocks, S4 K_pad 1024 streamed
 SM90_SHAPES = {"S1": (16, 256), "S2": (64, 512), "S3": (256, 1024), "S4": (16, 768)}
 # ptxas 13.4 (Triton 3.9) spill stores in bytes at these plans, bf16 with lengths: 0 everywhere
-# except the LSTM backward at S3 (32; 255 registers at 8 warps, 16 warps spilled as much): left alone.
-# Triton 3.6 (the GPU machine's; checked on the CPU, 2026-11-27) allocates that kernel 40 bytes of
-# spill, the same kernel and plan. A regression guard per compiler, not a correctness bound.
-SM90_MAX_SPILL = 40 if triton_36() else 32
+# (the LSTM backward at S3 spilled 32 bytes until the saved c went to 16 bits). Triton 3.6 (the GPU
+# machine's; checked on the CPU, 2026-11-27) still spills 16 bytes there (40 before). A
+# regression guard per compiler, not a correctness bound.
+SM90_MAX_SPILL = 16 if triton_36() else 0
 
 
 @requires_sm90_compile
@@ -473,6 +473,8 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape):
     fused_rnn/_buffers.py), and check the grid barrier made it into the PTX: a release add and an
     acquire read of the counter at GPU scope, CTA barriers; and that registers do not spill
     (beyond a few bytes, SM90_MAX_SPILL)."""
+    import triton.language as tl
+
     from fused_rnn.kernels import persistent as P
 
     B, H = SM90_SHAPES[shape]
@@ -482,10 +484,11 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape):
     scalars = dict(len_ptr="*i64", sync_ptr="*i32", T="i32", B="i32", H="i32")
     if cell == "lstm" and direction == "fwd":
         kern, sig = P._lstm_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*bf16",
-                                                        cs_ptr="*fp32", gates_ptr="*bf16")
+                                                        cs_ptr="*bf16", gates_ptr="*bf16")
         blocks["STORE_GATES"] = True
+        blocks["ACC"] = tl.float32
     elif cell == "lstm":
-        kern, sig = P._lstm_bwd_persistent_kernel, dict(gates_ptr="*bf16", w_ptr="*bf16", cs_ptr="*fp32",
+        kern, sig = P._lstm_bwd_persistent_kernel, dict(gates_ptr="*bf16", w_ptr="*bf16", cs_ptr="*bf16",
                                                         dout_ptr="*bf16", dg_ptr="*bf16", gh_ptr="*fp32",
                                                         gc_ptr="*fp32")
     elif direction == "fwd":

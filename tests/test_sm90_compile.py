@@ -30,13 +30,14 @@ def _lstm_case(direction, dtype, H, fused, ln, lengths):
     BB, BH, BK, nw = K._blocks(B, H, H if direction == "fwd" else 4 * H, fused, ln, dtype)
     const = dict(FUSED=fused, LN=ln, HAS_LENGTHS=lengths, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, **_flags(dtype))
     ln_ptrs = ("gw_ptr", "gb_ptr", "cw_ptr", "cb_ptr")
+    cst = dt if dtype in (F16, BF16) and not ln else st  # the saved c: fused_rnn._buffers.lstm_cs_dtype
     if direction == "fwd":
-        sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr=f"*{st}", gates_ptr=f"*{st}",
+        sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr=f"*{cst}", cc_ptr=f"*{st}", gates_ptr=f"*{st}",
                    t="i32", B="i32", H="i32", eps="fp32")
         const["STORE_GATES"] = True
         kern = K._lstm_fwd_kernel
     else:
-        sig = dict(gates_ptr=f"*{st}", cs_ptr=f"*{st}", dout_ptr=f"*{dt}", dg_ptr=f"*{st}", gh_ptr=f"*{st}",
+        sig = dict(gates_ptr=f"*{st}", cs_ptr=f"*{cst}", dout_ptr=f"*{dt}", dg_ptr=f"*{st}", gh_ptr=f"*{st}",
                    gc_ptr=f"*{st}", t="i32", T="i32", B="i32", H="i32", eps="fp32")
         kern = K._lstm_bwd_kernel
         ln_ptrs += ("dgw_ptr", "dgb_ptr", "dcw_ptr", "dcb_ptr")
