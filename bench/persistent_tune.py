@@ -12,7 +12,7 @@ the backward's GEMMs after it) under each variant:
     lstm, rnn   kernels.persistent.PLAN_OVERRIDE: BLOCK_H in 16, 32, 64 x num_warps 4, 8
                 (plan()'s own choice is the "default" row)
     lnlstm      forward: kernels.persistent_ln.MERGE_C_OVERRIDE True / False (2 or 3 barriers a
-                step); backward: the plan's one variant
+                step); backward: MERGE_BWD flipped (its 2- and 3-barrier variants)
 Each variant's results are compared with the default variant's (relative error of out and of
 dx; a variant that disagrees beyond 2e-2 in bf16 is marked WRONG) and timed with
 triton.testing.do_bench (median). Variants that cannot run (grid over the SM count) are listed
@@ -114,6 +114,15 @@ def variants(cell, direction, cuda):
             def undo():
                 PL.MERGE_C_OVERRIDE = None
             out.append((f"MERGE_C={m} ({2 if m else 3} barriers)", apply, undo))
+    else:
+        default = PL.MERGE_BWD
+
+        def apply():
+            PL.MERGE_BWD = not default
+
+        def undo():
+            PL.MERGE_BWD = default
+        out.append((f"MERGE_BWD={not default} ({2 if not default else 3} barriers)", apply, undo))
     return out
 
 

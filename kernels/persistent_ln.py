@@ -85,8 +85,15 @@ Fewer barriers? Each step has three dependent all-column reductions (forward: ga
 c statistics -> h_t, which every program needs whole for the next matmul; backward: dG_{t+1} W_hh
 -> the c LayerNorm's sums -> the gates' sums -> dG_t). The forward's MERGE_C variant merges the
 last two by having every program rebuild all of h_t from published c_t and o_t rows (two
-compute-dtype rows read per program and step instead of one h row, see the traffic below);
-the backward stays at three.
+compute-dtype rows read per program and step instead of one h row, see the traffic below).
+The backward's MERGE_BWD variant (2 barriers; off by default, MERGE_BWD, until timed on a GPU)
+merges its last two by linearity: dc = P - (rstd_c / H)(S1 + ĉ S2), with P = valid gc +
+rstd_c u local and S1 = Σ u, S2 = Σ u ĉ the c LayerNorm's sums, so for each gate q in i, f, g
+(v_q = dc E_q, E_q local) Σ v_q = Σ P E_q - (rstd_c / H)(S1 Σ E_q + S2 Σ ĉ E_q), and the same
+with x̂_q inside every sum. Phase 1 stores those six local sums per gate next to S1, S2 and the o
+gate's two (NQ_BWD_MERGED = 22 slots); after one barrier each program forms dc and all four
+dG columns. The price: 22 partials read per row and program instead of 10 (at B64 H512, P = 32:
+180 KiB a step instead of 80).
 
 Partials: [R, 2, BLOCK_P, 10, BLOCK_B] in the compute dtype, zeroed by the launcher; program p of
 row block r writes [r, s % 2, p, k, :] at step s (a step's parity picks the half: the addresses
@@ -192,6 +199,12 @@ BARRIERS_PER_STEP_MERGED = 2  # the forward with MERGE_C
 MERGE_C_MAX_ROW_ELEMS = 4096
 # Tests (and a GPU session comparing the variants) may force the choice: True / False; None = rule.
 MERGE_C_OVERRIDE: Optional[bool] = None
+# The backward's 2-barrier variant (MERGE_BWD, see the module docstring): one reduction round a
+# step instead of two, NQ_BWD_MERGED partial sums a row instead of NQ. Off until a GPU session
+# times it against the 3-barrier backward (bench/persistent_tune.py does): at B64 H512 it reads
+# 22 x 32 x 64 x 4 B = 180 KiB of partials per program and step instead of 80 KiB.
+MERGE_BWD = False
+NQ_BWD_MERGED = 22
 # The combine loads every program's partials of one quantity as a [BLOCK_P, BLOCK_B] tile,
 # BLOCK_P = next_pow2(P): at most this many elements (B = 64: P <= 32; B = 16: P <= 128), so
 # plan_ln takes a larger BLOCK_H where the smallest would give more programs. (UNMEASURED.)
@@ -636,6 +649,55 @@ def _load_stat(st_ptr, k, rl, NSTAT: tl.constexpr, BLOCK_B: tl.constexpr):
     return tl.load(st_ptr + k * BLOCK_B + rl)
 
 
+@triton.jit
+def _ifg(st, a_i, a_f, a_g, gw_ptr, gb_ptr, cols, cmask, rl, H, ACC: tl.constexpr, NSTAT: tl.constexpr,
+         BLOCK_B: tl.constexpr):
+    """MERGE_BWD: the i, f, g gates of step t on the own columns from their pre-LN values and
+    this step's statistics: (gi, gf, gg, x̂_i, x̂_f, x̂_g, rstd_i, rstd_f, rstd_g)."""
+    r_i = _load_stat(st, 1, rl, NSTAT, BLOCK_B)
+    r_f = _load_stat(st, 3, rl, NSTAT, BLOCK_B)
+    r_g = _load_stat(st, 5, rl, NSTAT, BLOCK_B)
+    xh_i = _norm(a_i.to(ACC), _load_stat(st, 0, rl, NSTAT, BLOCK_B), r_i, cmask)
+    xh_f = _norm(a_f.to(ACC), _load_stat(st, 2, rl, NSTAT, BLOCK_B), r_f, cmask)
+    xh_g = _norm(a_g.to(ACC), _load_stat(st, 4, rl, NSTAT, BLOCK_B), r_g, cmask)
+    gi = _sigmoid(xh_i * _param(gw_ptr, 0, cols, cmask, ACC)[None, :] + _param(gb_ptr, 0, cols, cmask, ACC)[None, :])
+    gf = _sigmoid(xh_f * _param(gw_ptr, H, cols, cmask, ACC)[None, :] + _param(gb_ptr, H, cols, cmask, ACC)[None, :])
+    gg = _tanh(xh_g * _param(gw_ptr, 2 * H, cols, cmask, ACC)[None, :]
+               + _param(gb_ptr, 2 * H, cols, cmask, ACC)[None, :])
+    return gi, gf, gg, xh_i, xh_f, xh_g, r_i, r_f, r_g
+
+
+@triton.jit
+def _merged_sums(pp, pid, k, P, chat, E, xh, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr):
+    """MERGE_BWD, phase 1: for a gate with v = dc E (E = dy / dc times γ, local) and
+    dc = P - (r_c / H)(S1 + ĉ S2), the six local row sums from which the combine gets Σ v and
+    Σ v x̂ once S1, S2 are known: slots k .. k+5 = Σ P E, Σ E, Σ ĉ E, Σ P E x̂, Σ E x̂, Σ ĉ E x̂."""
+    Ex = E * xh
+    _store_part(pp, pid, k, rl, tl.sum(P * E, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, k + 1, rl, tl.sum(E, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, k + 2, rl, tl.sum(chat * E, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, k + 3, rl, tl.sum(P * Ex, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, k + 4, rl, tl.sum(Ex, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, k + 5, rl, tl.sum(chat * Ex, axis=1), NQ, BLOCK_B)
+
+
+@triton.jit
+def _merged_dg(pp, k, dc, F, xh, r, s1, s2, kc, gw_ptr, goff, pg, pgb, dgp, amask, cols, cmask, mask, rl, H,
+               ACC: tl.constexpr, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """MERGE_BWD, phase 2, one of the gates i, f, g (gate offset goff = q H): dy = dc F,
+    v = dy γ; Σ v and Σ v x̂ from the six sums at slots k.. (_merged_sums) and the c sums s1, s2
+    (kc = rstd_c / H); dG of the gate to dgp + goff; the LN parameter gradients accumulated."""
+    sv = _sum_parts(pp, k, rl, NQ, BLOCK_B, BLOCK_P) - kc * (
+        s1 * _sum_parts(pp, k + 1, rl, NQ, BLOCK_B, BLOCK_P) + s2 * _sum_parts(pp, k + 2, rl, NQ, BLOCK_B, BLOCK_P))
+    svx = _sum_parts(pp, k + 3, rl, NQ, BLOCK_B, BLOCK_P) - kc * (
+        s1 * _sum_parts(pp, k + 4, rl, NQ, BLOCK_B, BLOCK_P) + s2 * _sum_parts(pp, k + 5, rl, NQ, BLOCK_B, BLOCK_P))
+    dy = dc * F
+    v = dy * _param(gw_ptr, goff, cols, cmask, ACC)[None, :]
+    tl.store(dgp + goff, _lnback(v, xh, sv, svx, r, H).to(dgp.dtype.element_ty), mask=mask)
+    _acc_cols(pg + goff, tl.sum(dy * xh, axis=0), amask, cmask)
+    _acc_cols(pgb + goff, tl.sum(dy, axis=0), amask, cmask)
+
+
 @triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def _ln_lstm_bwd_persistent_kernel(
@@ -656,7 +718,7 @@ def _ln_lstm_bwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    NQ: tl.constexpr, NSTAT: tl.constexpr,
+    NQ: tl.constexpr, NSTAT: tl.constexpr, MERGE_BWD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -741,64 +803,47 @@ def _ln_lstm_bwd_persistent_kernel(
         _acc_cols(pcb, tl.sum(dz, axis=0), amask, cmask)
         _acc_cols(pg + 3 * H, tl.sum(dy_o * xh_o, axis=0), amask, cmask)
         _acc_cols(pgb + 3 * H, tl.sum(dy_o, axis=0), amask, cmask)
-        _grid_barrier(sync_ptr, (3 * i + 1) * nprog)
+        if MERGE_BWD:
+            # dc = P - (r_c / H)(S1 + ĉ S2) with P local and S1, S2 the c sums above, so each
+            # gate's sums Σ v_q, Σ v_q x̂_q (v_q = dc E_q) are combinations of local sums: all in
+            # this one round (slots 4 + 6 q + 0..5)
+            P = dc + r_c[:, None] * u
+            gi, gf, gg, xh_i, xh_f, xh_g, r_i, r_f, r_g = _ifg(st, a_i, a_f, a_g, gw_ptr, gb_ptr, cols, cmask, rl,
+                                                              H, ACC, NSTAT, BLOCK_B)
+            F_i = tl.where(vm, gg * gi * (1.0 - gi), 0.0)
+            F_f = tl.where(vm, c_prev.to(ACC) * gf * (1.0 - gf), 0.0)
+            F_g = tl.where(vm, gi * (1.0 - gg * gg), 0.0)
+            _merged_sums(pp, pid, 4, P, chat, F_i * _param(gw_ptr, 0, cols, cmask, ACC)[None, :], xh_i, rl,
+                         NQ, BLOCK_B)
+            _merged_sums(pp, pid, 10, P, chat, F_f * _param(gw_ptr, H, cols, cmask, ACC)[None, :], xh_f, rl,
+                         NQ, BLOCK_B)
+            _merged_sums(pp, pid, 16, P, chat, F_g * _param(gw_ptr, 2 * H, cols, cmask, ACC)[None, :], xh_g, rl,
+                         NQ, BLOCK_B)
+            _grid_barrier(sync_ptr, (2 * i + 1) * nprog)
 
-        # ---- phase 2: dc through the cell LayerNorm; dG_o; dy of i, f, g and their row sums
-        s1 = _sum_parts(pp, 0, rl, NQ, BLOCK_B, BLOCK_P)
-        s2 = _sum_parts(pp, 1, rl, NQ, BLOCK_B, BLOCK_P)
-        dc += _lnback(u, chat, s1, s2, r_c, H)
-        s1 = _sum_parts(pp, 2, rl, NQ, BLOCK_B, BLOCK_P)
-        s2 = _sum_parts(pp, 3, rl, NQ, BLOCK_B, BLOCK_P)
-        dgty = dg_ptr.dtype.element_ty
-        g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-        tl.store(dg_ptr + g_off + 3 * H, _lnback(v_o, xh_o, s1, s2, r_o, H).to(dgty), mask=mask)
-
-        m_i = _load_stat(st, 0, rl, NSTAT, BLOCK_B)
-        r_i = _load_stat(st, 1, rl, NSTAT, BLOCK_B)
-        m_f = _load_stat(st, 2, rl, NSTAT, BLOCK_B)
-        r_f = _load_stat(st, 3, rl, NSTAT, BLOCK_B)
-        m_g = _load_stat(st, 4, rl, NSTAT, BLOCK_B)
-        r_g = _load_stat(st, 5, rl, NSTAT, BLOCK_B)
-        gw_i = _param(gw_ptr, 0, cols, cmask, ACC)
-        gw_f = _param(gw_ptr, H, cols, cmask, ACC)
-        gw_g = _param(gw_ptr, 2 * H, cols, cmask, ACC)
-        xh_i = _norm(a_i.to(ACC), m_i, r_i, cmask)
-        xh_f = _norm(a_f.to(ACC), m_f, r_f, cmask)
-        xh_g = _norm(a_g.to(ACC), m_g, r_g, cmask)
-        gi = _sigmoid(xh_i * gw_i[None, :] + _param(gb_ptr, 0, cols, cmask, ACC)[None, :])
-        gf = _sigmoid(xh_f * gw_f[None, :] + _param(gb_ptr, H, cols, cmask, ACC)[None, :])
-        gg = _tanh(xh_g * gw_g[None, :] + _param(gb_ptr, 2 * H, cols, cmask, ACC)[None, :])
-        dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
-        dy_f = tl.where(vm, dc * c_prev.to(ACC) * gf * (1.0 - gf), 0.0)
-        dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
-        gc = tl.where(valid, dc * gf, gc)
-        v_i = dy_i * gw_i[None, :]
-        v_f = dy_f * gw_f[None, :]
-        v_g = dy_g * gw_g[None, :]
-        _store_part(pp, pid, 4, rl, tl.sum(v_i, axis=1), NQ, BLOCK_B)
-        _store_part(pp, pid, 5, rl, tl.sum(v_i * xh_i, axis=1), NQ, BLOCK_B)
-        _store_part(pp, pid, 6, rl, tl.sum(v_f, axis=1), NQ, BLOCK_B)
-        _store_part(pp, pid, 7, rl, tl.sum(v_f * xh_f, axis=1), NQ, BLOCK_B)
-        _store_part(pp, pid, 8, rl, tl.sum(v_g, axis=1), NQ, BLOCK_B)
-        _store_part(pp, pid, 9, rl, tl.sum(v_g * xh_g, axis=1), NQ, BLOCK_B)
-        _acc_cols(pg, tl.sum(dy_i * xh_i, axis=0), amask, cmask)
-        _acc_cols(pg + H, tl.sum(dy_f * xh_f, axis=0), amask, cmask)
-        _acc_cols(pg + 2 * H, tl.sum(dy_g * xh_g, axis=0), amask, cmask)
-        _acc_cols(pgb, tl.sum(dy_i, axis=0), amask, cmask)
-        _acc_cols(pgb + H, tl.sum(dy_f, axis=0), amask, cmask)
-        _acc_cols(pgb + 2 * H, tl.sum(dy_g, axis=0), amask, cmask)
-        _grid_barrier(sync_ptr, (3 * i + 2) * nprog)
-
-        # ---- phase 3: dG of i, f, g; publish
-        s1 = _sum_parts(pp, 4, rl, NQ, BLOCK_B, BLOCK_P)
-        s2 = _sum_parts(pp, 5, rl, NQ, BLOCK_B, BLOCK_P)
-        tl.store(dg_ptr + g_off, _lnback(v_i, xh_i, s1, s2, r_i, H).to(dgty), mask=mask)
-        s1 = _sum_parts(pp, 6, rl, NQ, BLOCK_B, BLOCK_P)
-        s2 = _sum_parts(pp, 7, rl, NQ, BLOCK_B, BLOCK_P)
-        tl.store(dg_ptr + g_off + H, _lnback(v_f, xh_f, s1, s2, r_f, H).to(dgty), mask=mask)
-        s1 = _sum_parts(pp, 8, rl, NQ, BLOCK_B, BLOCK_P)
-        s2 = _sum_parts(pp, 9, rl, NQ, BLOCK_B, BLOCK_P)
-        tl.store(dg_ptr + g_off + 2 * H, _lnback(v_g, xh_g, s1, s2, r_g, H).to(dgty), mask=mask)
+            # ---- phase 2 (MERGE_BWD): dc, then dG of all four gates; publish
+            s1 = _sum_parts(pp, 0, rl, NQ, BLOCK_B, BLOCK_P)
+            s2 = _sum_parts(pp, 1, rl, NQ, BLOCK_B, BLOCK_P)
+            kc = r_c / H
+            dc = P - kc[:, None] * (s1[:, None] + chat * s2[:, None])
+            dgty = dg_ptr.dtype.element_ty
+            g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
+            tl.store(dg_ptr + g_off + 3 * H, _lnback(v_o, xh_o, _sum_parts(pp, 2, rl, NQ, BLOCK_B, BLOCK_P),
+                                                     _sum_parts(pp, 3, rl, NQ, BLOCK_B, BLOCK_P), r_o, H).to(dgty),
+                     mask=mask)
+            _merged_dg(pp, 4, dc, F_i, xh_i, r_i, s1, s2, kc, gw_ptr, 0, pg, pgb, dg_ptr + g_off, amask, cols, cmask,
+                       mask, rl, H, ACC, NQ, BLOCK_B, BLOCK_P)
+            _merged_dg(pp, 10, dc, F_f, xh_f, r_f, s1, s2, kc, gw_ptr, H, pg, pgb, dg_ptr + g_off, amask, cols,
+                       cmask, mask, rl, H, ACC, NQ, BLOCK_B, BLOCK_P)
+            _merged_dg(pp, 16, dc, F_g, xh_g, r_g, s1, s2, kc, gw_ptr, 2 * H, pg, pgb, dg_ptr + g_off, amask, cols,
+                       cmask, mask, rl, H, ACC, NQ, BLOCK_B, BLOCK_P)
+            gc = tl.where(valid, dc * gf, gc)
+        else:
+            _grid_barrier(sync_ptr, (3 * i + 1) * nprog)
+            gc, g_off = _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f, a_g, c_prev,
+                                         vm, valid, gc, gw_ptr, gb_ptr, pg, pgb, dg_ptr, amask, cols, cmask, mask, rows,
+                                         t64, B, H, G, sync_ptr, (3 * i + 2) * nprog, ACC, NQ, NSTAT, BLOCK_B,
+                                         BLOCK_P)
 
         # step t-1's own tiles, before the barrier (nothing at t = 0)
         pmask = tl.where(i + 1 < T, mask, False)
@@ -811,10 +856,81 @@ def _ln_lstm_bwd_persistent_kernel(
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
-        _grid_barrier(sync_ptr, (3 * i + 3) * nprog)
+        if MERGE_BWD:
+            _grid_barrier(sync_ptr, (2 * i + 2) * nprog)
+        else:
+            _grid_barrier(sync_ptr, (3 * i + 3) * nprog)
 
     tl.store(gh_ptr + b_off, gh.to(gh_ptr.dtype.element_ty), mask=mask)
     tl.store(gc_ptr + b_off, gc.to(gc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f, a_g, c_prev, vm, valid, gc,
+                     gw_ptr, gb_ptr, pg, pgb, dg_ptr, amask, cols, cmask, mask, rows, t64, B, H, G, sync_ptr, target,
+                     ACC: tl.constexpr, NQ: tl.constexpr, NSTAT: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+    """The 3-barrier backward's phases 2 and 3 (module docstring), between its barriers 3i+1 and
+    3i+3 (``target`` = barrier 3i+2). Returns (gc_{t-1}, the dG offsets of step t)."""
+    # ---- phase 2: dc through the cell LayerNorm; dG_o; dy of i, f, g and their row sums
+    s1 = _sum_parts(pp, 0, rl, NQ, BLOCK_B, BLOCK_P)
+    s2 = _sum_parts(pp, 1, rl, NQ, BLOCK_B, BLOCK_P)
+    dc += _lnback(u, chat, s1, s2, r_c, H)
+    s1 = _sum_parts(pp, 2, rl, NQ, BLOCK_B, BLOCK_P)
+    s2 = _sum_parts(pp, 3, rl, NQ, BLOCK_B, BLOCK_P)
+    dgty = dg_ptr.dtype.element_ty
+    g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
+    tl.store(dg_ptr + g_off + 3 * H, _lnback(v_o, xh_o, s1, s2, r_o, H).to(dgty), mask=mask)
+
+    m_i = _load_stat(st, 0, rl, NSTAT, BLOCK_B)
+    r_i = _load_stat(st, 1, rl, NSTAT, BLOCK_B)
+    m_f = _load_stat(st, 2, rl, NSTAT, BLOCK_B)
+    r_f = _load_stat(st, 3, rl, NSTAT, BLOCK_B)
+    m_g = _load_stat(st, 4, rl, NSTAT, BLOCK_B)
+    r_g = _load_stat(st, 5, rl, NSTAT, BLOCK_B)
+    gw_i = _param(gw_ptr, 0, cols, cmask, ACC)
+    gw_f = _param(gw_ptr, H, cols, cmask, ACC)
+    gw_g = _param(gw_ptr, 2 * H, cols, cmask, ACC)
+    xh_i = _norm(a_i.to(ACC), m_i, r_i, cmask)
+    xh_f = _norm(a_f.to(ACC), m_f, r_f, cmask)
+    xh_g = _norm(a_g.to(ACC), m_g, r_g, cmask)
+    gi = _sigmoid(xh_i * gw_i[None, :] + _param(gb_ptr, 0, cols, cmask, ACC)[None, :])
+    gf = _sigmoid(xh_f * gw_f[None, :] + _param(gb_ptr, H, cols, cmask, ACC)[None, :])
+    gg = _tanh(xh_g * gw_g[None, :] + _param(gb_ptr, 2 * H, cols, cmask, ACC)[None, :])
+    dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
+    dy_f = tl.where(vm, dc * c_prev.to(ACC) * gf * (1.0 - gf), 0.0)
+    dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
+    gc = tl.where(valid, dc * gf, gc)
+    v_i = dy_i * gw_i[None, :]
+    v_f = dy_f * gw_f[None, :]
+    v_g = dy_g * gw_g[None, :]
+    _store_part(pp, pid, 4, rl, tl.sum(v_i, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, 5, rl, tl.sum(v_i * xh_i, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, 6, rl, tl.sum(v_f, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, 7, rl, tl.sum(v_f * xh_f, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, 8, rl, tl.sum(v_g, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, 9, rl, tl.sum(v_g * xh_g, axis=1), NQ, BLOCK_B)
+    _acc_cols(pg, tl.sum(dy_i * xh_i, axis=0), amask, cmask)
+    _acc_cols(pg + H, tl.sum(dy_f * xh_f, axis=0), amask, cmask)
+    _acc_cols(pg + 2 * H, tl.sum(dy_g * xh_g, axis=0), amask, cmask)
+    _acc_cols(pgb, tl.sum(dy_i, axis=0), amask, cmask)
+    _acc_cols(pgb + H, tl.sum(dy_f, axis=0), amask, cmask)
+    _acc_cols(pgb + 2 * H, tl.sum(dy_g, axis=0), amask, cmask)
+    _grid_barrier(sync_ptr, target)
+
+    # ---- phase 3: dG of i, f, g; publish
+    s1 = _sum_parts(pp, 4, rl, NQ, BLOCK_B, BLOCK_P)
+    s2 = _sum_parts(pp, 5, rl, NQ, BLOCK_B, BLOCK_P)
+    tl.store(dg_ptr + g_off, _lnback(v_i, xh_i, s1, s2, r_i, H).to(dgty), mask=mask)
+    s1 = _sum_parts(pp, 6, rl, NQ, BLOCK_B, BLOCK_P)
+    s2 = _sum_parts(pp, 7, rl, NQ, BLOCK_B, BLOCK_P)
+    tl.store(dg_ptr + g_off + H, _lnback(v_f, xh_f, s1, s2, r_f, H).to(dgty), mask=mask)
+    s1 = _sum_parts(pp, 8, rl, NQ, BLOCK_B, BLOCK_P)
+    s2 = _sum_parts(pp, 9, rl, NQ, BLOCK_B, BLOCK_P)
+    tl.store(dg_ptr + g_off + 2 * H, _lnback(v_g, xh_g, s1, s2, r_g, H).to(dgty), mask=mask)
+    return gc, g_off
+
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -940,13 +1056,14 @@ def bwd_stats(gates: torch.Tensor, cs: torch.Tensor, eps: float, dtype: torch.dt
 
 
 def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, eps, dln_out,
-                     fma, ieee, upcast) -> None:
+                     fma, ieee, upcast, merge_bwd: Optional[bool] = None) -> None:
     """All T reverse steps of the layer-norm LSTM: fills dG[:T] (dG[T] must be zero), leaves
     gh_0 in gh and dc0 in gc (both in the compute dtype), and writes the LN parameter gradients
     (summed over the rows of row block r and all steps) into row r of dln_out = (dgw [R', G],
     dgb [R', G], dcw [R', H], dcb [R', H]), R' >= R = plan.row_blocks (1 for B <= 64); rows >= R
     are left as they are, so the step path's zeroed ``parts`` summed over dim 0 afterwards give
-    the gradients. dG may be the compute dtype or the storage dtype."""
+    the gradients. dG may be the compute dtype or the storage dtype. ``merge_bwd``: the 2-barrier
+    variant (True) or the 3-barrier one (False); None: MERGE_BWD."""
     T, B, H = dout.shape
     G = 4 * H
     BP = _check_ln_plan(pl, B, H, dout.device)
@@ -958,16 +1075,21 @@ def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, e
     for buf, n in ((dgw, G), (dgb, G), (dcw, H), (dcb, H)):
         assert buf.dim() == 2 and buf.shape[1] == n and buf.shape[0] >= pl.row_blocks and buf.dtype == gc.dtype, \
             "LN gradient buffers: [>= R, n] in the compute dtype"
+    merge = MERGE_BWD if merge_bwd is None else bool(merge_bwd)
+    nq = NQ_BWD_MERGED if merge else NQ
     stats = bwd_stats(gates, cs, eps, gc.dtype, pl.BLOCK_B)
-    part = _partials(pl, gc.dtype, dout.device)
-    sync = _ln_sync_counter(T, pl, dout.device)
+    part = _partials(pl, gc.dtype, dout.device, nq)
+    nbar = BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
+    sync = _ln_sync_counter(T, pl, dout.device, nbar)
     k = _ln_lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         gates, w_hh, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, stats, part, dgw, dgb, dcw, dcb, sync,
         T, B, H, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=NQ, NSTAT=NSTAT,
-        **_launch_opts(dout.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, NSTAT=NSTAT,
+        MERGE_BWD=merge, **_launch_opts(dout.device, pl),
     )
     _record("ln_lstm_bwd", k)
+    if k is not None and "ln_lstm_bwd" in LAST_LAUNCH:
+        LAST_LAUNCH["ln_lstm_bwd"]["barriers_per_step"] = nbar
 
 
 __all__ = ["plan_ln", "ln_lstm_fwd_loop", "ln_lstm_bwd_loop", "bwd_stats", "block_p", "LAST_LAUNCH"]

@@ -371,7 +371,7 @@ def test_persistent_tune_order_variants_and_best():
     assert names[0] == "default" and len(names) == 7 and "BLOCK_H=64 warps=8" in names
     assert [v[0] for v in tune.variants("lnlstm", "fwd", True)][1:] == ["MERGE_C=True (2 barriers)",
                                                                        "MERGE_C=False (3 barriers)"]
-    assert [v[0] for v in tune.variants("lnlstm", "bwd", True)] == ["default"]
+    assert [v[0] for v in tune.variants("lnlstm", "bwd", True)] == ["default", "MERGE_BWD=True (2 barriers)"]
     from fused_rnn.kernels import persistent as P
 
     for name, apply, undo in tune.variants("rnn", "bwd", True)[1:]:
