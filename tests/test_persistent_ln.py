@@ -705,20 +705,24 @@ def _cuda_cases():
     for shape in CUDA_SHAPES:
         for dtype in (BF16, F32):
             yield pytest.param(shape, dtype, None, id=f"T{shape[0]}-B{shape[1]}-H{shape[3]}-{DT_NAME[dtype]}")
-    # the plan picks MERGE_C at B16 H256: the 3-barrier forward there too
+    # the plan picks MERGE_C at B16 H256: the 3-barrier forward there too; and the 2-barrier
+    # backward (MERGE_BWD, "bwd2") at both shapes
     shape = CUDA_SHAPES[0]
     for dtype in (BF16, F32):
         yield pytest.param(shape, dtype, False, id=f"T{shape[0]}-B{shape[1]}-H{shape[3]}-{DT_NAME[dtype]}-3bar")
+    for shape in CUDA_SHAPES:
+        yield pytest.param(shape, BF16, "bwd2", id=f"T{shape[0]}-B{shape[1]}-H{shape[3]}-bf16-bwd2")
 
 
 @requires_cuda
 @pytest.mark.parametrize("shape,dtype,merge", list(_cuda_cases()))
 def test_cuda_ln_multi_program_matches_step(monkeypatch, shape, dtype, merge):
     """The multi-program LN kernels (partial statistics across programs; the forward with 2 grid
-    barriers a step where the plan picks MERGE_C, else 3; ``merge`` False forces 3) against the
-    step path and the fp64 reference, forward and backward."""
+    barriers a step where the plan picks MERGE_C, else 3; ``merge`` False forces 3; "bwd2": the
+    2-barrier backward) against the step path and the fp64 reference, forward and backward."""
     C, KL, PL = _mods()
-    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", merge)
+    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", None if merge == "bwd2" else merge)
+    monkeypatch.setattr(PL, "MERGE_BWD", merge == "bwd2")
     T, B, I, H, lens = shape
     lengths = None if lens is None else [T - (b % 7) for b in range(B - 1)] + [0]
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
