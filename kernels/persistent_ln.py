@@ -882,21 +882,11 @@ def _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f
     g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
     tl.store(dg_ptr + g_off + 3 * H, _lnback(v_o, xh_o, s1, s2, r_o, H).to(dgty), mask=mask)
 
-    m_i = _load_stat(st, 0, rl, NSTAT, BLOCK_B)
-    r_i = _load_stat(st, 1, rl, NSTAT, BLOCK_B)
-    m_f = _load_stat(st, 2, rl, NSTAT, BLOCK_B)
-    r_f = _load_stat(st, 3, rl, NSTAT, BLOCK_B)
-    m_g = _load_stat(st, 4, rl, NSTAT, BLOCK_B)
-    r_g = _load_stat(st, 5, rl, NSTAT, BLOCK_B)
+    gi, gf, gg, xh_i, xh_f, xh_g, r_i, r_f, r_g = _ifg(st, a_i, a_f, a_g, gw_ptr, gb_ptr, cols, cmask, rl, H, ACC,
+                                                      NSTAT, BLOCK_B)
     gw_i = _param(gw_ptr, 0, cols, cmask, ACC)
     gw_f = _param(gw_ptr, H, cols, cmask, ACC)
     gw_g = _param(gw_ptr, 2 * H, cols, cmask, ACC)
-    xh_i = _norm(a_i.to(ACC), m_i, r_i, cmask)
-    xh_f = _norm(a_f.to(ACC), m_f, r_f, cmask)
-    xh_g = _norm(a_g.to(ACC), m_g, r_g, cmask)
-    gi = _sigmoid(xh_i * gw_i[None, :] + _param(gb_ptr, 0, cols, cmask, ACC)[None, :])
-    gf = _sigmoid(xh_f * gw_f[None, :] + _param(gb_ptr, H, cols, cmask, ACC)[None, :])
-    gg = _tanh(xh_g * gw_g[None, :] + _param(gb_ptr, 2 * H, cols, cmask, ACC)[None, :])
     dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
     dy_f = tl.where(vm, dc * c_prev.to(ACC) * gf * (1.0 - gf), 0.0)
     dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
