@@ -144,6 +144,20 @@ def _mm(a, b, acc, FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask, a_i, a_f, a_g, a_o,
+                     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One BLOCK_K chunk ks of the LSTM's recurrent matmul, all four gates: a_q + hk @ W_q
+    where hk [BLOCK_B, BLOCK_K] holds h_{t-1}'s columns ks and W_q's tile [k, j] is read from
+    W_hh row (q H + j) (w_q: those rows' offsets, one per unit j of cmask)."""
+    wm = kmask[:, None] & cmask[None, :]
+    a_i = _mm(hk, tl.load(w_ptr + w_i[None, :] + ks[:, None], mask=wm, other=0.0), a_i, FMA, IEEE, UPCAST)
+    a_f = _mm(hk, tl.load(w_ptr + w_f[None, :] + ks[:, None], mask=wm, other=0.0), a_f, FMA, IEEE, UPCAST)
+    a_g = _mm(hk, tl.load(w_ptr + w_g[None, :] + ks[:, None], mask=wm, other=0.0), a_g, FMA, IEEE, UPCAST)
+    a_o = _mm(hk, tl.load(w_ptr + w_o[None, :] + ks[:, None], mask=wm, other=0.0), a_o, FMA, IEEE, UPCAST)
+    return a_i, a_f, a_g, a_o
+
+
+@triton.jit
 def _ln_rows(v, cmask, w, b, H, eps):
     """LayerNorm of each row of v [BB, BH] over its first H columns (cmask), weight/bias [BH].
 

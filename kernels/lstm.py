@@ -52,6 +52,7 @@ from fused_rnn.reference import LN_EPS  # one source of truth (nn.LayerNorm's de
 
 from ._common import (
     SUPPORTED_DTYPES,
+    _gate_chunk_dots,
     _ln_rows,
     _ln_rows_bwd,
     _mm,
@@ -179,11 +180,8 @@ def _lstm_fwd_kernel(
             kmask = ks < H
             hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             hk = hk.to(w_ptr.dtype.element_ty)
-            wm = kmask[:, None] & cmask[None, :]
-            a_i = _mm(hk, tl.load(w_ptr + w_i[None, :] + ks[:, None], mask=wm, other=0.0), a_i, FMA, IEEE, UPCAST)
-            a_f = _mm(hk, tl.load(w_ptr + w_f[None, :] + ks[:, None], mask=wm, other=0.0), a_f, FMA, IEEE, UPCAST)
-            a_g = _mm(hk, tl.load(w_ptr + w_g[None, :] + ks[:, None], mask=wm, other=0.0), a_g, FMA, IEEE, UPCAST)
-            a_o = _mm(hk, tl.load(w_ptr + w_o[None, :] + ks[:, None], mask=wm, other=0.0), a_o, FMA, IEEE, UPCAST)
+            a_i, a_f, a_g, a_o = _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask,
+                                                  a_i, a_f, a_g, a_o, FMA, IEEE, UPCAST)
     else:
         m_off = (rows * G)[:, None] + cols[None, :]
         a_i = tl.load(mm_ptr + m_off, mask=mask, other=0.0).to(ACC)

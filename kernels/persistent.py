@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _mm, _sigmoid, _tanh, _tile, pow2_block
+from ._common import _gate_chunk_dots, _mm, _sigmoid, _tanh, _tile, pow2_block
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
 # Rows per row block: BLOCK_B = next_pow2(B) in [16, MAX_B]; larger batches take cdiv(B, 64) row
@@ -353,11 +353,8 @@ def _lstm_fwd_persistent_kernel(
                 kmask = ks < H
                 hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
                              other=0.0, cache_modifier=".cg").to(WT)
-                wm = kmask[:, None] & cmask[None, :]
-                a_i = _mm(hk, tl.load(w_ptr + w_i[None, :] + ks[:, None], mask=wm, other=0.0), a_i, FMA, IEEE, UPCAST)
-                a_f = _mm(hk, tl.load(w_ptr + w_f[None, :] + ks[:, None], mask=wm, other=0.0), a_f, FMA, IEEE, UPCAST)
-                a_g = _mm(hk, tl.load(w_ptr + w_g[None, :] + ks[:, None], mask=wm, other=0.0), a_g, FMA, IEEE, UPCAST)
-                a_o = _mm(hk, tl.load(w_ptr + w_o[None, :] + ks[:, None], mask=wm, other=0.0), a_o, FMA, IEEE, UPCAST)
+                a_i, a_f, a_g, a_o = _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask,
+                                                      a_i, a_f, a_g, a_o, FMA, IEEE, UPCAST)
         a_i += x_i.to(ACC)
         a_f += x_f.to(ACC)
         a_g += x_g.to(ACC)

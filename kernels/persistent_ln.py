@@ -172,7 +172,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import _mm, _sigmoid, _tanh, _tile
+from ._common import _gate_chunk_dots, _mm, _sigmoid, _tanh, _tile
 from .persistent import (
     LAST_LAUNCH,
     _lstm_bwd_carry,
@@ -532,11 +532,8 @@ def _ln_lstm_fwd_persistent_kernel(
                 else:
                     hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
                                  other=0.0, cache_modifier=".cg").to(WT)
-                wm = kmask[:, None] & cmask[None, :]
-                a_i = _mm(hk, tl.load(w_ptr + w_i[None, :] + ks[:, None], mask=wm, other=0.0), a_i, FMA, IEEE, UPCAST)
-                a_f = _mm(hk, tl.load(w_ptr + w_f[None, :] + ks[:, None], mask=wm, other=0.0), a_f, FMA, IEEE, UPCAST)
-                a_g = _mm(hk, tl.load(w_ptr + w_g[None, :] + ks[:, None], mask=wm, other=0.0), a_g, FMA, IEEE, UPCAST)
-                a_o = _mm(hk, tl.load(w_ptr + w_o[None, :] + ks[:, None], mask=wm, other=0.0), a_o, FMA, IEEE, UPCAST)
+                a_i, a_f, a_g, a_o = _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask,
+                                                      a_i, a_f, a_g, a_o, FMA, IEEE, UPCAST)
         a_i += x_i.to(ACC)
         a_f += x_f.to(ACC)
         a_g += x_g.to(ACC)
