@@ -144,6 +144,26 @@ def _mm(a, b, acc, FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_gates(ptr, off, H, mask, DT: tl.constexpr):
+    """The four gate tiles i, f, g, o of a [.., 4H] row layout: ptr + off + q H (q = 0..3), 0
+    outside mask, converted to DT (pass ptr's own element type for none)."""
+    return (tl.load(ptr + off, mask=mask, other=0.0).to(DT),
+            tl.load(ptr + off + H, mask=mask, other=0.0).to(DT),
+            tl.load(ptr + off + 2 * H, mask=mask, other=0.0).to(DT),
+            tl.load(ptr + off + 3 * H, mask=mask, other=0.0).to(DT))
+
+
+@triton.jit
+def _store_gates(ptr, off, H, a_i, a_f, a_g, a_o, mask):
+    """The four gate tiles to ptr + off + q H (q = 0..3), in ptr's element type."""
+    ty = ptr.dtype.element_ty
+    tl.store(ptr + off, a_i.to(ty), mask=mask)
+    tl.store(ptr + off + H, a_f.to(ty), mask=mask)
+    tl.store(ptr + off + 2 * H, a_g.to(ty), mask=mask)
+    tl.store(ptr + off + 3 * H, a_o.to(ty), mask=mask)
+
+
+@triton.jit
 def _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask, a_i, a_f, a_g, a_o,
                      FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One BLOCK_K chunk ks of the LSTM's recurrent matmul, all four gates: a_q + hk @ W_q

@@ -53,10 +53,12 @@ from fused_rnn.reference import LN_EPS  # one source of truth (nn.LayerNorm's de
 from ._common import (
     SUPPORTED_DTYPES,
     _gate_chunk_dots,
+    _load_gates,
     _ln_rows,
     _ln_rows_bwd,
     _mm,
     _sigmoid,
+    _store_gates,
     _tanh,
     _tile,
     after_loop_grads,
@@ -184,20 +186,13 @@ def _lstm_fwd_kernel(
                                                   a_i, a_f, a_g, a_o, FMA, IEEE, UPCAST)
     else:
         m_off = (rows * G)[:, None] + cols[None, :]
-        a_i = tl.load(mm_ptr + m_off, mask=mask, other=0.0).to(ACC)
-        a_f = tl.load(mm_ptr + m_off + H, mask=mask, other=0.0).to(ACC)
-        a_g = tl.load(mm_ptr + m_off + 2 * H, mask=mask, other=0.0).to(ACC)
-        a_o = tl.load(mm_ptr + m_off + 3 * H, mask=mask, other=0.0).to(ACC)
+        a_i, a_f, a_g, a_o = _load_gates(mm_ptr, m_off, H, mask, ACC)
     a_i += tl.load(xp_ptr + g_off, mask=mask, other=0.0).to(ACC)
     a_f += tl.load(xp_ptr + g_off + H, mask=mask, other=0.0).to(ACC)
     a_g += tl.load(xp_ptr + g_off + 2 * H, mask=mask, other=0.0).to(ACC)
     a_o += tl.load(xp_ptr + g_off + 3 * H, mask=mask, other=0.0).to(ACC)
     if STORE_GATES:
-        gty = gates_ptr.dtype.element_ty
-        tl.store(gates_ptr + g_off, a_i.to(gty), mask=mask)
-        tl.store(gates_ptr + g_off + H, a_f.to(gty), mask=mask)
-        tl.store(gates_ptr + g_off + 2 * H, a_g.to(gty), mask=mask)
-        tl.store(gates_ptr + g_off + 3 * H, a_o.to(gty), mask=mask)
+        _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
 
     if LN:  # BLOCK_H >= H: this program holds whole rows
         _, _, a_i = _ln_rows(a_i, cmask, tl.load(gw_ptr + cols, mask=cmask, other=0.0).to(ACC),
@@ -311,10 +306,7 @@ def _lstm_bwd_kernel(
     dh = tl.where(valid, tl.load(dout_ptr + s_cur, mask=mask, other=0.0).to(ACC) + gh, 0.0)
     dc = tl.where(valid, gc, 0.0)
 
-    a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(ACC)
-    a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0).to(ACC)
-    a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0).to(ACC)
-    a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0).to(ACC)
+    a_i, a_f, a_g, a_o = _load_gates(gates_ptr, g_off, H, mask, ACC)
     if LN:
         w_gi = tl.load(gw_ptr + cols, mask=cmask, other=0.0).to(ACC)
         w_gf = tl.load(gw_ptr + H + cols, mask=cmask, other=0.0).to(ACC)
@@ -374,11 +366,7 @@ def _lstm_bwd_kernel(
         dy_f = _ln_rows_bwd(dy_f * w_gf[None, :], n_f, r_f, cmask, H)
         dy_g = _ln_rows_bwd(dy_g * w_gg[None, :], n_g, r_g, cmask, H)
         dy_o = _ln_rows_bwd(dy_o * w_go[None, :], n_o, r_o, cmask, H)
-    dgty = dg_ptr.dtype.element_ty
-    tl.store(dg_ptr + g_off, dy_i.to(dgty), mask=mask)
-    tl.store(dg_ptr + g_off + H, dy_f.to(dgty), mask=mask)
-    tl.store(dg_ptr + g_off + 2 * H, dy_g.to(dgty), mask=mask)
-    tl.store(dg_ptr + g_off + 3 * H, dy_o.to(dgty), mask=mask)
+    _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
     tl.store(gc_ptr + b_off, tl.where(valid, dc * gf, gc), mask=mask)
 
 

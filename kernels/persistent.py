@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _gate_chunk_dots, _mm, _sigmoid, _tanh, _tile, pow2_block
+from ._common import _gate_chunk_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile, pow2_block
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
 # Rows per row block: BLOCK_B = next_pow2(B) in [16, MAX_B]; larger batches take cdiv(B, 64) row
@@ -328,10 +328,7 @@ def _lstm_fwd_persistent_kernel(
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
     g_off = (rows * G)[:, None] + cols[None, :]  # step 0
-    x_i = tl.load(xp_ptr + g_off, mask=mask, other=0.0)
-    x_f = tl.load(xp_ptr + g_off + H, mask=mask, other=0.0)
-    x_g = tl.load(xp_ptr + g_off + 2 * H, mask=mask, other=0.0)
-    x_o = tl.load(xp_ptr + g_off + 3 * H, mask=mask, other=0.0)
+    x_i, x_f, x_g, x_o = _load_gates(xp_ptr, g_off, H, mask, xp_ptr.dtype.element_ty)
 
     for t in range(T):
         t64 = zero64 + t
@@ -361,11 +358,7 @@ def _lstm_fwd_persistent_kernel(
         a_o += x_o.to(ACC)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
         if STORE_GATES:
-            gty = gates_ptr.dtype.element_ty
-            tl.store(gates_ptr + g_off, a_i.to(gty), mask=mask)
-            tl.store(gates_ptr + g_off + H, a_f.to(gty), mask=mask)
-            tl.store(gates_ptr + g_off + 2 * H, a_g.to(gty), mask=mask)
-            tl.store(gates_ptr + g_off + 3 * H, a_o.to(gty), mask=mask)
+            _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         gi = _sigmoid(a_i)
         gf = _sigmoid(a_f)
         gg = _tanh(a_g)
@@ -385,10 +378,7 @@ def _lstm_fwd_persistent_kernel(
         # step t+1's input projection, before the barrier (nothing at t+1 = T)
         nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
         n_off = g_off + G * B
-        x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
-        x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
-        x_g = tl.load(xp_ptr + n_off + 2 * H, mask=nmask, other=0.0)
-        x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
+        x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
         _grid_barrier(sync_ptr, (t + 1) * nprog)
 
 
@@ -438,6 +428,8 @@ def _lstm_bwd_persistent_kernel(
     t_last = zero64 + T - 1
     g_off = ((t_last * B + rows) * G)[:, None] + cols[None, :]
     s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
+    # step T-1's gates written out rather than through _load_gates: with the helper here ptxas
+    # gave this kernel 158 registers instead of 128 at S1 (sm_90 compile, Triton 3.9)
     a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(ACC)
     a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0).to(ACC)
     a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0).to(ACC)
@@ -470,21 +462,14 @@ def _lstm_bwd_persistent_kernel(
         dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
         dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-        dgty = dg_ptr.dtype.element_ty
-        tl.store(dg_ptr + g_off, dy_i.to(dgty), mask=mask)
-        tl.store(dg_ptr + g_off + H, dy_f.to(dgty), mask=mask)
-        tl.store(dg_ptr + g_off + 2 * H, dy_g.to(dgty), mask=mask)
-        tl.store(dg_ptr + g_off + 3 * H, dy_o.to(dgty), mask=mask)
+        _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
         gc = tl.where(valid, dc * gf, gc)
 
         # step t-1's own tiles, before the barrier (nothing at t = 0)
         pmask = tl.where(i + 1 < T, mask, False)
         p_off = g_off - G * B
         s_prv = ((t64 * B + rows) * H)[:, None] + cols[None, :] - B * H  # slot t-1
-        a_i = tl.load(gates_ptr + p_off, mask=pmask, other=0.0).to(ACC)
-        a_f = tl.load(gates_ptr + p_off + H, mask=pmask, other=0.0).to(ACC)
-        a_g = tl.load(gates_ptr + p_off + 2 * H, mask=pmask, other=0.0).to(ACC)
-        a_o = tl.load(gates_ptr + p_off + 3 * H, mask=pmask, other=0.0).to(ACC)
+        a_i, a_f, a_g, a_o = _load_gates(gates_ptr, p_off, H, pmask, ACC)
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0).to(ACC)

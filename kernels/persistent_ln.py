@@ -172,7 +172,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import _gate_chunk_dots, _mm, _sigmoid, _tanh, _tile
+from ._common import _gate_chunk_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile
 from .persistent import (
     LAST_LAUNCH,
     _lstm_bwd_carry,
@@ -480,10 +480,7 @@ def _ln_lstm_fwd_persistent_kernel(
         crl = rl * H  # row offsets within a [BLOCK_B, H] slab
         go = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)  # o_{t-1} on the own columns, carried to step t
     g_off = (rows * G)[:, None] + cols[None, :]  # step 0
-    x_i = tl.load(xp_ptr + g_off, mask=mask, other=0.0)
-    x_f = tl.load(xp_ptr + g_off + H, mask=mask, other=0.0)
-    x_g = tl.load(xp_ptr + g_off + 2 * H, mask=mask, other=0.0)
-    x_o = tl.load(xp_ptr + g_off + 3 * H, mask=mask, other=0.0)
+    x_i, x_f, x_g, x_o = _load_gates(xp_ptr, g_off, H, mask, xp_ptr.dtype.element_ty)
 
     for t in range(T):
         t64 = zero64 + t
@@ -540,11 +537,7 @@ def _ln_lstm_fwd_persistent_kernel(
         a_o += x_o.to(ACC)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
         if STORE_GATES:
-            gty = gates_ptr.dtype.element_ty
-            tl.store(gates_ptr + g_off, a_i.to(gty), mask=mask)
-            tl.store(gates_ptr + g_off + H, a_f.to(gty), mask=mask)
-            tl.store(gates_ptr + g_off + 2 * H, a_g.to(gty), mask=mask)
-            tl.store(gates_ptr + g_off + 3 * H, a_o.to(gty), mask=mask)
+            _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         s, m2 = _own_stats(a_i, cmask, n_own)
         _store_part(pp, pid, 0, rl, s, NQ, BLOCK_B)
         _store_part(pp, pid, 1, rl, m2, NQ, BLOCK_B)
@@ -592,10 +585,7 @@ def _ln_lstm_fwd_persistent_kernel(
             cq = cell_rb + (t % 2) * (2 * BLOCK_B * H) + crl[:, None] + cols[None, :]
             tl.store(cq, c_new, mask=mask)
             tl.store(cq + BLOCK_B * H, go, mask=mask)
-            x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
-            x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
-            x_g = tl.load(xp_ptr + n_off + 2 * H, mask=nmask, other=0.0)
-            x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
+            x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
             _grid_barrier(sync_ptr, (2 * t + 2) * nprog)
         else:
             s, m2 = _own_stats(c_new, cmask, n_own)
@@ -616,10 +606,7 @@ def _ln_lstm_fwd_persistent_kernel(
             tl.store(hs_ptr + s_nxt, h_new.to(hs_ptr.dtype.element_ty), mask=mask)
             tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
 
-            x_i = tl.load(xp_ptr + n_off, mask=nmask, other=0.0)
-            x_f = tl.load(xp_ptr + n_off + H, mask=nmask, other=0.0)
-            x_g = tl.load(xp_ptr + n_off + 2 * H, mask=nmask, other=0.0)
-            x_o = tl.load(xp_ptr + n_off + 3 * H, mask=nmask, other=0.0)
+            x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
             _grid_barrier(sync_ptr, (3 * t + 3) * nprog)
 
     if MERGE_C:  # h_{T-1} of the own columns: hs[T] (no matmul operand to rebuild)
@@ -752,10 +739,7 @@ def _ln_lstm_bwd_persistent_kernel(
     t_last = zero64 + T - 1
     g_off = ((t_last * B + rows) * G)[:, None] + cols[None, :]
     s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
-    a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0)
-    a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0)
-    a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0)
-    a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0)
+    a_i, a_f, a_g, a_o = _load_gates(gates_ptr, g_off, H, mask, gates_ptr.dtype.element_ty)
     d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
     c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)  # c_{t-1} = slot t
     c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0)  # c_t = slot t+1
@@ -846,10 +830,7 @@ def _ln_lstm_bwd_persistent_kernel(
         pmask = tl.where(i + 1 < T, mask, False)
         p_off = g_off - G * B
         s_prv = ((t64 * B + rows) * H)[:, None] + cols[None, :] - B * H  # slot t-1
-        a_i = tl.load(gates_ptr + p_off, mask=pmask, other=0.0)
-        a_f = tl.load(gates_ptr + p_off + H, mask=pmask, other=0.0)
-        a_g = tl.load(gates_ptr + p_off + 2 * H, mask=pmask, other=0.0)
-        a_o = tl.load(gates_ptr + p_off + 3 * H, mask=pmask, other=0.0)
+        a_i, a_f, a_g, a_o = _load_gates(gates_ptr, p_off, H, pmask, gates_ptr.dtype.element_ty)
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
