@@ -13,6 +13,10 @@
 #             barrier each step; if that hangs or is wrong on the hardware, the later stages leave
 #             the persistent path out (bench --paths, pytest --ignore, memcheck --exclude), so one
 #             hang cannot eat the budget of every stage after it.
+#   smoke_ll  bench/persistent_smoke.py --ll: the same with the LL exchange (tagged words instead of
+#             the barrier, kernels.persistent.LL_SYNC; never run on a GPU before), LSTM and RNN,
+#             timed against the barrier kernels; if it fails or hangs, the LL variants are left
+#             out of pytest (-k), memcheck (--exclude) and the tune stage (--no-ll)
 #   bench     python -m fused_rnn.bench --quick --dtypes bf16 --paths persistent,graph,triton
 #             (table, targets, JSON, plot; cuDNN runs bf16 and its fp16 baseline; bf16 alone is
 #             enough for every target's "ours", and halves the cases in a tight budget); first
@@ -23,8 +27,8 @@
 #   demo      fused-rnn demo --quick --steps 100 on CUDA: fused_rnn.LSTM vs torch.nn.LSTM tokens/s
 #   check     fused-rnn check --quick --paths auto,persistent on CUDA (every kernel against the
 #             fp64 reference, fp32/bf16/fp16/fp64), on whatever time is left; log in pytest.txt
-#   tune      bench/persistent_tune.py: the persistent kernels' plan variants (BLOCK_H x warps,
-#             the LN forward's 2 or 3 barriers) timed at S1, S2, S4, S3 -> tune.md; only on the
+#   tune      bench/persistent_tune.py: the persistent kernels' plan variants (LL exchange or
+#             barrier, BLOCK_H x warps, the LN forward's 2 or 3 barriers) timed at S1, S2, S4, S3 -> tune.md; only on the
 #             time left of TOTAL_S (at the default 240 s there is none: TOTAL_S=420 runs it)
 #
 # Files in $OUT (8, the most the device tool brings back): summary.txt, setup.txt, pytest.txt,
@@ -34,7 +38,7 @@
 # CPU parts ran: pytest on the CPU, the bench's CPU mode; memcheck skipped).
 #
 # Knobs (environment): PYTHON (default python3), TOTAL_S (whole budget, default 240),
-# T_INSTALL / T_SMOKE / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO / T_CHECK / T_TUNE (per-stage limits, seconds), PYTEST_WORKERS
+# T_INSTALL / T_SMOKE / T_SMOKE_LL / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO / T_CHECK / T_TUNE (per-stage limits, seconds), PYTEST_WORKERS
 # (pytest-xdist workers when installed, default 4; 0 = none), SKIP_STAGES (comma list, e.g.
 # "install,pytest", to skip stages while testing this script), FORCE_SHIM=1 (skip pip, test the
 # shim).
@@ -48,6 +52,7 @@ OUT=$(cd "$OUT" && pwd)
 TOTAL_S=${TOTAL_S:-240}
 T_INSTALL=${T_INSTALL:-30}
 T_SMOKE=${T_SMOKE:-40}
+T_SMOKE_LL=${T_SMOKE_LL:-25}
 T_BENCH=${T_BENCH:-70}
 T_PYTEST=${T_PYTEST:-60}
 T_MEMCHECK=${T_MEMCHECK:-40}
@@ -216,6 +221,26 @@ else
     grep -E '^  [a-z]+ [a-z0-9]+: (ok|FAIL)|fwd\+bwd median' "$OUT/bench_log.txt" >>"$SUMMARY"
 fi
 
+# --------------------------------------------------------------------------------- smoke_ll
+LL_OK=1
+if skipped smoke_ll; then
+    record smoke_ll 0 0 skipped "SKIP_STAGES"
+elif [ "$HAS_GPU" != "1" ]; then
+    record smoke_ll 0 0 skipped "no CUDA GPU"
+elif [ "$PERSISTENT_OK" != 1 ]; then
+    LL_OK=0
+    record smoke_ll 0 0 skipped "the persistent smoke test failed"
+else
+    stage smoke_ll "$T_SMOKE_LL" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" bench/persistent_smoke.py --ll
+    ST=$(status_of "$RC")
+    if [ "$RC" -ne 0 ]; then
+        LL_OK=0
+        ST="$ST (LL variants left out of pytest, memcheck and tune)"
+    fi
+    record smoke_ll "$RC" "$DUR" "$ST" "$(grep -E '^persistent_smoke --ll: (all ok|FAILED)' "$OUT/bench_log.txt" | tail -n 1)"
+    grep -E 'persistent LL .* ms, persistent barrier' "$OUT/bench_log.txt" >>"$SUMMARY"
+fi
+
 # ------------------------------------------------------------------------------------ bench
 if skipped bench; then
     record bench 0 0 skipped "SKIP_STAGES"
@@ -240,6 +265,7 @@ if [ "$PYTEST_WORKERS" != "0" ] && "$PY" -c "import xdist" 2>/dev/null; then
     PYTEST_ARGS+=(-n "$PYTEST_WORKERS")
 fi
 [ "$PERSISTENT_OK" = 1 ] || PYTEST_ARGS+=(--ignore=tests/test_persistent.py --ignore=tests/test_persistent_ln.py)
+[ "$LL_OK" = 1 ] || PYTEST_ARGS+=(-k "not ll_exchange")
 if skipped pytest; then
     record pytest 0 0 skipped "SKIP_STAGES"
 else
@@ -262,6 +288,7 @@ elif [ -z "$SAN" ]; then
 else
     : >"$OUT/memcheck.txt"
     MEMCHECK_EXCLUDE=
+    [ "$LL_OK" = 1 ] || MEMCHECK_EXCLUDE=persistent-ll
     [ "$PERSISTENT_OK" = 1 ] || MEMCHECK_EXCLUDE=persistent
     stage memcheck "$T_MEMCHECK" "$OUT/memcheck.txt" env -u TRITON_INTERPRET \
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --target-processes all \
@@ -320,8 +347,10 @@ else
     LEFT=$((DEADLINE - $(date +%s) - 5))
     [ "$LEFT" -gt "$T_TUNE" ] && LEFT=$T_TUNE
     TDIR=$(mktemp -d)
+    NOLL=
+    [ "$LL_OK" = 1 ] || NOLL=--no-ll
     stage tune "$T_TUNE" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" bench/persistent_tune.py \
-        --out "$TDIR" --budget-s "$((LEFT > 40 ? LEFT - 30 : 10))"
+        --out "$TDIR" --budget-s "$((LEFT > 40 ? LEFT - 30 : 10))" $NOLL
     [ -f "$TDIR/tune.md" ] && cp "$TDIR/tune.md" "$OUT/tune.md"
     record tune "$RC" "$DUR" "$(status_of "$RC")" "$(grep -c '^- ' "$OUT/tune.md" 2>/dev/null || echo 0) best-variant lines (tune.md)"
 fi

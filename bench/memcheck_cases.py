@@ -108,6 +108,11 @@ def _check_persistent(cell, d, path):
     for plan, why in plans:
         if plan is None:
             raise RuntimeError(f"the persistent kernels would not run: {why}")
+    if cell != "lnlstm":  # a "persistent-ll" case must really take the LL exchange, the others not
+        from fused_rnn.kernels import persistent as kp
+
+        if any(p.ll != kp.LL_SYNC for p, _ in plans):
+            raise RuntimeError(f"the plans' LL exchange is not LL_SYNC={kp.LL_SYNC}: {plans}")
     print(f"    persistent plan: {plans[0][0]}", flush=True)
 
 
@@ -157,6 +162,9 @@ def _rel(a, b):
 
 
 def run_case(case, device):
+    from fused_rnn.kernels import persistent as kp
+
+    kp.LL_SYNC = bool(case.get("ll"))  # the "persistent-ll" cases: tagged words, no barrier
     cell, B, T, I, H, dt = case["cell"], case["B"], case["T"], case["I"], case["H"], DT[case["dtype"]]
     nl = case.get("nonlinearity", "tanh")
     d = _inputs(cell, B, T, I, H, dt, device, case.get("lengths", True), case.get("bias", True),
@@ -266,6 +274,18 @@ def cases():
             dtype=dt, **pers)
     add("persistent lnlstm bf16 B70 T3 I8 H300 (2 row blocks x 19 programs)", cell="lnlstm", B=70,
         T=3, I=8, H=300, dtype="bf16", **pers)
+    # the plain kernels with the LL exchange instead of the barrier (kernels.persistent.LL_SYNC):
+    # 32-bit words (bf16) and 64-bit words (fp32, W_hh streamed), several row blocks
+    ll = dict(pers, ll=True)
+    add("persistent-ll lstm bf16 B3 T5 I19 H37 lengths", cell="lstm", B=3, T=5, I=19, H=37, dtype="bf16", **ll)
+    add("persistent-ll lstm fp32 B17 T4 I40 H70 lengths (streamed)", cell="lstm", B=17, T=4, I=40, H=70,
+        dtype="fp32", **ll)
+    add("persistent-ll rnn-tanh bf16 B3 T5 I19 H37 lengths", cell="rnn", B=3, T=5, I=19, H=37, dtype="bf16",
+        **ll)
+    add("persistent-ll rnn-tanh fp32 B5 T1 I8 H24 (T=1)", cell="rnn", B=5, T=1, I=8, H=24, dtype="fp32",
+        lengths=False, **ll)
+    add("persistent-ll lstm bf16 B130 T3 I8 H40 (3 row blocks x 3 programs)", cell="lstm", B=130, T=3, I=8,
+        H=40, dtype="bf16", **ll)
     return c
 
 
@@ -274,11 +294,13 @@ def main(argv=None):
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("-k", dest="pattern", help="run only cases whose name contains this")
-    p.add_argument("--exclude", metavar="TEXT", help="leave out cases whose name contains this "
-                   "(gpu_check.sh: 'persistent' when the persistent smoke test failed)")
+    p.add_argument("--exclude", metavar="TEXT[,TEXT]", help="leave out cases whose name contains one of "
+                   "these (gpu_check.sh: 'persistent' when the persistent smoke test failed, "
+                   "'persistent-ll' when the LL one did)")
     args = p.parse_args(argv)
+    excl = [e for e in (args.exclude or "").split(",") if e]
     todo = [c for c in cases() if (not args.pattern or args.pattern in c["name"])
-            and not (args.exclude and args.exclude in c["name"])]
+            and not any(e in c["name"] for e in excl)]
     if args.list:
         for c in todo:
             print(c["name"])

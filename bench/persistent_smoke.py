@@ -3,6 +3,8 @@
 path against the step path, forward and backward, with a rough timing of each.
 
     python bench/persistent_smoke.py            (bench/gpu_check.sh runs it under `timeout`)
+    python bench/persistent_smoke.py --ll       (the same with the LL exchange, kernels.persistent
+                                                 LL_SYNC, instead of the grid barrier)
 
 Why a separate script: the persistent kernels' programs wait for each other at a grid barrier
 every step. If that barrier is wrong on real hardware, a launch never returns, and a benchmark or
@@ -15,6 +17,10 @@ RNN, and the layer-norm LSTM when its persistent kernels exist. For each: the pe
 results (out, h_n, [c_n], and the gradients of x, h0, W_ih, W_hh) must agree within 2e-2 (bf16)
 or 1e-4 (fp32) relative; it prints the errors, the persistent plans, what the kernels compiled to
 (registers, spills, shared memory) and median times of a few fwd+bwd calls on each path.
+--ll: the plain LSTM and the RNN only (the LN kernels have no LL variant), with the LL exchange
+(programs spin on tagged words instead of meeting at a barrier: a protocol that has never run on
+a GPU, so it gets its own stage and timeout in gpu_check.sh); the timing line then compares the LL
+kernels with the barrier kernels (same plans otherwise) instead of with the step path.
 Exit status: 0 all agree, 1 a case failed, 3 no CUDA GPU.
 Without a GPU, under TRITON_INTERPRET=1, it runs a tiny problem on the CPU (one program) to
 check the script itself (tests/test_cli.py does).
@@ -88,8 +94,9 @@ def median_ms(fn, reps=5):
     return times[len(times) // 2]
 
 
-def main() -> int:
+def main(argv=None) -> int:
     global B, T, H
+    ll = "--ll" in (sys.argv[1:] if argv is None else argv)
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         print(f"persistent_smoke: {torch.cuda.get_device_name()}, SMs "
@@ -106,8 +113,9 @@ def main() -> int:
     from fused_rnn.kernels import persistent as KP
     from fused_rnn.kernels import rnn as KR
 
+    KP.LL_SYNC = ll
     failed = 0
-    for cell in ("lstm", "rnn", "lnlstm"):
+    for cell in ("lstm", "rnn") if ll else ("lstm", "rnn", "lnlstm"):
         for dtype in (torch.bfloat16, torch.float32):
             name = f"{cell} {str(dtype).replace('torch.', '')}"
             d, ln = inputs(cell, dtype, dev)
@@ -117,6 +125,10 @@ def main() -> int:
                 plans = [KL.persistent_plan(x, B, H, ln, True, dtype, dev) for x in ("fwd", "bwd")]
             if any(p is None for p, _ in plans):
                 print(f"  {name}: no persistent plan ({'; '.join(w for p, w in plans if p is None)})", flush=True)
+                continue
+            if ll and not all(p.ll for p, _ in plans):
+                print(f"  {name}: FAIL the plans do not take the LL exchange", flush=True)
+                failed += 1
                 continue
             print(f"  {name}: plans fwd {plans[0][0]} | bwd {plans[1][0]}", flush=True)
             s = time.perf_counter()
@@ -138,11 +150,18 @@ def main() -> int:
                   f"({', '.join(f'{e:.1e}' for e in errs)}); first call {first:.1f} s incl. compile",
                   flush=True)
             print(f"    compiled: {KP.LAST_LAUNCH}", flush=True)
-            if ok and dev.type == "cuda":
+            if ok and dev.type == "cuda" and ll:
+                tp = median_ms(lambda: run(cell, d, ln, "persistent"))
+                KP.LL_SYNC = False
+                tb = median_ms(lambda: run(cell, d, ln, "persistent"))
+                KP.LL_SYNC = True
+                print(f"    fwd+bwd median of 5: persistent LL {tp:.2f} ms, persistent barrier {tb:.2f} ms",
+                      flush=True)
+            elif ok and dev.type == "cuda":
                 tp = median_ms(lambda: run(cell, d, ln, "persistent"))
                 ts = median_ms(lambda: run(cell, d, ln, "step"))
                 print(f"    fwd+bwd median of 5: persistent {tp:.2f} ms, step {ts:.2f} ms (eager)", flush=True)
-    print(f"persistent_smoke: {'FAILED ' + str(failed) if failed else 'all ok'}", flush=True)
+    print(f"persistent_smoke{' --ll' if ll else ''}: {'FAILED ' + str(failed) if failed else 'all ok'}", flush=True)
     return 1 if failed else 0
 
 

@@ -9,8 +9,11 @@ and device, with the measurements that justify each choice written beside it").
 For each cell, shape and direction it times the whole-layer launcher on the persistent path
 (kernels.lstm / kernels.rnn lstm_fwd, lstm_bwd, ...: input projection, one persistent launch, and
 the backward's GEMMs after it) under each variant:
-    lstm, rnn   kernels.persistent.PLAN_OVERRIDE: BLOCK_H in 16, 32, 64 x num_warps 4, 8
-                (plan()'s own choice is the "default" row)
+    lstm, rnn   kernels.persistent.PLAN_OVERRIDE: the LL exchange instead of the grid barrier
+                ("ll": True, plan()'s block sizes; not where plan() keeps the barrier), then
+                BLOCK_H in 16, 32, 64 x num_warps 4, 8 (plan()'s own choice is the "default" row).
+                --no-ll leaves the LL variant out (gpu_check.sh passes it when the LL smoke
+                stage failed).
     lnlstm      forward: kernels.persistent_ln.MERGE_C_OVERRIDE True / False (2 or 3 barriers a
                 step); backward: MERGE_BWD flipped (its 2- and 3-barrier variants)
 Each variant's results are compared with the default variant's (relative error of out and of
@@ -93,7 +96,10 @@ def runners(cell, d):
     return fwd, bwd, saved
 
 
-def variants(cell, direction, cuda):
+LL_VARIANT = "LL exchange (no barrier)"
+
+
+def variants(cell, direction, cuda, ll=True):
     """[(name, apply(), undo())]: the default first."""
     from fused_rnn.kernels import persistent as P, persistent_ln as PL
 
@@ -101,6 +107,8 @@ def variants(cell, direction, cuda):
     if not cuda:
         return out
     if cell in ("lstm", "rnn"):
+        if ll:
+            out.append((LL_VARIANT, lambda: P.PLAN_OVERRIDE.update(ll=True), P.PLAN_OVERRIDE.clear))
         for bh in (16, 32, 64):
             for nw in (4, 8):
                 def apply(bh=bh, nw=nw):
@@ -152,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="S1,S2,S4,S3")
     ap.add_argument("--cells", default="lstm,rnn,lnlstm")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--no-ll", action="store_true", help="leave out the LL exchange variant")
     a = ap.parse_args(argv)
     from fused_rnn import _backend
     from fused_rnn.kernels import persistent as P, persistent_ln as PL
@@ -181,7 +190,7 @@ def main(argv=None) -> int:
         d = make_inputs(cell, B, T, H, dtype, dev)
         for direction in ("fwd", "bwd"):
             ref = default_plan = None
-            for vname, apply, undo in variants(cell, direction, cuda):
+            for vname, apply, undo in variants(cell, direction, cuda, ll=not a.no_ll):
                 if time.time() > t_end:
                     skipped.append(f"{cell} {sname} {direction} {vname}: past the budget")
                     continue

@@ -52,6 +52,11 @@ and scope= arguments of tl.atomic_add: triton-lang/triton PR #2562 added scope, 
 (January 2025) describes both as existing attributes of every atomic, so Triton 3.6 has them.
 NONE OF THIS HAS RUN ON A GPU YET.
 
+LL exchange (LL_SYNC / Plan.ll, plain LSTM and RNN): instead of the barrier, each element of the
+row the others need goes out with its step number in one word, and readers spin on those words
+(_ll_put / _ll_get: why it is correct, and what it should save). Its programs wait for each other
+just the same, so the deadlock guard below applies unchanged. UNMEASURED; off by default.
+
 Deadlock guard: every program must be resident at once, or the ones spinning wait forever for
 ones that cannot start. plan() allows at most one program per SM (P R <= multi_processor_count),
 so residency needs only that one CTA fits on an SM, which any kernel that launches at all does,
@@ -105,6 +110,10 @@ RESIDENT_MAX_K = 512
 # {"BLOCK_H": 16 | 32 | 64, "num_warps": 4 | 8 | 16}. Empty: plan()'s rules. Process-wide; not
 # for use while other threads launch.
 PLAN_OVERRIDE: dict = {}
+# Flag-in-data exchange ("LL", see _ll_put) instead of the grid barrier, for the plain LSTM and the
+# RNN, forward and backward. UNMEASURED (no GPU yet): off by default; PLAN_OVERRIDE["ll"] turns
+# it on for one variant of bench/persistent_tune.py, which times it against the barrier.
+LL_SYNC = False
 # Cooperative launch on CUDA (see the module docstring). A switch so that a GPU session can turn
 # it off if the installed Triton rejects the option.
 COOPERATIVE_LAUNCH = True
@@ -130,6 +139,7 @@ class Plan:
     # TTGIR its async copies sit after the barrier of the previous step.)
     num_stages: int = 3
     row_blocks: int = 1  # R: the grid is (programs, row_blocks)
+    ll: bool = False  # exchange rows through the tagged ring (_ll_put / _ll_get), no barrier
 
     @property
     def total(self) -> int:
@@ -205,9 +215,20 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
         BK = pow2_block(K, 16, (32 if BB * BH >= 2048 else 64) if mma else 32)
     # 4 warps spilled at B=64 and at H=768 (255 regs + 360-528 B stack); 8 did not (sm_90 compiles)
     num_warps = 4 if BB * K_pad <= 4096 and w_bytes <= 16 * 1024 else 8
+    ll = PLAN_OVERRIDE.get("ll", LL_SYNC) if not cpu else LL_SYNC
+    # The LL exchange waits on 32-bit words (16-bit values): twice the registers of the row tile
+    # it replaces. sm_90 compiles (Triton 3.9, bf16, lengths; registers + spilled bytes, LL vs
+    # barrier): S1 LSTM fwd 208 / 210, bwd 191 / 206, none; S4 (streamed) LSTM 171 / 174 and
+    # 102 / 123, none; but a resident [64, 512] tile (S2) spilled 262-386 B, and S3's 64 x 32
+    # tiles 24 B (LSTM bwd). So only where the row tile is at most 16 x 256 or streamed, and the
+    # tile per program under 2048; fp64 never (a tagged word would take 128 bits). The RNN at S1
+    # spilled 8-16 B at 4 warps, none at 8. (No such limit in the interpreter.)
+    ll = bool(ll) and not fp64 and (cpu or (BB * BH < 2048 and (not resident or BB * K_pad <= 4096)))
+    if ll:
+        num_warps = 8
     if not cpu:
         num_warps = PLAN_OVERRIDE.get("num_warps", num_warps)
-    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R), ""
+    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R, ll), ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +244,57 @@ def _grid_barrier(sync_ptr, target):
     while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
     tl.debug_barrier()  # no thread reads the next step's row before the acquire
+
+
+# Flag-in-data exchange (the "LL" protocol of NCCL's low-latency transfers, written anew here):
+# instead of storing its rows and meeting the others at _grid_barrier, a program stores each
+# element of the row tile the others need (h_t forward, dG_t / dP_t backward, already in the dot
+# operand's dtype WT) together with its step number in ONE 32-bit word (16-bit WT) or 64-bit word
+# (fp32), and a reader spins on plain volatile loads of the words it needs until every one
+# carries the step it waits for. A word is written by a single store (a relaxed exchange: see
+# _ll_put), so a reader that sees the tag sees the value stored with it: no fence, no counter,
+# and no second read of the row after a barrier (the barrier costs a release fence, an atomic
+# add, an acquire poll and then the row load: ANCHORS 0.84 us a step with 16 programs, the row
+# load after it on top).
+# Ring of 2 slots [2, B, N]: slot s % 2 holds row slot s (hs slot s forward, dG slot s backward),
+# tag s & 0x7FFF. The launcher fills it with -1 (tag 0xFFFF: never a step), each program writes
+# its own columns of the first slot before its loop. Reuse is safe with 2 slots: a program
+# overwrites slot s % 2 with row s only after it has read every program's row s-1, which each
+# program wrote only after all its threads' reads of row s-2 (the same slot) had returned: the
+# reads end in the wait loop's CTA-wide reduction, which precedes every store of the step.
+# Volatile loads are ld.volatile (strong, not cached in L1), so no stale L1 line is read.
+# UNMEASURED: whether it beats the barrier (the reader re-reads a whole tile while waiting,
+# twice the bytes of the row itself) is for bench/persistent_tune.py to say.
+@triton.jit
+def _ll_put(ring_ptr, off, v, tag, mask):
+    """Publish tile v (16-bit or fp32) at ring_ptr + off, each element with the low 15 bits of
+    step ``tag`` above it, one word per element (int32 ring: 16-bit v; int64 ring: fp32 v)."""
+    tg = tag & 0x7FFF
+    if ring_ptr.dtype.element_ty == tl.int64:
+        w = (v.to(tl.uint32, bitcast=True).to(tl.uint64) | (tg.to(tl.uint64) << 32)).to(tl.int64, bitcast=True)
+    else:
+        w = (v.to(tl.uint16, bitcast=True).to(tl.uint32) | (tg.to(tl.uint32) << 16)).to(tl.int32, bitcast=True)
+    # a strong (relaxed, GPU-scope) store, as the PTX memory model wants for a location other
+    # programs read concurrently; Triton's tl.store is weak, so an exchange whose result is unused
+    tl.atomic_xchg(ring_ptr + off, w, mask=mask, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _ll_get(ring_ptr, off, mask, tag, WT: tl.constexpr):
+    """Wait until every word of the tile ring_ptr + off under mask carries step ``tag``; return
+    the tile's values as WT (0 outside mask)."""
+    SH: tl.constexpr = 32 if ring_ptr.dtype.element_ty == tl.int64 else 16
+    tg = tag & 0x7FFF
+    w = tl.load(ring_ptr + off, mask=mask, other=0, volatile=True)
+    late = tl.max(tl.max(tl.where(mask & (((w >> SH) & 0xFFFF) != tg), 1, 0), 1), 0)
+    while late > 0:
+        w = tl.load(ring_ptr + off, mask=mask, other=0, volatile=True)
+        late = tl.max(tl.max(tl.where(mask & (((w >> SH) & 0xFFFF) != tg), 1, 0), 1), 0)
+    if SH == 32:
+        v = (w & 0xFFFFFFFF).to(tl.uint32).to(WT, bitcast=True)
+    else:
+        v = (w & 0xFFFF).to(tl.uint16).to(WT, bitcast=True)
+    return v
 
 
 @triton.jit
@@ -250,32 +322,43 @@ def _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC: tl.constexpr, RESIDENT: tl.constexpr,
-                    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_chunk(ptr, row, ks, mask, ring_ptr, r_row, tag, LL: tl.constexpr, WT: tl.constexpr):
+    """Columns ks of the rows another program published this step, as WT: from the LL ring
+    (r_row, waiting for step ``tag``) or, after the barrier, from the buffer (row)."""
+    if LL:
+        v = _ll_get(ring_ptr, r_row[:, None] + ks[None, :], mask, tag, WT)
+    else:
+        v = tl.load(ptr + row[:, None] + ks[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(WT)
+    return v
+
+
+@triton.jit
+def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, tag, LL: tl.constexpr,
+                    ACC: tl.constexpr, RESIDENT: tl.constexpr, FMA: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """dG_{t+1} W_hh on this program's columns: the rows dg_row of dG (every program's dG_{t+1},
-    published before the barrier) times the resident tiles ``wr`` (_w_tiles_bwd; None when not
-    RESIDENT) or W_hh streamed in BLOCK_K chunks of the K = 4H reduction."""
+    published before the barrier; or r_row of the LL ring, tag t+1) times the resident tiles
+    ``wr`` (_w_tiles_bwd; None when not RESIDENT) or W_hh streamed in BLOCK_K chunks of the
+    K = 4H reduction."""
     WT = w_ptr.dtype.element_ty
     G = 4 * H
     carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     if RESIDENT:
         kr = tl.arange(0, BLOCK_K)
         dm = rmask[:, None] & (kr < H)[None, :]
-        d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
-        carry = _mm(tl.load(d_ptr, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[0], carry, FMA, IEEE, UPCAST)
-        carry = _mm(tl.load(d_ptr + H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[1], carry, FMA, IEEE,
+        carry = _mm(_row_chunk(dg_ptr, dg_row, kr, dm, ring_ptr, r_row, tag, LL, WT), wr[0], carry, FMA, IEEE,
                     UPCAST)
-        carry = _mm(tl.load(d_ptr + 2 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[2], carry, FMA,
+        carry = _mm(_row_chunk(dg_ptr, dg_row, kr + H, dm, ring_ptr, r_row, tag, LL, WT), wr[1], carry, FMA, IEEE,
+                    UPCAST)
+        carry = _mm(_row_chunk(dg_ptr, dg_row, kr + 2 * H, dm, ring_ptr, r_row, tag, LL, WT), wr[2], carry, FMA,
                     IEEE, UPCAST)
-        carry = _mm(tl.load(d_ptr + 3 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[3], carry, FMA,
+        carry = _mm(_row_chunk(dg_ptr, dg_row, kr + 3 * H, dm, ring_ptr, r_row, tag, LL, WT), wr[3], carry, FMA,
                     IEEE, UPCAST)
     else:
         for k0 in range(0, G, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < G
-            dgk = tl.load(dg_ptr + dg_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
-                          cache_modifier=".cg").to(WT)
+            dgk = _row_chunk(dg_ptr, dg_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, tag, LL, WT)
             wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
                          mask=kmask[:, None] & cmask[None, :], other=0.0)
             carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
@@ -286,6 +369,7 @@ def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC: tl.co
     {
         "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
         "STORE_GATES": lambda a: a["gates_ptr"] is not None,
+        "LL": lambda a: a["ring_ptr"] is not None,
         # the compute dtype (c is carried in registers; the saved cs may be 16-bit)
         "ACC": lambda a: tl.float64 if a["xp_ptr"].dtype == torch.float64 else tl.float32,
     }
@@ -298,9 +382,11 @@ def _lstm_fwd_persistent_kernel(
     cs_ptr,  # [T+1, B, H] lstm_cs_dtype: slot 0 = c0 in, slots 1..T the carried c (held past the end)
     gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations, or None; may be xp_ptr
     len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [row blocks] int32, zero
+    sync_ptr,  # [row blocks] int32, zero (None with LL)
+    ring_ptr,  # [2, B, H] int32 / int64 tagged h (see _ll_put), all -1; or None: the barrier
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, ACC: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, ACC: tl.constexpr, LL: tl.constexpr,
+    RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -308,7 +394,8 @@ def _lstm_fwd_persistent_kernel(
     nprog = tl.num_programs(0)  # the programs of this row block
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    sync_ptr += pid_b  # this row block's barrier counter
+    if not LL:
+        sync_ptr += pid_b  # this row block's barrier counter
     HT = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     G = 4 * H
@@ -325,6 +412,8 @@ def _lstm_fwd_persistent_kernel(
 
     b_off = (rows * H)[:, None] + cols[None, :]
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
+    if LL:  # ring slot 0: this program's columns of h0, tag 0
+        _ll_put(ring_ptr, b_off, tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(WT), zero64, mask)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
     g_off = (rows * G)[:, None] + cols[None, :]  # step 0
@@ -333,13 +422,13 @@ def _lstm_fwd_persistent_kernel(
     for t in range(T):
         t64 = zero64 + t
         h_row = (t64 * B + rows) * H  # slot t of hs: every program's h_{t-1}
+        r_row = ((t64 % 2) * B + rows) * H  # the same row in the LL ring
         a_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
-                         cache_modifier=".cg").to(WT)
+            hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
             a_i = _mm(hk, wr_i, a_i, FMA, IEEE, UPCAST)
             a_f = _mm(hk, wr_f, a_f, FMA, IEEE, UPCAST)
             a_g = _mm(hk, wr_g, a_g, FMA, IEEE, UPCAST)
@@ -348,8 +437,7 @@ def _lstm_fwd_persistent_kernel(
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < H
-                hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                             other=0.0, cache_modifier=".cg").to(WT)
+                hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
                 a_i, a_f, a_g, a_o = _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask,
                                                       a_i, a_f, a_g, a_o, FMA, IEEE, UPCAST)
         a_i += x_i.to(ACC)
@@ -371,6 +459,9 @@ def _lstm_fwd_persistent_kernel(
             c = tl.where(valid, c_new, c)
         else:
             c = c_new
+        if LL:  # first, so that the others can go on: ring slot (t+1) % 2, tag t+1
+            _ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :], h_new.to(HT).to(WT),
+                    t64 + 1, mask)
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
         tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
         tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
@@ -379,7 +470,8 @@ def _lstm_fwd_persistent_kernel(
         nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
         n_off = g_off + G * B
         x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-        _grid_barrier(sync_ptr, (t + 1) * nprog)
+        if not LL:
+            _grid_barrier(sync_ptr, (t + 1) * nprog)
 
 
 # Reverse step t (the step path's derivative, kernels/lstm.py, without LayerNorm):
@@ -388,7 +480,7 @@ def _lstm_fwd_persistent_kernel(
 #   di = dc g,  df = dc c_{t-1},  dg = dc i,  do = dh tanh c_t    (times the activations' slopes)
 #   gc_{t-1} = valid_t dc f + [not valid_t] gc_t
 # gh and gc stay in registers; the final ones (gh_0, gc_{-1}) are stored for the launcher.
-@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
+@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None, "LL": lambda a: a["ring_ptr"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def _lstm_bwd_persistent_kernel(
     gates_ptr,  # [T, B, G] saved pre-activations, lstm_gates_dtype
@@ -399,9 +491,10 @@ def _lstm_bwd_persistent_kernel(
     gh_ptr,  # [B, H] in: dh_n, out: gh_0
     gc_ptr,  # [B, H] in: dc_n, out: dc0
     len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [row blocks] int32, zero
+    sync_ptr,  # [row blocks] int32, zero (None with LL)
+    ring_ptr,  # [2, B, G] int32 / int64 tagged dG (see _ll_put), all -1; or None: the barrier
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -409,8 +502,11 @@ def _lstm_bwd_persistent_kernel(
     nprog = tl.num_programs(0)  # the programs of this row block
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    sync_ptr += pid_b  # this row block's barrier counter
+    if not LL:
+        sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
+    WT = w_ptr.dtype.element_ty
+    DGT = dg_ptr.dtype.element_ty
     G = 4 * H
     zero64 = tl.zeros([], dtype=tl.int64)
     wr = None
@@ -437,14 +533,22 @@ def _lstm_bwd_persistent_kernel(
     d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
     c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0).to(ACC)  # c_{t-1} = slot t
     c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0).to(ACC)  # c_t = slot t+1
+    if LL:  # ring slot T % 2: this program's columns of dG_T = 0, tag T
+        zt = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
+        r_off = ((((t_last + 1) % 2) * B + rows) * G)[:, None] + cols[None, :]
+        _ll_put(ring_ptr, r_off, zt, t_last + 1, mask)
+        _ll_put(ring_ptr, r_off + H, zt, t_last + 1, mask)
+        _ll_put(ring_ptr, r_off + 2 * H, zt, t_last + 1, mask)
+        _ll_put(ring_ptr, r_off + 3 * H, zt, t_last + 1, mask)
 
     for i in range(T):
         t64 = zero64 + (T - 1 - i)
         valid = (t64 < L)[:, None]
         nvalid = (t64 + 1 < L)[:, None]
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
-        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC, RESIDENT, FMA, IEEE, UPCAST,
-                                BLOCK_B, BLOCK_H, BLOCK_K)
+        r_row = (((t64 + 1) % 2) * B + rows) * G  # the same row in the LL ring
+        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, t64 + 1, LL, ACC,
+                                RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
         dc = tl.where(valid, gc, 0.0)
@@ -461,6 +565,12 @@ def _lstm_bwd_persistent_kernel(
         dy_f = tl.where(vm, dc * c_prev * gf * (1.0 - gf), 0.0)
         dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
         dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
+        if LL:  # first, so that the others can go on: ring slot t % 2, tag t
+            r_off = (((t64 % 2) * B + rows) * G)[:, None] + cols[None, :]
+            _ll_put(ring_ptr, r_off, dy_i.to(DGT).to(WT), t64, mask)
+            _ll_put(ring_ptr, r_off + H, dy_f.to(DGT).to(WT), t64, mask)
+            _ll_put(ring_ptr, r_off + 2 * H, dy_g.to(DGT).to(WT), t64, mask)
+            _ll_put(ring_ptr, r_off + 3 * H, dy_o.to(DGT).to(WT), t64, mask)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
         _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
         gc = tl.where(valid, dc * gf, gc)
@@ -473,12 +583,13 @@ def _lstm_bwd_persistent_kernel(
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0).to(ACC)
-        _grid_barrier(sync_ptr, (i + 1) * nprog)
+        if not LL:
+            _grid_barrier(sync_ptr, (i + 1) * nprog)
     tl.store(gh_ptr + b_off, gh, mask=mask)
     tl.store(gc_ptr + b_off, gc, mask=mask)
 
 
-@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
+@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None, "LL": lambda a: a["ring_ptr"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def _rnn_fwd_persistent_kernel(
     xp_ptr,  # [T, B, H] x W_ihᵀ + b_ih + b_hh, storage dtype
@@ -486,9 +597,10 @@ def _rnn_fwd_persistent_kernel(
     hs_ptr,  # [T+1, B, H] state dtype: slot 0 = h0 in, slots 1..T out
     out_ptr,  # [T, B, H] storage dtype
     len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [row blocks] int32, zero
+    sync_ptr,  # [row blocks] int32, zero (None with LL)
+    ring_ptr,  # [2, B, H] int32 / int64 tagged h (see _ll_put), all -1; or None: the barrier
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -496,7 +608,8 @@ def _rnn_fwd_persistent_kernel(
     nprog = tl.num_programs(0)  # the programs of this row block
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    sync_ptr += pid_b  # this row block's barrier counter
+    if not LL:
+        sync_ptr += pid_b  # this row block's barrier counter
     ACC = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     zero64 = tl.zeros([], dtype=tl.int64)
@@ -508,6 +621,8 @@ def _rnn_fwd_persistent_kernel(
 
     b_off = (rows * H)[:, None] + cols[None, :]
     h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0)
+    if LL:  # ring slot 0: this program's columns of h0, tag 0
+        _ll_put(ring_ptr, b_off, h_own.to(WT), zero64, mask)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
     x = tl.load(xp_ptr + b_off, mask=mask, other=0.0)  # step 0
@@ -515,19 +630,18 @@ def _rnn_fwd_persistent_kernel(
     for t in range(T):
         t64 = zero64 + t
         h_row = (t64 * B + rows) * H
+        r_row = ((t64 % 2) * B + rows) * H  # the same row in the LL ring
         pre = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
-                         cache_modifier=".cg")
-            pre = _mm(hk.to(WT), wr, pre, FMA, IEEE, UPCAST)
+            hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
+            pre = _mm(hk, wr, pre, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < H
-                hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                             other=0.0, cache_modifier=".cg")
+                hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
                 wk = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-                pre = _mm(hk.to(WT), wk, pre, FMA, IEEE, UPCAST)
+                pre = _mm(hk, wk, pre, FMA, IEEE, UPCAST)
         pre += x.to(ACC)
         if RELU:
             h_new = tl.where(pre < 0, 0.0, pre)  # not tl.maximum: NaN must propagate as in torch.relu
@@ -540,17 +654,21 @@ def _rnn_fwd_persistent_kernel(
         else:
             h_own = h_new
             out = h_new
+        if LL:  # first, so that the others can go on: ring slot (t+1) % 2, tag t+1
+            _ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :], h_own.to(WT), t64 + 1,
+                    mask)
         s_cur = h_row[:, None] + cols[None, :]
         tl.store(hs_ptr + s_cur + B * H, h_own, mask=mask)
         tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
 
         x = tl.load(xp_ptr + s_cur + B * H, mask=tl.where(t + 1 < T, mask, False), other=0.0)  # step t+1
-        _grid_barrier(sync_ptr, (t + 1) * nprog)
+        if not LL:
+            _grid_barrier(sync_ptr, (t + 1) * nprog)
 
 
 # Reverse step t (kernels/rnn.py): gh_t = [not valid_{t+1}] gh_{t+1} + dP_{t+1} W_hh[:, j];
 # dh = dout_t + gh_t;  dP_t = valid_t dh (1 − h_t²) (tanh) or valid_t dh [h_t > 0] (relu).
-@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
+@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None, "LL": lambda a: a["ring_ptr"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def _rnn_bwd_persistent_kernel(
     w_ptr,  # [H, H] W_hh
@@ -559,9 +677,10 @@ def _rnn_bwd_persistent_kernel(
     dp_ptr,  # [T+1, B, H] grad_dtype: slot T zero (in), slots 0..T-1 out
     gh_ptr,  # [B, H] in: dh_n, out: gh_0
     len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [row blocks] int32, zero
+    sync_ptr,  # [row blocks] int32, zero (None with LL)
+    ring_ptr,  # [2, B, H] int32 / int64 tagged dP (see _ll_put), all -1; or None: the barrier
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -569,7 +688,8 @@ def _rnn_bwd_persistent_kernel(
     nprog = tl.num_programs(0)  # the programs of this row block
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    sync_ptr += pid_b  # this row block's barrier counter
+    if not LL:
+        sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     zero64 = tl.zeros([], dtype=tl.int64)
@@ -589,6 +709,9 @@ def _rnn_bwd_persistent_kernel(
     s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
     d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
     h = tl.load(hs_ptr + s_cur + B * H, mask=mask, other=0.0)  # h_t = slot t+1
+    if LL:  # ring slot T % 2: this program's columns of dP_T = 0, tag T
+        _ll_put(ring_ptr, ((((t_last + 1) % 2) * B + rows) * H)[:, None] + cols[None, :],
+                tl.zeros([BLOCK_B, BLOCK_H], dtype=WT), t_last + 1, mask)
 
     for i in range(T):
         t64 = zero64 + (T - 1 - i)
@@ -596,19 +719,19 @@ def _rnn_bwd_persistent_kernel(
         nvalid = (t64 + 1 < L)[:, None]
         carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         dp_row = ((t64 + 1) * B + rows) * H
+        r_row = (((t64 + 1) % 2) * B + rows) * H  # the same row in the LL ring
         if RESIDENT:
-            dpk = tl.load(dp_ptr + dp_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
-                          cache_modifier=".cg")
-            carry = _mm(dpk.to(WT), wr, carry, FMA, IEEE, UPCAST)
+            dpk = _row_chunk(dp_ptr, dp_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64 + 1, LL, WT)
+            carry = _mm(dpk, wr, carry, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < H
-                dpk = tl.load(dp_ptr + dp_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                              other=0.0, cache_modifier=".cg")
+                dpk = _row_chunk(dp_ptr, dp_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64 + 1, LL,
+                                 WT)
                 wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
                              mask=kmask[:, None] & cmask[None, :], other=0.0)
-                carry = _mm(dpk.to(WT), wk, carry, FMA, IEEE, UPCAST)
+                carry = _mm(dpk, wk, carry, FMA, IEEE, UPCAST)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = d_out.to(ACC) + gh
         if RELU:
@@ -616,13 +739,17 @@ def _rnn_bwd_persistent_kernel(
         else:
             dp = dh * (1.0 - h * h)
         dp = tl.where(valid, dp, 0.0)
+        if LL:  # first, so that the others can go on: ring slot t % 2, tag t
+            _ll_put(ring_ptr, (((t64 % 2) * B + rows) * H)[:, None] + cols[None, :],
+                    dp.to(dp_ptr.dtype.element_ty).to(WT), t64, mask)
         s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
         tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
 
         pmask = tl.where(i + 1 < T, mask, False)  # step t-1's own tiles, before the barrier
         d_out = tl.load(dout_ptr + s_cur - B * H, mask=pmask, other=0.0)
         h = tl.load(hs_ptr + s_cur, mask=pmask, other=0.0)
-        _grid_barrier(sync_ptr, (i + 1) * nprog)
+        if not LL:
+            _grid_barrier(sync_ptr, (i + 1) * nprog)
     tl.store(gh_ptr + b_off, gh, mask=mask)
 
 
@@ -637,6 +764,16 @@ def _sync_counter(T: int, pl: Plan, device) -> torch.Tensor:
     if T * pl.programs >= 2 ** 31:
         raise ValueError(f"persistent kernels: T={T} x {pl.programs} programs overflows the int32 barrier counter")
     return torch.zeros(pl.row_blocks, dtype=torch.int32, device=device)
+
+
+def _ll_ring(pl: Plan, B: int, N: int, w_hh: torch.Tensor) -> Optional[torch.Tensor]:
+    """The LL ring [2, B, N] of tagged words, every one -1 (no step), or None without LL."""
+    if not pl.ll:
+        return None
+    if w_hh.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"persistent kernels: no LL exchange for {w_hh.dtype} (a tagged word over 64 bits)")
+    word = torch.int64 if w_hh.dtype == torch.float32 else torch.int32
+    return torch.full((2, B, N), -1, dtype=word, device=w_hh.device)
 
 
 def _launch_opts(device: torch.device, pl: Plan) -> dict:
@@ -675,9 +812,10 @@ def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     """All T forward steps: fills hs[1:] (the outputs), cs[1:] and (if not None) gates."""
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     _check_plan(pl, B, H, xp.device)
-    sync = _sync_counter(T, pl, xp.device)
+    ring = _ll_ring(pl, B, H, w_hh)
+    sync = None if pl.ll else _sync_counter(T, pl, xp.device)
     k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, cs, gates, lengths, sync, T, B, H,
+        xp, w_hh, hs, cs, gates, lengths, sync, ring, T, B, H,
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
     )
@@ -688,9 +826,10 @@ def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, iee
     """All T reverse steps: fills dG[:T] (dG[T] must be zero), leaves gh_0 in gh and dc0 in gc."""
     T, B, H = dout.shape
     _check_plan(pl, B, H, dout.device)
-    sync = _sync_counter(T, pl, dout.device)
+    ring = _ll_ring(pl, B, 4 * H, w_hh)
+    sync = None if pl.ll else _sync_counter(T, pl, dout.device)
     k = _lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, T, B, H,
+        gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, ring, T, B, H,
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
     )
@@ -701,9 +840,10 @@ def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) 
     """All T forward steps: fills hs[1:] and out."""
     T, B, H = out.shape
     _check_plan(pl, B, H, xp.device)
-    sync = _sync_counter(T, pl, xp.device)
+    ring = _ll_ring(pl, B, H, w_hh)
+    sync = None if pl.ll else _sync_counter(T, pl, xp.device)
     k = _rnn_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, out, lengths, sync, T, B, H,
+        xp, w_hh, hs, out, lengths, sync, ring, T, B, H,
         RELU=relu, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
     )
@@ -714,9 +854,10 @@ def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upc
     """All T reverse steps: fills dP[:T] (dP[T] must be zero), leaves gh_0 in gh."""
     T, B, H = dout.shape
     _check_plan(pl, B, H, dout.device)
-    sync = _sync_counter(T, pl, dout.device)
+    ring = _ll_ring(pl, B, H, w_hh)
+    sync = None if pl.ll else _sync_counter(T, pl, dout.device)
     k = _rnn_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        w_hh, hs, dout, dP, gh, lengths, sync, T, B, H,
+        w_hh, hs, dout, dP, gh, lengths, sync, ring, T, B, H,
         RELU=relu, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
     )

@@ -237,7 +237,8 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
             why += f" (layer-norm LSTM: at most {cap} programs per row block of {BB} rows)"
         return None, why
     assert pl.BLOCK_B == BB and block_p(pl.programs) * pl.BLOCK_B <= max(PART_TILE_MAX_ELEMS, pl.BLOCK_B)
-    return replace(pl, num_warps=_ln_num_warps(direction, pl, H)), ""
+    # ll=False: the LN kernels meet at barriers only (no LL exchange of their partial sums)
+    return replace(pl, num_warps=_ln_num_warps(direction, pl, H), ll=False), ""
 
 
 def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
@@ -752,8 +753,8 @@ def _ln_lstm_bwd_persistent_kernel(
         amask = tl.where(i > 0, cmask, False)  # read the LN-gradient accumulators after step T-1
         # ---- phase 1: carried gradient, the cell LayerNorm's and the o gate's row sums
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
-        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ACC, RESIDENT, FMA, IEEE, UPCAST,
-                                BLOCK_B, BLOCK_H, BLOCK_K)
+        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, None, None, None, False, ACC,
+                                RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
         dc = tl.where(valid, gc, 0.0)

@@ -323,14 +323,18 @@ def test_gpu_check_script_parses():
 
 
 @pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(), reason="the CPU check of the script: TRITON_INTERPRET=1")
-def test_persistent_smoke_script_runs_on_the_interpreter():
+@pytest.mark.parametrize("ll", [False, True], ids=["barrier", "ll"])
+def test_persistent_smoke_script_runs_on_the_interpreter(ll):
     """bench/persistent_smoke.py (gpu_check.sh's first GPU stage) works as a script: tiny problem,
-    one program, persistent against step for each cell it has persistent kernels for."""
-    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "persistent_smoke.py")],
+    one program, persistent against step for each cell it has persistent kernels for; with --ll,
+    the plain LSTM and the RNN on the LL exchange."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "persistent_smoke.py")] + ["--ll"] * ll,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "persistent_smoke: all ok" in p.stdout
+    assert f"persistent_smoke{' --ll' if ll else ''}: all ok" in p.stdout
     assert p.stdout.count(": ok worst rel err") >= 4  # lstm and rnn, bf16 and fp32
+    plans = [line for line in p.stdout.splitlines() if ": plans fwd" in line]
+    assert plans and all(line.count("ll=True") == (2 if ll else 0) for line in plans), plans
 
 
 def test_persistent_smoke_script_without_a_device():
@@ -368,7 +372,8 @@ def test_persistent_tune_order_variants_and_best():
     assert order[:5] == [("lstm", "S1"), ("lstm", "S2"), ("lstm", "S3"), ("rnn", "S1"), ("lnlstm", "S1")]
     assert sorted(order) == sorted((c, s) for c in ("rnn", "lstm", "lnlstm") for s in ("S3", "S1", "S2"))
     names = [v[0] for v in tune.variants("lstm", "fwd", True)]
-    assert names[0] == "default" and len(names) == 7 and "BLOCK_H=64 warps=8" in names
+    assert names[:2] == ["default", tune.LL_VARIANT] and len(names) == 8 and "BLOCK_H=64 warps=8" in names
+    assert tune.LL_VARIANT not in [v[0] for v in tune.variants("lstm", "fwd", True, ll=False)]
     assert [v[0] for v in tune.variants("lnlstm", "fwd", True)][1:] == ["MERGE_C=True (2 barriers)",
                                                                        "MERGE_C=False (3 barriers)"]
     assert [v[0] for v in tune.variants("lnlstm", "bwd", True)] == ["default", "MERGE_BWD=True (2 barriers)"]
@@ -376,7 +381,12 @@ def test_persistent_tune_order_variants_and_best():
 
     for name, apply, undo in tune.variants("rnn", "bwd", True)[1:]:
         apply()
-        assert P.PLAN_OVERRIDE and name == f"BLOCK_H={P.PLAN_OVERRIDE['BLOCK_H']} warps={P.PLAN_OVERRIDE['num_warps']}"
+        if name == tune.LL_VARIANT:
+            assert P.PLAN_OVERRIDE == {"ll": True}
+            pl, _ = P.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
+            assert pl.ll
+        else:
+            assert name == f"BLOCK_H={P.PLAN_OVERRIDE['BLOCK_H']} warps={P.PLAN_OVERRIDE['num_warps']}"
         undo()
         assert P.PLAN_OVERRIDE == {}
     rows = [dict(cell="lstm", shape="S1", direction="fwd", variant="default", ok=True, ms=2.0, plan="p0"),

@@ -174,6 +174,34 @@ def test_persistent_streamed_weights(cell, monkeypatch, spy):
 
 
 @requires_kernels
+@pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
+@pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_persistent_ll_exchange_matches_barrier(cell, dtype, streamed, monkeypatch):
+    """LL_SYNC (rows passed as tagged words: 16-bit values in 32-bit words, fp32 in 64-bit ones)
+    gives the barrier kernels' results bit for bit on one program (the interpreter's grid; the
+    multi-program path: tests/test_persistent_threads.py and the CUDA test below), and the
+    launchers really pass a ring. fp64 keeps the barrier."""
+    from fused_rnn.kernels import persistent
+
+    if streamed:
+        monkeypatch.setattr(persistent, "W_RESIDENT_MAX_BYTES", 0)
+    T, B, I, H, lengths, bias = SHAPES["B17-T3-H20-len"]
+    ins, L, ups = make_case(cell, T, B, I, H, dtype, bias, lengths)
+    barrier = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+    rings = []
+    real = persistent._ll_ring
+    monkeypatch.setattr(persistent, "_ll_ring", lambda *a: rings.append(real(*a)) or rings[-1])
+    monkeypatch.setattr(persistent, "LL_SYNC", True)
+    ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+    word = torch.int64 if dtype == F32 else torch.int32
+    assert len(rings) == 2 and all(r is not None and r.dtype == word for r in rings), rings
+    for i, (a, b) in enumerate(zip(ours, barrier)):
+        assert not torch.isnan(a).any() and torch.equal(a, b), f"output {i}"
+    assert not persistent.plan(cell, "fwd", B, H, F64, DEV)[0].ll
+
+
+@requires_kernels
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_persistent_saved_tensors_pair_with_either_backward(cell):
     """The persistent forward saves what the step forward saves (same layouts; fp64 bitwise), and
@@ -465,23 +493,36 @@ SM90_MAX_SPILL = 16 if triton_36() else 0
 
 
 @requires_sm90_compile
+@pytest.mark.parametrize("sync", ["barrier", "ll"])
 @pytest.mark.parametrize("shape", list(SM90_SHAPES))
 @pytest.mark.parametrize("cell,direction", [("lstm", "fwd"), ("lstm", "bwd"), ("rnn", "fwd"), ("rnn", "bwd")])
-def test_persistent_kernels_compile_for_sm90(cell, direction, shape):
+def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monkeypatch):
     """Compile each persistent kernel for an H100 (sm_90) with the installed Triton and its
     bundled ptxas, at the plans of the benchmark shapes (bf16, the 16-bit buffers of
     fused_rnn/_buffers.py), and check the grid barrier made it into the PTX: a release add and an
-    acquire read of the counter at GPU scope, CTA barriers; and that registers do not spill
-    (beyond a few bytes, SM90_MAX_SPILL)."""
+    acquire read of the counter at GPU scope, CTA barriers; with the LL exchange instead
+    (sync="ll"), no atomic and no release at all, and volatile loads of the tagged ring; and
+    that registers do not spill (beyond a few bytes, SM90_MAX_SPILL)."""
     import triton.language as tl
 
     from fused_rnn.kernels import persistent as P
 
+    monkeypatch.setattr(P, "LL_SYNC", sync == "ll")
     B, H = SM90_SHAPES[shape]
     pl, _ = P.plan(cell, direction, B, H, BF16, torch.device("cuda", 0), limit=132)
+    if sync == "ll" and not pl.ll:  # plan() keeps the barrier where the tagged tile would spill
+        assert (pl.resident and pl.BLOCK_B * pl.BLOCK_K > 4096) or pl.BLOCK_B * pl.BLOCK_H >= 2048, pl
+        pytest.skip(f"no LL exchange at {shape} {cell} {direction}: {pl}")
+    assert pl.ll == (sync == "ll")
     blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B,
-                  BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, HAS_LENGTHS=True)
-    scalars = dict(len_ptr="*i64", sync_ptr="*i32", T="i32", B="i32", H="i32")
+                  BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, HAS_LENGTHS=True, LL=pl.ll)
+    scalars = dict(len_ptr="*i64", T="i32", B="i32", H="i32")
+    if pl.ll:
+        scalars["ring_ptr"] = "*i32"
+        blocks["sync_ptr"] = None
+    else:
+        scalars["sync_ptr"] = "*i32"
+        blocks["ring_ptr"] = None
     if cell == "lstm" and direction == "fwd":
         kern, sig = P._lstm_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*bf16",
                                                         cs_ptr="*bf16", gates_ptr="*bf16")
@@ -503,6 +544,24 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape):
     ck = compile_sm90(kern, sig, blocks, num_warps=pl.num_warps, num_stages=pl.num_stages,
                       launch_cooperative_grid=True, enable_fp_fusion=True)
     ptx = ck.asm["ptx"]
+    assert "mma" in ptx  # the recurrent matmul on tensor cores
+    if pl.ll:
+        # no counter, no fence: the only atomics are the ring's relaxed exchanges (strong stores)
+        atomics = re.findall(r"\b(?:red|atom)\.[a-z0-9.]+", ptx)
+        assert atomics and all(a.startswith("atom.global.gpu.relaxed.exch.b32") for a in atomics), atomics
+        assert ".release" not in ptx and ".acquire" not in ptx
+        assert not re.search(r"\bmembar\.|\bfence\.(sc|acq_rel)", ptx)  # (wgmma's fence.proxy.async is not one)
+        assert re.search(r"ld\.volatile\.global", ptx), "no volatile load of the ring"
+    else:
+        _check_barrier_ptx(ptx)
+    usage = ptxas_usage(ck)
+    if usage is not None:
+        regs, spill = usage
+        print(f"{cell} {direction} {shape} {pl}: {regs} registers, {spill} bytes spilled")
+        assert spill <= SM90_MAX_SPILL, f"{spill} bytes of registers spilled"
+
+
+def _check_barrier_ptx(ptx):
     assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
     assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire read at GPU scope"
     assert "bar.sync" in ptx
@@ -511,12 +570,6 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape):
     # with 0 in every compile read so far, too varied in form to match here)
     adds = re.findall(r"@(%p\d+) (?:red|atom)\.global\.gpu\.release\.add", ptx)
     assert len(adds) == 1 and len(re.findall(r"\.global\.gpu\.release", ptx)) == 1, adds
-    assert "mma" in ptx  # the recurrent matmul on tensor cores
-    usage = ptxas_usage(ck)
-    if usage is not None:
-        regs, spill = usage
-        print(f"{cell} {direction} {shape} {pl}: {regs} registers, {spill} bytes spilled")
-        assert spill <= SM90_MAX_SPILL, f"{spill} bytes of registers spilled"
 
 
 # ---------------------------------------------------------------- CUDA: the multi-program path
@@ -566,6 +619,45 @@ def test_cuda_multi_program_matches_step(cell, nl, dtype, shape, spy):
     ref = fwd_bwd(reference(cell, nl), ins, L, ups, dtype=F64)
     assert_close(ours, ref, tol(dtype), "vs reference")
     assert_close(ours, step, {F64: 1e-12, F32: 1e-4}.get(dtype, 2e-2), "vs step path")
+    print(f"{cell} {DT_NAME[dtype]} {shape[:4]}: {pl}, compiled: {persistent.LAST_LAUNCH}")
+
+
+def _cuda_ll_cases():
+    """The LL exchange where plan() takes it: bf16 with W_hh resident (3 programs; 3 row blocks
+    of 4) and streamed (48 programs at H 768), fp32 (64-bit words, streamed; 3 and 13 programs).
+    (bf16 at B20 H200 keeps the barrier: a resident 32 x 256 row tile.)"""
+    for dtype, shapes in ((BF16, (CUDA_SHAPES[0], CUDA_SHAPES[3], CUDA_SHAPES[4])),
+                          (F32, (CUDA_SHAPES[0], CUDA_SHAPES[1]))):
+        for shape in shapes:
+            for cell in ("lstm", "rnn"):
+                T, B, _, H, _ = shape
+                yield pytest.param(cell, dtype, shape, id=f"{cell}-{DT_NAME[dtype]}-T{T}-B{B}-H{H}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("cell,dtype,shape", list(_cuda_ll_cases()))
+def test_cuda_ll_exchange_matches_barrier(cell, dtype, shape, spy, monkeypatch):
+    """The persistent kernels with the LL exchange (kernels.persistent.LL_SYNC: tagged words, no
+    barrier) against the barrier kernels, the step path and the fp64 reference; then repeated
+    launches must agree bit for bit (a stale ring word would show as a difference or a hang)."""
+    from fused_rnn.kernels import persistent
+
+    T, B, I, H, lengths = shape
+    ins, L, ups = make_case(cell, T, B, I, H, dtype, True, lengths)
+    barrier = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+    monkeypatch.setattr(persistent, "LL_SYNC", True)
+    pl, why = persistent.plan(cell, "fwd", B, H, dtype, DEV)
+    assert pl is not None and pl.programs > 1 and pl.ll, (pl, why)
+    ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+    torch.cuda.synchronize()
+    assert spy == {f"{cell}_fwd_loop": 2, f"{cell}_bwd_loop": 2}
+    ref = fwd_bwd(reference(cell), ins, L, ups, dtype=F64)
+    assert_close(ours, ref, tol(dtype), "vs reference")
+    assert_close(ours, barrier, {F32: 1e-5}.get(dtype, 1e-2), "vs the barrier kernels")
+    for _ in range(3):
+        again = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+        for a, b in zip(ours, again):
+            assert torch.equal(a, b)
     print(f"{cell} {DT_NAME[dtype]} {shape[:4]}: {pl}, compiled: {persistent.LAST_LAUNCH}")
 
 

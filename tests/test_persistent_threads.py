@@ -16,6 +16,7 @@ removed must then disagree with the step path, which shows the threads really in
 Reaches into the interpreter's internals (Triton 3.9's InterpreterBuilder and GridExecutor);
 on a Triton where they differ these tests skip, saying so.
 """
+import faulthandler
 import inspect
 import random
 import sys
@@ -25,7 +26,7 @@ import time
 import pytest
 import torch
 
-from conftest import F32, F64, INTERPRET, rel_err
+from conftest import BF16, DT_NAME, F32, F64, INTERPRET, rel_err
 
 pytestmark = pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(),
                                 reason="the CPU lane under TRITON_INTERPRET=1")
@@ -38,12 +39,13 @@ def _interpreter():
     import triton.runtime.interpreter as interp
 
     need = [(interp, "InterpreterBuilder"), (interp, "GridExecutor"), (interp, "interpreter_builder"),
-            (interp, "_patch_lang"), (interp, "_implicit_cvt")]
+            (interp, "_patch_lang"), (interp, "_implicit_cvt"), (interp, "InterpretedFunction")]
     missing = [n for m, n in need if not hasattr(m, n)]
     ib, ge = getattr(interp, "InterpreterBuilder", None), getattr(interp, "GridExecutor", None)
     for cls, names in ((ib, ("create_atomic_rmw", "create_masked_load", "create_masked_store",
                              "set_grid_dim")),
-                       (ge, ("_init_args_hst", "_restore_args_dev"))):
+                       (ge, ("_init_args_hst", "_restore_args_dev")),
+                       (getattr(interp, "InterpretedFunction", None), ("rewrite",))):
         missing += [n for n in names if cls is None or not hasattr(cls, n)]
     if missing:
         pytest.skip(f"this Triton's interpreter lacks {', '.join(missing)}: no threaded grid")
@@ -77,6 +79,17 @@ def threaded_grid(monkeypatch):
             return fn(self, *a, **k)
         return wrapped
 
+    # The interpreter rewrites each @triton.jit helper's AST on its first call and caches it; that
+    # is not thread-safe (two programs calling a helper for the first time at once can get a
+    # KeyError or a wrong function), so the rewrite is serialised here.
+    rewrite = interp.InterpretedFunction.rewrite
+    rewrite_lock = threading.RLock()
+
+    def locked_rewrite(self):
+        with rewrite_lock:
+            return rewrite(self)
+
+    monkeypatch.setattr(interp.InterpretedFunction, "rewrite", locked_rewrite)
     monkeypatch.setattr(interp.InterpreterBuilder, "create_atomic_rmw", atomic)
     monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", jitter(load))
     monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_store", jitter(store))
@@ -109,6 +122,7 @@ def threaded_grid(monkeypatch):
             for t in threads:
                 t.join(timeout=120)
                 if t.is_alive():
+                    faulthandler.dump_traceback(all_threads=True)  # where each program waits, for the log
                     raise RuntimeError("a program is still waiting: deadlock at a grid barrier")
             if errors:
                 raise errors[0]
@@ -237,5 +251,62 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     p = _problem("lstm", 6, 3, 5, 37, F32, None)
     step = _run("lstm", p, "step")
     ours = _run("lstm", p, "persistent")
+    worst = max(rel_err(a, b) if not torch.isnan(a).any() else float("inf") for a, b in zip(ours, step))
+    assert worst > 1e-3
+
+
+# The LL exchange (kernels.persistent.LL_SYNC: rows passed as tagged words, no barrier) against
+# the barrier, same plans: each program computes the same values from the same operands, so the
+# results must be equal bit for bit (the barrier path is checked against the step path above).
+# fp32 takes 64-bit words, bf16 32-bit ones. (cell, T, B, I, H, lengths, dtype, resident)
+LL_CASES = [
+    ("lstm", 5, 3, 5, 37, [5, 2, 0], F32, True),
+    ("lstm", 4, 3, 5, 37, [4, 2, 0], F32, False),
+    ("rnn", 5, 3, 5, 37, [5, 2, 0], F32, True),
+    ("rnn", 4, 3, 5, 37, None, F32, False),
+    ("lstm", 4, 3, 5, 37, [4, 1, 3], BF16, True),
+    ("lstm", 3, 70, 4, 40, [3 - b % 4 for b in range(70)], F32, True),
+]
+
+
+@pytest.mark.parametrize("cell,T,B,I,H,lengths,dtype,resident", LL_CASES,
+                         ids=[f"{c[0]}-T{c[1]}-B{c[2]}-H{c[4]}-{DT_NAME[c[6]]}-"
+                              f"{'resident' if c[7] else 'streamed'}" for c in LL_CASES])
+def test_multi_program_ll_exchange_matches_barrier(threaded_grid, gpu_plans, monkeypatch,
+                                                   cell, T, B, I, H, lengths, dtype, resident):
+    from fused_rnn.kernels import persistent
+
+    gpu_plans["resident"] = resident
+    p = _problem(cell, T, B, I, H, dtype, lengths)
+    plans = _spy(monkeypatch)
+    barrier = _run(cell, p, "persistent")
+    monkeypatch.setattr(persistent, "LL_SYNC", True)
+    ours = _run(cell, p, "persistent")
+    assert [pl.ll for pl in plans] == [False, False, True, True], plans
+    assert all(pl.programs == 3 and pl.resident == resident for pl in plans), plans
+    assert all(pl.row_blocks == (2 if B > 64 else 1) for pl in plans)
+    for i, (a, b) in enumerate(zip(ours, barrier)):
+        assert a.shape == b.shape and not torch.isnan(a).any(), f"output {i}: NaN (unwritten?)"
+        assert torch.equal(a, b), f"output {i}: rel err {rel_err(a, b):.2e}"
+
+
+def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkeypatch):
+    """Control: an _ll_get that reads the ring once instead of waiting for the step's tag reads
+    rows not yet written (the ring starts as -1, a NaN in every float type), so the results
+    differ from the step path: the wait is what the test above exercises."""
+    import triton
+
+    from fused_rnn.kernels import persistent
+
+    @triton.jit
+    def no_wait(ring_ptr, off, mask, tag, WT: tl.constexpr):
+        w = tl.load(ring_ptr + off, mask=mask, other=0, volatile=True)
+        return (w & 0xFFFFFFFF).to(tl.uint32).to(WT, bitcast=True)
+
+    monkeypatch.setattr(persistent, "LL_SYNC", True)
+    monkeypatch.setattr(persistent, "_ll_get", no_wait)
+    p = _problem("rnn", 6, 3, 5, 37, F32, None)
+    step = _run("rnn", p, "step")
+    ours = _run("rnn", p, "persistent")
     worst = max(rel_err(a, b) if not torch.isnan(a).any() else float("inf") for a, b in zip(ours, step))
     assert worst > 1e-3
