@@ -10,8 +10,10 @@ For each cell, shape and direction it times the whole-layer launcher on the pers
 (kernels.lstm / kernels.rnn lstm_fwd, lstm_bwd, ...: input projection, one persistent launch, and
 the backward's GEMMs after it) under each variant:
     lstm, rnn   kernels.persistent.PLAN_OVERRIDE: the LL exchange instead of the grid barrier
-                ("ll": True, plan()'s block sizes; not where plan() keeps the barrier), then
-                BLOCK_H in 16, 32, 64 x num_warps 4, 8 (plan()'s own choice is the "default" row).
+                ("ll": True, plan()'s block sizes; not where plan() keeps the barrier), a solo
+                plan ("solo": True, one program per row block holding all of W_hh: only where it
+                fits, SOLO_MAX_W_BYTES), then BLOCK_H in 16, 32, 64 x num_warps 4, 8 (plan()'s
+                own choice is the "default" row).
                 --no-ll leaves the LL variant out (gpu_check.sh passes it when the LL smoke
                 stage failed).
     lnlstm      forward: kernels.persistent_ln.MERGE_C_OVERRIDE True / False (2 or 3 barriers a
@@ -97,6 +99,7 @@ def runners(cell, d):
 
 
 LL_VARIANT = "LL exchange (no barrier)"
+SOLO_VARIANT = "solo (1 program per row block, all of W_hh)"
 
 
 def variants(cell, direction, cuda, ll=True):
@@ -109,6 +112,7 @@ def variants(cell, direction, cuda, ll=True):
     if cell in ("lstm", "rnn"):
         if ll:
             out.append((LL_VARIANT, lambda: P.PLAN_OVERRIDE.update(ll=True), P.PLAN_OVERRIDE.clear))
+        out.append((SOLO_VARIANT, lambda: P.PLAN_OVERRIDE.update(solo=True), P.PLAN_OVERRIDE.clear))
         for bh in (16, 32, 64):
             for nw in (4, 8):
                 def apply(bh=bh, nw=nw):

@@ -56,6 +56,9 @@ LL exchange (LL_SYNC / Plan.ll, plain LSTM and RNN): instead of the barrier, eac
 row the others need goes out with its step number in one word, and readers spin on those words
 (_ll_put / _ll_get: why it is correct, and what it should save). Its programs wait for each other
 just the same, so the deadlock guard below applies unchanged. UNMEASURED; off by default.
+Solo plans (SOLO / Plan.solo): one program per row block owning every hidden unit, where all of
+W_hh fits on chip (SOLO_MAX_W_BYTES): nothing to exchange or wait for, the row a step produces
+is the next step's operand straight from registers. UNMEASURED; off by default.
 
 Deadlock guard: every program must be resident at once, or the ones spinning wait forever for
 ones that cannot start. plan() allows at most one program per SM (P R <= multi_processor_count),
@@ -114,6 +117,17 @@ PLAN_OVERRIDE: dict = {}
 # RNN, forward and backward. UNMEASURED (no GPU yet): off by default; PLAN_OVERRIDE["ll"] turns
 # it on for one variant of bench/persistent_tune.py, which times it against the barrier.
 LL_SYNC = False
+# One program per row block holding ALL of W_hh on chip ("solo"): no other program to wait for,
+# so no barrier and no exchange; the row a step produces stays in registers as the next step's
+# matmul operand (never re-read from memory). Only where the whole W_hh fits the shared memory
+# next to the rest: SOLO_MAX_W_BYTES (the tanh RNN at H=256 in bf16: 128 KiB; the LSTM at
+# H <= 128). sm_90 compile of the RNN forward at B16 H256 bf16 (Triton 3.9): 8 warps 255 registers
+# + 100 B spilled (the spills sit in the prologue's W load, 5 reloads inside the time loop),
+# 144 KiB shared; 4 warps spilled 1544 B. One SM then does the whole step (a [16, 256] x [256, 256]
+# product a step for the RNN at S1) instead of 16 SMs plus a barrier. UNMEASURED: off by default;
+# PLAN_OVERRIDE["solo"] is a variant of bench/persistent_tune.py.
+SOLO = False
+SOLO_MAX_W_BYTES = 128 * 1024
 # Cooperative launch on CUDA (see the module docstring). A switch so that a GPU session can turn
 # it off if the installed Triton rejects the option.
 COOPERATIVE_LAUNCH = True
@@ -140,6 +154,7 @@ class Plan:
     num_stages: int = 3
     row_blocks: int = 1  # R: the grid is (programs, row_blocks)
     ll: bool = False  # exchange rows through the tagged ring (_ll_put / _ll_get), no barrier
+    solo: bool = False  # one program per row block, all of W_hh resident, the row kept in registers
 
     @property
     def total(self) -> int:
@@ -167,11 +182,12 @@ def grid_fits(programs: int, limit: int) -> bool:
 
 
 def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
-         limit: Optional[int] = None, allow_tf32: bool = False) -> Tuple[Optional[Plan], str]:
+         limit: Optional[int] = None, allow_tf32: bool = False, variants: bool = True) -> Tuple[Optional[Plan], str]:
     """(Plan, "") for a persistent launch of ``cell`` ("lstm" or "rnn") in ``direction``
     ("fwd" or "bwd"), or (None, why not). ``limit``: the most co-resident programs (default
     max_programs(device); tests pass a fake SM count). ``allow_tf32``: fp32 dots on tensor
-    cores (otherwise fp32 tl.dot with input_precision="ieee" is lowered to FMAs on sm_90)."""
+    cores (otherwise fp32 tl.dot with input_precision="ieee" is lowered to FMAs on sm_90).
+    ``variants=False``: never the LL exchange or a solo plan (the LN kernels have neither)."""
     device = torch.device(device)
     if limit is None:
         limit = max_programs(device)
@@ -182,7 +198,10 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     BB = pow2_block(B, 16, MAX_B)
     R = triton.cdiv(B, BB)
     K_pad = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))
-    if cpu:
+    solo = SOLO if cpu else PLAN_OVERRIDE.get("solo", SOLO)
+    solo = bool(solo) and variants and (cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
+                           and gates * K_pad * K_pad * esize <= SOLO_MAX_W_BYTES and BB * K_pad <= 4096)
+    if cpu or solo:
         BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid
     else:
         choices = (PLAN_OVERRIDE["BLOCK_H"],) if "BLOCK_H" in PLAN_OVERRIDE else BLOCK_H_CHOICES
@@ -200,8 +219,9 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     # tensor-core dots only on GPU (fp32 IEEE and fp64 become FMA loops there); the interpreter
     # takes the resident path whenever the sizes allow, so CI runs it
     mma = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and (allow_tf32 or cpu))
-    resident = (mma and w_bytes <= W_RESIDENT_MAX_BYTES and row_elems <= ROW_TILE_MAX_ELEMS
+    resident = (mma and (w_bytes <= W_RESIDENT_MAX_BYTES or solo) and row_elems <= ROW_TILE_MAX_ELEMS
                 and (cpu or K_pad <= RESIDENT_MAX_K))
+    solo = solo and resident  # (on a GPU the limits above imply it; the interpreter's fp64 is not)
     if resident:
         BK = K_pad
     elif fp64:
@@ -223,12 +243,12 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     # tiles 24 B (LSTM bwd). So only where the row tile is at most 16 x 256 or streamed, and the
     # tile per program under 2048; fp64 never (a tagged word would take 128 bits). The RNN at S1
     # spilled 8-16 B at 4 warps, none at 8. (No such limit in the interpreter.)
-    ll = bool(ll) and not fp64 and (cpu or (BB * BH < 2048 and (not resident or BB * K_pad <= 4096)))
-    if ll:
+    ll = bool(ll) and variants and not fp64 and not solo and (cpu or (BB * BH < 2048 and (not resident or BB * K_pad <= 4096)))
+    if ll or (solo and not cpu):
         num_warps = 8
     if not cpu:
         num_warps = PLAN_OVERRIDE.get("num_warps", num_warps)
-    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R, ll), ""
+    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R, ll, solo), ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +406,7 @@ def _lstm_fwd_persistent_kernel(
     ring_ptr,  # [2, B, H] int32 / int64 tagged h (see _ll_put), all -1; or None: the barrier
     T, B, H,
     HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, ACC: tl.constexpr, LL: tl.constexpr,
-    RESIDENT: tl.constexpr,
+    SOLO: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -394,7 +414,7 @@ def _lstm_fwd_persistent_kernel(
     nprog = tl.num_programs(0)  # the programs of this row block
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    if not LL:
+    if not LL and not SOLO:
         sync_ptr += pid_b  # this row block's barrier counter
     HT = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
@@ -414,6 +434,8 @@ def _lstm_fwd_persistent_kernel(
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
     if LL:  # ring slot 0: this program's columns of h0, tag 0
         _ll_put(ring_ptr, b_off, tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(WT), zero64, mask)
+    if SOLO:  # this program owns every column: h_{t-1} whole, as the matmul operand, in registers
+        h_op = tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(WT)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
     g_off = (rows * G)[:, None] + cols[None, :]  # step 0
@@ -428,7 +450,10 @@ def _lstm_fwd_persistent_kernel(
         a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
+            if SOLO:
+                hk = h_op
+            else:
+                hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
             a_i = _mm(hk, wr_i, a_i, FMA, IEEE, UPCAST)
             a_f = _mm(hk, wr_f, a_f, FMA, IEEE, UPCAST)
             a_g = _mm(hk, wr_g, a_g, FMA, IEEE, UPCAST)
@@ -462,6 +487,8 @@ def _lstm_fwd_persistent_kernel(
         if LL:  # first, so that the others can go on: ring slot (t+1) % 2, tag t+1
             _ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :], h_new.to(HT).to(WT),
                     t64 + 1, mask)
+        if SOLO:  # what hs[t+1] holds, as the next step's operand
+            h_op = h_new.to(HT).to(WT)
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
         tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
         tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
@@ -470,7 +497,7 @@ def _lstm_fwd_persistent_kernel(
         nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
         n_off = g_off + G * B
         x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-        if not LL:
+        if not LL and not SOLO:
             _grid_barrier(sync_ptr, (t + 1) * nprog)
 
 
@@ -494,7 +521,7 @@ def _lstm_bwd_persistent_kernel(
     sync_ptr,  # [row blocks] int32, zero (None with LL)
     ring_ptr,  # [2, B, G] int32 / int64 tagged dG (see _ll_put), all -1; or None: the barrier
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -502,7 +529,7 @@ def _lstm_bwd_persistent_kernel(
     nprog = tl.num_programs(0)  # the programs of this row block
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    if not LL:
+    if not LL and not SOLO:
         sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
@@ -540,6 +567,11 @@ def _lstm_bwd_persistent_kernel(
         _ll_put(ring_ptr, r_off + H, zt, t_last + 1, mask)
         _ll_put(ring_ptr, r_off + 2 * H, zt, t_last + 1, mask)
         _ll_put(ring_ptr, r_off + 3 * H, zt, t_last + 1, mask)
+    if SOLO:  # this program owns every column: dG_{t+1} whole (dG_T = 0), in registers
+        d_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
+        d_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
+        d_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
+        d_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
 
     for i in range(T):
         t64 = zero64 + (T - 1 - i)
@@ -547,8 +579,14 @@ def _lstm_bwd_persistent_kernel(
         nvalid = (t64 + 1 < L)[:, None]
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
         r_row = (((t64 + 1) % 2) * B + rows) * G  # the same row in the LL ring
-        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, t64 + 1, LL, ACC,
-                                RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K)
+        if SOLO:
+            carry = _mm(d_i, wr[0], tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC), FMA, IEEE, UPCAST)
+            carry = _mm(d_f, wr[1], carry, FMA, IEEE, UPCAST)
+            carry = _mm(d_g, wr[2], carry, FMA, IEEE, UPCAST)
+            carry = _mm(d_o, wr[3], carry, FMA, IEEE, UPCAST)
+        else:
+            carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, t64 + 1, LL,
+                                    ACC, RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
         dc = tl.where(valid, gc, 0.0)
@@ -571,6 +609,11 @@ def _lstm_bwd_persistent_kernel(
             _ll_put(ring_ptr, r_off + H, dy_f.to(DGT).to(WT), t64, mask)
             _ll_put(ring_ptr, r_off + 2 * H, dy_g.to(DGT).to(WT), t64, mask)
             _ll_put(ring_ptr, r_off + 3 * H, dy_o.to(DGT).to(WT), t64, mask)
+        if SOLO:  # what dG[t] holds, as the next step's operand
+            d_i = dy_i.to(DGT).to(WT)
+            d_f = dy_f.to(DGT).to(WT)
+            d_g = dy_g.to(DGT).to(WT)
+            d_o = dy_o.to(DGT).to(WT)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
         _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
         gc = tl.where(valid, dc * gf, gc)
@@ -583,7 +626,7 @@ def _lstm_bwd_persistent_kernel(
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0).to(ACC)
-        if not LL:
+        if not LL and not SOLO:
             _grid_barrier(sync_ptr, (i + 1) * nprog)
     tl.store(gh_ptr + b_off, gh, mask=mask)
     tl.store(gc_ptr + b_off, gc, mask=mask)
@@ -600,7 +643,8 @@ def _rnn_fwd_persistent_kernel(
     sync_ptr,  # [row blocks] int32, zero (None with LL)
     ring_ptr,  # [2, B, H] int32 / int64 tagged h (see _ll_put), all -1; or None: the barrier
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr,
+    RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -608,7 +652,7 @@ def _rnn_fwd_persistent_kernel(
     nprog = tl.num_programs(0)  # the programs of this row block
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    if not LL:
+    if not LL and not SOLO:
         sync_ptr += pid_b  # this row block's barrier counter
     ACC = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
@@ -633,7 +677,10 @@ def _rnn_fwd_persistent_kernel(
         r_row = ((t64 % 2) * B + rows) * H  # the same row in the LL ring
         pre = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
+            if SOLO:  # this program owns every column: h_{t-1} is its own, in registers
+                hk = h_own.to(WT)
+            else:
+                hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
             pre = _mm(hk, wr, pre, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
@@ -662,7 +709,7 @@ def _rnn_fwd_persistent_kernel(
         tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
 
         x = tl.load(xp_ptr + s_cur + B * H, mask=tl.where(t + 1 < T, mask, False), other=0.0)  # step t+1
-        if not LL:
+        if not LL and not SOLO:
             _grid_barrier(sync_ptr, (t + 1) * nprog)
 
 
@@ -680,7 +727,8 @@ def _rnn_bwd_persistent_kernel(
     sync_ptr,  # [row blocks] int32, zero (None with LL)
     ring_ptr,  # [2, B, H] int32 / int64 tagged dP (see _ll_put), all -1; or None: the barrier
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr,
+    RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -688,7 +736,7 @@ def _rnn_bwd_persistent_kernel(
     nprog = tl.num_programs(0)  # the programs of this row block
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    if not LL:
+    if not LL and not SOLO:
         sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
@@ -712,6 +760,8 @@ def _rnn_bwd_persistent_kernel(
     if LL:  # ring slot T % 2: this program's columns of dP_T = 0, tag T
         _ll_put(ring_ptr, ((((t_last + 1) % 2) * B + rows) * H)[:, None] + cols[None, :],
                 tl.zeros([BLOCK_B, BLOCK_H], dtype=WT), t_last + 1, mask)
+    if SOLO:  # this program owns every column: dP_{t+1} whole (dP_T = 0), in registers
+        dp_op = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
 
     for i in range(T):
         t64 = zero64 + (T - 1 - i)
@@ -721,7 +771,10 @@ def _rnn_bwd_persistent_kernel(
         dp_row = ((t64 + 1) * B + rows) * H
         r_row = (((t64 + 1) % 2) * B + rows) * H  # the same row in the LL ring
         if RESIDENT:
-            dpk = _row_chunk(dp_ptr, dp_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64 + 1, LL, WT)
+            if SOLO:
+                dpk = dp_op
+            else:
+                dpk = _row_chunk(dp_ptr, dp_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64 + 1, LL, WT)
             carry = _mm(dpk, wr, carry, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
@@ -742,13 +795,15 @@ def _rnn_bwd_persistent_kernel(
         if LL:  # first, so that the others can go on: ring slot t % 2, tag t
             _ll_put(ring_ptr, (((t64 % 2) * B + rows) * H)[:, None] + cols[None, :],
                     dp.to(dp_ptr.dtype.element_ty).to(WT), t64, mask)
+        if SOLO:  # what dP[t] holds, as the next step's operand
+            dp_op = dp.to(dp_ptr.dtype.element_ty).to(WT)
         s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
         tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
 
         pmask = tl.where(i + 1 < T, mask, False)  # step t-1's own tiles, before the barrier
         d_out = tl.load(dout_ptr + s_cur - B * H, mask=pmask, other=0.0)
         h = tl.load(hs_ptr + s_cur, mask=pmask, other=0.0)
-        if not LL:
+        if not LL and not SOLO:
             _grid_barrier(sync_ptr, (i + 1) * nprog)
     tl.store(gh_ptr + b_off, gh, mask=mask)
 
@@ -813,10 +868,10 @@ def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     _check_plan(pl, B, H, xp.device)
     ring = _ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll else _sync_counter(T, pl, xp.device)
+    sync = None if pl.ll or pl.solo else _sync_counter(T, pl, xp.device)
     k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, cs, gates, lengths, sync, ring, T, B, H,
-        RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
     )
     _record("lstm_fwd", k)
@@ -827,10 +882,10 @@ def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, iee
     T, B, H = dout.shape
     _check_plan(pl, B, H, dout.device)
     ring = _ll_ring(pl, B, 4 * H, w_hh)
-    sync = None if pl.ll else _sync_counter(T, pl, dout.device)
+    sync = None if pl.ll or pl.solo else _sync_counter(T, pl, dout.device)
     k = _lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, ring, T, B, H,
-        RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
     )
     _record("lstm_bwd", k)
@@ -841,10 +896,10 @@ def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) 
     T, B, H = out.shape
     _check_plan(pl, B, H, xp.device)
     ring = _ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll else _sync_counter(T, pl, xp.device)
+    sync = None if pl.ll or pl.solo else _sync_counter(T, pl, xp.device)
     k = _rnn_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, out, lengths, sync, ring, T, B, H,
-        RELU=relu, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
     )
     _record("rnn_fwd", k)
@@ -855,10 +910,10 @@ def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upc
     T, B, H = dout.shape
     _check_plan(pl, B, H, dout.device)
     ring = _ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll else _sync_counter(T, pl, dout.device)
+    sync = None if pl.ll or pl.solo else _sync_counter(T, pl, dout.device)
     k = _rnn_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         w_hh, hs, dout, dP, gh, lengths, sync, ring, T, B, H,
-        RELU=relu, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+        RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
     )
     _record("rnn_bwd", k)

@@ -231,14 +231,13 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
     R = triton.cdiv(B, BB)
     cap = max(1, PART_TILE_MAX_ELEMS // BB)
     lim = limit if device.type != "cuda" else min(limit, R * cap)
-    pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32)
+    pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=False)
     if pl is None:
         if lim < limit:
             why += f" (layer-norm LSTM: at most {cap} programs per row block of {BB} rows)"
         return None, why
     assert pl.BLOCK_B == BB and block_p(pl.programs) * pl.BLOCK_B <= max(PART_TILE_MAX_ELEMS, pl.BLOCK_B)
-    # ll=False: the LN kernels meet at barriers only (no LL exchange of their partial sums)
-    return replace(pl, num_warps=_ln_num_warps(direction, pl, H), ll=False), ""
+    return replace(pl, num_warps=_ln_num_warps(direction, pl, H)), ""
 
 
 def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:

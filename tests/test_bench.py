@@ -372,7 +372,8 @@ def test_persistent_tune_order_variants_and_best():
     assert order[:5] == [("lstm", "S1"), ("lstm", "S2"), ("lstm", "S3"), ("rnn", "S1"), ("lnlstm", "S1")]
     assert sorted(order) == sorted((c, s) for c in ("rnn", "lstm", "lnlstm") for s in ("S3", "S1", "S2"))
     names = [v[0] for v in tune.variants("lstm", "fwd", True)]
-    assert names[:2] == ["default", tune.LL_VARIANT] and len(names) == 8 and "BLOCK_H=64 warps=8" in names
+    assert names[:3] == ["default", tune.LL_VARIANT, tune.SOLO_VARIANT] and len(names) == 9
+    assert "BLOCK_H=64 warps=8" in names
     assert tune.LL_VARIANT not in [v[0] for v in tune.variants("lstm", "fwd", True, ll=False)]
     assert [v[0] for v in tune.variants("lnlstm", "fwd", True)][1:] == ["MERGE_C=True (2 barriers)",
                                                                        "MERGE_C=False (3 barriers)"]
@@ -381,10 +382,11 @@ def test_persistent_tune_order_variants_and_best():
 
     for name, apply, undo in tune.variants("rnn", "bwd", True)[1:]:
         apply()
-        if name == tune.LL_VARIANT:
-            assert P.PLAN_OVERRIDE == {"ll": True}
+        if name in (tune.LL_VARIANT, tune.SOLO_VARIANT):
+            key = "ll" if name == tune.LL_VARIANT else "solo"
+            assert P.PLAN_OVERRIDE == {key: True}
             pl, _ = P.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
-            assert pl.ll
+            assert getattr(pl, key) and (pl.programs == 1) == (key == "solo")
         else:
             assert name == f"BLOCK_H={P.PLAN_OVERRIDE['BLOCK_H']} warps={P.PLAN_OVERRIDE['num_warps']}"
         undo()

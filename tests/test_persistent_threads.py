@@ -147,8 +147,8 @@ def gpu_plans(monkeypatch):
     real = persistent.plan
     mode = {"resident": True}
 
-    def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False):
-        return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"])
+    def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False, variants=True):
+        return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"], variants)
 
     monkeypatch.setattr(persistent, "plan", plan)
     monkeypatch.setattr(persistent_ln, "_plain_plan", plan)
@@ -255,35 +255,39 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     assert worst > 1e-3
 
 
-# The LL exchange (kernels.persistent.LL_SYNC: rows passed as tagged words, no barrier) against
-# the barrier, same plans: each program computes the same values from the same operands, so the
-# results must be equal bit for bit (the barrier path is checked against the step path above).
-# fp32 takes 64-bit words, bf16 32-bit ones. (cell, T, B, I, H, lengths, dtype, resident)
+# The LL exchange (kernels.persistent.LL_SYNC: rows passed as tagged words, no barrier) and solo
+# plans (SOLO: one program per row block, all of W_hh, no barrier) against the barrier, GPU plans:
+# each program computes the same values from the same operands, so the results must be equal bit
+# for bit (the barrier path is checked against the step path above). LL: fp32 takes 64-bit words,
+# bf16 32-bit ones. (mode, cell, T, B, I, H, lengths, dtype, resident)
 LL_CASES = [
-    ("lstm", 5, 3, 5, 37, [5, 2, 0], F32, True),
-    ("lstm", 4, 3, 5, 37, [4, 2, 0], F32, False),
-    ("rnn", 5, 3, 5, 37, [5, 2, 0], F32, True),
-    ("rnn", 4, 3, 5, 37, None, F32, False),
-    ("lstm", 4, 3, 5, 37, [4, 1, 3], BF16, True),
-    ("lstm", 3, 70, 4, 40, [3 - b % 4 for b in range(70)], F32, True),
+    ("ll", "lstm", 5, 3, 5, 37, [5, 2, 0], F32, True),
+    ("ll", "lstm", 4, 3, 5, 37, [4, 2, 0], F32, False),
+    ("ll", "rnn", 5, 3, 5, 37, [5, 2, 0], F32, True),
+    ("ll", "rnn", 4, 3, 5, 37, None, F32, False),
+    ("ll", "lstm", 4, 3, 5, 37, [4, 1, 3], BF16, True),
+    ("ll", "lstm", 3, 70, 4, 40, [3 - b % 4 for b in range(70)], F32, True),
+    ("solo", "lstm", 3, 70, 4, 40, [3 - b % 4 for b in range(70)], F32, True),
+    ("solo", "rnn", 4, 70, 4, 40, None, BF16, True),
 ]
 
 
-@pytest.mark.parametrize("cell,T,B,I,H,lengths,dtype,resident", LL_CASES,
-                         ids=[f"{c[0]}-T{c[1]}-B{c[2]}-H{c[4]}-{DT_NAME[c[6]]}-"
-                              f"{'resident' if c[7] else 'streamed'}" for c in LL_CASES])
-def test_multi_program_ll_exchange_matches_barrier(threaded_grid, gpu_plans, monkeypatch,
-                                                   cell, T, B, I, H, lengths, dtype, resident):
+@pytest.mark.parametrize("mode,cell,T,B,I,H,lengths,dtype,resident", LL_CASES,
+                         ids=[f"{c[0]}-{c[1]}-T{c[2]}-B{c[3]}-H{c[5]}-{DT_NAME[c[7]]}-"
+                              f"{'resident' if c[8] else 'streamed'}" for c in LL_CASES])
+def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_plans, monkeypatch,
+                                                          mode, cell, T, B, I, H, lengths, dtype, resident):
     from fused_rnn.kernels import persistent
 
     gpu_plans["resident"] = resident
     p = _problem(cell, T, B, I, H, dtype, lengths)
     plans = _spy(monkeypatch)
     barrier = _run(cell, p, "persistent")
-    monkeypatch.setattr(persistent, "LL_SYNC", True)
+    monkeypatch.setattr(persistent, "LL_SYNC" if mode == "ll" else "SOLO", True)
     ours = _run(cell, p, "persistent")
-    assert [pl.ll for pl in plans] == [False, False, True, True], plans
-    assert all(pl.programs == 3 and pl.resident == resident for pl in plans), plans
+    assert [(pl.ll, pl.solo) for pl in plans] == [(False, False)] * 2 + [(mode == "ll", mode == "solo")] * 2, plans
+    assert all(pl.programs == 3 for pl in plans[:2]) and all(pl.resident == resident for pl in plans), plans
+    assert all(pl.programs == (1 if mode == "solo" else 3) for pl in plans[2:]), plans
     assert all(pl.row_blocks == (2 if B > 64 else 1) for pl in plans)
     for i, (a, b) in enumerate(zip(ours, barrier)):
         assert a.shape == b.shape and not torch.isnan(a).any(), f"output {i}: NaN (unwritten?)"
