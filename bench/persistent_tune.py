@@ -229,21 +229,32 @@ def main(argv=None) -> int:
                     undo()
                 rows.append(row)
                 print(_md(row), flush=True)  # progress: the table's row
+                # rewritten after every row: a stage killed by its timeout (a variant that hangs)
+                # still leaves what was measured before it
+                _write(a.out, head, rows, skipped, partial=True)
+    text = _write(a.out, head, rows, skipped)
+    print("\n" + text)
+    # exit 1 on a wrong result or a variant that raised (a grid that does not fit is no failure)
+    bad = [r for r in rows if r.get("ok") is False or "error" in r]
+    return 1 if bad else 0
+
+
+def _write(out, head, rows, skipped, partial=False) -> str:
     md = [head, "", "| cell | shape | dir | variant | plan | ms | rel err vs default | regs / spills |",
           "|---|---|---|---|---|---|---|---|"] + [_md(r) for r in rows]
     md += ["", "Best per cell, shape and direction (ratio to the default variant):"]
     md += _best(rows)
     if skipped:
         md += ["", "Not run (budget): " + "; ".join(skipped)]
+    if partial:
+        md += ["", "PARTIAL: the sweep was still running when this was written (killed or hung after "
+                   "the last row?)"]
     text = "\n".join(md) + "\n"
-    print("\n" + text)
-    with open(os.path.join(a.out, "tune.md"), "w") as f:
+    with open(os.path.join(out, "tune.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(a.out, "tune.json"), "w") as f:
-        json.dump({"machine": head, "rows": rows, "skipped": skipped}, f, indent=1)
-    # exit 1 on a wrong result or a variant that raised (a grid that does not fit is no failure)
-    bad = [r for r in rows if r.get("ok") is False or "error" in r]
-    return 1 if bad else 0
+    with open(os.path.join(out, "tune.json"), "w") as f:
+        json.dump({"machine": head, "rows": rows, "skipped": skipped, "partial": partial}, f, indent=1)
+    return text
 
 
 # (cell, shape) in the order of need when the budget runs short: the LSTM's shapes (targets T1,
