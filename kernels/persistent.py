@@ -378,9 +378,11 @@ def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, 
         for k0 in range(0, G, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < G
-            dgk = _row_chunk(dg_ptr, dg_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, tag, LL, WT)
+            # the W_hh chunk first: it needs no other program, so its load is in flight while an LL
+            # reader waits for the row
             wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
                          mask=kmask[:, None] & cmask[None, :], other=0.0)
+            dgk = _row_chunk(dg_ptr, dg_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, tag, LL, WT)
             carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
     return carry
 
@@ -686,8 +688,8 @@ def _rnn_fwd_persistent_kernel(
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < H
-                hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
                 wk = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+                hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
                 pre = _mm(hk, wk, pre, FMA, IEEE, UPCAST)
         pre += x.to(ACC)
         if RELU:
@@ -780,10 +782,10 @@ def _rnn_bwd_persistent_kernel(
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < H
+                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                             mask=kmask[:, None] & cmask[None, :], other=0.0)  # (first: see _lstm_bwd_carry)
                 dpk = _row_chunk(dp_ptr, dp_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64 + 1, LL,
                                  WT)
-                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                             mask=kmask[:, None] & cmask[None, :], other=0.0)
                 carry = _mm(dpk, wk, carry, FMA, IEEE, UPCAST)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = d_out.to(ACC) + gh
