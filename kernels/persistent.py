@@ -240,10 +240,14 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     # it replaces. sm_90 compiles (Triton 3.9, bf16, lengths; registers + spilled bytes, LL vs
     # barrier): S1 LSTM fwd 208 / 210, bwd 191 / 206, none; S4 (streamed) LSTM 171 / 174 and
     # 102 / 123, none; but a resident [64, 512] tile (S2) spilled 262-386 B, and S3's 64 x 32
-    # tiles 24 B (LSTM bwd). So only where the row tile is at most 16 x 256 or streamed, and the
-    # tile per program under 2048; fp64 never (a tagged word would take 128 bits). The RNN at S1
-    # spilled 8-16 B at 4 warps, none at 8. (No such limit in the interpreter.)
-    ll = bool(ll) and variants and not fp64 and not solo and (cpu or (BB * BH < 2048 and (not resident or BB * K_pad <= 4096)))
+    # tiles 24 B (LSTM bwd). So only where the row tile's words take at most 16 KiB (16 x 256
+    # 32-bit words; fp32's 64-bit words: 16 x 128, the RNN in fp32 with TF32 at B16 H256 spilled
+    # 24-36 B) or are streamed, and the tile per program under 2048; fp64 never (a tagged word
+    # would take 128 bits). The RNN at S1 spilled 8-16 B at 4 warps, none at 8. (No such limit in
+    # the interpreter.)
+    word_bytes = 8 if esize == 4 else 4
+    ll = bool(ll) and variants and not fp64 and not solo and (
+        cpu or (BB * BH < 2048 and (not resident or BB * K_pad * word_bytes <= 16 * 1024)))
     if ll or (solo and not cpu):
         num_warps = 8
     if not cpu:
@@ -366,23 +370,29 @@ def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, 
     if RESIDENT:
         kr = tl.arange(0, BLOCK_K)
         dm = rmask[:, None] & (kr < H)[None, :]
-        carry = _mm(_row_chunk(dg_ptr, dg_row, kr, dm, ring_ptr, r_row, tag, LL, WT), wr[0], carry, FMA, IEEE,
-                    UPCAST)
-        carry = _mm(_row_chunk(dg_ptr, dg_row, kr + H, dm, ring_ptr, r_row, tag, LL, WT), wr[1], carry, FMA, IEEE,
-                    UPCAST)
-        carry = _mm(_row_chunk(dg_ptr, dg_row, kr + 2 * H, dm, ring_ptr, r_row, tag, LL, WT), wr[2], carry, FMA,
-                    IEEE, UPCAST)
-        carry = _mm(_row_chunk(dg_ptr, dg_row, kr + 3 * H, dm, ring_ptr, r_row, tag, LL, WT), wr[3], carry, FMA,
-                    IEEE, UPCAST)
+        if LL:
+            r_off = r_row[:, None] + kr[None, :]
+            carry = _mm(_ll_get(ring_ptr, r_off, dm, tag, WT), wr[0], carry, FMA, IEEE, UPCAST)
+            carry = _mm(_ll_get(ring_ptr, r_off + H, dm, tag, WT), wr[1], carry, FMA, IEEE, UPCAST)
+            carry = _mm(_ll_get(ring_ptr, r_off + 2 * H, dm, tag, WT), wr[2], carry, FMA, IEEE, UPCAST)
+            carry = _mm(_ll_get(ring_ptr, r_off + 3 * H, dm, tag, WT), wr[3], carry, FMA, IEEE, UPCAST)
+        else:  # (one base pointer for the four loads: fewer registers than four address tiles)
+            d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
+            carry = _mm(tl.load(d_ptr, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[0], carry, FMA, IEEE,
+                        UPCAST)
+            carry = _mm(tl.load(d_ptr + H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[1], carry, FMA,
+                        IEEE, UPCAST)
+            carry = _mm(tl.load(d_ptr + 2 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[2], carry, FMA,
+                        IEEE, UPCAST)
+            carry = _mm(tl.load(d_ptr + 3 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[3], carry, FMA,
+                        IEEE, UPCAST)
     else:
         for k0 in range(0, G, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < G
-            # the W_hh chunk first: it needs no other program, so its load is in flight while an LL
-            # reader waits for the row
+            dgk = _row_chunk(dg_ptr, dg_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, tag, LL, WT)
             wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
                          mask=kmask[:, None] & cmask[None, :], other=0.0)
-            dgk = _row_chunk(dg_ptr, dg_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, tag, LL, WT)
             carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
     return carry
 
@@ -489,8 +499,8 @@ def _lstm_fwd_persistent_kernel(
         if LL:  # first, so that the others can go on: ring slot (t+1) % 2, tag t+1
             _ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :], h_new.to(HT).to(WT),
                     t64 + 1, mask)
-        if SOLO:  # what hs[t+1] holds, as the next step's operand
-            h_op = h_new.to(HT).to(WT)
+        if SOLO:  # what hs[t+1] holds, as the next step's operand (0 in the padding: see the RNN's)
+            h_op = tl.where(mask, h_new, 0.0).to(HT).to(WT)
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
         tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
         tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
@@ -679,8 +689,10 @@ def _rnn_fwd_persistent_kernel(
         r_row = ((t64 % 2) * B + rows) * H  # the same row in the LL ring
         pre = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            if SOLO:  # this program owns every column: h_{t-1} is its own, in registers
-                hk = h_own.to(WT)
+            if SOLO:  # this program owns every column: h_{t-1} is its own, in registers; the padding
+                # columns as the barrier path reads them (0): an inf there would meet W_hh's zero
+                # rows k >= H as inf x 0 = NaN in every column
+                hk = tl.where(mask, h_own, 0.0).to(WT)
             else:
                 hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
             pre = _mm(hk, wr, pre, FMA, IEEE, UPCAST)
@@ -688,8 +700,8 @@ def _rnn_fwd_persistent_kernel(
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < H
-                wk = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
                 hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
+                wk = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
                 pre = _mm(hk, wk, pre, FMA, IEEE, UPCAST)
         pre += x.to(ACC)
         if RELU:
@@ -782,10 +794,10 @@ def _rnn_bwd_persistent_kernel(
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < H
-                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                             mask=kmask[:, None] & cmask[None, :], other=0.0)  # (first: see _lstm_bwd_carry)
                 dpk = _row_chunk(dp_ptr, dp_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64 + 1, LL,
                                  WT)
+                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                             mask=kmask[:, None] & cmask[None, :], other=0.0)
                 carry = _mm(dpk, wk, carry, FMA, IEEE, UPCAST)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = d_out.to(ACC) + gh
@@ -797,8 +809,8 @@ def _rnn_bwd_persistent_kernel(
         if LL:  # first, so that the others can go on: ring slot t % 2, tag t
             _ll_put(ring_ptr, (((t64 % 2) * B + rows) * H)[:, None] + cols[None, :],
                     dp.to(dp_ptr.dtype.element_ty).to(WT), t64, mask)
-        if SOLO:  # what dP[t] holds, as the next step's operand
-            dp_op = dp.to(dp_ptr.dtype.element_ty).to(WT)
+        if SOLO:  # what dP[t] holds, as the next step's operand (0 in the padding, see the forward)
+            dp_op = tl.where(mask, dp, 0.0).to(dp_ptr.dtype.element_ty).to(WT)
         s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
         tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import (
-    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, compile_sm90, kernel_device, ptxas_usage, rel_err, requires_cuda,
+    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, INTERPRET, compile_sm90, kernel_device, ptxas_usage, rel_err, requires_cuda,
     requires_kernels, requires_sm90_compile, tol, triton_36,
 )
 from fused_rnn import _backend, _paths
@@ -174,6 +174,8 @@ def test_persistent_streamed_weights(cell, monkeypatch, spy):
 
 
 @requires_kernels
+@pytest.mark.skipif(HAS_CUDA, reason="the single-program (interpreter) plans: on a GPU the plans differ "
+                    "(fp32 streams W_hh, the variants change warps and BLOCK_H); the CUDA tests below cover them")
 @pytest.mark.parametrize("mode", ["ll-resident", "ll-streamed", "solo"])
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
@@ -208,6 +210,49 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
         assert not torch.isnan(a).any() and torch.equal(a, b), f"output {i}"
     p64 = persistent.plan(cell, "fwd", B, H, F64, DEV)[0]
     assert not p64.ll and not p64.solo  # fp64: neither
+
+
+@pytest.mark.skipif(not INTERPRET or HAS_CUDA, reason="the CPU lane under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "fp16", "fp32"])
+def test_ll_words_round_trip_every_value_and_tag(dtype):
+    """_ll_put / _ll_get: every value (signed zeros, subnormals, inf, NaN payloads, random) comes
+    back bit for bit, under step tags across the 15-bit wrap-around (the tag stored is the step's
+    low 15 bits, and the reader compares the same), in 32-bit words for 16-bit values and 64-bit
+    words for fp32; the masked-out words stay -1."""
+    import triton
+    import triton.language as tl
+
+    from fused_rnn.kernels import persistent
+
+    # a @triton.jit function sees its module's globals, not this function's locals
+    globals().update(_ll_put=persistent._ll_put, _ll_get=persistent._ll_get, tl=tl)
+
+    @triton.jit
+    def put_get(v_ptr, ring_ptr, out_ptr, tag, N: tl.constexpr, M: tl.constexpr):
+        r = tl.arange(0, N)
+        c = tl.arange(0, M)
+        off = r[:, None] * M + c[None, :]
+        mask = (r < N - 1)[:, None] & (c >= 0)[None, :]  # the last row masked out
+        v = tl.load(v_ptr + off, mask=mask, other=0.0)
+        _ll_put(ring_ptr, off, v, tag, mask)
+        got = _ll_get(ring_ptr, off, mask, tag, v_ptr.dtype.element_ty)
+        tl.store(out_ptr + off, got, mask=mask)
+
+    bits = {BF16: torch.int16, F16: torch.int16, F32: torch.int32}[dtype]
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-42, 5.9e-8, 1.0, -2.5],
+                           dtype=torch.float32).to(dtype)
+    vals = torch.cat([special, torch.randn(64 - special.numel()).to(dtype)]).view(8, 8)
+    vals.view(bits)[7, :3] = torch.tensor([0x7FC1, -0x10, 0x7E01], dtype=bits)  # NaN payloads (and a row masked out)
+    vals.view(bits)[6, :2] = torch.tensor([-1, 0x7C01 if dtype == F16 else 0x7FA0], dtype=bits)  # all ones, a NaN
+    word = torch.int64 if dtype == F32 else torch.int32
+    for tag in (0, 1, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 3 * 0x8000 + 5, 2 ** 31 - 1):
+        ring = torch.full((8, 8), -1, dtype=word)
+        out = torch.zeros_like(vals)
+        put_get[(1,)](vals, ring, out, tag, N=8, M=8)
+        assert torch.equal(out[:7].view(bits), vals[:7].view(bits)), tag
+        shift = 32 if dtype == F32 else 16
+        assert ((ring[:7] >> shift) & 0xFFFF == tag & 0x7FFF).all(), tag
+        assert (ring[7] == -1).all()  # masked out: never written
 
 
 @requires_kernels
@@ -255,19 +300,33 @@ def test_persistent_gradcheck(cell, nl):
 
 @requires_kernels
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
-def test_persistent_nonfinite_like_step(cell):
-    """A NaN in x reaches the same outputs and gradients as on the step path; earlier steps stay
-    finite."""
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("mode", ["barrier", "ll", "solo"])
+@pytest.mark.parametrize("cell,nl,bad", [("lstm", "tanh", "nan"), ("rnn", "tanh", "nan"), ("rnn", "relu", "inf")])
+def test_persistent_nonfinite_like_step(cell, nl, bad, mode, monkeypatch):
+    """A NaN (or, through a ReLU RNN with positive weights, an inf) in x reaches the same outputs
+    and gradients as on the step path, with the barrier, the LL exchange or a solo plan (where
+    the plan takes them); earlier steps stay finite. H = 9 pads the columns to 16: a solo plan
+    must not let a non-finite value into the padding, whose zero W_hh rows would turn it into NaN
+    everywhere (inf x 0)."""
+    from fused_rnn.kernels import persistent
+
+    if mode != "barrier":
+        monkeypatch.setattr(persistent, "LL_SYNC" if mode == "ll" else "SOLO", True)
     ins, L, ups = make_case(cell, 4, 3, 5, 9, F32)
-    ins[0][1, 1, 2] = float("nan")
-    ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
-    step = fwd_bwd(runner(cell, "step"), ins, L, ups)
+    if bad == "inf":
+        ins = [t if t is None or i < 2 else t.abs() for i, t in enumerate(ins)]  # weights, biases > 0
+    ins[0][1, 1, 2] = float(bad)
+    ours = fwd_bwd(runner(cell, "persistent", nl), ins, L, ups)
+    step = fwd_bwd(runner(cell, "step", nl), ins, L, ups)
     for a, b in zip(ours, step):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
         fin = torch.isfinite(b)
         assert rel_err(a[fin], b[fin]) <= 1e-6
     assert not torch.isnan(ours[0][0]).any()
+    if bad == "inf":
+        assert torch.isinf(ours[0]).any()  # the case really carries an inf through the recurrence
 
 
 @requires_kernels
@@ -582,6 +641,52 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
         assert spill <= (SM90_MAX_SPILL_SOLO if pl.solo else SM90_MAX_SPILL), f"{spill} bytes of registers spilled"
 
 
+@requires_sm90_compile
+@pytest.mark.parametrize("cell,direction", [("lstm", "fwd"), ("lstm", "bwd"), ("rnn", "fwd"), ("rnn", "bwd")])
+def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, monkeypatch):
+    """The LL exchange's 64-bit words (fp32 with TF32 at B16 H128, W_hh resident; at B16 H256 the
+    RNN's 64-bit row tile spilled, and plan() keeps the barrier there): 64-bit relaxed exchanges
+    and volatile loads, no fence, no spill."""
+    import triton.language as tl
+
+    from fused_rnn.kernels import persistent as P
+
+    monkeypatch.setattr(P, "LL_SYNC", True)
+    pl, _ = P.plan(cell, direction, 16, 128, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)
+    assert pl.ll, pl
+    assert not P.plan(cell, direction, 16, 256, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)[0].ll
+    blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
+                  BLOCK_K=pl.BLOCK_K, HAS_LENGTHS=True, LL=True, SOLO=False, sync_ptr=None)
+    sig = dict(len_ptr="*i64", ring_ptr="*i64", T="i32", B="i32", H="i32")
+    if cell == "lstm" and direction == "fwd":
+        kern = P._lstm_fwd_persistent_kernel
+        sig.update(xp_ptr="*fp32", w_ptr="*fp32", hs_ptr="*fp32", cs_ptr="*fp32", gates_ptr="*fp32")
+        blocks.update(STORE_GATES=True, ACC=tl.float32)
+    elif cell == "lstm":
+        kern = P._lstm_bwd_persistent_kernel
+        sig.update(gates_ptr="*fp32", w_ptr="*fp32", cs_ptr="*fp32", dout_ptr="*fp32", dg_ptr="*fp32",
+                   gh_ptr="*fp32", gc_ptr="*fp32")
+    elif direction == "fwd":
+        kern = P._rnn_fwd_persistent_kernel
+        sig.update(xp_ptr="*fp32", w_ptr="*fp32", hs_ptr="*fp32", out_ptr="*fp32")
+        blocks["RELU"] = False
+    else:
+        kern = P._rnn_bwd_persistent_kernel
+        sig.update(w_ptr="*fp32", hs_ptr="*fp32", dout_ptr="*fp32", dp_ptr="*fp32", gh_ptr="*fp32")
+        blocks["RELU"] = False
+    ck = compile_sm90(kern, sig, blocks, num_warps=pl.num_warps, num_stages=pl.num_stages,
+                      launch_cooperative_grid=True, enable_fp_fusion=True)
+    ptx = ck.asm["ptx"]
+    atomics = re.findall(r"\b(?:red|atom)\.[a-z0-9.]+", ptx)
+    assert atomics and all(a.startswith("atom.global.gpu.relaxed.exch.b64") for a in atomics), atomics
+    assert re.search(r"ld\.volatile\.global(\.v2)?\.[bu]64", ptx), "no 64-bit volatile load of the ring"
+    assert ".release" not in ptx and ".acquire" not in ptx and not re.search(r"\bmembar\.|\bfence\.(sc|acq_rel)", ptx)
+    usage = ptxas_usage(ck)
+    if usage is not None:
+        print(f"{cell} {direction} fp32 LL {pl}: {usage[0]} registers, {usage[1]} bytes spilled")
+        assert usage[1] <= SM90_MAX_SPILL, usage
+
+
 def triton_next_pow2(n):
     import triton
 
@@ -693,8 +798,9 @@ def _cuda_variant_vs_barrier(mode, cell, dtype, shape, spy, monkeypatch):
     ins, L, ups = make_case(cell, T, B, I, H, dtype, True, lengths)
     barrier = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
     monkeypatch.setattr(persistent, "LL_SYNC" if mode == "ll" else "SOLO", True)
-    pl, why = persistent.plan(cell, "fwd", B, H, dtype, DEV)
-    assert pl is not None and (pl.ll if mode == "ll" else pl.solo and pl.programs == 1), (pl, why)
+    for direction in ("fwd", "bwd"):
+        pl, why = persistent.plan(cell, direction, B, H, dtype, DEV)
+        assert pl is not None and (pl.ll if mode == "ll" else pl.solo and pl.programs == 1), (direction, pl, why)
     ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
     torch.cuda.synchronize()
     assert spy == {f"{cell}_fwd_loop": 2, f"{cell}_bwd_loop": 2}
