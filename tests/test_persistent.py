@@ -25,6 +25,9 @@ from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction
 
 DEV = kernel_device()
+# kernels.persistent's LL helpers, for the @triton.jit test kernel below (a jit function sees its
+# module's globals); set by that test, which imports Triton only when it runs
+_ll_put = _ll_get = None
 
 
 @pytest.fixture(autouse=True)
@@ -224,8 +227,7 @@ def test_ll_words_round_trip_every_value_and_tag(dtype):
 
     from fused_rnn.kernels import persistent
 
-    # a @triton.jit function sees its module's globals, not this function's locals
-    globals().update(_ll_put=persistent._ll_put, _ll_get=persistent._ll_get, tl=tl)
+    globals().update(_ll_put=persistent._ll_put, _ll_get=persistent._ll_get, tl=tl)  # see _ll_put above
 
     @triton.jit
     def put_get(v_ptr, ring_ptr, out_ptr, tag, N: tl.constexpr, M: tl.constexpr):
