@@ -23,7 +23,7 @@ dx; a variant that disagrees beyond 2e-2 in bf16 is marked WRONG) and timed with
 triton.testing.do_bench (median). Variants that cannot run (grid over the SM count) are listed
 with the reason; one that raises is listed with its error and the sweep goes on. A variant whose plan is
 the default's is not timed again. Stops starting new cases past --budget-s, in the order of
-need (PRIORITY): LSTM S1, S2, S4, S3, RNN S1, LN-LSTM S1, S2, then the rest.
+need (PRIORITY): LSTM S1, RNN S1, LSTM S2, S4, LN-LSTM S1, LSTM S3, LN-LSTM S2, then the rest.
 
 Output: a markdown table on stdout and in DIR/tune.md, every row in DIR/tune.json, and one
 "best" line per cell, shape and direction with its ratio to the default.
@@ -257,9 +257,10 @@ def _write(out, head, rows, skipped, partial=False) -> str:
     return text
 
 
-# (cell, shape) in the order of need when the budget runs short: the LSTM's shapes (targets T1,
-# T2), the RNN and the LN-LSTM at S1 (T5 and T4's tightest), then the rest
-PRIORITY = [("lstm", "S1"), ("lstm", "S2"), ("lstm", "S4"), ("lstm", "S3"), ("rnn", "S1"), ("lnlstm", "S1"),
+# (cell, shape) in the order of need when the budget runs short: the LSTM and the RNN at S1 (T2
+# and T5 are tightest there, and the LL and solo variants matter most there: latency-bound
+# steps), the LSTM's other shapes (T1, T2), the LN-LSTM at S1 (T4), then the rest
+PRIORITY = [("lstm", "S1"), ("rnn", "S1"), ("lstm", "S2"), ("lstm", "S4"), ("lnlstm", "S1"), ("lstm", "S3"),
             ("lnlstm", "S2"), ("rnn", "S2"), ("rnn", "S4"), ("rnn", "S3"), ("lnlstm", "S4"), ("lnlstm", "S3")]
 
 

@@ -137,3 +137,35 @@ def ptxas_usage(compiled):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# A watchdog per test (pytest-timeout is not a dependency): the persistent kernels' programs wait
+# for each other (a grid barrier, or the LL exchange's spin on tagged words), so a protocol bug
+# hangs instead of failing. Past TEST_WATCHDOG_S one test dumps every thread's stack and ends the
+# run with an error, instead of holding CI for its whole time limit. (The slowest test takes
+# well under a minute on the CI machine.)
+TEST_WATCHDOG_S = float(os.environ.get("FUSED_RNN_TEST_WATCHDOG_S", "900"))
+
+
+@pytest.fixture(autouse=True)
+def _watchdog(request):
+    import faulthandler
+    import sys
+    import threading
+
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+
+    def fire():
+        if capman is not None:  # the real stderr, not pytest's capture (lost at os._exit)
+            capman.suspend_global_capture(in_=True)
+        sys.stderr.write(f"\nWATCHDOG: {request.node.nodeid} still running after {TEST_WATCHDOG_S:.0f} s "
+                         "(a hang?); the stacks of every thread:\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(1)
+
+    timer = threading.Timer(TEST_WATCHDOG_S, fire)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()

@@ -371,7 +371,7 @@ def test_persistent_tune_order_variants_and_best():
     tune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune)
     order = tune._order(["rnn", "lstm", "lnlstm"], ["S3", "S1", "S2"])
-    assert order[:5] == [("lstm", "S1"), ("lstm", "S2"), ("lstm", "S3"), ("rnn", "S1"), ("lnlstm", "S1")]
+    assert order[:5] == [("lstm", "S1"), ("rnn", "S1"), ("lstm", "S2"), ("lnlstm", "S1"), ("lstm", "S3")]
     assert sorted(order) == sorted((c, s) for c in ("rnn", "lstm", "lnlstm") for s in ("S3", "S1", "S2"))
     names = [v[0] for v in tune.variants("lstm", "fwd", True)]
     assert names[:3] == ["default", tune.LL_VARIANT, tune.SOLO_VARIANT] and len(names) == 9
