@@ -124,7 +124,9 @@ LL_SYNC = False
 # H <= 128). sm_90 compile of the RNN forward at B16 H256 bf16 (Triton 3.9): 8 warps 255 registers
 # + 100 B spilled (the spills sit in the prologue's W load, 5 reloads inside the time loop),
 # 144 KiB shared; 4 warps spilled 1544 B. One SM then does the whole step (a [16, 256] x [256, 256]
-# product a step for the RNN at S1) instead of 16 SMs plus a barrier. UNMEASURED: off by default;
+# product a step for the RNN at S1) instead of 16 SMs plus a barrier. The gate tiles (gates x
+# BLOCK_B x K_pad fp32 accumulators) are bounded at 8192 elements: the LSTM at B16 H128 (8192)
+# spilled 92 B, at B64 H64 (16384) 896 B. UNMEASURED: off by default;
 # PLAN_OVERRIDE["solo"] is a variant of bench/persistent_tune.py.
 SOLO = False
 SOLO_MAX_W_BYTES = 128 * 1024
@@ -200,7 +202,7 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     K_pad = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))
     solo = SOLO if cpu else PLAN_OVERRIDE.get("solo", SOLO)
     solo = bool(solo) and variants and (cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
-                           and gates * K_pad * K_pad * esize <= SOLO_MAX_W_BYTES and BB * K_pad <= 4096)
+                           and gates * K_pad * K_pad * esize <= SOLO_MAX_W_BYTES and gates * BB * K_pad <= 8192)
     if cpu or solo:
         BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid
     else:

@@ -760,7 +760,8 @@ def _cuda_variant_cases(want):
     """The LL exchange where plan() takes it: bf16 with W_hh resident (3 programs; 3 row blocks
     of 4) and streamed (48 programs at H 768), fp32 (64-bit words, streamed; 3 and 13 programs).
     (bf16 at B20 H200 keeps the barrier: a resident 32 x 256 row tile.) Solo plans: the RNN at
-    S1's B16 H256 (W_hh 128 KiB in one program), the LSTM at H 128 and H 37, 3 row blocks."""
+    S1's B16 H256 (W_hh 128 KiB in one program), the LSTM at H 128 and H 37, the RNN in 3 row
+    blocks (the LSTM's 4 x 64 x 64 gate tiles there are over the solo limit)."""
     for dtype, shapes in ((BF16, (CUDA_SHAPES[0], CUDA_SHAPES[3], CUDA_SHAPES[4])),
                           (F32, (CUDA_SHAPES[0], CUDA_SHAPES[1]))):
         for shape in shapes:
@@ -769,8 +770,7 @@ def _cuda_variant_cases(want):
                 if want == "ll":
                     yield pytest.param(cell, dtype, shape, id=f"{cell}-{DT_NAME[dtype]}-T{T}-B{B}-H{H}")
     for cell, dtype, shape in (("rnn", BF16, (9, 16, 32, 256, [9, 4] * 8)), ("lstm", BF16, (9, 16, 32, 128, None)),
-                               ("lstm", F16, CUDA_SHAPES[0]), ("rnn", BF16, CUDA_SHAPES[4]),
-                               ("lstm", BF16, CUDA_SHAPES[4])):
+                               ("lstm", F16, CUDA_SHAPES[0]), ("rnn", BF16, CUDA_SHAPES[4])):
         T, B, _, H, _ = shape
         if want == "solo":
             yield pytest.param(cell, dtype, shape, id=f"{cell}-{DT_NAME[dtype]}-T{T}-B{B}-H{H}")
