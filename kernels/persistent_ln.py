@@ -308,6 +308,22 @@ def _store_part(pp, pid, k, rl, val, NQ: tl.constexpr, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _store_stats(pp, pid, k, rl, v, cmask, n_own, NQ: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's LayerNorm partials of v's rows (_own_stats): S into slot k, M2 into k + 1."""
+    s, m2 = _own_stats(v, cmask, n_own)
+    _store_part(pp, pid, k, rl, s, NQ, BLOCK_B)
+    _store_part(pp, pid, k + 1, rl, m2, NQ, BLOCK_B)
+
+
+@triton.jit
+def _store_sums(pp, pid, k, rl, v, xh, NQ: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The two row sums a LayerNorm backward needs of v over this program's columns: Σ v into
+    slot k and Σ v x̂ (x̂ = xh, the normalised input) into slot k + 1."""
+    _store_part(pp, pid, k, rl, tl.sum(v, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, k + 1, rl, tl.sum(v * xh, axis=1), NQ, BLOCK_B)
+
+
+@triton.jit
 def _load_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     """part[p, k, :] of every program slot p < BLOCK_P as a [BLOCK_P, BLOCK_B] tile. No masks:
     slots p >= P are zero (the launcher zeroes the buffer; no program writes them), padded rows
@@ -538,18 +554,10 @@ def _ln_lstm_fwd_persistent_kernel(
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
         if STORE_GATES:
             _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
-        s, m2 = _own_stats(a_i, cmask, n_own)
-        _store_part(pp, pid, 0, rl, s, NQ, BLOCK_B)
-        _store_part(pp, pid, 1, rl, m2, NQ, BLOCK_B)
-        s, m2 = _own_stats(a_f, cmask, n_own)
-        _store_part(pp, pid, 2, rl, s, NQ, BLOCK_B)
-        _store_part(pp, pid, 3, rl, m2, NQ, BLOCK_B)
-        s, m2 = _own_stats(a_g, cmask, n_own)
-        _store_part(pp, pid, 4, rl, s, NQ, BLOCK_B)
-        _store_part(pp, pid, 5, rl, m2, NQ, BLOCK_B)
-        s, m2 = _own_stats(a_o, cmask, n_own)
-        _store_part(pp, pid, 6, rl, s, NQ, BLOCK_B)
-        _store_part(pp, pid, 7, rl, m2, NQ, BLOCK_B)
+        _store_stats(pp, pid, 0, rl, a_i, cmask, n_own, NQ, BLOCK_B)
+        _store_stats(pp, pid, 2, rl, a_f, cmask, n_own, NQ, BLOCK_B)
+        _store_stats(pp, pid, 4, rl, a_g, cmask, n_own, NQ, BLOCK_B)
+        _store_stats(pp, pid, 6, rl, a_o, cmask, n_own, NQ, BLOCK_B)
         if MERGE_C:
             _grid_barrier(sync_ptr, (2 * t + 1) * nprog)
         else:
@@ -588,9 +596,7 @@ def _ln_lstm_fwd_persistent_kernel(
             x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
             _grid_barrier(sync_ptr, (2 * t + 2) * nprog)
         else:
-            s, m2 = _own_stats(c_new, cmask, n_own)
-            _store_part(pp, pid, 8, rl, s, NQ, BLOCK_B)
-            _store_part(pp, pid, 9, rl, m2, NQ, BLOCK_B)
+            _store_stats(pp, pid, 8, rl, c_new, cmask, n_own, NQ, BLOCK_B)
             _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
 
             # ---- phase 3: the cell LayerNorm, h_t; publish
@@ -776,10 +782,8 @@ def _ln_lstm_bwd_persistent_kernel(
         dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
         u = dz * cw[None, :]
         v_o = dy_o * gw_o[None, :]
-        _store_part(pp, pid, 0, rl, tl.sum(u, axis=1), NQ, BLOCK_B)
-        _store_part(pp, pid, 1, rl, tl.sum(u * chat, axis=1), NQ, BLOCK_B)
-        _store_part(pp, pid, 2, rl, tl.sum(v_o, axis=1), NQ, BLOCK_B)
-        _store_part(pp, pid, 3, rl, tl.sum(v_o * xh_o, axis=1), NQ, BLOCK_B)
+        _store_sums(pp, pid, 0, rl, u, chat, NQ, BLOCK_B)
+        _store_sums(pp, pid, 2, rl, v_o, xh_o, NQ, BLOCK_B)
         _acc_cols(pcw, tl.sum(dz * chat, axis=0), amask, cmask)
         _acc_cols(pcb, tl.sum(dz, axis=0), amask, cmask)
         _acc_cols(pg + 3 * H, tl.sum(dy_o * xh_o, axis=0), amask, cmask)
@@ -872,12 +876,9 @@ def _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f
     v_i = dy_i * gw_i[None, :]
     v_f = dy_f * gw_f[None, :]
     v_g = dy_g * gw_g[None, :]
-    _store_part(pp, pid, 4, rl, tl.sum(v_i, axis=1), NQ, BLOCK_B)
-    _store_part(pp, pid, 5, rl, tl.sum(v_i * xh_i, axis=1), NQ, BLOCK_B)
-    _store_part(pp, pid, 6, rl, tl.sum(v_f, axis=1), NQ, BLOCK_B)
-    _store_part(pp, pid, 7, rl, tl.sum(v_f * xh_f, axis=1), NQ, BLOCK_B)
-    _store_part(pp, pid, 8, rl, tl.sum(v_g, axis=1), NQ, BLOCK_B)
-    _store_part(pp, pid, 9, rl, tl.sum(v_g * xh_g, axis=1), NQ, BLOCK_B)
+    _store_sums(pp, pid, 4, rl, v_i, xh_i, NQ, BLOCK_B)
+    _store_sums(pp, pid, 6, rl, v_f, xh_f, NQ, BLOCK_B)
+    _store_sums(pp, pid, 8, rl, v_g, xh_g, NQ, BLOCK_B)
     _acc_cols(pg, tl.sum(dy_i * xh_i, axis=0), amask, cmask)
     _acc_cols(pg + H, tl.sum(dy_f * xh_f, axis=0), amask, cmask)
     _acc_cols(pg + 2 * H, tl.sum(dy_g * xh_g, axis=0), amask, cmask)

@@ -354,16 +354,14 @@ if triton is not None:
     def _parts_test_kernel(v_ptr, part_ptr, mean_ptr, rstd_ptr, sum_ptr, P, H, eps,
                            BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, NQ: tl.constexpr):
         # P virtual programs, one after another: each writes the partials of its BLOCK_H columns
-        # of v [BLOCK_B, H] exactly as the kernels do (_own_stats, _store_part; slots 0, 1 and a
+        # of v [BLOCK_B, H] exactly as the kernels do (_store_stats: slots 0, 1; and a
         # plain row sum in slot 2), then the combine reads all of them (_gate_stats, _sum_parts)
         rl = tl.arange(0, BLOCK_B)
         for p in range(P):
             cols = p * BLOCK_H + tl.arange(0, BLOCK_H)
             cmask = cols < H
             v = tl.load(v_ptr + rl[:, None] * H + cols[None, :], mask=cmask[None, :], other=0.0)
-            s, m2 = PLK._own_stats(v, cmask, tl.minimum(H - p * BLOCK_H, BLOCK_H))
-            PLK._store_part(part_ptr, p, 0, rl, s, NQ, BLOCK_B)
-            PLK._store_part(part_ptr, p, 1, rl, m2, NQ, BLOCK_B)
+            PLK._store_stats(part_ptr, p, 0, rl, v, cmask, tl.minimum(H - p * BLOCK_H, BLOCK_H), NQ, BLOCK_B)
             PLK._store_part(part_ptr, p, 2, rl, tl.sum(tl.where(cmask[None, :], v * v, 0.0), axis=1), NQ, BLOCK_B)
         cnt = PLK._block_counts(P, H, BLOCK_H, BLOCK_P)
         mean, rstd = PLK._gate_stats(part_ptr, 0, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
