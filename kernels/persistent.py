@@ -23,8 +23,10 @@ Design
     c and its own h columns (forward), the carried gradients gh, gc (backward).
     W_hh slice, RESIDENT=True: loaded once, before the time loop, as one [K_pad, BLOCK_H] tile
     per gate (forward: W_q[j, k]; backward: W_q[k, j], K_pad = next_pow2(H)), so one tl.dot per
-    gate and step. Triton keeps these tiles in shared memory (in the TTGIR of an sm_90 compile the
-    local_alloc sits before the time loop; each step local_loads the mma operand). RESIDENT=False:
+    gate and step; or, past the whole tile's limits, as NK = Plan.w_chunks tiles of BLOCK_K rows
+    per gate (a tuple, unrolled at compile time: W_CHUNKED), the row then read chunk by chunk.
+    Triton keeps these tiles in shared memory (in the TTGIR of an sm_90 compile the local_allocs
+    sit before the time loop; each step local_loads the mma operand). RESIDENT=False:
     BLOCK_K chunks re-read from global memory (L2) every step, the step kernel's loop: fp64 (an
     FMA product [BLOCK_B, BLOCK_K, BLOCK_H]), fp32 without TF32 on a GPU (tl.dot lowers to FMAs),
     and slices or row tiles over the limits below.
@@ -107,7 +109,8 @@ W_RESIDENT_MAX_BYTES = 64 * 1024
 ROW_TILE_MAX_ELEMS = 32 * 1024
 # ... and K_pad = next_pow2(H) at most 512: at H=768 (S4) the resident tile pads K to 1024 (a third
 # more work) and the RNN forward spilled (255 regs + 208 B stack at 8 warps); streaming in
-# BLOCK_K=64 chunks compiled without spills (253 regs at 8 warps).
+# BLOCK_K=64 chunks compiled without spills (253 regs at 8 warps). (Past these two limits W_hh
+# can still stay on chip, in chunks: W_CHUNKED below.)
 RESIDENT_MAX_K = 512
 # Overrides of plan()'s choices on CUDA, for bench/persistent_tune.py (which times each variant):
 # {"BLOCK_H": 16 | 32 | 64, "num_warps": 4 | 8 | 16}. Empty: plan()'s rules. Process-wide; not
@@ -130,6 +133,24 @@ LL_SYNC = False
 # PLAN_OVERRIDE["solo"] is a variant of bench/persistent_tune.py.
 SOLO = False
 SOLO_MAX_W_BYTES = 128 * 1024
+# W_hh slices over the whole-tile limits (K_pad > RESIDENT_MAX_K, or the row tile over
+# ROW_TILE_MAX_ELEMS) kept on chip anyway, as ceil(H / CHUNK_K) tiles of CHUNK_K rows per gate,
+# each step's row read chunk by chunk from L2 as on the streamed path ("w_chunks" plans). At S4
+# (B16 H768, 48 programs of BLOCK_H = 16) the streamed path re-reads each program's 96 KiB of
+# W_hh from L2 every step, next to 24 KiB (forward) or 96 KiB (backward) of rows; this keeps the
+# 96 KiB in shared memory. sm_90 compiles at S4 (bf16, 8 warps, lengths; registers, Triton 3.9 /
+# 3.6, against the streamed plan's; no spill anywhere): LSTM fwd 144 / 160 (streamed 174 / 180),
+# bwd 255 / 245 (123 / 116), RNN fwd 80 / 128 (125 / 126), bwd 99 / 128 (64 / 64); 98 KiB of
+# shared memory for the LSTM, 26-28 KiB for the RNN. Where the row elements a step exceed
+# CHUNKED_ROW_MAX_ELEMS the compiler hoists the chunk loads (all issued up front) and runs out of
+# registers: a B64 H512 backward (128K elements) took 255 registers and spilled ~1 KB under
+# Triton 3.6, a B128 H1024 forward (128K) 168-1608 B. UNMEASURED on a GPU; on by default inside
+# the persistent path (itself opt-in); PLAN_OVERRIDE["chunked"] = False is the tuner's variant
+# with W_hh streamed.
+W_CHUNKED = True
+CHUNK_K = 64
+CHUNKED_W_MAX_BYTES = 96 * 1024
+CHUNKED_ROW_MAX_ELEMS = 48 * 1024
 # Cooperative launch on CUDA (see the module docstring). A switch so that a GPU session can turn
 # it off if the installed Triton rejects the option.
 COOPERATIVE_LAUNCH = True
@@ -157,6 +178,9 @@ class Plan:
     row_blocks: int = 1  # R: the grid is (programs, row_blocks)
     ll: bool = False  # exchange rows through the tagged ring (_ll_put / _ll_get), no barrier
     solo: bool = False  # one program per row block, all of W_hh resident, the row kept in registers
+    # resident plans: the slice as w_chunks tiles of BLOCK_K per gate (1: one [K_pad, BLOCK_H]
+    # tile; more: W_CHUNKED, the rows then read chunk by chunk like the streamed path's)
+    w_chunks: int = 1
 
     @property
     def total(self) -> int:
@@ -224,7 +248,21 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     resident = (mma and (w_bytes <= W_RESIDENT_MAX_BYTES or solo) and row_elems <= ROW_TILE_MAX_ELEMS
                 and (cpu or K_pad <= RESIDENT_MAX_K))
     solo = solo and resident  # (on a GPU the limits above imply it; the interpreter's fp64 is not)
-    if resident:
+    ll = PLAN_OVERRIDE.get("ll", LL_SYNC) if not cpu else LL_SYNC
+    ll = bool(ll) and variants and not fp64 and not solo
+    word_bytes = 8 if esize == 4 else 4  # an LL word (see below)
+    nk = triton.cdiv(H, CHUNK_K)
+    chunk_rows = (gates if direction == "bwd" else 1) * BB * nk * CHUNK_K  # row elements a step
+    chunked = PLAN_OVERRIDE.get("chunked", W_CHUNKED) if not cpu else W_CHUNKED
+    # (with the LL exchange the row's words: the S4 LSTM backward's 48K words spilled 1160 B under
+    # Triton 3.6 (none under 3.9), its forward's and the RNN's 12K did not: LL keeps the streamed
+    # W_hh there rather than give up either)
+    chunked = (bool(chunked) and variants and not cpu and not resident and mma
+               and gates * nk * CHUNK_K * BH * esize <= CHUNKED_W_MAX_BYTES and chunk_rows <= CHUNKED_ROW_MAX_ELEMS
+               and (not ll or chunk_rows * word_bytes <= 64 * 1024))
+    if chunked:
+        resident, BK = True, CHUNK_K
+    elif resident:
         BK = K_pad
     elif fp64:
         BK = 8  # the FMA product [BLOCK_B, BLOCK_K, BLOCK_H]
@@ -237,7 +275,6 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
         BK = pow2_block(K, 16, (32 if BB * BH >= 2048 else 64) if mma else 32)
     # 4 warps spilled at B=64 and at H=768 (255 regs + 360-528 B stack); 8 did not (sm_90 compiles)
     num_warps = 4 if BB * K_pad <= 4096 and w_bytes <= 16 * 1024 else 8
-    ll = PLAN_OVERRIDE.get("ll", LL_SYNC) if not cpu else LL_SYNC
     # The LL exchange waits on 32-bit words (16-bit values): twice the registers of the row tile
     # it replaces. sm_90 compiles (Triton 3.9, bf16, lengths; registers + spilled bytes, LL vs
     # barrier): S1 LSTM fwd 208 / 210, bwd 191 / 206, none; S4 (streamed) LSTM 171 / 174 and
@@ -247,14 +284,14 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     # 24-36 B) or are streamed, and the tile per program under 2048; fp64 never (a tagged word
     # would take 128 bits). The RNN at S1 spilled 8-16 B at 4 warps, none at 8. (No such limit in
     # the interpreter.)
-    word_bytes = 8 if esize == 4 else 4
-    ll = bool(ll) and variants and not fp64 and not solo and (
-        cpu or (BB * BH < 2048 and (not resident or BB * K_pad * word_bytes <= 16 * 1024)))
+    ll = ll and (
+        cpu or (BB * BH < 2048 and (not resident or chunked or BB * K_pad * word_bytes <= 16 * 1024)))
     if ll or (solo and not cpu):
         num_warps = 8
     if not cpu:
         num_warps = PLAN_OVERRIDE.get("num_warps", num_warps)
-    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R, ll, solo), ""
+    return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R, ll, solo,
+                nk if chunked else 1), ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,27 +361,43 @@ def _ll_get(ring_ptr, off, mask, tag, WT: tl.constexpr):
 
 
 @triton.jit
-def _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K: tl.constexpr):
-    """The forward's resident W_hh slice, loaded once: tile q holds W_q[j, k] at [k, j]
-    (w_q: the offsets of the rows (q H + j) H of this program's units j)."""
-    kr = tl.arange(0, BLOCK_K)
-    wm = (kr < H)[:, None] & cmask[None, :]
-    return (tl.load(w_ptr + w_i[None, :] + kr[:, None], mask=wm, other=0.0),
-            tl.load(w_ptr + w_f[None, :] + kr[:, None], mask=wm, other=0.0),
-            tl.load(w_ptr + w_g[None, :] + kr[:, None], mask=wm, other=0.0),
-            tl.load(w_ptr + w_o[None, :] + kr[:, None], mask=wm, other=0.0))
+def _w_tiles(w_ptr, col_off, k_base, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr, TRANS: tl.constexpr):
+    """NK tiles [BLOCK_K, BLOCK_H] of a resident W_hh slice, loaded once, as a tuple; tile kc
+    holds, for the k of chunk kc (0 from H on) at [k - kc BLOCK_K, j]: W_hh[k_base + k, col_off[j]]
+    (TRANS) or element col_off[j] + k (col_off: the offsets of W_hh rows). NK = 1: one tile of
+    BLOCK_K = K_pad; NK > 1: Plan.w_chunks (the tuple is unrolled at compile time; Triton keeps
+    every tile in shared memory, see plan()). (The two address forms are the ones the whole-tile
+    kernels had: sm_90 registers depend on them.)"""
+    ws = ()
+    for kc in tl.static_range(NK):
+        ks = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        wm = (ks < H)[:, None] & cmask[None, :]
+        if TRANS:
+            p = w_ptr + ((ks + k_base).to(tl.int64) * H)[:, None] + col_off[None, :]
+        else:
+            p = w_ptr + col_off[None, :] + ks[:, None]
+        ws = ws + (tl.load(p, mask=wm, other=0.0),)
+    return ws
 
 
 @triton.jit
-def _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K: tl.constexpr):
-    """The backward's resident W_hh slice, loaded once: tile q holds W_q[k, j] = W_hh[q H + k, j]
-    at [k, j]."""
-    kr = tl.arange(0, BLOCK_K)
-    wm = (kr < H)[:, None] & cmask[None, :]
-    return (tl.load(w_ptr + (kr.to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0),
-            tl.load(w_ptr + ((kr + H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0),
-            tl.load(w_ptr + ((kr + 2 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0),
-            tl.load(w_ptr + ((kr + 3 * H).to(tl.int64) * H)[:, None] + cols[None, :], mask=wm, other=0.0))
+def _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr):
+    """The forward's resident W_hh slice, loaded once: for each gate q, NK tiles (_w_tiles) of
+    W_q[j, k] at [k, j] (w_q: the offsets of the rows (q H + j) H of this program's units j)."""
+    return (_w_tiles(w_ptr, w_i, 0, cmask, H, BLOCK_K, NK, False),
+            _w_tiles(w_ptr, w_f, 0, cmask, H, BLOCK_K, NK, False),
+            _w_tiles(w_ptr, w_g, 0, cmask, H, BLOCK_K, NK, False),
+            _w_tiles(w_ptr, w_o, 0, cmask, H, BLOCK_K, NK, False))
+
+
+@triton.jit
+def _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr):
+    """The backward's resident W_hh slice, loaded once: one tuple of 4 NK tiles, tile q NK + kc
+    holding W_q[k, j] = W_hh[q H + k, j] at [k - kc BLOCK_K, j]."""
+    ws = ()
+    for q in tl.static_range(4):
+        ws = ws + _w_tiles(w_ptr, cols, q * H, cmask, H, BLOCK_K, NK, True)
+    return ws
 
 
 @triton.jit
@@ -361,33 +414,32 @@ def _row_chunk(ptr, row, ks, mask, ring_ptr, r_row, tag, LL: tl.constexpr, WT: t
 @triton.jit
 def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, tag, LL: tl.constexpr,
                     ACC: tl.constexpr, RESIDENT: tl.constexpr, FMA: tl.constexpr, IEEE: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                    UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                    NK: tl.constexpr):
     """dG_{t+1} W_hh on this program's columns: the rows dg_row of dG (every program's dG_{t+1},
     published before the barrier; or r_row of the LL ring, tag t+1) times the resident tiles
-    ``wr`` (_w_tiles_bwd; None when not RESIDENT) or W_hh streamed in BLOCK_K chunks of the
-    K = 4H reduction."""
+    ``wr`` (_w_tiles_bwd, NK per gate; None when not RESIDENT) or W_hh streamed in BLOCK_K
+    chunks of the K = 4H reduction. Both take the chunks in the same order (gate by gate), so
+    where BLOCK_K divides H they sum the same products in the same order."""
     WT = w_ptr.dtype.element_ty
     G = 4 * H
     carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     if RESIDENT:
         kr = tl.arange(0, BLOCK_K)
-        dm = rmask[:, None] & (kr < H)[None, :]
+        # (one base pointer for every load, moved by scalar offsets: fewer registers than one
+        # address tile per gate)
         if LL:
-            r_off = r_row[:, None] + kr[None, :]
-            carry = _mm(_ll_get(ring_ptr, r_off, dm, tag, WT), wr[0], carry, FMA, IEEE, UPCAST)
-            carry = _mm(_ll_get(ring_ptr, r_off + H, dm, tag, WT), wr[1], carry, FMA, IEEE, UPCAST)
-            carry = _mm(_ll_get(ring_ptr, r_off + 2 * H, dm, tag, WT), wr[2], carry, FMA, IEEE, UPCAST)
-            carry = _mm(_ll_get(ring_ptr, r_off + 3 * H, dm, tag, WT), wr[3], carry, FMA, IEEE, UPCAST)
-        else:  # (one base pointer for the four loads: fewer registers than four address tiles)
+            d_off = r_row[:, None] + kr[None, :]
+        else:
             d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
-            carry = _mm(tl.load(d_ptr, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[0], carry, FMA, IEEE,
-                        UPCAST)
-            carry = _mm(tl.load(d_ptr + H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[1], carry, FMA,
-                        IEEE, UPCAST)
-            carry = _mm(tl.load(d_ptr + 2 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[2], carry, FMA,
-                        IEEE, UPCAST)
-            carry = _mm(tl.load(d_ptr + 3 * H, mask=dm, other=0.0, cache_modifier=".cg").to(WT), wr[3], carry, FMA,
-                        IEEE, UPCAST)
+        for q in tl.static_range(4):
+            for kc in tl.static_range(NK):
+                dm = rmask[:, None] & (kc * BLOCK_K + kr < H)[None, :]
+                if LL:
+                    v = _ll_get(ring_ptr, d_off + (q * H + kc * BLOCK_K), dm, tag, WT)
+                else:
+                    v = tl.load(d_ptr + (q * H + kc * BLOCK_K), mask=dm, other=0.0, cache_modifier=".cg").to(WT)
+                carry = _mm(v, wr[q * NK + kc], carry, FMA, IEEE, UPCAST)
     else:
         for k0 in range(0, G, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -422,7 +474,7 @@ def _lstm_fwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, ACC: tl.constexpr, LL: tl.constexpr,
     SOLO: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)  # the programs of this row block
@@ -441,8 +493,7 @@ def _lstm_fwd_persistent_kernel(
     w_o = (cols + 3 * H).to(tl.int64) * H
     if RESIDENT:  # the slice, once
         kr = tl.arange(0, BLOCK_K)
-        krm = kr < H
-        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K)
+        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K, NK)
 
     b_off = (rows * H)[:, None] + cols[None, :]
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
@@ -464,14 +515,17 @@ def _lstm_fwd_persistent_kernel(
         a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            if SOLO:
-                hk = h_op
-            else:
-                hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
-            a_i = _mm(hk, wr_i, a_i, FMA, IEEE, UPCAST)
-            a_f = _mm(hk, wr_f, a_f, FMA, IEEE, UPCAST)
-            a_g = _mm(hk, wr_g, a_g, FMA, IEEE, UPCAST)
-            a_o = _mm(hk, wr_o, a_o, FMA, IEEE, UPCAST)
+            for kc in tl.static_range(NK):  # (NK = 1 but for w_chunks plans; SOLO: always 1)
+                if SOLO:
+                    hk = h_op
+                else:
+                    ks = kc * BLOCK_K + kr
+                    hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
+                                    WT)
+                a_i = _mm(hk, wr_i[kc], a_i, FMA, IEEE, UPCAST)
+                a_f = _mm(hk, wr_f[kc], a_f, FMA, IEEE, UPCAST)
+                a_g = _mm(hk, wr_g[kc], a_g, FMA, IEEE, UPCAST)
+                a_o = _mm(hk, wr_o[kc], a_o, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -537,7 +591,7 @@ def _lstm_bwd_persistent_kernel(
     T, B, H,
     HAS_LENGTHS: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)  # the programs of this row block
@@ -552,7 +606,7 @@ def _lstm_bwd_persistent_kernel(
     zero64 = tl.zeros([], dtype=tl.int64)
     wr = None
     if RESIDENT:  # the slice, once
-        wr = _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K)
+        wr = _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K, NK)
 
     if HAS_LENGTHS:
         L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
@@ -593,14 +647,14 @@ def _lstm_bwd_persistent_kernel(
         nvalid = (t64 + 1 < L)[:, None]
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
         r_row = (((t64 + 1) % 2) * B + rows) * G  # the same row in the LL ring
-        if SOLO:
+        if SOLO:  # (NK = 1)
             carry = _mm(d_i, wr[0], tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC), FMA, IEEE, UPCAST)
             carry = _mm(d_f, wr[1], carry, FMA, IEEE, UPCAST)
             carry = _mm(d_g, wr[2], carry, FMA, IEEE, UPCAST)
             carry = _mm(d_o, wr[3], carry, FMA, IEEE, UPCAST)
         else:
             carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, t64 + 1, LL,
-                                    ACC, RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K)
+                                    ACC, RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K, NK)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
         dc = tl.where(valid, gc, 0.0)
@@ -660,7 +714,7 @@ def _rnn_fwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr,
     RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)  # the programs of this row block
@@ -672,10 +726,9 @@ def _rnn_fwd_persistent_kernel(
     WT = w_ptr.dtype.element_ty
     zero64 = tl.zeros([], dtype=tl.int64)
     w_row = cols.to(tl.int64) * H  # W_hh row j
-    if RESIDENT:  # W_hh[j, k] at [k, j]
+    if RESIDENT:  # W_hh[j, k] at [k, j], NK tiles
         kr = tl.arange(0, BLOCK_K)
-        krm = kr < H
-        wr = tl.load(w_ptr + w_row[None, :] + kr[:, None], mask=krm[:, None] & cmask[None, :], other=0.0)
+        wr = _w_tiles(w_ptr, w_row, 0, cmask, H, BLOCK_K, NK, False)
 
     b_off = (rows * H)[:, None] + cols[None, :]
     h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0)
@@ -691,13 +744,16 @@ def _rnn_fwd_persistent_kernel(
         r_row = ((t64 % 2) * B + rows) * H  # the same row in the LL ring
         pre = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            if SOLO:  # this program owns every column: h_{t-1} is its own, in registers; the padding
-                # columns as the barrier path reads them (0): an inf there would meet W_hh's zero
-                # rows k >= H as inf x 0 = NaN in every column
-                hk = tl.where(mask, h_own, 0.0).to(WT)
-            else:
-                hk = _row_chunk(hs_ptr, h_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64, LL, WT)
-            pre = _mm(hk, wr, pre, FMA, IEEE, UPCAST)
+            for kc in tl.static_range(NK):  # (SOLO: NK = 1)
+                if SOLO:  # this program owns every column: h_{t-1} is its own, in registers; the
+                    # padding columns as the barrier path reads them (0): an inf there would meet
+                    # W_hh's zero rows k >= H as inf x 0 = NaN in every column
+                    hk = tl.where(mask, h_own, 0.0).to(WT)
+                else:
+                    ks = kc * BLOCK_K + kr
+                    hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
+                                    WT)
+                pre = _mm(hk, wr[kc], pre, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -746,7 +802,7 @@ def _rnn_bwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr,
     RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)  # the programs of this row block
@@ -757,11 +813,9 @@ def _rnn_bwd_persistent_kernel(
     ACC = gh_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     zero64 = tl.zeros([], dtype=tl.int64)
-    if RESIDENT:  # W_hh[k, j] at [k, j]
+    if RESIDENT:  # W_hh[k, j] at [k, j], NK tiles
         kr = tl.arange(0, BLOCK_K)
-        krm = kr < H
-        wr = tl.load(w_ptr + (kr.to(tl.int64) * H)[:, None] + cols[None, :], mask=krm[:, None] & cmask[None, :],
-                     other=0.0)
+        wr = _w_tiles(w_ptr, cols, 0, cmask, H, BLOCK_K, NK, True)
 
     if HAS_LENGTHS:
         L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
@@ -787,11 +841,14 @@ def _rnn_bwd_persistent_kernel(
         dp_row = ((t64 + 1) * B + rows) * H
         r_row = (((t64 + 1) % 2) * B + rows) * H  # the same row in the LL ring
         if RESIDENT:
-            if SOLO:
-                dpk = dp_op
-            else:
-                dpk = _row_chunk(dp_ptr, dp_row, kr, rmask[:, None] & krm[None, :], ring_ptr, r_row, t64 + 1, LL, WT)
-            carry = _mm(dpk, wr, carry, FMA, IEEE, UPCAST)
+            for kc in tl.static_range(NK):  # (SOLO: NK = 1)
+                if SOLO:
+                    dpk = dp_op
+                else:
+                    ks = kc * BLOCK_K + kr
+                    dpk = _row_chunk(dp_ptr, dp_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64 + 1,
+                                     LL, WT)
+                carry = _mm(dpk, wr[kc], carry, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -872,6 +929,8 @@ def _check_plan(pl: Plan, B: int, H: int, device) -> None:
     # the deadlock guard, again at the launch (a Plan may come from a caller)
     assert pl.row_blocks == triton.cdiv(B, pl.BLOCK_B), "one row block per BLOCK_B batch rows"
     assert pl.programs * pl.BLOCK_H >= H and pl.programs == triton.cdiv(H, pl.BLOCK_H)
+    assert pl.w_chunks == 1 or (pl.resident and not pl.solo and pl.w_chunks == triton.cdiv(H, pl.BLOCK_K)), \
+        "w_chunks tiles of BLOCK_K cover H"
     device = torch.device(device)
     needed = pl.total if device.type == "cuda" else pl.programs
     if not grid_fits(needed, max_programs(device)):
@@ -888,7 +947,7 @@ def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, cs, gates, lengths, sync, ring, T, B, H,
         SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, **_launch_opts(xp.device, pl),
     )
     _record("lstm_fwd", k)
 
@@ -902,7 +961,7 @@ def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, iee
     k = _lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, ring, T, B, H,
         SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, **_launch_opts(dout.device, pl),
     )
     _record("lstm_bwd", k)
 
@@ -916,7 +975,7 @@ def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) 
     k = _rnn_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, out, lengths, sync, ring, T, B, H,
         RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(xp.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, **_launch_opts(xp.device, pl),
     )
     _record("rnn_fwd", k)
 
@@ -930,6 +989,6 @@ def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upc
     k = _rnn_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         w_hh, hs, dout, dP, gh, lengths, sync, ring, T, B, H,
         RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, **_launch_opts(dout.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, **_launch_opts(dout.device, pl),
     )
     _record("rnn_bwd", k)

@@ -485,7 +485,7 @@ def _ln_lstm_fwd_persistent_kernel(
     if RESIDENT:  # the slice, once
         kr = tl.arange(0, BLOCK_K)
         krm = kr < H
-        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K)
+        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K, 1)  # one tile each
 
     b_off = (rows * H)[:, None] + cols[None, :]
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
@@ -529,10 +529,10 @@ def _ln_lstm_fwd_persistent_kernel(
             else:
                 hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
                              cache_modifier=".cg").to(WT)
-            a_i = _mm(hk, wr_i, a_i, FMA, IEEE, UPCAST)
-            a_f = _mm(hk, wr_f, a_f, FMA, IEEE, UPCAST)
-            a_g = _mm(hk, wr_g, a_g, FMA, IEEE, UPCAST)
-            a_o = _mm(hk, wr_o, a_o, FMA, IEEE, UPCAST)
+            a_i = _mm(hk, wr_i[0], a_i, FMA, IEEE, UPCAST)
+            a_f = _mm(hk, wr_f[0], a_f, FMA, IEEE, UPCAST)
+            a_g = _mm(hk, wr_g[0], a_g, FMA, IEEE, UPCAST)
+            a_o = _mm(hk, wr_o[0], a_o, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -723,7 +723,7 @@ def _ln_lstm_bwd_persistent_kernel(
     zero64 = tl.zeros([], dtype=tl.int64)
     wr = None
     if RESIDENT:  # the slice, once
-        wr = _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K)
+        wr = _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K, 1)
     # LN parameter gradients of the own columns, summed over rows and steps: accumulated in row
     # r = pid_b of the [R', G] / [R', H] buffers, which only this program touches at these
     # columns (read-modify-write once per step, the read of the first step skipped: the old
@@ -759,7 +759,7 @@ def _ln_lstm_bwd_persistent_kernel(
         # ---- phase 1: carried gradient, the cell LayerNorm's and the o gate's row sums
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
         carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, None, None, None, False, ACC,
-                                RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K)
+                                RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K, 1)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
         dc = tl.where(valid, gc, 0.0)
@@ -964,6 +964,7 @@ def fwd_barriers_per_step(pl: Plan, H: int) -> int:
 
 def _check_ln_plan(pl: Plan, B: int, H: int, device) -> int:
     _check_plan(pl, B, H, device)  # the deadlock guard (co-residency), as persistent.py's
+    assert pl.w_chunks == 1 and not pl.ll and not pl.solo, "the LN kernels: whole-tile or streamed W_hh, barriers"
     bp = block_p(pl.programs)
     assert bp >= pl.programs
     return bp

@@ -215,6 +215,53 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     assert not p64.ll and not p64.solo  # fp64: neither
 
 
+@requires_kernels
+@pytest.mark.skipif(HAS_CUDA, reason="forces single-program (interpreter) plans; on a GPU plan() takes w_chunks "
+                    "plans itself (S4), which the CUDA tests below run")
+@pytest.mark.parametrize("ll", [False, True], ids=["barrier", "ll"])
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch):
+    """W_hh kept on chip as w_chunks tiles of BLOCK_K rows per gate, the rows read chunk by chunk
+    (W_CHUNKED plans; plan() takes them only on a GPU, so they are forced here): bit for bit the
+    streamed path with the same BLOCK_K (the same products summed in the same order: BLOCK_K = 16
+    divides H = 32, so the backward's chunks of 4H never straddle two gates), with or without the
+    LL exchange; and at H = 37 (a partial last chunk) close to the step path."""
+    from dataclasses import replace
+
+    from fused_rnn.kernels import persistent
+
+    real = persistent.plan
+    force = {}
+
+    def plan(*a, **k):
+        pl, why = real(*a, **k)
+        return (replace(pl, **force) if pl is not None else pl), why
+
+    monkeypatch.setattr(persistent, "plan", plan)
+    monkeypatch.setattr(persistent, "LL_SYNC", ll)
+    launched = []
+    for name in (f"{cell}_fwd_loop", f"{cell}_bwd_loop"):
+        def spy(pl, *a, _real=getattr(persistent, name), **k):
+            launched.append(pl)
+            return _real(pl, *a, **k)
+        monkeypatch.setattr(persistent, name, spy)
+    for H, lengths in ((32, [4, 2, 0]), (37, None)):
+        ins, L, ups = make_case(cell, 4, 3, 5, H, dtype, True, lengths)
+        nk = -(-H // 16)
+        force.update(resident=False, BLOCK_K=16, w_chunks=1, num_stages=3)
+        streamed = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+        force.update(resident=True, BLOCK_K=16, w_chunks=nk, num_stages=1)
+        chunked = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
+        assert [(pl.resident, pl.w_chunks, pl.ll) for pl in launched[-4:]] == [(False, 1, ll)] * 2 + [(True, nk, ll)] * 2
+        if H == 32:
+            for i, (a, b) in enumerate(zip(chunked, streamed)):
+                assert not torch.isnan(a).any() and torch.equal(a, b), f"H {H} output {i}: rel err {rel_err(a, b):.2e}"
+        else:
+            step = fwd_bwd(runner(cell, "step"), ins, L, ups)
+            assert_close(chunked, step, 1e-6 if dtype == F32 else 1e-2, f"H {H} vs step path")
+
+
 @pytest.mark.skipif(not INTERPRET or HAS_CUDA, reason="the CPU lane under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "fp16", "fp32"])
 def test_ll_words_round_trip_every_value_and_tag(dtype):
@@ -442,8 +489,8 @@ def test_plan_grid_fits_the_sms():
     assert pl.resident and pl.programs == 32
     pl, _ = _plan("lstm", "bwd", 64, 512, BF16, cuda, limit=132)  # 4 x 64 x 512 row elements: streamed
     assert not pl.resident and pl.BLOCK_K == 64
-    pl, _ = _plan("lstm", "fwd", 16, 768, BF16, cuda, limit=132)  # S4: K_pad 1024 > 512: streamed
-    assert not pl.resident
+    pl, _ = _plan("lstm", "fwd", 16, 768, BF16, cuda, limit=132)  # S4: K_pad 1024 > 512: chunks of W_hh
+    assert pl.resident and (pl.BLOCK_K, pl.w_chunks) == (64, 12)
     pl, _ = _plan("lstm", "fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: FMA dots
     assert not pl.resident
     pl, _ = _plan("lstm", "fwd", 16, 256, F32, cuda, limit=132, allow_tf32=True)
@@ -468,6 +515,46 @@ def test_plan_override_for_the_tuner(monkeypatch):
     assert pl is None and "BLOCK_H=16" in why
     pl, _ = _plan("lstm", "fwd", 5, 37, F32, "cpu")
     assert pl.programs == 1 and pl.BLOCK_H >= 37
+
+
+def test_plan_chunk_resident_rules(monkeypatch):
+    """Where the whole-tile resident path is over its limits, plan() keeps W_hh on chip in
+    CHUNK_K-row tiles (w_chunks per gate) if the slice fits CHUNKED_W_MAX_BYTES and a step's rows
+    CHUNKED_ROW_MAX_ELEMS; never on the CPU, for the LN kernels (variants=False), without tensor
+    cores, or where the LL exchange's words would not fit; PLAN_OVERRIDE["chunked"] = False (the
+    tuner's variant) and W_CHUNKED = False give the streamed plan."""
+    from fused_rnn.kernels import persistent as P
+
+    cuda = torch.device("cuda", 0)
+
+    def chunks(*a, **k):
+        pl, _ = _plan(*a, **k)
+        return pl.w_chunks if pl.resident else 0
+
+    for cell in ("lstm", "rnn"):  # S4, both directions: 768 = 12 x 64, 96 KiB (LSTM) of W_hh
+        assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132) == 12
+        assert chunks(cell, "bwd", 16, 768, BF16, cuda, limit=132) == 12
+        assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132, variants=False) == 0
+        assert chunks(cell, "fwd", 16, 768, F32, cuda, limit=132) == 0  # fp32 IEEE: FMA dots, streamed
+    assert chunks("rnn", "fwd", 16, 768, F32, cuda, limit=132, allow_tf32=True) == 12  # 48 KiB
+    assert chunks("lstm", "fwd", 16, 768, F32, cuda, limit=132, allow_tf32=True) == 0  # 192 KiB
+    assert chunks("lstm", "bwd", 64, 512, BF16, cuda, limit=132) == 0  # 4 x 64 x 512 row elements
+    assert chunks("lstm", "fwd", 32, 768, BF16, cuda, limit=132) == 12  # 32 x 768 row elements
+    assert chunks("lstm", "bwd", 32, 768, BF16, cuda, limit=132) == 0  # 4 x 32 x 768
+    assert chunks("lstm", "fwd", 256, 1024, BF16, cuda, limit=132) == 0  # S3: 4 x 1024 x 32 x 2 B = 256 KiB
+    assert chunks("lstm", "fwd", 16, 256, BF16, cuda, limit=132) == 1  # S1: the whole tile
+    assert chunks("lstm", "fwd", 16, 768, BF16, "cpu") == 0  # the interpreter's one program: streamed
+    monkeypatch.setattr(P, "LL_SYNC", True)  # the LSTM backward's 48K words: LL, W_hh streamed
+    pl, _ = _plan("lstm", "bwd", 16, 768, BF16, cuda, limit=132)
+    assert pl.ll and not pl.resident
+    pl, _ = _plan("lstm", "fwd", 16, 768, BF16, cuda, limit=132)
+    assert pl.ll and pl.w_chunks == 12
+    monkeypatch.setattr(P, "LL_SYNC", False)
+    monkeypatch.setattr(P, "PLAN_OVERRIDE", {"chunked": False})
+    assert chunks("lstm", "fwd", 16, 768, BF16, cuda, limit=132) == 0
+    monkeypatch.setattr(P, "PLAN_OVERRIDE", {})
+    monkeypatch.setattr(P, "W_CHUNKED", False)
+    assert chunks("rnn", "bwd", 16, 768, BF16, cuda, limit=132) == 0
 
 
 def test_plan_cpu_is_one_program():
@@ -592,7 +679,7 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
         pytest.skip(f"no solo plan at {shape} {cell} {direction}: {pl}")
     assert (pl.ll, pl.solo) == (sync == "ll", sync == "solo")
     blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B,
-                  BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, HAS_LENGTHS=True, LL=pl.ll, SOLO=pl.solo)
+                  BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=pl.ll, SOLO=pl.solo)
     scalars = dict(len_ptr="*i64", T="i32", B="i32", H="i32")
     if pl.ll:
         scalars["ring_ptr"] = "*i32"
@@ -636,10 +723,20 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
         assert ".release" not in ptx and ".acquire" not in ptx
     else:
         _check_barrier_ptx(ptx)
+    # a resident slice stays in shared memory: its tiles (gates x w_chunks of them) are allocated
+    # there once, before the time loop (the first scf.for; static_range loops are unrolled)
+    ttgir = ck.asm["ttgir"]
+    loop = ttgir.index("scf.for")
+    n_tiles = (4 if cell == "lstm" else 1) * pl.w_chunks if pl.resident else 0
+    assert ttgir[:loop].count("ttg.local_alloc") >= n_tiles, "W_hh tiles not kept in shared memory"
+    assert ck.metadata.shared <= 227 * 1024, f"{ck.metadata.shared} B of shared memory (an H100 block: 227 KiB)"
+    if shape == "S4" and sync == "barrier":  # W_hh chunk-resident (W_CHUNKED) at B16 H768
+        assert pl.resident and pl.w_chunks == 12 and pl.BLOCK_K == 64, pl
     usage = ptxas_usage(ck)
     if usage is not None:
         regs, spill = usage
-        print(f"{cell} {direction} {shape} {pl}: {regs} registers, {spill} bytes spilled")
+        print(f"{cell} {direction} {shape} {pl}: {regs} registers, {spill} bytes spilled, "
+              f"{ck.metadata.shared} B shared")
         assert spill <= (SM90_MAX_SPILL_SOLO if pl.solo else SM90_MAX_SPILL), f"{spill} bytes of registers spilled"
 
 
@@ -658,7 +755,7 @@ def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, monkeypatch):
     assert pl.ll, pl
     assert not P.plan(cell, direction, 16, 256, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)[0].ll
     blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                  BLOCK_K=pl.BLOCK_K, HAS_LENGTHS=True, LL=True, SOLO=False, sync_ptr=None)
+                  BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=True, SOLO=False, sync_ptr=None)
     sig = dict(len_ptr="*i64", ring_ptr="*i64", T="i32", B="i32", H="i32")
     if cell == "lstm" and direction == "fwd":
         kern = P._lstm_fwd_persistent_kernel
@@ -711,7 +808,7 @@ CUDA_SHAPES = [  # (T, B, I, H, lengths): 3, 13, 32 and 48 programs at BLOCK_H =
     (5, 3, 19, 37, [5, 2, 0]),
     (9, 20, 16, 200, [9 - b % 5 for b in range(20)]),
     (12, 64, 48, 512, None),
-    (6, 16, 32, 768, [6] * 8 + [3] * 8),
+    (6, 16, 32, 768, [6] * 8 + [3] * 8),  # S4's plans: in 16 bits W_hh on chip in 12 chunks (W_CHUNKED)
     (4, 130, 16, 64, [4 - b % 5 for b in range(130)]),  # 3 row blocks x 4 programs, own barriers
 ]
 
@@ -745,6 +842,8 @@ def test_cuda_multi_program_matches_step(cell, nl, dtype, shape, spy):
     T, B, I, H, lengths = shape
     pl, why = persistent.plan(cell, "fwd", B, H, dtype, DEV)
     assert pl is not None and pl.programs > 1, why
+    if H == 768 and dtype in (BF16, F16):
+        assert pl.w_chunks == 12 and persistent.plan(cell, "bwd", B, H, dtype, DEV)[0].w_chunks == 12
     ins, L, ups = make_case(cell, T, B, I, H, dtype, True, lengths)
     ours = fwd_bwd(runner(cell, "persistent", nl), ins, L, ups)
     torch.cuda.synchronize()

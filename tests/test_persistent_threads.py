@@ -316,3 +316,41 @@ def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkey
     monkeypatch.setattr(persistent, "LL_SYNC", True)
     monkeypatch.setattr(persistent, "_ll_get", no_wait)
     assert _worst_vs_step("rnn") > 1e-3
+
+
+# W_hh chunk-resident plans (kernels.persistent.W_CHUNKED: the slice on chip as w_chunks tiles of
+# CHUNK_K rows per gate, each step's row read chunk by chunk), which plan() takes where the whole
+# tile is over its limits (S4 on an H100); here at small sizes by lowering those limits: whole
+# tiles only up to K_pad 16, chunks of 16 rows (3 at H 37, the last partial). With the barrier and
+# with the LL exchange (fp32: 64-bit words, bf16: 32-bit). (cell, T, B, I, H, lengths, dtype, ll)
+CHUNKED_CASES = [
+    ("lstm", 4, 3, 5, 37, [4, 2, 0], F32, False),
+    ("rnn", 4, 3, 5, 37, None, F32, False),
+    ("lstm", 3, 70, 4, 40, [3 - b % 4 for b in range(70)], BF16, False),  # 2 row blocks
+    ("lstm", 4, 3, 5, 37, [4, 1, 3], BF16, True),
+    ("rnn", 4, 3, 5, 37, [4, 2, 0], F32, True),
+]
+
+
+@pytest.mark.parametrize("cell,T,B,I,H,lengths,dtype,ll", CHUNKED_CASES,
+                         ids=[f"{c[0]}-T{c[1]}-B{c[2]}-H{c[4]}-{DT_NAME[c[6]]}-{'ll' if c[7] else 'barrier'}"
+                              for c in CHUNKED_CASES])
+def test_multi_program_chunk_resident_matches_step(threaded_grid, gpu_plans, monkeypatch,
+                                                   cell, T, B, I, H, lengths, dtype, ll):
+    from fused_rnn.kernels import persistent
+
+    monkeypatch.setattr(persistent, "RESIDENT_MAX_K", 16)
+    monkeypatch.setattr(persistent, "CHUNK_K", 16)
+    monkeypatch.setattr(persistent, "LL_SYNC", ll)
+    gpu_plans["resident"] = True
+    p = _problem(cell, T, B, I, H, dtype, lengths)
+    step = _run(cell, p, "step")
+    plans = _spy(monkeypatch)
+    ours = _run(cell, p, "persistent")
+    n = -(-H // 16)
+    assert [(pl.programs, pl.resident, pl.w_chunks, pl.BLOCK_K, pl.ll) for pl in plans] == [(n, True, n, 16, ll)] * 2
+    assert all(pl.row_blocks == (2 if B > 64 else 1) for pl in plans)
+    close = 1e-6 if dtype == F32 else 1e-2
+    for i, (a, b) in enumerate(zip(ours, step)):
+        assert a.shape == b.shape and not torch.isnan(a).any(), f"output {i}: NaN (unwritten?)"
+        assert rel_err(a, b) <= close, f"output {i}: rel err {rel_err(a, b):.2e}"
