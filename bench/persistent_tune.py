@@ -13,8 +13,10 @@ the backward's GEMMs after it) under each variant:
                 ("ll": True, plan()'s block sizes; not where plan() keeps the barrier), a solo
                 plan ("solo": True, one program per row block holding all of W_hh: only where it
                 fits, SOLO_MAX_W_BYTES), W_hh streamed from L2 every step where plan() keeps it
-                on chip in chunks ("chunked": False; W_CHUNKED, S4), then BLOCK_H in 16, 32, 64 x
-                num_warps 4, 8 (plan()'s own choice is the "default" row).
+                on chip in chunks ("chunked": False; W_CHUNKED, S4), the barrier's arrival after
+                the step's private stores and next loads instead of before them ("early": False;
+                EARLY_ARRIVE), then BLOCK_H in 16, 32, 64 x num_warps 4, 8 (plan()'s own choice
+                is the "default" row).
                 --no-ll leaves the LL variant out (gpu_check.sh passes it when the LL smoke
                 stage failed).
     lnlstm      forward: kernels.persistent_ln.MERGE_C_OVERRIDE True / False (2 or 3 barriers a
@@ -102,6 +104,7 @@ def runners(cell, d):
 LL_VARIANT = "LL exchange (no barrier)"
 SOLO_VARIANT = "solo (1 program per row block, all of W_hh)"
 STREAMED_VARIANT = "W_hh streamed (not chunk-resident)"
+LATE_VARIANT = "barrier: arrive after the whole step (former order)"
 
 
 def variants(cell, direction, cuda, ll=True):
@@ -116,6 +119,7 @@ def variants(cell, direction, cuda, ll=True):
             out.append((LL_VARIANT, lambda: P.PLAN_OVERRIDE.update(ll=True), P.PLAN_OVERRIDE.clear))
         out.append((SOLO_VARIANT, lambda: P.PLAN_OVERRIDE.update(solo=True), P.PLAN_OVERRIDE.clear))
         out.append((STREAMED_VARIANT, lambda: P.PLAN_OVERRIDE.update(chunked=False), P.PLAN_OVERRIDE.clear))
+        out.append((LATE_VARIANT, lambda: P.PLAN_OVERRIDE.update(early=False), P.PLAN_OVERRIDE.clear))
         for bh in (16, 32, 64):
             for nw in (4, 8):
                 def apply(bh=bh, nw=nw):

@@ -31,8 +31,10 @@ Design
     FMA product [BLOCK_B, BLOCK_K, BLOCK_H]), fp32 without TF32 on a GPU (tl.dot lowers to FMAs),
     and slices or row tiles over the limits below.
     Overlap: the next step's tiles that no other program writes (forward: x W_ihᵀ + b; backward:
-    the saved gates, dout and c) are loaded before the barrier (ANCHORS: 3.4 -> 2.55 ms at S1 for
-    a prototype persistent forward).
+    the saved gates, dout and c) are loaded before the barrier's wait (ANCHORS: 3.4 -> 2.55 ms at
+    S1 for a prototype persistent forward, loading them before the barrier), and after its
+    arrival, together with the stores no other program reads (EARLY_ARRIVE: the arrival's release
+    then waits for the row the others need only).
 
 Grid barrier (_grid_barrier): a per-launch int32 counter per row block, zeroed by the launcher,
 never reused. Barrier number n (n = 1, 2, ...) waits for the counter to reach n P: a CTA barrier (every thread
@@ -151,6 +153,16 @@ W_CHUNKED = True
 CHUNK_K = 64
 CHUNKED_W_MAX_BYTES = 96 * 1024
 CHUNKED_ROW_MAX_ELEMS = 48 * 1024
+# The grid barrier split in two (plain LSTM and RNN): arrive (CTA barrier, release add) right after
+# the stores the other programs read at the next step (h_t; dG_t / dP_t), then this step's other
+# memory traffic (the stores only the backward or the caller reads: gates, c, the RNN's output;
+# the loads of the next step's own tiles), then wait. With everything before one _grid_barrier,
+# as before, the release (MEMBAR.ALL.GPU before the REDG in the sm_90 SASS, Triton 3.9) waits for
+# all of it, the next step's loads included (x W_ih at S1: 32 MiB for the LSTM, partly out of
+# L2); now it waits for the h_t stores only, and the loads land during the wait. UNMEASURED; on
+# by default inside the persistent path (itself opt-in): the same operations, the release waiting
+# on fewer; PLAN_OVERRIDE["early"] = False is the tuner's variant with the former order.
+EARLY_ARRIVE = True
 # Cooperative launch on CUDA (see the module docstring). A switch so that a GPU session can turn
 # it off if the installed Triton rejects the option.
 COOPERATIVE_LAUNCH = True
@@ -181,6 +193,9 @@ class Plan:
     # resident plans: the slice as w_chunks tiles of BLOCK_K per gate (1: one [K_pad, BLOCK_H]
     # tile; more: W_CHUNKED, the rows then read chunk by chunk like the streamed path's)
     w_chunks: int = 1
+    # barrier plans: arrive right after the stores the other programs read, wait after the rest
+    # of the step's memory traffic (EARLY_ARRIVE)
+    early: bool = True
 
     @property
     def total(self) -> int:
@@ -290,8 +305,13 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
         num_warps = 8
     if not cpu:
         num_warps = PLAN_OVERRIDE.get("num_warps", num_warps)
+    early = bool(PLAN_OVERRIDE.get("early", EARLY_ARRIVE) if not cpu else EARLY_ARRIVE) and not (ll or solo)
+    # (not the LSTM backward's 64 x 32 tiles at S3: 252 registers without a spill in the former
+    # order, 16 B (Triton 3.9) / 32 B (3.6) spilled in this one; the forward there went from 254
+    # to 190 registers)
+    early = early and not (cell == "lstm" and direction == "bwd" and BB * BH >= 2048)
     return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R, ll, solo,
-                nk if chunked else 1), ""
+                nk if chunked else 1, early), ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,13 +320,25 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
 
 
 @triton.jit
-def _grid_barrier(sync_ptr, target):
-    """Wait until every program has arrived: the counter at sync_ptr reaches ``target``."""
+def _barrier_arrive(sync_ptr):
+    """The first half of _grid_barrier: this program's stores so far, then its arrival."""
     tl.debug_barrier()  # every thread's stores of this step precede the release below
     tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _barrier_wait(sync_ptr, target):
+    """The second half: wait until the counter at sync_ptr reaches ``target``."""
     while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
     tl.debug_barrier()  # no thread reads the next step's row before the acquire
+
+
+@triton.jit
+def _grid_barrier(sync_ptr, target):
+    """Wait until every program has arrived: the counter at sync_ptr reaches ``target``."""
+    _barrier_arrive(sync_ptr)
+    _barrier_wait(sync_ptr, target)
 
 
 # Flag-in-data exchange (the "LL" protocol of NCCL's low-latency transfers, written anew here):
@@ -474,7 +506,7 @@ def _lstm_fwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, ACC: tl.constexpr, LL: tl.constexpr,
     SOLO: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)  # the programs of this row block
@@ -538,7 +570,7 @@ def _lstm_fwd_persistent_kernel(
         a_g += x_g.to(ACC)
         a_o += x_o.to(ACC)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-        if STORE_GATES:
+        if STORE_GATES and not EARLY:
             _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         gi = _sigmoid(a_i)
         gf = _sigmoid(a_f)
@@ -559,13 +591,19 @@ def _lstm_fwd_persistent_kernel(
             h_op = tl.where(mask, h_new, 0.0).to(HT).to(WT)
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
         tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
+        if EARLY:  # arrive now: the release then waits for the h_t stores only (see EARLY_ARRIVE)
+            _barrier_arrive(sync_ptr)
+            if STORE_GATES:
+                _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
 
-        # step t+1's input projection, before the barrier (nothing at t+1 = T)
+        # step t+1's input projection, before the barrier's wait (nothing at t+1 = T)
         nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
         n_off = g_off + G * B
         x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-        if not LL and not SOLO:
+        if EARLY:
+            _barrier_wait(sync_ptr, (t + 1) * nprog)
+        elif not LL and not SOLO:
             _grid_barrier(sync_ptr, (t + 1) * nprog)
 
 
@@ -591,7 +629,7 @@ def _lstm_bwd_persistent_kernel(
     T, B, H,
     HAS_LENGTHS: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)  # the programs of this row block
@@ -685,8 +723,10 @@ def _lstm_bwd_persistent_kernel(
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
         _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
         gc = tl.where(valid, dc * gf, gc)
+        if EARLY:  # arrive now: the release then waits for the dG_t stores only (see EARLY_ARRIVE)
+            _barrier_arrive(sync_ptr)
 
-        # step t-1's own tiles, before the barrier (nothing at t = 0)
+        # step t-1's own tiles, before the barrier's wait (nothing at t = 0)
         pmask = tl.where(i + 1 < T, mask, False)
         p_off = g_off - G * B
         s_prv = ((t64 * B + rows) * H)[:, None] + cols[None, :] - B * H  # slot t-1
@@ -694,7 +734,9 @@ def _lstm_bwd_persistent_kernel(
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0).to(ACC)
-        if not LL and not SOLO:
+        if EARLY:
+            _barrier_wait(sync_ptr, (i + 1) * nprog)
+        elif not LL and not SOLO:
             _grid_barrier(sync_ptr, (i + 1) * nprog)
     tl.store(gh_ptr + b_off, gh, mask=mask)
     tl.store(gc_ptr + b_off, gc, mask=mask)
@@ -714,7 +756,7 @@ def _rnn_fwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr,
     RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)  # the programs of this row block
@@ -778,10 +820,14 @@ def _rnn_fwd_persistent_kernel(
                     mask)
         s_cur = h_row[:, None] + cols[None, :]
         tl.store(hs_ptr + s_cur + B * H, h_own, mask=mask)
+        if EARLY:  # arrive now: the release then waits for the h_t stores only (see EARLY_ARRIVE)
+            _barrier_arrive(sync_ptr)
         tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
 
         x = tl.load(xp_ptr + s_cur + B * H, mask=tl.where(t + 1 < T, mask, False), other=0.0)  # step t+1
-        if not LL and not SOLO:
+        if EARLY:
+            _barrier_wait(sync_ptr, (t + 1) * nprog)
+        elif not LL and not SOLO:
             _grid_barrier(sync_ptr, (t + 1) * nprog)
 
 
@@ -802,7 +848,7 @@ def _rnn_bwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr,
     RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)  # the programs of this row block
@@ -872,11 +918,15 @@ def _rnn_bwd_persistent_kernel(
             dp_op = tl.where(mask, dp, 0.0).to(dp_ptr.dtype.element_ty).to(WT)
         s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
         tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
+        if EARLY:  # arrive now: the release then waits for the dP_t stores only (see EARLY_ARRIVE)
+            _barrier_arrive(sync_ptr)
 
-        pmask = tl.where(i + 1 < T, mask, False)  # step t-1's own tiles, before the barrier
+        pmask = tl.where(i + 1 < T, mask, False)  # step t-1's own tiles, before the barrier's wait
         d_out = tl.load(dout_ptr + s_cur - B * H, mask=pmask, other=0.0)
         h = tl.load(hs_ptr + s_cur, mask=pmask, other=0.0)
-        if not LL and not SOLO:
+        if EARLY:
+            _barrier_wait(sync_ptr, (i + 1) * nprog)
+        elif not LL and not SOLO:
             _grid_barrier(sync_ptr, (i + 1) * nprog)
     tl.store(gh_ptr + b_off, gh, mask=mask)
 
@@ -947,7 +997,7 @@ def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, cs, gates, lengths, sync, ring, T, B, H,
         SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, **_launch_opts(xp.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early and not pl.ll and not pl.solo, **_launch_opts(xp.device, pl),
     )
     _record("lstm_fwd", k)
 
@@ -961,7 +1011,7 @@ def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, iee
     k = _lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, ring, T, B, H,
         SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, **_launch_opts(dout.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early and not pl.ll and not pl.solo, **_launch_opts(dout.device, pl),
     )
     _record("lstm_bwd", k)
 
@@ -975,7 +1025,7 @@ def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) 
     k = _rnn_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, out, lengths, sync, ring, T, B, H,
         RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, **_launch_opts(xp.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early and not pl.ll and not pl.solo, **_launch_opts(xp.device, pl),
     )
     _record("rnn_fwd", k)
 
@@ -989,6 +1039,6 @@ def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upc
     k = _rnn_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         w_hh, hs, dout, dP, gh, lengths, sync, ring, T, B, H,
         RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, **_launch_opts(dout.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early and not pl.ll and not pl.solo, **_launch_opts(dout.device, pl),
     )
     _record("rnn_bwd", k)

@@ -374,7 +374,8 @@ def test_persistent_tune_order_variants_and_best():
     assert order[:5] == [("lstm", "S1"), ("rnn", "S1"), ("lstm", "S2"), ("lnlstm", "S1"), ("lstm", "S3")]
     assert sorted(order) == sorted((c, s) for c in ("rnn", "lstm", "lnlstm") for s in ("S3", "S1", "S2"))
     names = [v[0] for v in tune.variants("lstm", "fwd", True)]
-    assert names[:4] == ["default", tune.LL_VARIANT, tune.SOLO_VARIANT, tune.STREAMED_VARIANT] and len(names) == 10
+    assert names[:5] == ["default", tune.LL_VARIANT, tune.SOLO_VARIANT, tune.STREAMED_VARIANT, tune.LATE_VARIANT]
+    assert len(names) == 11
     assert "BLOCK_H=64 warps=8" in names
     assert tune.LL_VARIANT not in [v[0] for v in tune.variants("lstm", "fwd", True, ll=False)]
     assert [v[0] for v in tune.variants("lnlstm", "fwd", True)][1:] == ["MERGE_C=True (2 barriers)",
@@ -389,6 +390,10 @@ def test_persistent_tune_order_variants_and_best():
             assert P.PLAN_OVERRIDE == {key: True}
             pl, _ = P.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
             assert getattr(pl, key) and (pl.programs == 1) == (key == "solo")
+        elif name == tune.LATE_VARIANT:
+            assert P.PLAN_OVERRIDE == {"early": False}
+            pl, _ = P.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
+            assert not pl.early and pl.resident
         elif name == tune.STREAMED_VARIANT:
             assert P.PLAN_OVERRIDE == {"chunked": False}
             pl, _ = P.plan("rnn", "bwd", 16, 768, torch.bfloat16, torch.device("cuda", 0), limit=132)

@@ -557,6 +557,30 @@ def test_plan_chunk_resident_rules(monkeypatch):
     assert chunks("rnn", "bwd", 16, 768, BF16, cuda, limit=132) == 0
 
 
+def test_plan_early_arrive(monkeypatch):
+    """Barrier plans arrive early (EARLY_ARRIVE) except the LSTM backward's S3-sized tiles (a
+    spill there); LL and solo plans have no barrier; PLAN_OVERRIDE["early"] = False (the tuner's
+    variant) and EARLY_ARRIVE = False give the former order."""
+    from fused_rnn.kernels import persistent as P
+
+    cuda = torch.device("cuda", 0)
+    for cell in ("lstm", "rnn"):
+        for direction in ("fwd", "bwd"):
+            for B, H in ((16, 256), (64, 512), (16, 768), (256, 1024)):
+                pl, _ = _plan(cell, direction, B, H, BF16, cuda, limit=132)
+                assert pl.early == (not (cell == "lstm" and direction == "bwd" and B == 256)), pl
+    assert _plan("rnn", "fwd", 5, 37, F32, "cpu")[0].early
+    monkeypatch.setattr(P, "LL_SYNC", True)
+    pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
+    assert pl.ll and not pl.early
+    monkeypatch.setattr(P, "LL_SYNC", False)
+    monkeypatch.setattr(P, "PLAN_OVERRIDE", {"early": False})
+    assert not _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)[0].early
+    monkeypatch.setattr(P, "PLAN_OVERRIDE", {})
+    monkeypatch.setattr(P, "EARLY_ARRIVE", False)
+    assert not _plan("rnn", "bwd", 16, 256, BF16, cuda, limit=132)[0].early
+
+
 def test_plan_cpu_is_one_program():
     """Under the interpreter programs run one after another: one program covering all of H per
     row block (row blocks never wait for each other)."""
@@ -679,7 +703,8 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
         pytest.skip(f"no solo plan at {shape} {cell} {direction}: {pl}")
     assert (pl.ll, pl.solo) == (sync == "ll", sync == "solo")
     blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B,
-                  BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=pl.ll, SOLO=pl.solo)
+                  BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=pl.ll, SOLO=pl.solo,
+                  EARLY=pl.early and not pl.ll and not pl.solo)
     scalars = dict(len_ptr="*i64", T="i32", B="i32", H="i32")
     if pl.ll:
         scalars["ring_ptr"] = "*i32"
@@ -723,6 +748,12 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
         assert ".release" not in ptx and ".acquire" not in ptx
     else:
         _check_barrier_ptx(ptx)
+        # EARLY_ARRIVE: the step's private stores and the next step's own loads sit between the
+        # arrival (the release add) and the wait (the acquire); in the former order, none
+        seg = ptx[ptx.index("release.add"):]
+        seg = seg[:seg.index("acquire")]
+        traffic = [ln for ln in seg.splitlines() if re.search(r"\b(ld|st)\.global\.(?!gpu\.)", ln)]  # (not the acquire)
+        assert bool(traffic) == pl.early, (pl, traffic)
     # a resident slice stays in shared memory: its tiles (gates x w_chunks of them) are allocated
     # there once, before the time loop (the first scf.for; static_range loops are unrolled)
     ttgir = ck.asm["ttgir"]
@@ -755,7 +786,8 @@ def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, monkeypatch):
     assert pl.ll, pl
     assert not P.plan(cell, direction, 16, 256, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)[0].ll
     blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                  BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=True, SOLO=False, sync_ptr=None)
+                  BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=True, SOLO=False, sync_ptr=None,
+                  EARLY=False)
     sig = dict(len_ptr="*i64", ring_ptr="*i64", T="i32", B="i32", H="i32")
     if cell == "lstm" and direction == "fwd":
         kern = P._lstm_fwd_persistent_kernel
