@@ -137,7 +137,10 @@ invalidation on sm_90; see persistent.py), not by their ".cg" hint.
 
 Barriers: persistent._grid_barrier on a per-launch zeroed int32 counter per row block; barrier n
 waits for n P arrivals, so 3 T P (2 T P with MERGE_C) < 2**31 (checked). Deadlock guard and
-cooperative launch as persistent.py's (_check_plan, _launch_opts).
+cooperative launch as persistent.py's (_check_plan, _launch_opts). With Plan.early
+(persistent.EARLY_ARRIVE) a step's first barrier is split around the gates' store (only the
+backward reads them) and its last one around the stores of c (the backward's) and the loads of
+the next step's own tiles: arrive, that traffic, wait.
 
 Extra L2 traffic per program per step over the plain persistent LSTM (fp32 partials; the plain
 kernel reads one h / dG row block per step: B H (fwd), 4 B H (bwd) elements): partial reads
@@ -180,6 +183,8 @@ from .persistent import (
     _w_tiles_fwd,
     Plan,
     _check_plan,
+    _barrier_arrive,
+    _barrier_wait,
     _grid_barrier,
     _launch_opts,
     _record,
@@ -460,7 +465,7 @@ def _ln_lstm_fwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    NQ: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    NQ: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_S: tl.constexpr, EARLY: tl.constexpr,
 ):
     """The forward, 3 grid barriers a step, or 2 with MERGE_C (module docstring). BLOCK_S:
     next_pow2(H) with MERGE_C (the c / o row tile), unused otherwise."""
@@ -553,12 +558,18 @@ def _ln_lstm_fwd_persistent_kernel(
         a_o += x_o.to(ACC)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
         if STORE_GATES:
-            _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
+            if not EARLY:
+                _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         _store_stats(pp, pid, 0, rl, a_i, cmask, n_own, NQ, BLOCK_B)
         _store_stats(pp, pid, 2, rl, a_f, cmask, n_own, NQ, BLOCK_B)
         _store_stats(pp, pid, 4, rl, a_g, cmask, n_own, NQ, BLOCK_B)
         _store_stats(pp, pid, 6, rl, a_o, cmask, n_own, NQ, BLOCK_B)
-        if MERGE_C:
+        if EARLY:  # arrive after the partials the others read; the gates (the backward's) after it
+            _barrier_arrive(sync_ptr)
+            if STORE_GATES:
+                _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
+            _barrier_wait(sync_ptr, ((2 if MERGE_C else 3) * t + 1) * nprog)
+        elif MERGE_C:
             _grid_barrier(sync_ptr, (2 * t + 1) * nprog)
         else:
             _grid_barrier(sync_ptr, (3 * t + 1) * nprog)
@@ -589,12 +600,19 @@ def _ln_lstm_fwd_persistent_kernel(
                 c = tl.where((t64 < L)[:, None], c_new, c)
             else:
                 c = c_new
-            tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
+            if not EARLY:
+                tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
             cq = cell_rb + (t % 2) * (2 * BLOCK_B * H) + crl[:, None] + cols[None, :]
             tl.store(cq, c_new, mask=mask)
             tl.store(cq + BLOCK_B * H, go, mask=mask)
+            if EARLY:  # arrive after the c, o rows the others read (see persistent.EARLY_ARRIVE)
+                _barrier_arrive(sync_ptr)
+                tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
             x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-            _grid_barrier(sync_ptr, (2 * t + 2) * nprog)
+            if EARLY:
+                _barrier_wait(sync_ptr, (2 * t + 2) * nprog)
+            else:
+                _grid_barrier(sync_ptr, (2 * t + 2) * nprog)
         else:
             _store_stats(pp, pid, 8, rl, c_new, cmask, n_own, NQ, BLOCK_B)
             _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
@@ -610,10 +628,15 @@ def _ln_lstm_fwd_persistent_kernel(
             else:
                 c = c_new
             tl.store(hs_ptr + s_nxt, h_new.to(hs_ptr.dtype.element_ty), mask=mask)
+            if EARLY:  # arrive after the h_t row the others read (see persistent.EARLY_ARRIVE)
+                _barrier_arrive(sync_ptr)
             tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
 
             x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-            _grid_barrier(sync_ptr, (3 * t + 3) * nprog)
+            if EARLY:
+                _barrier_wait(sync_ptr, (3 * t + 3) * nprog)
+            else:
+                _grid_barrier(sync_ptr, (3 * t + 3) * nprog)
 
     if MERGE_C:  # h_{T-1} of the own columns: hs[T] (no matmul operand to rebuild)
         t64 = zero64 + T
@@ -708,7 +731,7 @@ def _ln_lstm_bwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    NQ: tl.constexpr, NSTAT: tl.constexpr, MERGE_BWD: tl.constexpr,
+    NQ: tl.constexpr, NSTAT: tl.constexpr, MERGE_BWD: tl.constexpr, EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -830,7 +853,10 @@ def _ln_lstm_bwd_persistent_kernel(
                                          t64, B, H, G, sync_ptr, (3 * i + 2) * nprog, ACC, NQ, NSTAT, BLOCK_B,
                                          BLOCK_P)
 
-        # step t-1's own tiles, before the barrier (nothing at t = 0)
+        if EARLY:  # arrive after the dG_t row the others read (see persistent.EARLY_ARRIVE)
+            _barrier_arrive(sync_ptr)
+
+        # step t-1's own tiles, before the barrier's wait (nothing at t = 0)
         pmask = tl.where(i + 1 < T, mask, False)
         p_off = g_off - G * B
         s_prv = ((t64 * B + rows) * H)[:, None] + cols[None, :] - B * H  # slot t-1
@@ -838,7 +864,9 @@ def _ln_lstm_bwd_persistent_kernel(
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
-        if MERGE_BWD:
+        if EARLY:
+            _barrier_wait(sync_ptr, (2 if MERGE_BWD else 3) * (i + 1) * nprog)
+        elif MERGE_BWD:
             _grid_barrier(sync_ptr, (2 * i + 2) * nprog)
         else:
             _grid_barrier(sync_ptr, (3 * i + 3) * nprog)
@@ -998,7 +1026,7 @@ def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, ln, lengths, eps, fma, i
         xp, w_hh, hs, cs, gates, lengths, gw, gb, cw, cb, part, cell, sync, T, B, H, float(eps),
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, MERGE_C=merge,
-        BLOCK_S=KP if merge else 1,
+        BLOCK_S=KP if merge else 1, EARLY=pl.early,
         **_launch_opts(xp.device, pl),
     )
     _record("ln_lstm_fwd", k)
@@ -1055,7 +1083,7 @@ def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, e
         gates, w_hh, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, stats, part, dgw, dgb, dcw, dcb, sync,
         T, B, H, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, NSTAT=NSTAT,
-        MERGE_BWD=merge, **_launch_opts(dout.device, pl),
+        MERGE_BWD=merge, EARLY=pl.early, **_launch_opts(dout.device, pl),
     )
     _record("ln_lstm_bwd", k)
     if k is not None and "ln_lstm_bwd" in LAST_LAUNCH:

@@ -659,7 +659,7 @@ def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
     assert nbar == (PL.BARRIERS_PER_STEP_MERGED if merged else PL.BARRIERS_PER_STEP)
     nq = (PL.NQ_MERGED if direction == "fwd" else PL.NQ_BWD_MERGED) if merged else PL.NQ
     const = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                 BLOCK_K=pl.BLOCK_K, BLOCK_P=PL.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True)
+                 BLOCK_K=pl.BLOCK_K, BLOCK_P=PL.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True, EARLY=pl.early)
     sig = dict(len_ptr="*i64", part_ptr="*fp32", sync_ptr="*i32", T="i32", B="i32", H="i32", gw_ptr="*bf16",
                gb_ptr="*bf16", cw_ptr="*bf16", cb_ptr="*bf16")
     if direction == "fwd":

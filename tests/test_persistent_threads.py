@@ -259,10 +259,10 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     def no_arrival(sync_ptr):
         pass
 
-    monkeypatch.setattr(persistent, "_grid_barrier", no_barrier)
-    monkeypatch.setattr(persistent, "_barrier_arrive", no_arrival)  # (the split barrier: EARLY_ARRIVE)
-    monkeypatch.setattr(persistent, "_barrier_wait", no_barrier)
-    monkeypatch.setattr(persistent_ln, "_grid_barrier", no_barrier)
+    for mod in (persistent, persistent_ln):  # (the split barrier too: EARLY_ARRIVE)
+        monkeypatch.setattr(mod, "_grid_barrier", no_barrier)
+        monkeypatch.setattr(mod, "_barrier_arrive", no_arrival)
+        monkeypatch.setattr(mod, "_barrier_wait", no_barrier)
     assert _worst_vs_step("lstm") > 1e-3
 
 
