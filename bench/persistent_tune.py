@@ -25,8 +25,11 @@ Each variant's results are compared with the default variant's (relative error o
 dx; a variant that disagrees beyond 2e-2 in bf16 is marked WRONG) and timed with
 triton.testing.do_bench (median). Variants that cannot run (grid over the SM count) are listed
 with the reason; one that raises is listed with its error and the sweep goes on. A variant whose plan is
-the default's is not timed again. Stops starting new cases past --budget-s, in the order of
-need (PRIORITY): LSTM S1, RNN S1, LSTM S2, S4, LN-LSTM S1, LSTM S3, LN-LSTM S2, then the rest.
+the default's is not timed again. Two passes over the cases, each in the order of need
+(PRIORITY: LSTM S1, RNN S1, LSTM S2, S4, LN-LSTM S1, LSTM S3, LN-LSTM S2, then the rest): first
+the default and the structural variants (LL, solo, W_hh streamed, the barrier's arrival, the LN
+barrier counts), then the BLOCK_H x warps grid; no new variant starts past --budget-s, so a
+short budget still answers the structural questions at every shape it reaches.
 
 Output: a markdown table on stdout and in DIR/tune.md, every row in DIR/tune.json, and one
 "best" line per cell, shape and direction with its ratio to the default.
@@ -174,7 +177,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ll", action="store_true", help="leave out the LL exchange variant")
     a = ap.parse_args(argv)
     from fused_rnn import _backend
-    from fused_rnn.kernels import persistent as P, persistent_ln as PL
 
     cuda = torch.cuda.is_available() and not _backend.interpreter_on()
     if not cuda and not _backend.interpreter_on():
@@ -193,57 +195,78 @@ def main(argv=None) -> int:
             f"{a.dtype if cuda else 'fp32'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(head, flush=True)
     cells = a.cells.split(",")
-    for cell, sname in _order(cells, list(shapes)):
-        B, T, H = shapes[sname]
-        if time.time() > t_end:
-            skipped.append(f"{cell} {sname}: past the budget")
-            continue
-        d = make_inputs(cell, B, T, H, dtype, dev)
-        for direction in ("fwd", "bwd"):
-            ref = default_plan = None
-            for vname, apply, undo in variants(cell, direction, cuda, ll=not a.no_ll):
-                if time.time() > t_end:
-                    skipped.append(f"{cell} {sname} {direction} {vname}: past the budget")
-                    continue
-                row = {"cell": cell, "shape": sname, "B": B, "T": T, "H": H, "direction": direction,
-                       "variant": vname}
-                apply()
-                try:
-                    pl, why = plan_of(cell, direction, B, H, dtype, dev)
-                    row["plan"] = str(pl) if pl is not None else None
-                    if vname == "default":
-                        default_plan = row["plan"]
-                    if pl is None:
-                        row["skip"] = f"no plan: {why}"
-                    elif vname != "default" and row["plan"] == default_plan and cell != "lnlstm":
-                        row["skip"] = "the default's plan (timed above)"
-                    else:
-                        fwd, bwd, _ = runners(cell, d)
-                        fn = fwd if direction == "fwd" else bwd
-                        res = fn()
-                        key = res[0] if res[0] is not None else res[1]  # out / dx
-                        if ref is None:
-                            ref = key.detach().clone()
-                        row["rel_err_vs_default"] = rel(key, ref)
-                        row["ok"] = row["rel_err_vs_default"] <= TOL[dtype]
-                        row["ms"] = time_ms(fn, cuda)
-                        launch = (PL.LAST_LAUNCH.get(f"ln_lstm_{direction}") if cell == "lnlstm"
-                                  else P.LAST_LAUNCH.get(f"{cell}_{direction}")) or {}
-                        row["regs"], row["spills"] = launch.get("n_regs"), launch.get("n_spills")
-                except Exception as e:  # reported in the table, not hidden: the sweep goes on
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                finally:
-                    undo()
-                rows.append(row)
-                print(_md(row), flush=True)  # progress: the table's row
-                # rewritten after every row: a stage killed by its timeout (a variant that hangs)
-                # still leaves what was measured before it
-                _write(a.out, head, rows, skipped, partial=True)
+    order = _order(cells, list(shapes))
+    state = {}  # (cell, shape, direction) -> the default's plan and result, from pass 0
+    for pass_no in (0, 1):
+        for cell, sname in order:
+            B, T, H = shapes[sname]
+            d = None
+            for direction in ("fwd", "bwd"):
+                st = state.setdefault((cell, sname, direction), {"ref": None, "plan": None})
+                for vname, apply, undo in variants(cell, direction, cuda, ll=not a.no_ll):
+                    if _pass_of(vname) != pass_no:
+                        continue
+                    if time.time() > t_end:
+                        skipped.append(f"{cell} {sname} {direction} {vname}: past the budget")
+                        continue
+                    if pass_no == 1 and st["ref"] is None:
+                        skipped.append(f"{cell} {sname} {direction} {vname}: no timed default")
+                        continue
+                    if d is None:
+                        d = make_inputs(cell, B, T, H, dtype, dev)
+                    rows.append(_run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, cuda))
+                    print(_md(rows[-1]), flush=True)  # progress: the table's row
+                    # rewritten after every row: a stage killed by its timeout (a variant that
+                    # hangs) still leaves what was measured before it
+                    _write(a.out, head, rows, skipped, partial=True)
     text = _write(a.out, head, rows, skipped)
     print("\n" + text)
     # exit 1 on a wrong result or a variant that raised (a grid that does not fit is no failure)
     bad = [r for r in rows if r.get("ok") is False or "error" in r]
     return 1 if bad else 0
+
+
+def _pass_of(vname) -> int:
+    """Pass 0: the default and the structural variants (sync, W_hh placement, barrier order, the
+    LN barrier counts) of every case in the order of need; pass 1: the BLOCK_H x warps grid."""
+    return 1 if vname.startswith("BLOCK_H=") else 0
+
+
+def _run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, cuda) -> dict:
+    """One row: plan, result against the default's (st: its plan and result, set by the default),
+    time, registers; a variant that raises is reported in the row."""
+    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+
+    B, T, H = d["x"].shape[1], d["x"].shape[0], d["w_hh"].shape[1]
+    row = {"cell": cell, "shape": sname, "B": B, "T": T, "H": H, "direction": direction, "variant": vname}
+    apply()
+    try:
+        pl, why = plan_of(cell, direction, B, H, dtype, dev)
+        row["plan"] = str(pl) if pl is not None else None
+        if vname == "default":
+            st["plan"] = row["plan"]
+        if pl is None:
+            row["skip"] = f"no plan: {why}"
+        elif vname != "default" and row["plan"] == st["plan"] and cell != "lnlstm":
+            row["skip"] = "the default's plan (timed above)"
+        else:
+            fwd, bwd, _ = runners(cell, d)
+            fn = fwd if direction == "fwd" else bwd
+            res = fn()
+            key = res[0] if res[0] is not None else res[1]  # out / dx
+            if st["ref"] is None:
+                st["ref"] = key.detach().clone()
+            row["rel_err_vs_default"] = rel(key, st["ref"])
+            row["ok"] = row["rel_err_vs_default"] <= TOL[dtype]
+            row["ms"] = time_ms(fn, cuda)
+            launch = (PL.LAST_LAUNCH.get(f"ln_lstm_{direction}") if cell == "lnlstm"
+                      else P.LAST_LAUNCH.get(f"{cell}_{direction}")) or {}
+            row["regs"], row["spills"] = launch.get("n_regs"), launch.get("n_spills")
+    except Exception as e:  # reported in the table, not hidden: the sweep goes on
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    finally:
+        undo()
+    return row
 
 
 def _write(out, head, rows, skipped, partial=False) -> str:

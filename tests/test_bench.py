@@ -411,6 +411,56 @@ def test_persistent_tune_order_variants_and_best():
     assert best[0].startswith("- lstm S1 fwd: v1 1.500 ms (0.75x") and "no timed default" in best[1]
 
 
+def test_persistent_tune_two_passes_under_a_budget(tmp_path, monkeypatch):
+    """The tuner's schedule with the GPU faked (plans, runs and times stubbed): pass 0 (the default
+    and the structural variants) covers every case in the order of need before pass 1 (the
+    BLOCK_H x warps grid) starts; a variant whose plan is the default's is not timed; a budget
+    that runs out stops new variants and lists them as not run."""
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("persistent_tune", os.path.join(REPO, "bench", "persistent_tune.py"))
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    from fused_rnn import _backend
+    from fused_rnn.kernels import persistent as P
+
+    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune.torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(_backend, "interpreter_on", lambda: False)
+    monkeypatch.setattr(tune, "make_inputs", lambda cell, B, T, H, dtype, dev: {
+        "x": torch.zeros(T, B, H), "w_hh": torch.zeros(H, H)})
+    # the plan a variant gets: PLAN_OVERRIDE as text; the LL variant gives the default's plan
+    monkeypatch.setattr(tune, "plan_of", lambda cell, direction, B, H, dtype, dev: (
+        str({k: v for k, v in P.PLAN_OVERRIDE.items() if k != "ll"}), ""))
+    monkeypatch.setattr(tune, "runners", lambda cell, d: ((lambda: (torch.ones(2), None)),) * 2 + (None,))
+    clock = [0.0]
+
+    def time_ms(fn, cuda):
+        clock[0] += 1.0  # each timed variant takes 1 s of the budget
+        return 1.0
+
+    monkeypatch.setattr(tune, "time_ms", time_ms)
+    monkeypatch.setattr(tune.time, "time", lambda: clock[0])
+    rc = tune.main(["--out", str(tmp_path), "--shapes", "S1,S4", "--cells", "lstm,rnn", "--budget-s", "1000"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    grid = [i for i, r in enumerate(rows) if r["variant"].startswith("BLOCK_H=")]
+    structural = [i for i, r in enumerate(rows) if not r["variant"].startswith("BLOCK_H=")]
+    assert grid and structural and max(structural) < min(grid)
+    assert [(r["cell"], r["shape"]) for r in rows if r["variant"] == "default"][::2] == [
+        ("lstm", "S1"), ("rnn", "S1"), ("lstm", "S4"), ("rnn", "S4")]
+    ll = [r for r in rows if r["variant"] == tune.LL_VARIANT]
+    assert ll and all(r["skip"] == "the default's plan (timed above)" for r in ll)
+    n_timed = sum("ms" in r for r in rows)
+    assert n_timed == clock[0] and n_timed == len(rows) - len(ll)
+    # a budget for 10 variants: pass 0 of the first cases only, the rest listed as not run
+    clock[0] = 0.0
+    rc = tune.main(["--out", str(tmp_path), "--shapes", "S1,S4", "--cells", "lstm,rnn", "--budget-s", "9.5"])
+    saved = json.loads((tmp_path / "tune.json").read_text())
+    assert rc == 0 and sum("ms" in r for r in saved["rows"]) == 10
+    assert not any(r["variant"].startswith("BLOCK_H=") for r in saved["rows"])
+    assert any("past the budget" in s for s in saved["skipped"])
+
+
 def test_persistent_tune_script_without_a_device():
     if INTERPRET or torch.cuda.is_available():
         pytest.skip("only where the script has no device to run on")
