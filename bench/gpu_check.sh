@@ -29,8 +29,10 @@
 #   demo      fused-rnn demo --quick --steps 100 on CUDA: fused_rnn.LSTM vs torch.nn.LSTM tokens/s
 #   check     fused-rnn check --quick --paths auto,persistent on CUDA (every kernel against the
 #             fp64 reference, fp32/bf16/fp16/fp64), on whatever time is left; log in pytest.txt
-#   tune      bench/persistent_tune.py: the persistent kernels' plan variants (LL exchange or
-#             barrier, BLOCK_H x warps, the LN forward's 2 or 3 barriers) timed at S1, S2, S4, S3 -> tune.md; only on the
+#   tune      bench/persistent_tune.py: the persistent kernels' plan variants timed at S1, S2, S4,
+#             S3 -> tune.md, first the structural ones (LL exchange or barrier, solo plans, W_hh
+#             chunk-resident or streamed, the barrier's early or late arrival, the LN barrier
+#             counts) at every shape, then BLOCK_H x warps; only on the
 #             time left of TOTAL_S (at the default 240 s there is none: TOTAL_S=420 runs it)
 #
 # Files in $OUT (8, the most the device tool brings back): summary.txt, setup.txt, pytest.txt,
