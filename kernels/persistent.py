@@ -223,12 +223,15 @@ def grid_fits(programs: int, limit: int) -> bool:
 
 
 def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
-         limit: Optional[int] = None, allow_tf32: bool = False, variants: bool = True) -> Tuple[Optional[Plan], str]:
+         limit: Optional[int] = None, allow_tf32: bool = False, variants: bool = True,
+         chunks: bool = True) -> Tuple[Optional[Plan], str]:
     """(Plan, "") for a persistent launch of ``cell`` ("lstm" or "rnn") in ``direction``
     ("fwd" or "bwd"), or (None, why not). ``limit``: the most co-resident programs (default
     max_programs(device); tests pass a fake SM count). ``allow_tf32``: fp32 dots on tensor
     cores (otherwise fp32 tl.dot with input_precision="ieee" is lowered to FMAs on sm_90).
-    ``variants=False``: never the LL exchange or a solo plan (the LN kernels have neither)."""
+    ``variants=False``: never the LL exchange or a solo plan (the LN kernels have neither; they
+    do take w_chunks plans). ``chunks=False``: never a w_chunks plan (the LN forward's forced
+    MERGE_C variant needs whole tiles)."""
     device = torch.device(device)
     if limit is None:
         limit = max_programs(device)
@@ -272,7 +275,7 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     # (with the LL exchange the row's words: the S4 LSTM backward's 48K words spilled 1160 B under
     # Triton 3.6 (none under 3.9), its forward's and the RNN's 12K did not: LL keeps the streamed
     # W_hh there rather than give up either)
-    chunked = (bool(chunked) and variants and not cpu and not resident and mma
+    chunked = (bool(chunked) and chunks and not cpu and not resident and mma
                and gates * nk * CHUNK_K * BH * esize <= CHUNKED_W_MAX_BYTES and chunk_rows <= CHUNKED_ROW_MAX_ELEMS
                and (not ll or chunk_rows * word_bytes <= 64 * 1024))
     if chunked:

@@ -236,7 +236,14 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
     R = triton.cdiv(B, BB)
     cap = max(1, PART_TILE_MAX_ELEMS // BB)
     lim = limit if device.type != "cuda" else min(limit, R * cap)
-    pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=False)
+    # W_hh in chunks (persistent.W_CHUNKED) where the plain plan takes them, in the forward only:
+    # sm_90 compiles at B16 H768 (bf16, lengths; Triton 3.9): forward 184-188 registers, no stack
+    # (streamed: 220-228); backward 255 + 40-56 B of stack at 8 warps (streamed: 179-231, none).
+    # Not for a MERGE_C forward either: its resident operand is a whole c row tile (with the
+    # limits as set, fwd_merge_c's rule and a chunked plan never meet; MERGE_C_OVERRIDE can).
+    merge = MERGE_C_OVERRIDE if MERGE_C_OVERRIDE is not None else BB * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
+    pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=False,
+                          chunks=direction == "fwd" and not merge)
     if pl is None:
         if lim < limit:
             why += f" (layer-norm LSTM: at most {cap} programs per row block of {BB} rows)"
@@ -286,7 +293,7 @@ def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
     with lengths, held h) row tiles, which spill past that. (At B16 H768 a chunked variant of
     the c statistics, tried and dropped, still spilled 16-24 B at num_stages=3.)
     UNMEASURED on a GPU: registers are not speed."""
-    if direction == "bwd" and pl.resident and pl.BLOCK_B * pl.BLOCK_K <= 4096:
+    if direction == "bwd" and pl.resident and pl.w_chunks == 1 and pl.BLOCK_B * pl.BLOCK_K <= 4096:
         return 4
     if direction == "fwd" and fwd_merge_c(pl, H):
         return 8
@@ -465,7 +472,7 @@ def _ln_lstm_fwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    NQ: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_S: tl.constexpr, EARLY: tl.constexpr,
+    NQ: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_S: tl.constexpr, EARLY: tl.constexpr, NK: tl.constexpr,
 ):
     """The forward, 3 grid barriers a step, or 2 with MERGE_C (module docstring). BLOCK_S:
     next_pow2(H) with MERGE_C (the c / o row tile), unused otherwise."""
@@ -490,7 +497,7 @@ def _ln_lstm_fwd_persistent_kernel(
     if RESIDENT:  # the slice, once
         kr = tl.arange(0, BLOCK_K)
         krm = kr < H
-        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K, 1)  # one tile each
+        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K, NK)
 
     b_off = (rows * H)[:, None] + cols[None, :]
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
@@ -528,16 +535,18 @@ def _ln_lstm_fwd_persistent_kernel(
         a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         if RESIDENT:
-            if MERGE_C:  # the c row tile of phase 0 is this chunk (BLOCK_S = BLOCK_K = K_pad)
-                hk = _h_operand(c_rows, cp + BLOCK_B * H + crl, hs_ptr + h0_row, kr, krm, fresh, first, m_c, r_c,
-                                cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
-            else:
-                hk = tl.load(hs_ptr + h_row[:, None] + kr[None, :], mask=rmask[:, None] & krm[None, :], other=0.0,
-                             cache_modifier=".cg").to(WT)
-            a_i = _mm(hk, wr_i[0], a_i, FMA, IEEE, UPCAST)
-            a_f = _mm(hk, wr_f[0], a_f, FMA, IEEE, UPCAST)
-            a_g = _mm(hk, wr_g[0], a_g, FMA, IEEE, UPCAST)
-            a_o = _mm(hk, wr_o[0], a_o, FMA, IEEE, UPCAST)
+            for kc in tl.static_range(NK):  # (NK > 1: Plan.w_chunks, never with MERGE_C)
+                if MERGE_C:  # the c row tile of phase 0 is this chunk (BLOCK_S = BLOCK_K = K_pad)
+                    hk = _h_operand(c_rows, cp + BLOCK_B * H + crl, hs_ptr + h0_row, kr, krm, fresh, first, m_c, r_c,
+                                    cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
+                else:
+                    ks = kc * BLOCK_K + kr
+                    hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & (ks < H)[None, :],
+                                 other=0.0, cache_modifier=".cg").to(WT)
+                a_i = _mm(hk, wr_i[kc], a_i, FMA, IEEE, UPCAST)
+                a_f = _mm(hk, wr_f[kc], a_f, FMA, IEEE, UPCAST)
+                a_g = _mm(hk, wr_g[kc], a_g, FMA, IEEE, UPCAST)
+                a_o = _mm(hk, wr_o[kc], a_o, FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -992,7 +1001,7 @@ def fwd_barriers_per_step(pl: Plan, H: int) -> int:
 
 def _check_ln_plan(pl: Plan, B: int, H: int, device) -> int:
     _check_plan(pl, B, H, device)  # the deadlock guard (co-residency), as persistent.py's
-    assert pl.w_chunks == 1 and not pl.ll and not pl.solo, "the LN kernels: whole-tile or streamed W_hh, barriers"
+    assert not pl.ll and not pl.solo, "the LN kernels: barriers only"
     bp = block_p(pl.programs)
     assert bp >= pl.programs
     return bp
@@ -1014,7 +1023,7 @@ def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, ln, lengths, eps, fma, i
     merge = fwd_merge_c(pl, H) if merge_c is None else bool(merge_c)
     KP = k_pad(H)
     if merge and pl.resident:
-        assert pl.BLOCK_K == KP, "the resident MERGE_C operand is phase 0's whole c row tile"
+        assert pl.BLOCK_K == KP and pl.w_chunks == 1, "the resident MERGE_C operand is phase 0's whole c row tile"
     nq = NQ_MERGED if merge else NQ
     part = _partials(pl, cs.dtype, xp.device, nq)
     # MERGE_C: c_t and o_t rows by step parity, [R, 2, 2, BLOCK_B, H]; the kernel reads only what
@@ -1026,7 +1035,7 @@ def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, ln, lengths, eps, fma, i
         xp, w_hh, hs, cs, gates, lengths, gw, gb, cw, cb, part, cell, sync, T, B, H, float(eps),
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, MERGE_C=merge,
-        BLOCK_S=KP if merge else 1, EARLY=pl.early,
+        BLOCK_S=KP if merge else 1, EARLY=pl.early, NK=pl.w_chunks,
         **_launch_opts(xp.device, pl),
     )
     _record("ln_lstm_fwd", k)
@@ -1074,6 +1083,7 @@ def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, e
         assert buf.dim() == 2 and buf.shape[1] == n and buf.shape[0] >= pl.row_blocks and buf.dtype == gc.dtype, \
             "LN gradient buffers: [>= R, n] in the compute dtype"
     merge = MERGE_BWD if merge_bwd is None else bool(merge_bwd)
+    assert pl.w_chunks == 1, "the LN backward: whole-tile or streamed W_hh (plan_ln)"
     nq = NQ_BWD_MERGED if merge else NQ
     stats = bwd_stats(gates, cs, eps, gc.dtype, pl.BLOCK_B)
     part = _partials(pl, gc.dtype, dout.device, nq)

@@ -520,8 +520,8 @@ def test_plan_override_for_the_tuner(monkeypatch):
 def test_plan_chunk_resident_rules(monkeypatch):
     """Where the whole-tile resident path is over its limits, plan() keeps W_hh on chip in
     CHUNK_K-row tiles (w_chunks per gate) if the slice fits CHUNKED_W_MAX_BYTES and a step's rows
-    CHUNKED_ROW_MAX_ELEMS; never on the CPU, for the LN kernels (variants=False), without tensor
-    cores, or where the LL exchange's words would not fit; PLAN_OVERRIDE["chunked"] = False (the
+    CHUNKED_ROW_MAX_ELEMS; never on the CPU, with chunks=False (the LN backward, a MERGE_C LN
+    forward), without tensor cores, or where the LL exchange's words would not fit; PLAN_OVERRIDE["chunked"] = False (the
     tuner's variant) and W_CHUNKED = False give the streamed plan."""
     from fused_rnn.kernels import persistent as P
 
@@ -534,7 +534,8 @@ def test_plan_chunk_resident_rules(monkeypatch):
     for cell in ("lstm", "rnn"):  # S4, both directions: 768 = 12 x 64, 96 KiB (LSTM) of W_hh
         assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132) == 12
         assert chunks(cell, "bwd", 16, 768, BF16, cuda, limit=132) == 12
-        assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132, variants=False) == 0
+        assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132, variants=False) == 12  # (no LL, no solo)
+        assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132, chunks=False) == 0
         assert chunks(cell, "fwd", 16, 768, F32, cuda, limit=132) == 0  # fp32 IEEE: FMA dots, streamed
     assert chunks("rnn", "fwd", 16, 768, F32, cuda, limit=132, allow_tf32=True) == 12  # 48 KiB
     assert chunks("lstm", "fwd", 16, 768, F32, cuda, limit=132, allow_tf32=True) == 0  # 192 KiB

@@ -531,8 +531,10 @@ def test_plan_ln():
     assert pl.resident and pl.num_warps == 4  # 8 warps spilled (sm_90 compile; see _ln_num_warps)
     pl, _ = PL.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)
     assert (pl.programs, pl.BLOCK_H) == (32, 16) and pl.resident
-    pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
-    assert pl.programs == 48 and not pl.resident
+    pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)  # W_hh in 12 chunks; the backward streams it
+    assert pl.programs == 48 and pl.resident and pl.w_chunks == 12
+    pl, _ = PL.plan_ln("bwd", 16, 768, BF16, cuda, limit=132)
+    assert pl.programs == 48 and not pl.resident and pl.w_chunks == 1
     # the partial tile: at most PART_TILE_MAX_ELEMS / BLOCK_B programs per row block
     pl, _ = PL.plan_ln("fwd", 64, 2048, BF16, cuda, limit=132)
     assert pl.programs * pl.BLOCK_H >= 2048 and PL.block_p(pl.programs) * 64 <= PL.PART_TILE_MAX_ELEMS
@@ -547,7 +549,7 @@ def test_plan_ln():
     assert pl.row_blocks == 2 and pl.BLOCK_B == 64
 
 
-def test_plan_ln_fwd_variant():
+def test_plan_ln_fwd_variant(monkeypatch):
     """The forward's MERGE_C rule (BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS) and its num_warps (8:
     the sm_90 compiles spilled at 4, see _ln_num_warps), and MERGE_C_OVERRIDE."""
     pytest.importorskip("triton")
@@ -562,7 +564,11 @@ def test_plan_ln_fwd_variant():
         if merged:
             assert pl.num_warps == 8
     pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
-    assert not pl.resident and pl.num_warps == 8
+    assert pl.w_chunks == 12 and pl.num_warps == 8
+    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", True)  # a forced MERGE_C: whole tiles or streamed, no chunks
+    pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
+    assert pl.w_chunks == 1 and not pl.resident
+    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", None)
     pl, _ = PL.plan_ln("fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: streamed W_hh
     assert not pl.resident and PL.fwd_merge_c(pl, 256)
     pl, _ = PL.plan_ln("fwd", 70, 20, F32, "cpu")  # the interpreter: one program of K_pad columns
@@ -666,7 +672,9 @@ def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
         kern = PL._ln_lstm_fwd_persistent_kernel
         sig.update(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr=f"*{st}", cs_ptr="*fp32",
                    gates_ptr="*fp32", eps="fp32")
-        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=PL.k_pad(H) if merged else 1)
+        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=PL.k_pad(H) if merged else 1, NK=pl.w_chunks)
+        if H == 768:  # W_hh in 12 chunks of 64 rows (persistent.W_CHUNKED), the forward only
+            assert pl.resident and pl.w_chunks == 12 and not merged, pl
         if merged:
             sig["cell_ptr"] = "*fp32"
         else:
@@ -677,6 +685,7 @@ def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
                    gh_ptr="*fp32", gc_ptr="*fp32", stat_ptr="*fp32", dgw_ptr="*fp32", dgb_ptr="*fp32",
                    dcw_ptr="*fp32", dcb_ptr="*fp32")
         const.update(NSTAT=PL.NSTAT, MERGE_BWD=merged)
+        assert pl.w_chunks == 1, pl
     ck = _compile_sm90_specialized(kern, sig, const, num_warps=pl.num_warps, num_stages=pl.num_stages,
                                    launch_cooperative_grid=True)
     ptx = ck.asm["ptx"]
