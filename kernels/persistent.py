@@ -344,6 +344,16 @@ def _grid_barrier(sync_ptr, target):
     _barrier_wait(sync_ptr, target)
 
 
+@triton.jit
+def _barrier_finish(sync_ptr, target, EARLY: tl.constexpr):
+    """The end of a step's barrier: its wait where the step arrived early (EARLY_ARRIVE: after
+    _barrier_arrive), else the whole barrier."""
+    if EARLY:
+        _barrier_wait(sync_ptr, target)
+    else:
+        _grid_barrier(sync_ptr, target)
+
+
 # Flag-in-data exchange (the "LL" protocol of NCCL's low-latency transfers, written anew here):
 # instead of storing its rows and meeting the others at _grid_barrier, a program stores each
 # element of the row tile the others need (h_t forward, dG_t / dP_t backward, already in the dot
@@ -575,8 +585,6 @@ def _lstm_fwd_persistent_kernel(
         a_g += x_g.to(ACC)
         a_o += x_o.to(ACC)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-        if STORE_GATES and not EARLY:
-            _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         gi = _sigmoid(a_i)
         gf = _sigmoid(a_f)
         gg = _tanh(a_g)
@@ -598,18 +606,16 @@ def _lstm_fwd_persistent_kernel(
         tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
         if EARLY:  # arrive now: the release then waits for the h_t stores only (see EARLY_ARRIVE)
             _barrier_arrive(sync_ptr)
-            if STORE_GATES:
-                _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
+        if STORE_GATES:
+            _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
 
         # step t+1's input projection, before the barrier's wait (nothing at t+1 = T)
         nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
         n_off = g_off + G * B
         x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-        if EARLY:
-            _barrier_wait(sync_ptr, (t + 1) * nprog)
-        elif not LL and not SOLO:
-            _grid_barrier(sync_ptr, (t + 1) * nprog)
+        if not LL and not SOLO:
+            _barrier_finish(sync_ptr, (t + 1) * nprog, EARLY)
 
 
 # Reverse step t (the step path's derivative, kernels/lstm.py, without LayerNorm):
@@ -739,10 +745,8 @@ def _lstm_bwd_persistent_kernel(
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0).to(ACC)
-        if EARLY:
-            _barrier_wait(sync_ptr, (i + 1) * nprog)
-        elif not LL and not SOLO:
-            _grid_barrier(sync_ptr, (i + 1) * nprog)
+        if not LL and not SOLO:
+            _barrier_finish(sync_ptr, (i + 1) * nprog, EARLY)
     tl.store(gh_ptr + b_off, gh, mask=mask)
     tl.store(gc_ptr + b_off, gc, mask=mask)
 
@@ -830,10 +834,8 @@ def _rnn_fwd_persistent_kernel(
         tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
 
         x = tl.load(xp_ptr + s_cur + B * H, mask=tl.where(t + 1 < T, mask, False), other=0.0)  # step t+1
-        if EARLY:
-            _barrier_wait(sync_ptr, (t + 1) * nprog)
-        elif not LL and not SOLO:
-            _grid_barrier(sync_ptr, (t + 1) * nprog)
+        if not LL and not SOLO:
+            _barrier_finish(sync_ptr, (t + 1) * nprog, EARLY)
 
 
 # Reverse step t (kernels/rnn.py): gh_t = [not valid_{t+1}] gh_{t+1} + dP_{t+1} W_hh[:, j];
@@ -929,10 +931,8 @@ def _rnn_bwd_persistent_kernel(
         pmask = tl.where(i + 1 < T, mask, False)  # step t-1's own tiles, before the barrier's wait
         d_out = tl.load(dout_ptr + s_cur - B * H, mask=pmask, other=0.0)
         h = tl.load(hs_ptr + s_cur, mask=pmask, other=0.0)
-        if EARLY:
-            _barrier_wait(sync_ptr, (i + 1) * nprog)
-        elif not LL and not SOLO:
-            _grid_barrier(sync_ptr, (i + 1) * nprog)
+        if not LL and not SOLO:
+            _barrier_finish(sync_ptr, (i + 1) * nprog, EARLY)
     tl.store(gh_ptr + b_off, gh, mask=mask)
 
 
@@ -984,6 +984,7 @@ def _check_plan(pl: Plan, B: int, H: int, device) -> None:
     # the deadlock guard, again at the launch (a Plan may come from a caller)
     assert pl.row_blocks == triton.cdiv(B, pl.BLOCK_B), "one row block per BLOCK_B batch rows"
     assert pl.programs * pl.BLOCK_H >= H and pl.programs == triton.cdiv(H, pl.BLOCK_H)
+    assert not (pl.early and (pl.ll or pl.solo)), "an early arrival is the barrier's: no LL, no solo"
     assert pl.w_chunks == 1 or (pl.resident and not pl.solo and pl.w_chunks == triton.cdiv(H, pl.BLOCK_K)), \
         "w_chunks tiles of BLOCK_K cover H"
     device = torch.device(device)
@@ -1002,7 +1003,8 @@ def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, cs, gates, lengths, sync, ring, T, B, H,
         SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early and not pl.ll and not pl.solo, **_launch_opts(xp.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
+        **_launch_opts(xp.device, pl),
     )
     _record("lstm_fwd", k)
 
@@ -1016,7 +1018,8 @@ def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, iee
     k = _lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, ring, T, B, H,
         SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early and not pl.ll and not pl.solo, **_launch_opts(dout.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
+        **_launch_opts(dout.device, pl),
     )
     _record("lstm_bwd", k)
 
@@ -1030,7 +1033,8 @@ def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) 
     k = _rnn_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, out, lengths, sync, ring, T, B, H,
         RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early and not pl.ll and not pl.solo, **_launch_opts(xp.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
+        **_launch_opts(xp.device, pl),
     )
     _record("rnn_fwd", k)
 
@@ -1044,6 +1048,7 @@ def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upc
     k = _rnn_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         w_hh, hs, dout, dP, gh, lengths, sync, ring, T, B, H,
         RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early and not pl.ll and not pl.solo, **_launch_opts(dout.device, pl),
+        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
+        **_launch_opts(dout.device, pl),
     )
     _record("rnn_bwd", k)

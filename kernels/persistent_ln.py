@@ -184,7 +184,7 @@ from .persistent import (
     Plan,
     _check_plan,
     _barrier_arrive,
-    _barrier_wait,
+    _barrier_finish,
     _grid_barrier,
     _launch_opts,
     _record,
@@ -566,22 +566,15 @@ def _ln_lstm_fwd_persistent_kernel(
         a_g += x_g.to(ACC)
         a_o += x_o.to(ACC)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-        if STORE_GATES:
-            if not EARLY:
-                _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         _store_stats(pp, pid, 0, rl, a_i, cmask, n_own, NQ, BLOCK_B)
         _store_stats(pp, pid, 2, rl, a_f, cmask, n_own, NQ, BLOCK_B)
         _store_stats(pp, pid, 4, rl, a_g, cmask, n_own, NQ, BLOCK_B)
         _store_stats(pp, pid, 6, rl, a_o, cmask, n_own, NQ, BLOCK_B)
         if EARLY:  # arrive after the partials the others read; the gates (the backward's) after it
             _barrier_arrive(sync_ptr)
-            if STORE_GATES:
-                _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
-            _barrier_wait(sync_ptr, ((2 if MERGE_C else 3) * t + 1) * nprog)
-        elif MERGE_C:
-            _grid_barrier(sync_ptr, (2 * t + 1) * nprog)
-        else:
-            _grid_barrier(sync_ptr, (3 * t + 1) * nprog)
+        if STORE_GATES:
+            _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
+        _barrier_finish(sync_ptr, ((2 if MERGE_C else 3) * t + 1) * nprog, EARLY)
 
         # ---- phase 2: gate LayerNorms, the cell update; then partial statistics of c_t (3 barriers) or
         # c_t, o_t published (MERGE_C)
@@ -609,19 +602,9 @@ def _ln_lstm_fwd_persistent_kernel(
                 c = tl.where((t64 < L)[:, None], c_new, c)
             else:
                 c = c_new
-            if not EARLY:
-                tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
             cq = cell_rb + (t % 2) * (2 * BLOCK_B * H) + crl[:, None] + cols[None, :]
             tl.store(cq, c_new, mask=mask)
             tl.store(cq + BLOCK_B * H, go, mask=mask)
-            if EARLY:  # arrive after the c, o rows the others read (see persistent.EARLY_ARRIVE)
-                _barrier_arrive(sync_ptr)
-                tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
-            x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-            if EARLY:
-                _barrier_wait(sync_ptr, (2 * t + 2) * nprog)
-            else:
-                _grid_barrier(sync_ptr, (2 * t + 2) * nprog)
         else:
             _store_stats(pp, pid, 8, rl, c_new, cmask, n_own, NQ, BLOCK_B)
             _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
@@ -637,15 +620,14 @@ def _ln_lstm_fwd_persistent_kernel(
             else:
                 c = c_new
             tl.store(hs_ptr + s_nxt, h_new.to(hs_ptr.dtype.element_ty), mask=mask)
-            if EARLY:  # arrive after the h_t row the others read (see persistent.EARLY_ARRIVE)
-                _barrier_arrive(sync_ptr)
-            tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
-
-            x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-            if EARLY:
-                _barrier_wait(sync_ptr, (3 * t + 3) * nprog)
-            else:
-                _grid_barrier(sync_ptr, (3 * t + 3) * nprog)
+        # the step's last barrier: arrive after what the others read (MERGE_C: the c, o rows; else
+        # the h_t row; see persistent.EARLY_ARRIVE), then cs[t+1] (the held c) and the next step's
+        # input projection
+        if EARLY:
+            _barrier_arrive(sync_ptr)
+        tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
+        x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
+        _barrier_finish(sync_ptr, (2 if MERGE_C else 3) * (t + 1) * nprog, EARLY)
 
     if MERGE_C:  # h_{T-1} of the own columns: hs[T] (no matmul operand to rebuild)
         t64 = zero64 + T
@@ -873,12 +855,7 @@ def _ln_lstm_bwd_persistent_kernel(
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
-        if EARLY:
-            _barrier_wait(sync_ptr, (2 if MERGE_BWD else 3) * (i + 1) * nprog)
-        elif MERGE_BWD:
-            _grid_barrier(sync_ptr, (2 * i + 2) * nprog)
-        else:
-            _grid_barrier(sync_ptr, (3 * i + 3) * nprog)
+        _barrier_finish(sync_ptr, (2 if MERGE_BWD else 3) * (i + 1) * nprog, EARLY)
 
     tl.store(gh_ptr + b_off, gh.to(gh_ptr.dtype.element_ty), mask=mask)
     tl.store(gc_ptr + b_off, gc.to(gc_ptr.dtype.element_ty), mask=mask)
