@@ -230,6 +230,7 @@ def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch):
     from dataclasses import replace
 
     from fused_rnn.kernels import persistent
+    from test_persistent_threads import _spy as _spy_plans
 
     real = persistent.plan
     force = {}
@@ -240,12 +241,7 @@ def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch):
 
     monkeypatch.setattr(persistent, "plan", plan)
     monkeypatch.setattr(persistent, "LL_SYNC", ll)
-    launched = []
-    for name in (f"{cell}_fwd_loop", f"{cell}_bwd_loop"):
-        def spy(pl, *a, _real=getattr(persistent, name), **k):
-            launched.append(pl)
-            return _real(pl, *a, **k)
-        monkeypatch.setattr(persistent, name, spy)
+    launched = _spy_plans(monkeypatch)  # the plans each persistent launch got
     for H, lengths in ((32, [4, 2, 0]), (37, None)):
         ins, L, ups = make_case(cell, 4, 3, 5, H, dtype, True, lengths)
         nk = -(-H // 16)
