@@ -86,15 +86,24 @@ def threaded_grid(monkeypatch):
 
     # The interpreter rewrites each @triton.jit helper's AST on its first call and caches it; that
     # is not thread-safe (two programs calling a helper for the first time at once can get a
-    # KeyError or a wrong function), so the rewrite is serialised here.
+    # KeyError or a wrong function), so the rewrite is serialised here. The rewrite also adds the
+    # interpreter's names to the helper module's globals, which _patch_lang iterates over at every
+    # helper call: unserialised, 1 run in ~40-150 of a case died with "dictionary changed size
+    # during iteration" in one program, the others then waiting for it at a barrier.
     rewrite = interp.InterpretedFunction.rewrite
+    patch_lang = interp._patch_lang
     rewrite_lock = threading.RLock()
 
     def locked_rewrite(self):
         with rewrite_lock:
             return rewrite(self)
 
+    def locked_patch_lang(fn):
+        with rewrite_lock:
+            return patch_lang(fn)
+
     monkeypatch.setattr(interp.InterpretedFunction, "rewrite", locked_rewrite)
+    monkeypatch.setattr(interp, "_patch_lang", locked_patch_lang)
     monkeypatch.setattr(interp.InterpreterBuilder, "create_atomic_rmw", atomic)
     monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", jitter(load))
     monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_store", jitter(store))
@@ -128,7 +137,10 @@ def threaded_grid(monkeypatch):
                 t.join(timeout=120)
                 if t.is_alive():
                     faulthandler.dump_traceback(all_threads=True)  # where each program waits, for the log
-                    raise RuntimeError("a program is still waiting: deadlock at a grid barrier")
+                    # (a program that raised leaves the others waiting for it: its error is the cause)
+                    raise RuntimeError("a program is still waiting: deadlock at a grid barrier"
+                                       + (f"; a program raised {errors[0]!r}" if errors else "")) from (
+                        errors[0] if errors else None)
             if errors:
                 raise errors[0]
         finally:
