@@ -14,9 +14,10 @@
 #             the persistent path out (bench --paths, pytest --ignore, memcheck --exclude), so one
 #             hang cannot eat the budget of every stage after it.
 #   smoke_ll  bench/persistent_smoke.py --ll: the same with the LL exchange (tagged words instead of
-#             the barrier, kernels.persistent.LL_SYNC; never run on a GPU before), LSTM and RNN,
-#             timed against the barrier kernels; then the CUDA LL tests (pytest -k
-#             cuda_ll_exchange: several row blocks, streamed W_hh, fp32 words), which the pytest
+#             the barrier, kernels.persistent.LL_SYNC; never run on a GPU before), LSTM, RNN and
+#             LN-LSTM (bf16), timed against the barrier kernels; then the CUDA LL tests (pytest -k
+#             cuda_ll_exchange: several row blocks, streamed W_hh, fp32 words, the LN-LSTM's LL
+#             kernels), which the pytest
 #             stage leaves out, so that an LL hang costs this stage only; if it fails or hangs,
 #             the LL variants are left out of memcheck (--exclude) and the tune stage (--no-ll)
 #   bench     python -m fused_rnn.bench --quick --dtypes bf16 --paths persistent,graph,triton
@@ -56,7 +57,7 @@ OUT=$(cd "$OUT" && pwd)
 TOTAL_S=${TOTAL_S:-240}
 T_INSTALL=${T_INSTALL:-30}
 T_SMOKE=${T_SMOKE:-40}
-T_SMOKE_LL=${T_SMOKE_LL:-60}
+T_SMOKE_LL=${T_SMOKE_LL:-90}
 T_BENCH=${T_BENCH:-70}
 T_PYTEST=${T_PYTEST:-60}
 T_MEMCHECK=${T_MEMCHECK:-40}
@@ -237,7 +238,7 @@ elif [ "$PERSISTENT_OK" != 1 ]; then
 else
     DESC="persistent_smoke.py --ll && pytest -k cuda_ll_exchange" stage smoke_ll "$T_SMOKE_LL" \
         "$OUT/bench_log.txt" env -u TRITON_INTERPRET PY="$PY" bash -c \
-        '"$PY" bench/persistent_smoke.py --ll && "$PY" -m pytest -q -x -p no:cacheprovider tests/test_persistent.py -k cuda_ll_exchange'
+        '"$PY" bench/persistent_smoke.py --ll && "$PY" -m pytest -q -x -p no:cacheprovider tests/test_persistent.py tests/test_persistent_ln.py -k cuda_ll_exchange'
     ST=$(status_of "$RC")
     if [ "$RC" -ne 0 ]; then
         LL_OK=0

@@ -108,11 +108,10 @@ def _check_persistent(cell, d, path):
     for plan, why in plans:
         if plan is None:
             raise RuntimeError(f"the persistent kernels would not run: {why}")
-    if cell != "lnlstm":  # a "persistent-ll" case must really take the LL exchange, the others not
-        from fused_rnn.kernels import persistent as kp
+    from fused_rnn.kernels import persistent as kp
 
-        if any(p.ll != kp.LL_SYNC for p, _ in plans):
-            raise RuntimeError(f"the plans' LL exchange is not LL_SYNC={kp.LL_SYNC}: {plans}")
+    if any(p.ll != kp.LL_SYNC for p, _ in plans):  # a "persistent-ll" case must really take the LL exchange
+        raise RuntimeError(f"the plans' LL exchange is not LL_SYNC={kp.LL_SYNC}: {plans}")
     print(f"    persistent plan: {plans[0][0]}", flush=True)
 
 
@@ -290,6 +289,9 @@ def cases():
         lengths=False, **ll)
     add("persistent-ll lstm bf16 B130 T3 I8 H40 (3 row blocks x 3 programs)", cell="lstm", B=130, T=3, I=8,
         H=40, dtype="bf16", **ll)
+    # the layer-norm LSTM's LL exchange (rows and LayerNorm partials as tagged words; B16, 16-bit:
+    # kernels/persistent_ln.py ln_ll_fits)
+    add("persistent-ll lnlstm bf16 B3 T5 I19 H37 lengths", cell="lnlstm", B=3, T=5, I=19, H=37, dtype="bf16", **ll)
     return c
 
 

@@ -19,8 +19,9 @@ the backward's GEMMs after it) under each variant:
                 is the "default" row).
                 --no-ll leaves the LL variant out (gpu_check.sh passes it when the LL smoke
                 stage failed).
-    lnlstm      forward: kernels.persistent_ln.MERGE_C_OVERRIDE True / False (2 or 3 barriers a
-                step); backward: MERGE_BWD flipped (its 2- and 3-barrier variants)
+    lnlstm      the LL exchange (as above; kernels.persistent_ln.ln_lstm_fits says where: S1,
+                S4's backward); forward: kernels.persistent_ln.MERGE_C_OVERRIDE True / False (2
+                or 3 barriers a step); backward: MERGE_BWD flipped (its 2- and 3-barrier variants)
 Each variant's results are compared with the default variant's (relative error of out and of
 dx; a variant that disagrees beyond 2e-2 in bf16 is marked WRONG) and timed with
 triton.testing.do_bench (median). Variants that cannot run (grid over the SM count) are listed
@@ -128,7 +129,10 @@ def variants(cell, direction, cuda, ll=True):
                 def apply(bh=bh, nw=nw):
                     P.PLAN_OVERRIDE.update(BLOCK_H=bh, num_warps=nw)
                 out.append((f"BLOCK_H={bh} warps={nw}", apply, P.PLAN_OVERRIDE.clear))
-    elif direction == "fwd":
+        return out
+    if ll:  # the layer-norm LSTM: plan_ln takes LL where ln_ll_fits (else its plan is the default's)
+        out.append((LL_VARIANT, lambda: P.PLAN_OVERRIDE.update(ll=True), P.PLAN_OVERRIDE.clear))
+    if direction == "fwd":
         for m in (True, False):
             def apply(m=m):
                 PL.MERGE_C_OVERRIDE = m
@@ -247,7 +251,7 @@ def _run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, 
             st["plan"] = row["plan"]
         if pl is None:
             row["skip"] = f"no plan: {why}"
-        elif vname != "default" and row["plan"] == st["plan"] and cell != "lnlstm":
+        elif vname != "default" and row["plan"] == st["plan"] and (cell != "lnlstm" or vname == LL_VARIANT):
             row["skip"] = "the default's plan (timed above)"
         else:
             fwd, bwd, _ = runners(cell, d)

@@ -56,7 +56,8 @@ and scope= arguments of tl.atomic_add: triton-lang/triton PR #2562 added scope, 
 (January 2025) describes both as existing attributes of every atomic, so Triton 3.6 has them.
 NONE OF THIS HAS RUN ON A GPU YET.
 
-LL exchange (LL_SYNC / Plan.ll, plain LSTM and RNN): instead of the barrier, each element of the
+LL exchange (LL_SYNC / Plan.ll, plain LSTM and RNN; the layer-norm LSTM's kernels too, see
+kernels/persistent_ln.py): instead of the barrier, each element of the
 row the others need goes out with its step number in one word, and readers spin on those words
 (_ll_put / _ll_get: why it is correct, and what it should save). Its programs wait for each other
 just the same, so the deadlock guard below applies unchanged. UNMEASURED; off by default.
@@ -118,9 +119,10 @@ RESIDENT_MAX_K = 512
 # {"BLOCK_H": 16 | 32 | 64, "num_warps": 4 | 8 | 16}. Empty: plan()'s rules. Process-wide; not
 # for use while other threads launch.
 PLAN_OVERRIDE: dict = {}
-# Flag-in-data exchange ("LL", see _ll_put) instead of the grid barrier, for the plain LSTM and the
-# RNN, forward and backward. UNMEASURED (no GPU yet): off by default; PLAN_OVERRIDE["ll"] turns
-# it on for one variant of bench/persistent_tune.py, which times it against the barrier.
+# Flag-in-data exchange ("LL", see _ll_put) instead of the grid barrier, for the plain LSTM, the
+# RNN and the layer-norm LSTM (where persistent_ln.ln_ll_fits; its LayerNorm partials too),
+# forward and backward. UNMEASURED (no GPU yet): off by default; PLAN_OVERRIDE["ll"] turns it on
+# for one variant of bench/persistent_tune.py, which times it against the barrier.
 LL_SYNC = False
 # One program per row block holding ALL of W_hh on chip ("solo"): no other program to wait for,
 # so no barrier and no exchange; the row a step produces stays in registers as the next step's
@@ -224,14 +226,14 @@ def grid_fits(programs: int, limit: int) -> bool:
 
 def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
          limit: Optional[int] = None, allow_tf32: bool = False, variants: bool = True,
-         chunks: bool = True) -> Tuple[Optional[Plan], str]:
+         chunks: bool = True, solo_ok: bool = True) -> Tuple[Optional[Plan], str]:
     """(Plan, "") for a persistent launch of ``cell`` ("lstm" or "rnn") in ``direction``
     ("fwd" or "bwd"), or (None, why not). ``limit``: the most co-resident programs (default
     max_programs(device); tests pass a fake SM count). ``allow_tf32``: fp32 dots on tensor
     cores (otherwise fp32 tl.dot with input_precision="ieee" is lowered to FMAs on sm_90).
-    ``variants=False``: never the LL exchange or a solo plan (the LN kernels have neither; they
-    do take w_chunks plans). ``chunks=False``: never a w_chunks plan (the LN forward's forced
-    MERGE_C variant needs whole tiles)."""
+    ``variants=False``: never the LL exchange or a solo plan; ``solo_ok=False``: never a solo
+    plan (the LN kernels have none; they do take LL and w_chunks plans). ``chunks=False``: never
+    a w_chunks plan (the LN forward's forced MERGE_C variant needs whole tiles)."""
     device = torch.device(device)
     if limit is None:
         limit = max_programs(device)
@@ -243,7 +245,7 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     R = triton.cdiv(B, BB)
     K_pad = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))
     solo = SOLO if cpu else PLAN_OVERRIDE.get("solo", SOLO)
-    solo = bool(solo) and variants and (cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
+    solo = bool(solo) and variants and solo_ok and (cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
                            and gates * K_pad * K_pad * esize <= SOLO_MAX_W_BYTES and gates * BB * K_pad <= 8192)
     if cpu or solo:
         BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid

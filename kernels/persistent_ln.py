@@ -142,6 +142,22 @@ cooperative launch as persistent.py's (_check_plan, _launch_opts). With Plan.ear
 backward reads them) and its last one around the stores of c (the backward's) and the loads of
 the next step's own tiles: arrive, that traffic, wait.
 
+LL exchange (persistent.LL_SYNC / Plan.ll; UNMEASURED, off by default like the plain kernels'):
+no barrier at all. The 3-barrier variants' three exchanges a step each become flag-in-data
+exchanges (persistent._ll_put / _ll_get): the partials go out as 64-bit words (the fp32 value and
+the step's tag) into an int64 buffer of the same layout, filled with -1, and a reader waits until
+the words of the P programs carry the step (slots p >= P masked to 0: the same tile, the same
+combine, so the results are the barrier variants' bit for bit under the interpreter); h_t
+(forward) and dG_t (backward) go out as the plain kernels' ring words ([2, B, H] / [2, B, G]).
+Never with MERGE_C or MERGE_BWD (the barriers they save are gone). Reuse: the partials keep
+their step-parity halves, tag = the step (forward t, backward i); a program writes the half of
+step s + 2 only after reading every program's row of step s + 1, which each wrote after its
+reads of step s's partials ended (the same argument as the plain ring's, see _ll_put). plan_ln
+takes it where persistent.plan() does and ln_ll_fits allows (sm_90 compiles: B16 and 16-bit only,
+the forward with its W_hh tile whole: S1 both ways, S4's backward); the barrier plan elsewhere.
+What it should save: 2-3 barriers a step (~0.85 us each with 16 programs, ANCHORS), for polls
+of 10 x BLOCK_P x BLOCK_B 64-bit words (B16 H256: 20 KiB a step instead of 10 KiB of partials).
+
 Extra L2 traffic per program per step over the plain persistent LSTM (fp32 partials; the plain
 kernel reads one h / dG row block per step: B H (fwd), 4 B H (bwd) elements): partial reads
 10 BLOCK_P BLOCK_B 4 bytes a direction (padding slots included), writes 40 BLOCK_B bytes;
@@ -187,6 +203,10 @@ from .persistent import (
     _barrier_finish,
     _grid_barrier,
     _launch_opts,
+    _ll_get,
+    _ll_put,
+    _ll_ring,
+    _row_chunk,
     _record,
     max_programs,
     plan as _plain_plan,
@@ -224,7 +244,8 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
             allow_tf32: bool = False) -> Tuple[Optional[Plan], str]:
     """(Plan, "") for a persistent layer-norm LSTM launch in ``direction`` ("fwd" / "bwd"), or
     (None, why not). persistent.plan's rules (one program per SM at most, the deadlock guard;
-    one program per row block covering all of H on the CPU; resident or streamed W_hh), with the
+    one program per row block covering all of H on the CPU; resident or streamed W_hh; the LL
+    exchange where it takes it and, on a GPU, ln_ll_fits agrees; never a solo plan), with the
     programs of a row block also capped at PART_TILE_MAX_ELEMS / BLOCK_B (the combine's tile).
     num_warps: see _ln_num_warps."""
     from .persistent import MAX_B
@@ -242,14 +263,37 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
     # Not for a MERGE_C forward either: its resident operand is a whole c row tile (with the
     # limits as set, fwd_merge_c's rule and a chunked plan never meet; MERGE_C_OVERRIDE can).
     merge = MERGE_C_OVERRIDE if MERGE_C_OVERRIDE is not None else BB * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
-    pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=False,
-                          chunks=direction == "fwd" and not merge)
+    pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=True,
+                          chunks=direction == "fwd" and not merge, solo_ok=False)
+    if pl is not None and pl.ll and device.type == "cuda" and not ln_ll_fits(direction, pl, dtype):  # the barrier's
+        pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=False,
+                              chunks=direction == "fwd" and not merge)
     if pl is None:
         if lim < limit:
             why += f" (layer-norm LSTM: at most {cap} programs per row block of {BB} rows)"
         return None, why
     assert pl.BLOCK_B == BB and block_p(pl.programs) * pl.BLOCK_B <= max(PART_TILE_MAX_ELEMS, pl.BLOCK_B)
     return replace(pl, num_warps=_ln_num_warps(direction, pl, H)), ""
+
+
+def ln_ll_fits(direction: str, pl: Plan, dtype: torch.dtype) -> bool:
+    """Whether the LN kernels on a GPU take the LL exchange that persistent.plan() chose
+    (LL_SYNC): fp16 / bf16 only (32-bit words for the row; fp32 with TF32, 64-bit words, spilled
+    8 B in the S4 backward), at BLOCK_B = 16 only, the forward only with its W_hh slice whole on
+    chip (resident, one tile). sm_90 compiles with LL (bf16, lengths, 8 warps; registers + stack
+    bytes, Triton 3.9 / 3.6):
+        fwd B16 H256 resident   183 / 207, none       bwd B16 H256 resident   174 / 186, none
+        fwd B16 H128 resident   218 / 237, none       bwd B16 H128 resident   240 / 248, none
+        fwd B16 H768 chunked    236 + 24 B / -        bwd B16 H768 streamed   172 / 227, none
+            (4 warps: 252 + 8 B; streamed: 249 + 24 B)   bwd B16 H1024 streamed  172 / 227, none
+        fwd B16 H1024 streamed  249 + 24 B / -
+        fwd B64 H64 resident    171 / 231, none       bwd B64 H64 resident    252 / 255 + 40 B
+                                                      bwd B64 H512 streamed   254 + 8 B / -
+    (the row's tagged words and the LayerNorm partials' 64-bit words, BLOCK_P x BLOCK_B per
+    quantity, on top of the barrier kernels' registers). Elsewhere the barrier plan."""
+    if dtype not in (torch.float16, torch.bfloat16) or pl.BLOCK_B > 16:
+        return False
+    return direction == "bwd" or (pl.resident and pl.w_chunks == 1)
 
 
 def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
@@ -293,6 +337,8 @@ def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
     with lengths, held h) row tiles, which spill past that. (At B16 H768 a chunked variant of
     the c statistics, tried and dropped, still spilled 16-24 B at num_stages=3.)
     UNMEASURED on a GPU: registers are not speed."""
+    if pl.ll:
+        return pl.num_warps
     if direction == "bwd" and pl.resident and pl.w_chunks == 1 and pl.BLOCK_B * pl.BLOCK_K <= 4096:
         return 4
     if direction == "fwd" and fwd_merge_c(pl, H):
@@ -314,42 +360,57 @@ def _own_stats(v, cmask, n_own):
 
 
 @triton.jit
-def _store_part(pp, pid, k, rl, val, NQ: tl.constexpr, BLOCK_B: tl.constexpr):
-    """part[pid, k, :] = val [BLOCK_B] (padded rows included: never read for a real row)."""
-    tl.store(pp + (pid * NQ + k) * BLOCK_B + rl, val.to(pp.dtype.element_ty))
+def _store_part(pp, pid, k, rl, val, NQ: tl.constexpr, BLOCK_B: tl.constexpr, tag=0, LL: tl.constexpr = False):
+    """part[pid, k, :] = val [BLOCK_B] (padded rows included: never read for a real row). LL: as
+    a tagged 64-bit word (persistent._ll_put: the fp32 value and step ``tag``) of the int64 ring
+    that replaces the buffer, for the readers' _load_parts(..., LL) to wait on."""
+    if LL:
+        _ll_put(pp, (pid * NQ + k) * BLOCK_B + rl, val.to(tl.float32), tag, rl < BLOCK_B)
+    else:  # (this address form, pointer plus scalar first: fewer registers in sm_90 compiles)
+        tl.store(pp + (pid * NQ + k) * BLOCK_B + rl, val.to(pp.dtype.element_ty))
 
 
 @triton.jit
-def _store_stats(pp, pid, k, rl, v, cmask, n_own, NQ: tl.constexpr, BLOCK_B: tl.constexpr):
+def _store_stats(pp, pid, k, rl, v, cmask, n_own, NQ: tl.constexpr, BLOCK_B: tl.constexpr, tag=0,
+                 LL: tl.constexpr = False):
     """This program's LayerNorm partials of v's rows (_own_stats): S into slot k, M2 into k + 1."""
     s, m2 = _own_stats(v, cmask, n_own)
-    _store_part(pp, pid, k, rl, s, NQ, BLOCK_B)
-    _store_part(pp, pid, k + 1, rl, m2, NQ, BLOCK_B)
+    _store_part(pp, pid, k, rl, s, NQ, BLOCK_B, tag, LL)
+    _store_part(pp, pid, k + 1, rl, m2, NQ, BLOCK_B, tag, LL)
 
 
 @triton.jit
-def _store_sums(pp, pid, k, rl, v, xh, NQ: tl.constexpr, BLOCK_B: tl.constexpr):
+def _store_sums(pp, pid, k, rl, v, xh, NQ: tl.constexpr, BLOCK_B: tl.constexpr, tag=0, LL: tl.constexpr = False):
     """The two row sums a LayerNorm backward needs of v over this program's columns: Σ v into
     slot k and Σ v x̂ (x̂ = xh, the normalised input) into slot k + 1."""
-    _store_part(pp, pid, k, rl, tl.sum(v, axis=1), NQ, BLOCK_B)
-    _store_part(pp, pid, k + 1, rl, tl.sum(v * xh, axis=1), NQ, BLOCK_B)
+    _store_part(pp, pid, k, rl, tl.sum(v, axis=1), NQ, BLOCK_B, tag, LL)
+    _store_part(pp, pid, k + 1, rl, tl.sum(v * xh, axis=1), NQ, BLOCK_B, tag, LL)
 
 
 @triton.jit
-def _load_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+def _load_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, nprog=1, tag=0,
+                LL: tl.constexpr = False):
     """part[p, k, :] of every program slot p < BLOCK_P as a [BLOCK_P, BLOCK_B] tile. No masks:
     slots p >= P are zero (the launcher zeroes the buffer; no program writes them), padded rows
     only feed padded rows. Compile-time strides, so one base address serves every element of a
     thread (immediate offsets). Written by other programs: visible after the barrier's acquire
-(persistent.py's docstring); ".cg" is only a hint."""
+    (persistent.py's docstring); ".cg" is only a hint. LL: waits until the words of the nprog
+    programs carry step ``tag`` (persistent._ll_get); slots p >= nprog, never written, read as 0
+    (masked), so the tile is the same as the barrier's."""
     ps = tl.arange(0, BLOCK_P)
-    return tl.load(pp + ((ps * NQ + k) * BLOCK_B)[:, None] + rl[None, :], cache_modifier=".cg")
+    if LL:
+        v = _ll_get(pp, ((ps * NQ + k) * BLOCK_B)[:, None] + rl[None, :], (ps < nprog)[:, None] & (rl < BLOCK_B)[None, :],
+                    tag, tl.float32)
+    else:
+        v = tl.load(pp + ((ps * NQ + k) * BLOCK_B)[:, None] + rl[None, :], cache_modifier=".cg")
+    return v
 
 
 @triton.jit
-def _sum_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+def _sum_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, nprog=1, tag=0,
+               LL: tl.constexpr = False):
     """Σ_p part[p, k, :]: a fixed reduction tree over the program axis (deterministic)."""
-    return tl.sum(_load_parts(pp, k, rl, NQ, BLOCK_B, BLOCK_P), axis=0)
+    return tl.sum(_load_parts(pp, k, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL), axis=0)
 
 
 @triton.jit
@@ -372,10 +433,11 @@ def _chan_combine(s, m2, n, H):
 
 
 @triton.jit
-def _gate_stats(pp, k, cnt, H, eps, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+def _gate_stats(pp, k, cnt, H, eps, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, nprog=1,
+                tag=0, LL: tl.constexpr = False):
     """(mean, rstd) [BLOCK_B] of the LayerNorm whose partials (S, M2) sit in slots k, k+1."""
-    s = _load_parts(pp, k, rl, NQ, BLOCK_B, BLOCK_P)
-    m2 = _load_parts(pp, k + 1, rl, NQ, BLOCK_B, BLOCK_P)
+    s = _load_parts(pp, k, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    m2 = _load_parts(pp, k + 1, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
     mean, m2 = _chan_combine(s, m2, cnt, H)
     var = m2 / H
     return mean, 1.0 / tl.sqrt(var + eps)
@@ -454,6 +516,7 @@ def _h_operand(c, orow, h0row, ks, kmask, fresh, first, mean, rstd, cw_ptr, cb_p
     {
         "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
         "STORE_GATES": lambda a: a["gates_ptr"] is not None,
+        "LL": lambda a: a["ring_ptr"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["T"])
@@ -466,24 +529,28 @@ def _ln_lstm_fwd_persistent_kernel(
     len_ptr,  # [B] int64 lengths, or None
     gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]
     part_ptr,  # [R, 2, BLOCK_P, NQ, BLOCK_B] compute dtype, zeroed: 0..7 (S, M2) of i, f, g, o; 8, 9 of c
+    #            (LL: int64 tagged words, all -1)
     cell_ptr,  # MERGE_C: [R, 2, 2, BLOCK_B, H] compute dtype: [r, s % 2, 0 / 1] = c_s / o_s rows; else None
-    sync_ptr,  # [R] int32, zero
+    sync_ptr,  # [R] int32, zero (None with LL)
+    ring_ptr,  # LL: [2, B, H] int32 / int64 tagged h (persistent._ll_put), all -1; else None
     T, B, H, eps,
-    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     NQ: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_S: tl.constexpr, EARLY: tl.constexpr, NK: tl.constexpr,
 ):
-    """The forward, 3 grid barriers a step, or 2 with MERGE_C (module docstring). BLOCK_S:
-    next_pow2(H) with MERGE_C (the c / o row tile), unused otherwise."""
+    """The forward, 3 grid barriers a step, or 2 with MERGE_C, or none with LL (module
+    docstring). BLOCK_S: next_pow2(H) with MERGE_C (the c / o row tile), unused otherwise."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     pid_b = tl.program_id(1)  # the row block
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    sync_ptr += pid_b  # this row block's barrier counter
+    if not LL:
+        sync_ptr += pid_b  # this row block's barrier counter
     rl = tl.arange(0, BLOCK_B)  # row within the block: the partials' row index
     part_rb = part_ptr + pid_b * (2 * BLOCK_P * NQ * BLOCK_B)
     ACC = cs_ptr.dtype.element_ty
+    HT = hs_ptr.dtype.element_ty
     WT = w_ptr.dtype.element_ty
     G = 4 * H
     zero64 = tl.zeros([], dtype=tl.int64)
@@ -501,6 +568,8 @@ def _ln_lstm_fwd_persistent_kernel(
 
     b_off = (rows * H)[:, None] + cols[None, :]
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
+    if LL:  # ring slot 0: this program's columns of h0, tag 0
+        _ll_put(ring_ptr, b_off, tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(WT), zero64, mask)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
     if MERGE_C:
@@ -513,6 +582,7 @@ def _ln_lstm_fwd_persistent_kernel(
     for t in range(T):
         t64 = zero64 + t
         h_row = (t64 * B + rows) * H  # slot t of hs: every program's h_{t-1}
+        r_row = ((t64 % 2) * B + rows) * H  # the same row in the LL ring
         # partials alternate between two halves by step parity (the addresses then depend on t,
         # which keeps the compiler from hoisting every address tile out of the loop: fewer
         # registers in sm_90 compiles; not needed for correctness, see the module docstring)
@@ -541,8 +611,8 @@ def _ln_lstm_fwd_persistent_kernel(
                                     cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
                 else:
                     ks = kc * BLOCK_K + kr
-                    hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & (ks < H)[None, :],
-                                 other=0.0, cache_modifier=".cg").to(WT)
+                    hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
+                                    WT)
                 a_i = _mm(hk, wr_i[kc], a_i, FMA, IEEE, UPCAST)
                 a_f = _mm(hk, wr_f[kc], a_f, FMA, IEEE, UPCAST)
                 a_g = _mm(hk, wr_g[kc], a_g, FMA, IEEE, UPCAST)
@@ -557,8 +627,7 @@ def _ln_lstm_fwd_persistent_kernel(
                     hk = _h_operand(ck, cp + BLOCK_B * H + crl, hs_ptr + h0_row, ks, kmask, fresh, first, m_c, r_c,
                                     cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
                 else:
-                    hk = tl.load(hs_ptr + h_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                                 other=0.0, cache_modifier=".cg").to(WT)
+                    hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
                 a_i, a_f, a_g, a_o = _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask,
                                                       a_i, a_f, a_g, a_o, FMA, IEEE, UPCAST)
         a_i += x_i.to(ACC)
@@ -566,28 +635,29 @@ def _ln_lstm_fwd_persistent_kernel(
         a_g += x_g.to(ACC)
         a_o += x_o.to(ACC)
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-        _store_stats(pp, pid, 0, rl, a_i, cmask, n_own, NQ, BLOCK_B)
-        _store_stats(pp, pid, 2, rl, a_f, cmask, n_own, NQ, BLOCK_B)
-        _store_stats(pp, pid, 4, rl, a_g, cmask, n_own, NQ, BLOCK_B)
-        _store_stats(pp, pid, 6, rl, a_o, cmask, n_own, NQ, BLOCK_B)
+        _store_stats(pp, pid, 0, rl, a_i, cmask, n_own, NQ, BLOCK_B, t64, LL)
+        _store_stats(pp, pid, 2, rl, a_f, cmask, n_own, NQ, BLOCK_B, t64, LL)
+        _store_stats(pp, pid, 4, rl, a_g, cmask, n_own, NQ, BLOCK_B, t64, LL)
+        _store_stats(pp, pid, 6, rl, a_o, cmask, n_own, NQ, BLOCK_B, t64, LL)
         if EARLY:  # arrive after the partials the others read; the gates (the backward's) after it
             _barrier_arrive(sync_ptr)
         if STORE_GATES:
             _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
-        _barrier_finish(sync_ptr, ((2 if MERGE_C else 3) * t + 1) * nprog, EARLY)
+        if not LL:
+            _barrier_finish(sync_ptr, ((2 if MERGE_C else 3) * t + 1) * nprog, EARLY)
 
         # ---- phase 2: gate LayerNorms, the cell update; then partial statistics of c_t (3 barriers) or
         # c_t, o_t published (MERGE_C)
-        mean, rstd = _gate_stats(pp, 0, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        mean, rstd = _gate_stats(pp, 0, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P, nprog, t64, LL)
         gi = _sigmoid(_norm(a_i, mean, rstd, cmask) * _param(gw_ptr, 0, cols, cmask, ACC)[None, :]
                       + _param(gb_ptr, 0, cols, cmask, ACC)[None, :])
-        mean, rstd = _gate_stats(pp, 2, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        mean, rstd = _gate_stats(pp, 2, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P, nprog, t64, LL)
         gf = _sigmoid(_norm(a_f, mean, rstd, cmask) * _param(gw_ptr, H, cols, cmask, ACC)[None, :]
                       + _param(gb_ptr, H, cols, cmask, ACC)[None, :])
-        mean, rstd = _gate_stats(pp, 4, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        mean, rstd = _gate_stats(pp, 4, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P, nprog, t64, LL)
         gg = _tanh(_norm(a_g, mean, rstd, cmask) * _param(gw_ptr, 2 * H, cols, cmask, ACC)[None, :]
                    + _param(gb_ptr, 2 * H, cols, cmask, ACC)[None, :])
-        mean, rstd = _gate_stats(pp, 6, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+        mean, rstd = _gate_stats(pp, 6, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P, nprog, t64, LL)
         go = _sigmoid(_norm(a_o, mean, rstd, cmask) * _param(gw_ptr, 3 * H, cols, cmask, ACC)[None, :]
                       + _param(gb_ptr, 3 * H, cols, cmask, ACC)[None, :])
         c_new = gf * c + gi * gg
@@ -606,11 +676,12 @@ def _ln_lstm_fwd_persistent_kernel(
             tl.store(cq, c_new, mask=mask)
             tl.store(cq + BLOCK_B * H, go, mask=mask)
         else:
-            _store_stats(pp, pid, 8, rl, c_new, cmask, n_own, NQ, BLOCK_B)
-            _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
+            _store_stats(pp, pid, 8, rl, c_new, cmask, n_own, NQ, BLOCK_B, t64, LL)
+            if not LL:
+                _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
 
             # ---- phase 3: the cell LayerNorm, h_t; publish
-            mean, rstd = _gate_stats(pp, 8, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+            mean, rstd = _gate_stats(pp, 8, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P, nprog, t64, LL)
             h_new = go * _tanh(_norm(c_new, mean, rstd, cmask) * _param(cw_ptr, 0, cols, cmask, ACC)[None, :]
                                + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
             if HAS_LENGTHS:  # past a row's end: h_t 0 (the output), c held
@@ -619,7 +690,10 @@ def _ln_lstm_fwd_persistent_kernel(
                 c = tl.where(valid, c_new, c)
             else:
                 c = c_new
-            tl.store(hs_ptr + s_nxt, h_new.to(hs_ptr.dtype.element_ty), mask=mask)
+            if LL:  # first, so that the others can go on: ring slot (t+1) % 2, tag t+1
+                _ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :],
+                        h_new.to(HT).to(WT), t64 + 1, mask)
+            tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
         # the step's last barrier: arrive after what the others read (MERGE_C: the c, o rows; else
         # the h_t row; see persistent.EARLY_ARRIVE), then cs[t+1] (the held c) and the next step's
         # input projection
@@ -627,7 +701,8 @@ def _ln_lstm_fwd_persistent_kernel(
             _barrier_arrive(sync_ptr)
         tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
         x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-        _barrier_finish(sync_ptr, (2 if MERGE_C else 3) * (t + 1) * nprog, EARLY)
+        if not LL:
+            _barrier_finish(sync_ptr, (2 if MERGE_C else 3) * (t + 1) * nprog, EARLY)
 
     if MERGE_C:  # h_{T-1} of the own columns: hs[T] (no matmul operand to rebuild)
         t64 = zero64 + T
@@ -702,7 +777,7 @@ def _merged_dg(pp, k, dc, F, xh, r, s1, s2, kc, gw_ptr, goff, pg, pgb, dgp, amas
     _acc_cols(pgb + goff, tl.sum(dy, axis=0), amask, cmask)
 
 
-@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
+@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None, "LL": lambda a: a["ring_ptr"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def _ln_lstm_bwd_persistent_kernel(
     gates_ptr,  # [T, B, G] saved pre-LN pre-activations
@@ -716,10 +791,12 @@ def _ln_lstm_bwd_persistent_kernel(
     gw_ptr, gb_ptr, cw_ptr, cb_ptr,  # LN weights: gates [G], [G]; cell [H], [H]
     stat_ptr,  # [T, R, NSTAT, BLOCK_B] compute dtype: mean, rstd of gates i, f, g, o (0..7), of c_t (8, 9)
     part_ptr,  # [R, 2, BLOCK_P, NQ, BLOCK_B] compute dtype, zeroed: 0..3 phase-1 sums, 4..9 phase-2 sums
+    #            (LL: int64 tagged words, all -1)
     dgw_ptr, dgb_ptr, dcw_ptr, dcb_ptr,  # [>= R, G], [>= R, G], [>= R, H], [>= R, H]: row r accumulated
-    sync_ptr,  # [R] int32, zero
+    sync_ptr,  # [R] int32, zero (None with LL)
+    ring_ptr,  # LL: [2, B, G] int32 / int64 tagged dG (persistent._ll_put), all -1; else None
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     NQ: tl.constexpr, NSTAT: tl.constexpr, MERGE_BWD: tl.constexpr, EARLY: tl.constexpr,
@@ -729,10 +806,12 @@ def _ln_lstm_bwd_persistent_kernel(
     pid_b = tl.program_id(1)  # the row block
     nrb = tl.num_programs(1)
     rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    sync_ptr += pid_b  # this row block's barrier counter
+    if not LL:
+        sync_ptr += pid_b  # this row block's barrier counter
     rl = tl.arange(0, BLOCK_B)
     part_rb = part_ptr + pid_b * (2 * BLOCK_P * NQ * BLOCK_B)
     ACC = gc_ptr.dtype.element_ty
+    WT = w_ptr.dtype.element_ty
     G = 4 * H
     zero64 = tl.zeros([], dtype=tl.int64)
     wr = None
@@ -763,8 +842,14 @@ def _ln_lstm_bwd_persistent_kernel(
     d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
     c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0)  # c_{t-1} = slot t
     c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0)  # c_t = slot t+1
+    if LL:  # ring slot T % 2: this program's columns of dG_T = 0, tag T
+        zt = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
+        r_off = ((((t_last + 1) % 2) * B + rows) * G)[:, None] + cols[None, :]
+        for q in tl.static_range(4):
+            _ll_put(ring_ptr, r_off + q * H, zt, t_last + 1, mask)
     for i in range(T):
         t64 = zero64 + (T - 1 - i)
+        i64 = zero64 + i  # the partials' LL tag
         pp = part_rb + (i % 2) * (BLOCK_P * NQ * BLOCK_B)  # step parity, as in the forward
         valid = (t64 < L)[:, None]
         nvalid = (t64 + 1 < L)[:, None]
@@ -772,7 +857,8 @@ def _ln_lstm_bwd_persistent_kernel(
         amask = tl.where(i > 0, cmask, False)  # read the LN-gradient accumulators after step T-1
         # ---- phase 1: carried gradient, the cell LayerNorm's and the o gate's row sums
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
-        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, None, None, None, False, ACC,
+        r_row = (((t64 + 1) % 2) * B + rows) * G  # the same row in the LL ring
+        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, t64 + 1, LL, ACC,
                                 RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K, 1)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
@@ -796,8 +882,8 @@ def _ln_lstm_bwd_persistent_kernel(
         dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
         u = dz * cw[None, :]
         v_o = dy_o * gw_o[None, :]
-        _store_sums(pp, pid, 0, rl, u, chat, NQ, BLOCK_B)
-        _store_sums(pp, pid, 2, rl, v_o, xh_o, NQ, BLOCK_B)
+        _store_sums(pp, pid, 0, rl, u, chat, NQ, BLOCK_B, i64, LL)
+        _store_sums(pp, pid, 2, rl, v_o, xh_o, NQ, BLOCK_B, i64, LL)
         _acc_cols(pcw, tl.sum(dz * chat, axis=0), amask, cmask)
         _acc_cols(pcb, tl.sum(dz, axis=0), amask, cmask)
         _acc_cols(pg + 3 * H, tl.sum(dy_o * xh_o, axis=0), amask, cmask)
@@ -838,11 +924,12 @@ def _ln_lstm_bwd_persistent_kernel(
                        cmask, mask, rl, H, ACC, NQ, BLOCK_B, BLOCK_P)
             gc = tl.where(valid, dc * gf, gc)
         else:
-            _grid_barrier(sync_ptr, (3 * i + 1) * nprog)
+            if not LL:
+                _grid_barrier(sync_ptr, (3 * i + 1) * nprog)
             gc, g_off = _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f, a_g, c_prev,
                                          vm, valid, gc, gw_ptr, gb_ptr, pg, pgb, dg_ptr, amask, cols, cmask, mask, rows,
-                                         t64, B, H, G, sync_ptr, (3 * i + 2) * nprog, ACC, NQ, NSTAT, BLOCK_B,
-                                         BLOCK_P)
+                                         t64, B, H, G, sync_ptr, (3 * i + 2) * nprog, ring_ptr, nprog, i64, ACC, NQ,
+                                         NSTAT, BLOCK_B, BLOCK_P, LL, WT)
 
         if EARLY:  # arrive after the dG_t row the others read (see persistent.EARLY_ARRIVE)
             _barrier_arrive(sync_ptr)
@@ -855,28 +942,41 @@ def _ln_lstm_bwd_persistent_kernel(
         d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
-        _barrier_finish(sync_ptr, (2 if MERGE_BWD else 3) * (i + 1) * nprog, EARLY)
+        if not LL:
+            _barrier_finish(sync_ptr, (2 if MERGE_BWD else 3) * (i + 1) * nprog, EARLY)
 
     tl.store(gh_ptr + b_off, gh.to(gh_ptr.dtype.element_ty), mask=mask)
     tl.store(gc_ptr + b_off, gc.to(gc_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _put_dg(dgp, ring_ptr, r_off, v, tag, mask, LL: tl.constexpr, WT: tl.constexpr):
+    """One gate's dG_t tile v into dG (dgp: its addresses; dG's dtype) and, with LL, first into the
+    ring at r_off as tagged words (what a load of dG gives, in W_hh's dtype WT)."""
+    d = v.to(dgp.dtype.element_ty)
+    if LL:
+        _ll_put(ring_ptr, r_off, d.to(WT), tag, mask)
+    tl.store(dgp, d, mask=mask)
+
+
+@triton.jit
 def _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f, a_g, c_prev, vm, valid, gc,
                      gw_ptr, gb_ptr, pg, pgb, dg_ptr, amask, cols, cmask, mask, rows, t64, B, H, G, sync_ptr, target,
-                     ACC: tl.constexpr, NQ: tl.constexpr, NSTAT: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_P: tl.constexpr):
+                     ring_ptr, nprog, tag, ACC: tl.constexpr, NQ: tl.constexpr, NSTAT: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, LL: tl.constexpr, WT: tl.constexpr):
     """The 3-barrier backward's phases 2 and 3 (module docstring), between its barriers 3i+1 and
-    3i+3 (``target`` = barrier 3i+2). Returns (gc_{t-1}, the dG offsets of step t)."""
+    3i+3 (``target`` = barrier 3i+2); with LL no barrier: the partials carry ``tag`` (the step
+    count i) and dG_t goes to the ring (slot t % 2, tag t) as well. Returns (gc_{t-1}, the dG
+    offsets of step t)."""
     # ---- phase 2: dc through the cell LayerNorm; dG_o; dy of i, f, g and their row sums
-    s1 = _sum_parts(pp, 0, rl, NQ, BLOCK_B, BLOCK_P)
-    s2 = _sum_parts(pp, 1, rl, NQ, BLOCK_B, BLOCK_P)
+    s1 = _sum_parts(pp, 0, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    s2 = _sum_parts(pp, 1, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
     dc += _lnback(u, chat, s1, s2, r_c, H)
-    s1 = _sum_parts(pp, 2, rl, NQ, BLOCK_B, BLOCK_P)
-    s2 = _sum_parts(pp, 3, rl, NQ, BLOCK_B, BLOCK_P)
-    dgty = dg_ptr.dtype.element_ty
+    s1 = _sum_parts(pp, 2, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    s2 = _sum_parts(pp, 3, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
     g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-    tl.store(dg_ptr + g_off + 3 * H, _lnback(v_o, xh_o, s1, s2, r_o, H).to(dgty), mask=mask)
+    r_off = (((t64 % 2) * B + rows) * G)[:, None] + cols[None, :]  # dG_t in the LL ring
+    _put_dg(dg_ptr + g_off + 3 * H, ring_ptr, r_off + 3 * H, _lnback(v_o, xh_o, s1, s2, r_o, H), t64, mask, LL, WT)
 
     gi, gf, gg, xh_i, xh_f, xh_g, r_i, r_f, r_g = _ifg(st, a_i, a_f, a_g, gw_ptr, gb_ptr, cols, cmask, rl, H, ACC,
                                                       NSTAT, BLOCK_B)
@@ -890,27 +990,28 @@ def _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f
     v_i = dy_i * gw_i[None, :]
     v_f = dy_f * gw_f[None, :]
     v_g = dy_g * gw_g[None, :]
-    _store_sums(pp, pid, 4, rl, v_i, xh_i, NQ, BLOCK_B)
-    _store_sums(pp, pid, 6, rl, v_f, xh_f, NQ, BLOCK_B)
-    _store_sums(pp, pid, 8, rl, v_g, xh_g, NQ, BLOCK_B)
+    _store_sums(pp, pid, 4, rl, v_i, xh_i, NQ, BLOCK_B, tag, LL)
+    _store_sums(pp, pid, 6, rl, v_f, xh_f, NQ, BLOCK_B, tag, LL)
+    _store_sums(pp, pid, 8, rl, v_g, xh_g, NQ, BLOCK_B, tag, LL)
     _acc_cols(pg, tl.sum(dy_i * xh_i, axis=0), amask, cmask)
     _acc_cols(pg + H, tl.sum(dy_f * xh_f, axis=0), amask, cmask)
     _acc_cols(pg + 2 * H, tl.sum(dy_g * xh_g, axis=0), amask, cmask)
     _acc_cols(pgb, tl.sum(dy_i, axis=0), amask, cmask)
     _acc_cols(pgb + H, tl.sum(dy_f, axis=0), amask, cmask)
     _acc_cols(pgb + 2 * H, tl.sum(dy_g, axis=0), amask, cmask)
-    _grid_barrier(sync_ptr, target)
+    if not LL:
+        _grid_barrier(sync_ptr, target)
 
     # ---- phase 3: dG of i, f, g; publish
-    s1 = _sum_parts(pp, 4, rl, NQ, BLOCK_B, BLOCK_P)
-    s2 = _sum_parts(pp, 5, rl, NQ, BLOCK_B, BLOCK_P)
-    tl.store(dg_ptr + g_off, _lnback(v_i, xh_i, s1, s2, r_i, H).to(dgty), mask=mask)
-    s1 = _sum_parts(pp, 6, rl, NQ, BLOCK_B, BLOCK_P)
-    s2 = _sum_parts(pp, 7, rl, NQ, BLOCK_B, BLOCK_P)
-    tl.store(dg_ptr + g_off + H, _lnback(v_f, xh_f, s1, s2, r_f, H).to(dgty), mask=mask)
-    s1 = _sum_parts(pp, 8, rl, NQ, BLOCK_B, BLOCK_P)
-    s2 = _sum_parts(pp, 9, rl, NQ, BLOCK_B, BLOCK_P)
-    tl.store(dg_ptr + g_off + 2 * H, _lnback(v_g, xh_g, s1, s2, r_g, H).to(dgty), mask=mask)
+    s1 = _sum_parts(pp, 4, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    s2 = _sum_parts(pp, 5, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    _put_dg(dg_ptr + g_off, ring_ptr, r_off, _lnback(v_i, xh_i, s1, s2, r_i, H), t64, mask, LL, WT)
+    s1 = _sum_parts(pp, 6, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    s2 = _sum_parts(pp, 7, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    _put_dg(dg_ptr + g_off + H, ring_ptr, r_off + H, _lnback(v_f, xh_f, s1, s2, r_f, H), t64, mask, LL, WT)
+    s1 = _sum_parts(pp, 8, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    s2 = _sum_parts(pp, 9, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
+    _put_dg(dg_ptr + g_off + 2 * H, ring_ptr, r_off + 2 * H, _lnback(v_g, xh_g, s1, s2, r_g, H), t64, mask, LL, WT)
     return gc, g_off
 
 
@@ -947,8 +1048,13 @@ def _check_buffers(*ts) -> None:
 
 def _partials(pl: Plan, dtype: torch.dtype, device, nq: int = NQ) -> torch.Tensor:
     # [R, 2 (step parity), BLOCK_P, nq, BLOCK_B]; zeroed: the slots of programs p >= P are read
-    # (as zeros) by the unmasked combine loads and never written
-    return torch.zeros((pl.row_blocks, 2, block_p(pl.programs), nq, pl.BLOCK_B), dtype=dtype, device=device)
+    # (as zeros) by the unmasked combine loads and never written. LL: int64 tagged words of fp32
+    # values, all -1 (no step), the slots p >= P masked out by the readers
+    shape = (pl.row_blocks, 2, block_p(pl.programs), nq, pl.BLOCK_B)
+    if pl.ll:
+        assert dtype == torch.float32, "LL partials: fp32 values in 64-bit words"
+        return torch.full(shape, -1, dtype=torch.int64, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _ln_sync_counter(T: int, pl: Plan, device, per_step: int = BARRIERS_PER_STEP) -> torch.Tensor:
@@ -965,20 +1071,25 @@ def k_pad(H: int) -> int:
 
 
 def fwd_merge_c(pl: Plan, H: int) -> bool:
-    """Whether the forward runs the 2-barrier variant (MERGE_C): MERGE_C_OVERRIDE if set, else
-    the row tile rule BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS (see there)."""
+    """Whether the forward runs the 2-barrier variant (MERGE_C): never with the LL exchange (no
+    barrier to save), else MERGE_C_OVERRIDE if set, else the row tile rule BLOCK_B x K_pad <=
+    MERGE_C_MAX_ROW_ELEMS (see there)."""
+    if pl.ll:
+        return False
     if MERGE_C_OVERRIDE is not None:
         return bool(MERGE_C_OVERRIDE)
     return pl.BLOCK_B * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
 
 
 def fwd_barriers_per_step(pl: Plan, H: int) -> int:
+    if pl.ll:
+        return 0
     return BARRIERS_PER_STEP_MERGED if fwd_merge_c(pl, H) else BARRIERS_PER_STEP
 
 
 def _check_ln_plan(pl: Plan, B: int, H: int, device) -> int:
     _check_plan(pl, B, H, device)  # the deadlock guard (co-residency), as persistent.py's
-    assert not pl.ll and not pl.solo, "the LN kernels: barriers only"
+    assert not pl.solo, "the LN kernels: no solo plan"
     bp = block_p(pl.programs)
     assert bp >= pl.programs
     return bp
@@ -998,6 +1109,7 @@ def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, ln, lengths, eps, fma, i
     assert hs.shape == cs.shape == (T + 1, B, H) and xp.shape == (T, B, 4 * H) and w_hh.shape == (4 * H, H)
     assert gates is None or gates.shape == (T, B, 4 * H)
     merge = fwd_merge_c(pl, H) if merge_c is None else bool(merge_c)
+    assert not (merge and pl.ll), "MERGE_C saves a barrier: not with the LL exchange"
     KP = k_pad(H)
     if merge and pl.resident:
         assert pl.BLOCK_K == KP and pl.w_chunks == 1, "the resident MERGE_C operand is phase 0's whole c row tile"
@@ -1006,10 +1118,11 @@ def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, ln, lengths, eps, fma, i
     # MERGE_C: c_t and o_t rows by step parity, [R, 2, 2, BLOCK_B, H]; the kernel reads only what
     # it wrote (masked loads), so not zeroed (NaN when kernels._common.POISON is on)
     cell = _common.alloc((pl.row_blocks, 2, 2, pl.BLOCK_B, H), cs.dtype, xp.device) if merge else None
-    nbar = BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
-    sync = _ln_sync_counter(T, pl, xp.device, nbar)
+    nbar = 0 if pl.ll else BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
+    sync = None if pl.ll else _ln_sync_counter(T, pl, xp.device, nbar)
+    ring = _ll_ring(pl, B, H, w_hh)
     k = _ln_lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, cs, gates, lengths, gw, gb, cw, cb, part, cell, sync, T, B, H, float(eps),
+        xp, w_hh, hs, cs, gates, lengths, gw, gb, cw, cb, part, cell, sync, ring, T, B, H, float(eps),
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, MERGE_C=merge,
         BLOCK_S=KP if merge else 1, EARLY=pl.early, NK=pl.w_chunks,
@@ -1059,15 +1172,17 @@ def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, e
     for buf, n in ((dgw, G), (dgb, G), (dcw, H), (dcb, H)):
         assert buf.dim() == 2 and buf.shape[1] == n and buf.shape[0] >= pl.row_blocks and buf.dtype == gc.dtype, \
             "LN gradient buffers: [>= R, n] in the compute dtype"
-    merge = MERGE_BWD if merge_bwd is None else bool(merge_bwd)
+    merge = (MERGE_BWD and not pl.ll) if merge_bwd is None else bool(merge_bwd)
+    assert not (merge and pl.ll), "MERGE_BWD saves a barrier: not with the LL exchange"
     assert pl.w_chunks == 1, "the LN backward: whole-tile or streamed W_hh (plan_ln)"
     nq = NQ_BWD_MERGED if merge else NQ
     stats = bwd_stats(gates, cs, eps, gc.dtype, pl.BLOCK_B)
     part = _partials(pl, gc.dtype, dout.device, nq)
-    nbar = BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
-    sync = _ln_sync_counter(T, pl, dout.device, nbar)
+    nbar = 0 if pl.ll else BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
+    sync = None if pl.ll else _ln_sync_counter(T, pl, dout.device, nbar)
+    ring = _ll_ring(pl, B, G, w_hh)
     k = _ln_lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        gates, w_hh, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, stats, part, dgw, dgb, dcw, dcb, sync,
+        gates, w_hh, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, stats, part, dgw, dgb, dcw, dcb, sync, ring,
         T, B, H, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, NSTAT=NSTAT,
         MERGE_BWD=merge, EARLY=pl.early, **_launch_opts(dout.device, pl),

@@ -378,9 +378,18 @@ def test_persistent_tune_order_variants_and_best():
     assert len(names) == 11
     assert "BLOCK_H=64 warps=8" in names
     assert tune.LL_VARIANT not in [v[0] for v in tune.variants("lstm", "fwd", True, ll=False)]
-    assert [v[0] for v in tune.variants("lnlstm", "fwd", True)][1:] == ["MERGE_C=True (2 barriers)",
+    assert [v[0] for v in tune.variants("lnlstm", "fwd", True)][1:] == [tune.LL_VARIANT, "MERGE_C=True (2 barriers)",
                                                                        "MERGE_C=False (3 barriers)"]
-    assert [v[0] for v in tune.variants("lnlstm", "bwd", True)] == ["default", "MERGE_BWD=True (2 barriers)"]
+    assert [v[0] for v in tune.variants("lnlstm", "bwd", True)] == ["default", tune.LL_VARIANT,
+                                                                    "MERGE_BWD=True (2 barriers)"]
+    assert tune.LL_VARIANT not in [v[0] for v in tune.variants("lnlstm", "bwd", True, ll=False)]
+    from fused_rnn.kernels import persistent_ln as PL
+
+    name, apply, undo = tune.variants("lnlstm", "bwd", True)[1]
+    apply()
+    assert PL.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
+    undo()
+    assert not PL.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
     from fused_rnn.kernels import persistent as P
 
     for name, apply, undo in tune.variants("rnn", "bwd", True)[1:]:

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import (
-    BF16, DT_NAME, F32, F64, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels, requires_sm90_compile,
-    tol, triton_36,
+    BF16, DT_NAME, F32, F64, HAS_CUDA, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels,
+    requires_sm90_compile, tol, triton_36,
 )
 from fused_rnn.reference import LN_EPS, lstm_cell_ref, lstm_sequence_ref
 
@@ -291,6 +291,71 @@ def test_ln_persistent_fwd_variants(monkeypatch, sid, dtype):
         ended = torch.arange(T, device=DEV).unsqueeze(1) >= L.unsqueeze(0)  # [T, B]
         assert (out[ended] == 0).all() and (hs[1:][ended] == 0).all()
         assert torch.equal(cs[1:][ended], cs[:-1][ended])
+
+
+LL_CASES = [("T5-B3-H37-len", F32), ("T5-B3-H37-len", BF16), ("T2-B70-H5-len", F32), ("T3-B17-H20-len", BF16)]
+
+
+@requires_kernels
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA lane runs test_cuda_ll_exchange_ln_matches_barrier")
+@pytest.mark.parametrize("sid,dtype", LL_CASES, ids=[f"{c[0]}-{DT_NAME[c[1]]}" for c in LL_CASES])
+def test_ln_persistent_ll_exchange(monkeypatch, sid, dtype):
+    """The LL exchange (persistent.LL_SYNC: h_t / dG_t rows and the LayerNorm partials as tagged
+    words, no barrier) against the 3-barrier variants, forward and backward: the same operations
+    on the same operands, so equal bit for bit (one program per row block in the interpreter;
+    several in tests/test_persistent_threads.py). The LL launches allocate no barrier counter."""
+    _ln_ll_vs_barrier(monkeypatch, *SHAPES[sid], dtype)
+
+
+# (T, B, I, H, lengths): S1's plans (LL both ways), S4's (the backward only: ln_ll_fits)
+CUDA_LL_SHAPES = [(64, 16, 64, 256, None), (16, 16, 48, 768, "len")]
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", CUDA_LL_SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[3]}" for s in CUDA_LL_SHAPES])
+def test_cuda_ll_exchange_ln_matches_barrier(monkeypatch, shape):
+    """The multi-program LN kernels with the LL exchange against the 3-barrier ones (bf16), to
+    CLOSE (two compiled kernels); run by bench/gpu_check.sh's smoke_ll stage (an LL hang costs
+    that stage only), left out of its pytest stage."""
+    T, B, I, H, lengths = shape
+    if lengths == "len":
+        lengths = [T - (b % 5) for b in range(B)]
+    _ln_ll_vs_barrier(monkeypatch, T, B, I, H, lengths, BF16)
+
+
+def _ln_ll_vs_barrier(monkeypatch, T, B, I, H, lengths, dtype):
+    C, KL, PL = _mods()
+    from fused_rnn.kernels import persistent as P
+
+    ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
+    step = KL.lstm_fwd(*ins, ln, L, path="step")
+    x, _, _, w_ih, w_hh = ins[:5]
+    counters = []
+    real_counter = PL._ln_sync_counter
+    monkeypatch.setattr(PL, "_ln_sync_counter", lambda *a, **k: counters.append(a) or real_counter(*a, **k))
+    runs, plans = {}, {}
+    for ll in (False, True):
+        monkeypatch.setattr(P, "LL_SYNC", ll)
+        pf, why = PL.plan_ln("fwd", B, H, dtype, DEV)
+        pb, why_b = PL.plan_ln("bwd", B, H, dtype, DEV)
+        assert pf is not None and pb is not None, (why, why_b)
+        plans[ll] = (pf, pb)
+        counters.clear()
+        f = run_fwd(pf, *ins, ln, L, like=step[3:], merge_c=False)
+        b = run_bwd(pb, ups, x, w_ih, w_hh, f[1], f[2], f[3], ln, L, dg_dtype=step[5].dtype, merge_bwd=False)
+        assert len(counters) == (not pf.ll) + (not pb.ll), (pf, pb)
+        runs[ll] = list(f) + list(b[:6]) + list(b[6]) + [b[7]]
+    assert not any(pl.ll for pl in plans[False])
+    if DEV.type == "cpu":
+        assert all(pl.ll for pl in plans[True])
+    else:  # ln_ll_fits: both at B16 H256, the backward only at H768
+        assert [pl.ll for pl in plans[True]] == [H == 256, True], plans[True]
+    for i, (a, b) in enumerate(zip(runs[True], runs[False])):
+        assert not torch.isnan(a).any(), f"output {i}: NaN (unwritten?)"
+        if DEV.type == "cpu":
+            assert torch.equal(a, b), f"output {i}: LL and barrier differ (rel err {rel_err(a, b):.2e})"
+        else:
+            check(a, b, CLOSE[dtype], f"output {i}: LL vs barrier")
 
 
 class _LNLoops(torch.autograd.Function):
@@ -629,6 +694,44 @@ def _res_usage(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", text)}
 
 
+def _compile_ln_sm90(direction, pl, H, st, merged, dt="bf16"):
+    """The LN kernel of ``direction`` compiled for sm_90 as plan ``pl`` launches it (inputs and
+    W_hh in ``dt``, lengths on; hs / dG in ``st``; MERGE_C / MERGE_BWD = ``merged``; with pl.ll
+    the LL rings)."""
+    from fused_rnn.kernels import persistent_ln as PL
+
+    nq = (PL.NQ_MERGED if direction == "fwd" else PL.NQ_BWD_MERGED) if merged else PL.NQ
+    const = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
+                 BLOCK_K=pl.BLOCK_K, BLOCK_P=PL.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True, EARLY=pl.early,
+                 LL=pl.ll)
+    sig = dict(len_ptr="*i64", part_ptr="*i64" if pl.ll else "*fp32", T="i32", B="i32", H="i32", gw_ptr=f"*{dt}",
+               gb_ptr=f"*{dt}", cw_ptr=f"*{dt}", cb_ptr=f"*{dt}")
+    if pl.ll:
+        sig["ring_ptr"] = "*i64" if dt == "fp32" else "*i32"  # a tagged word: 64 / 32 bits
+        const["sync_ptr"] = None
+    else:
+        sig["sync_ptr"] = "*i32"
+        const["ring_ptr"] = None
+    if direction == "fwd":
+        kern = PL._ln_lstm_fwd_persistent_kernel
+        sig.update(xp_ptr=f"*{dt}", w_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr="*fp32",
+                   gates_ptr="*fp32", eps="fp32")
+        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=PL.k_pad(H) if merged else 1, NK=pl.w_chunks)
+        if merged:
+            sig["cell_ptr"] = "*fp32"
+        else:
+            const["cell_ptr"] = None
+    else:
+        kern = PL._ln_lstm_bwd_persistent_kernel
+        sig.update(gates_ptr="*fp32", w_ptr=f"*{dt}", cs_ptr="*fp32", dout_ptr=f"*{dt}", dg_ptr=f"*{st}",
+                   gh_ptr="*fp32", gc_ptr="*fp32", stat_ptr="*fp32", dgw_ptr="*fp32", dgb_ptr="*fp32",
+                   dcw_ptr="*fp32", dcb_ptr="*fp32")
+        const.update(NSTAT=PL.NSTAT, MERGE_BWD=merged)
+        assert pl.w_chunks == 1, pl
+    return _compile_sm90_specialized(kern, sig, const, num_warps=pl.num_warps, num_stages=pl.num_stages,
+                                     launch_cooperative_grid=True)
+
+
 # (direction, shape, hs / dG dtype, forward variant): every kernel at S1/S2/S4's plans with fp32
 # state buffers (kernels.lstm's layout at the time of writing) and with bf16 ones (the
 # storage-dtype layout being introduced). Variant None: the plan's (fwd_merge_c: MERGE_C at
@@ -663,31 +766,9 @@ def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
     merged = PL.fwd_merge_c(pl, H) if direction == "fwd" else bool(merge)
     nbar = PL.fwd_barriers_per_step(pl, H) if direction == "fwd" else (2 if merged else PL.BARRIERS_PER_STEP)
     assert nbar == (PL.BARRIERS_PER_STEP_MERGED if merged else PL.BARRIERS_PER_STEP)
-    nq = (PL.NQ_MERGED if direction == "fwd" else PL.NQ_BWD_MERGED) if merged else PL.NQ
-    const = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                 BLOCK_K=pl.BLOCK_K, BLOCK_P=PL.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True, EARLY=pl.early)
-    sig = dict(len_ptr="*i64", part_ptr="*fp32", sync_ptr="*i32", T="i32", B="i32", H="i32", gw_ptr="*bf16",
-               gb_ptr="*bf16", cw_ptr="*bf16", cb_ptr="*bf16")
-    if direction == "fwd":
-        kern = PL._ln_lstm_fwd_persistent_kernel
-        sig.update(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr=f"*{st}", cs_ptr="*fp32",
-                   gates_ptr="*fp32", eps="fp32")
-        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=PL.k_pad(H) if merged else 1, NK=pl.w_chunks)
-        if H == 768:  # W_hh in 12 chunks of 64 rows (persistent.W_CHUNKED), the forward only
-            assert pl.resident and pl.w_chunks == 12 and not merged, pl
-        if merged:
-            sig["cell_ptr"] = "*fp32"
-        else:
-            const["cell_ptr"] = None
-    else:
-        kern = PL._ln_lstm_bwd_persistent_kernel
-        sig.update(gates_ptr="*fp32", w_ptr="*bf16", cs_ptr="*fp32", dout_ptr="*bf16", dg_ptr=f"*{st}",
-                   gh_ptr="*fp32", gc_ptr="*fp32", stat_ptr="*fp32", dgw_ptr="*fp32", dgb_ptr="*fp32",
-                   dcw_ptr="*fp32", dcb_ptr="*fp32")
-        const.update(NSTAT=PL.NSTAT, MERGE_BWD=merged)
-        assert pl.w_chunks == 1, pl
-    ck = _compile_sm90_specialized(kern, sig, const, num_warps=pl.num_warps, num_stages=pl.num_stages,
-                                   launch_cooperative_grid=True)
+    if direction == "fwd" and H == 768:  # W_hh in 12 chunks of 64 rows (persistent.W_CHUNKED), the forward only
+        assert pl.resident and pl.w_chunks == 12 and not merged, pl
+    ck = _compile_ln_sm90(direction, pl, H, st, merged)
     ptx = ck.asm["ptx"]
     assert ".target sm_90" in ptx
     assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
@@ -702,6 +783,61 @@ def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
           f"stack={use['STACK']} B shared={ck.metadata.shared} B")
     key = (direction + ("-2bar" if direction == "bwd" and merged else ""), B, H, st)
     assert use["STACK"] <= SM90_SPILL_ALLOWED.get(key, 0), "register spills"
+
+
+# The LL exchange (persistent.LL_SYNC) where plan_ln takes it (ln_ll_fits: BLOCK_B 16; the forward
+# with a whole resident W_hh tile; 16-bit): S1 both ways, S4's backward, B16 H128, bf16 (hs, dG
+# bf16); not S2, nor S4's forward, nor fp32 (they spilled: ln_ll_fits).
+# No barrier (no release, no acquire, no fence), the partials as 64-bit tagged words (relaxed
+# exchanges, volatile loads), and no spill.
+SM90_LL_CASES = [(d, 16, H, "bf16") for H in (256, 128) for d in ("fwd", "bwd")] + [("bwd", 16, 768, "bf16")]
+
+
+@requires_sm90_compile
+@pytest.mark.parametrize("direction,B,H,dt", SM90_LL_CASES,
+                         ids=[f"{d}-B{B}-H{H}-{dt}" for d, B, H, dt in SM90_LL_CASES])
+def test_ln_ll_kernels_compile_for_sm90(monkeypatch, direction, B, H, dt):
+    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+
+    monkeypatch.setattr(P, "LL_SYNC", True)
+    pl, why = PL.plan_ln(direction, B, H, {"bf16": BF16, "fp32": F32}[dt], torch.device("cuda", 0), limit=132,
+                         allow_tf32=True)
+    assert pl is not None, why
+    assert pl.ll and not pl.early and PL.fwd_barriers_per_step(pl, H) == 0, pl
+    ck = _compile_ln_sm90(direction, pl, H, dt, False, dt)
+    ptx = ck.asm["ptx"]
+    assert ".target sm_90" in ptx and "mma" in ptx
+    assert not re.search(r"\.(release|acquire)|membar|fence", ptx), "a fence or an ordered atomic with LL"
+    assert re.search(r"atom\.global\.(relaxed\.)?gpu\.(relaxed\.)?exch\.b64", ptx), "no 64-bit word published"
+    assert re.search(r"ld\.volatile\.global", ptx), "no volatile read of the words"
+    use = _res_usage(ck.asm["cubin"])
+    print(f"\nLN LL {direction} B{B} H{H} {dt}: P={pl.programs} BLOCK_H={pl.BLOCK_H} BLOCK_K={pl.BLOCK_K} "
+          f"resident={pl.resident} num_warps={pl.num_warps}: regs={use['REG']} stack={use['STACK']} B "
+          f"shared={ck.metadata.shared} B")
+    assert use["STACK"] == 0, "register spills"
+
+
+def test_plan_ln_ll_rule(monkeypatch):
+    """plan_ln takes the LL exchange only where ln_ll_fits says (its sm_90 compiles), and the
+    barrier plan, with its own num_warps and early arrival, elsewhere."""
+    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+
+    cuda = torch.device("cuda", 0)
+    barrier = {(d, B, H): PL.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
+               for d in ("fwd", "bwd") for B, H in ((16, 256), (16, 768), (64, 512), (64, 64))}
+    monkeypatch.setattr(P, "LL_SYNC", True)
+    for (d, B, H), plain in barrier.items():
+        pl = PL.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
+        want = B == 16 and (d == "bwd" or H == 256)
+        assert pl.ll == want, (d, B, H, pl)
+        if want:
+            assert not pl.early and pl.num_warps == 8 and PL.fwd_barriers_per_step(pl, H) == 0
+        else:
+            assert pl == plain, (d, B, H)
+    assert not PL.plan_ln("bwd", 16, 768, F32, cuda, limit=132, allow_tf32=True)[0].ll  # (64-bit words)
+    assert not PL.plan_ln("fwd", 16, 256, torch.float64, cuda, limit=132)[0].ll  # no 128-bit word
+    cpu = PL.plan_ln("fwd", 3, 37, F32, "cpu")[0]  # the interpreter's one program per row block
+    assert cpu.ll and cpu.programs == 1
 
 
 # ---------------------------------------------------------------- CUDA: the multi-program path

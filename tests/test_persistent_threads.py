@@ -164,8 +164,10 @@ def gpu_plans(monkeypatch):
     real = persistent.plan
     mode = {"resident": True}
 
-    def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False, variants=True, chunks=True):
-        return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"], variants, chunks)
+    def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False, variants=True, chunks=True,
+             solo_ok=True):
+        return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"], variants, chunks,
+                    solo_ok)
 
     monkeypatch.setattr(persistent, "plan", plan)
     monkeypatch.setattr(persistent_ln, "_plain_plan", plan)
@@ -289,7 +291,9 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
 # plans (SOLO: one program per row block, all of W_hh, no barrier) against the barrier, GPU plans:
 # each program computes the same values from the same operands, so the results must be equal bit
 # for bit (the barrier path is checked against the step path above). LL: fp32 takes 64-bit words,
-# bf16 32-bit ones. (mode, cell, T, B, I, H, lengths, dtype, resident)
+# bf16 32-bit ones. The layer-norm LSTM's LL exchange also passes its LayerNorm partials as tagged
+# words, against its 3-barrier variants (MERGE_C off; MERGE_BWD is off by default), whose combine
+# is the same. (mode, cell, T, B, I, H, lengths, dtype, resident)
 LL_CASES = [
     ("ll", "lstm", 5, 3, 5, 37, [5, 2, 0], F32, True),
     ("ll", "lstm", 4, 3, 5, 37, [4, 2, 0], F32, False),
@@ -297,6 +301,9 @@ LL_CASES = [
     ("ll", "rnn", 4, 3, 5, 37, None, F32, False),
     ("ll", "lstm", 4, 3, 5, 37, [4, 1, 3], BF16, True),
     ("ll", "lstm", 3, 70, 4, 40, [3 - b % 4 for b in range(70)], BF16, True),  # (fp32's 64-bit words: barrier)
+    ("ll", "lnlstm", 5, 3, 5, 37, [5, 2, 0], BF16, True),  # (partials: 64-bit words; fp32 keeps the barrier)
+    ("ll", "lnlstm", 4, 3, 5, 37, None, BF16, False),  # W_hh streamed (RESIDENT_MAX_K lowered)
+    ("ll", "lnlstm", 3, 70, 4, 40, [3 - b % 4 for b in range(70)], BF16, True),
     ("solo", "lstm", 3, 70, 4, 20, [3 - b % 4 for b in range(70)], F32, True),  # 4 x 64 x 32 gate tiles
     ("solo", "rnn", 4, 70, 4, 40, None, BF16, True),
 ]
@@ -307,9 +314,13 @@ LL_CASES = [
                               f"{'resident' if c[8] else 'streamed'}" for c in LL_CASES])
 def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_plans, monkeypatch,
                                                           mode, cell, T, B, I, H, lengths, dtype, resident):
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import persistent, persistent_ln
 
     gpu_plans["resident"] = resident
+    if not resident and dtype == BF16:  # (a 16-bit W_hh is always a tensor-core operand: held whole)
+        monkeypatch.setattr(persistent, "RESIDENT_MAX_K", 16)
+        monkeypatch.setattr(persistent, "W_CHUNKED", False)
+    monkeypatch.setattr(persistent_ln, "MERGE_C_OVERRIDE", False)
     p = _problem(cell, T, B, I, H, dtype, lengths)
     plans = _spy(monkeypatch)
     barrier = _run(cell, p, "persistent")
@@ -325,13 +336,15 @@ def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_pla
         assert torch.equal(a, b), f"output {i}: rel err {rel_err(a, b):.2e}"
 
 
-def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkeypatch):
+@pytest.mark.parametrize("cell", ["rnn", "lnlstm"])
+def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkeypatch, cell):
     """Control: an _ll_get that reads the ring once instead of waiting for the step's tag reads
-    rows not yet written (the ring starts as -1, a NaN in every float type), so the results
-    differ from the step path: the wait is what the test above exercises."""
+    rows (and, for the layer-norm LSTM, LayerNorm partials) not yet written (the rings start as
+    -1, a NaN in every float type), so the results differ from the step path: the wait is what
+    the test above exercises."""
     import triton
 
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import persistent, persistent_ln
 
     @triton.jit
     def no_wait(ring_ptr, off, mask, tag, WT: tl.constexpr):
@@ -339,8 +352,11 @@ def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkey
         return (w & 0xFFFFFFFF).to(tl.uint32).to(WT, bitcast=True)
 
     monkeypatch.setattr(persistent, "LL_SYNC", True)
-    monkeypatch.setattr(persistent, "_ll_get", no_wait)
-    assert _worst_vs_step("rnn") > 1e-3
+    for mod in (persistent, persistent_ln):  # (each module's kernels look it up in their own)
+        monkeypatch.setattr(mod, "_ll_get", no_wait)
+    plans = _spy(monkeypatch)
+    assert _worst_vs_step(cell) > 1e-3
+    assert [pl.ll for pl in plans] == [True, True], plans
 
 
 # W_hh chunk-resident plans (kernels.persistent.W_CHUNKED: the slice on chip as w_chunks tiles of
