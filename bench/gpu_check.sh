@@ -44,7 +44,9 @@
 #
 # Knobs (environment): PYTHON (default python3), TOTAL_S (whole budget, default 240),
 # T_INSTALL / T_SMOKE / T_SMOKE_LL / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO / T_CHECK / T_TUNE (per-stage limits, seconds), PYTEST_WORKERS
-# (pytest-xdist workers when installed, default 4; 0 = none), SKIP_STAGES (comma list, e.g.
+# (pytest-xdist workers when installed, default 4; 0 = none), BENCH_ARGS (appended to the bench
+# command, e.g. BENCH_ARGS="--shapes S3,S4 --cells lstm" for a second, focused run with
+# SKIP_STAGES=smoke,smoke_ll,pytest,memcheck,demo,check,tune and a larger T_BENCH), SKIP_STAGES (comma list, e.g.
 # "install,pytest", to skip stages while testing this script), FORCE_SHIM=1 (skip pip, test the
 # shim).
 set -u
@@ -65,6 +67,7 @@ T_DEMO=${T_DEMO:-20}
 T_CHECK=${T_CHECK:-60}
 T_TUNE=${T_TUNE:-200}
 PYTEST_WORKERS=${PYTEST_WORKERS:-4}
+BENCH_ARGS=${BENCH_ARGS:-}
 SKIP_STAGES=${SKIP_STAGES:-}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
@@ -260,7 +263,7 @@ else
     TL=$((LEFT - 15))  # the bench stops starting measurements here and still writes its table
     [ "$TL" -lt 5 ] && TL=5
     stage bench "$T_BENCH" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn.bench \
-        --quick --dtypes bf16 --paths "$BPATHS" --out "$OUT" --time-limit "$TL" --no-plot
+        --quick --dtypes bf16 --paths "$BPATHS" --out "$OUT" --time-limit "$TL" --no-plot $BENCH_ARGS
     NT=$(grep -cE '^  - (PASS|MISS)' "$OUT/bench.md" 2>/dev/null)
     NP=$(grep -cE '^  - PASS' "$OUT/bench.md" 2>/dev/null)
     record bench "$RC" "$DUR" "$(status_of "$RC")" "targets: ${NP:-0}/${NT:-0} pass (bench.md)"
