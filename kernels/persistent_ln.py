@@ -298,7 +298,9 @@ def ln_ll_fits(direction: str, pl: Plan, dtype: torch.dtype) -> bool:
 
 def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
     """num_warps of the LN kernels: the plain plan's, except 4 for the resident backward with a
-    row tile BLOCK_B x K_pad <= 4096, and 8 for the forward's MERGE_C variant (fwd_merge_c).
+    row tile BLOCK_B x K_pad <= 4096 at BLOCK_B = 16 (8 at more rows: at 4 warps, bf16, Triton
+    3.9 / 3.6, B64 H64 spilled 32 / 400 B, B64 H32 0 / 288 B, B32 H128 8 / 0 B, B32 H64 8 / 0 B;
+    at 8 warps none), and 8 for the forward's MERGE_C variant (fwd_merge_c).
     Chosen from sm_90 compiles of these kernels (Triton 3.9 +
     its bundled ptxas on a CPU machine, specialised as a GPU launch is: aligned pointers, B and H
     divisible by 16; bf16, lengths on; registers / stack bytes from cuobjdump -res-usage;
@@ -340,7 +342,7 @@ def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
     if pl.ll:
         return pl.num_warps
     if direction == "bwd" and pl.resident and pl.w_chunks == 1 and pl.BLOCK_B * pl.BLOCK_K <= 4096:
-        return 4
+        return 4 if pl.BLOCK_B <= 16 else 8
     if direction == "fwd" and fwd_merge_c(pl, H):
         return 8
     return pl.num_warps

@@ -594,6 +594,8 @@ def test_plan_ln():
     assert (pl.programs, pl.BLOCK_H, pl.BLOCK_B, pl.row_blocks) == (16, 16, 16, 1) and pl.resident
     pl, _ = PL.plan_ln("bwd", 16, 256, BF16, cuda, limit=132)
     assert pl.resident and pl.num_warps == 4  # 8 warps spilled (sm_90 compile; see _ln_num_warps)
+    pl, _ = PL.plan_ln("bwd", 64, 64, BF16, cuda, limit=132)
+    assert pl.resident and pl.num_warps == 8  # 4 warps spilled there
     pl, _ = PL.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)
     assert (pl.programs, pl.BLOCK_H) == (32, 16) and pl.resident
     pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)  # W_hh in 12 chunks; the backward streams it
@@ -744,6 +746,7 @@ SM90_CASES = ([(d, B, H, st, None) for (B, H) in ((16, 256), (64, 512), (16, 768
                for st in ("fp32", "bf16")]
               + [("fwd", 16, 256, st, False) for st in ("fp32", "bf16")]
               + [("fwd", B, H, st, None) for (B, H) in ((16, 128), (64, 64)) for st in ("fp32", "bf16")]
+              + [("bwd", 64, 64, "bf16", None)]  # (8 warps: _ln_num_warps)
               + [("bwd", B, H, "bf16", True) for (B, H) in ((16, 256), (64, 512), (16, 768))])  # MERGE_BWD
 SM90_SPILL_ALLOWED = {("fwd", 64, 512, "bf16"): 32, ("bwd-2bar", 16, 256, "bf16"): 24} if triton_36() else {}
 
