@@ -226,14 +226,15 @@ def grid_fits(programs: int, limit: int) -> bool:
 
 def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
          limit: Optional[int] = None, allow_tf32: bool = False, variants: bool = True,
-         chunks: bool = True, solo_ok: bool = True) -> Tuple[Optional[Plan], str]:
+         chunks: bool = True, solo_ok: bool = True, ln: bool = False) -> Tuple[Optional[Plan], str]:
     """(Plan, "") for a persistent launch of ``cell`` ("lstm" or "rnn") in ``direction``
     ("fwd" or "bwd"), or (None, why not). ``limit``: the most co-resident programs (default
     max_programs(device); tests pass a fake SM count). ``allow_tf32``: fp32 dots on tensor
     cores (otherwise fp32 tl.dot with input_precision="ieee" is lowered to FMAs on sm_90).
     ``variants=False``: never the LL exchange or a solo plan; ``solo_ok=False``: never a solo
     plan (the LN kernels have none; they do take LL and w_chunks plans). ``chunks=False``: never
-    a w_chunks plan (the LN forward's forced MERGE_C variant needs whole tiles)."""
+    a w_chunks plan (the LN forward's forced MERGE_C variant needs whole tiles). ``ln``: the
+    plan is for the LN kernels (their backward keeps whole tiles above 16 rows: _ln_num_warps)."""
     device = torch.device(device)
     if limit is None:
         limit = max_programs(device)
@@ -267,6 +268,15 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     mma = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and (allow_tf32 or cpu))
     resident = (mma and (w_bytes <= W_RESIDENT_MAX_BYTES or solo) and row_elems <= ROW_TILE_MAX_ELEMS
                 and (cpu or K_pad <= RESIDENT_MAX_K))
+    # Whole tiles that spilled in a sweep of the default plans (sm_90, bf16, Triton 3.6 / 3.9; not
+    # the benchmark shapes): the forward at K_pad 512 under 64 rows (B16 H512 LSTM 56 / 136 B, RNN
+    # 64 / 112 B; B32 H512 64-80 B; chunks of 64 rows: 107-169 registers, none); the LSTM backward
+    # above 16 rows with row tiles over 8K elements (B32 H128 520 / 480 B at 4 warps, B64 H64
+    # 608 / 656 B, B64 H128 128 / 136 B, B32 H256 120 / 232 B; streamed: B32 H128 0 / 24 B,
+    # B64 H64 96 / 48 B, B64 H128 0 / 0, B32 H256 8 / 8 B). Those take chunks / the streamed path.
+    bwd_streamed = cell == "lstm" and direction == "bwd" and BB > 16 and row_elems > 8 * 1024 and not ln
+    if resident and not cpu and not solo and (bwd_streamed or (direction == "fwd" and K_pad >= 512 and BB < 64)):
+        resident = False
     solo = solo and resident  # (on a GPU the limits above imply it; the interpreter's fp64 is not)
     ll = PLAN_OVERRIDE.get("ll", LL_SYNC) if not cpu else LL_SYNC
     ll = bool(ll) and variants and not fp64 and not solo
@@ -277,7 +287,10 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     # (with the LL exchange the row's words: the S4 LSTM backward's 48K words spilled 1160 B under
     # Triton 3.6 (none under 3.9), its forward's and the RNN's 12K did not: LL keeps the streamed
     # W_hh there rather than give up either)
-    chunked = (bool(chunked) and chunks and not cpu and not resident and mma
+    # (BB x CHUNK_K <= 2048: the LSTM forward at B64 H768, 12 chunks of [64, 64], spilled
+    # 2424 B under Triton 3.6 and 976 B under 3.9; streamed 207 / 182 registers, none)
+    chunked = (bool(chunked) and chunks and not cpu and not resident and mma and BB * CHUNK_K <= 2048
+               and not bwd_streamed
                and gates * nk * CHUNK_K * BH * esize <= CHUNKED_W_MAX_BYTES and chunk_rows <= CHUNKED_ROW_MAX_ELEMS
                and (not ll or chunk_rows * word_bytes <= 64 * 1024))
     if chunked:

@@ -165,9 +165,9 @@ def gpu_plans(monkeypatch):
     mode = {"resident": True}
 
     def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False, variants=True, chunks=True,
-             solo_ok=True):
+             solo_ok=True, ln=False):
         return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"], variants, chunks,
-                    solo_ok)
+                    solo_ok, ln)
 
     monkeypatch.setattr(persistent, "plan", plan)
     monkeypatch.setattr(persistent_ln, "_plain_plan", plan)
@@ -328,7 +328,12 @@ def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_pla
     ours = _run(cell, p, "persistent")
     assert [(pl.ll, pl.solo) for pl in plans] == [(False, False)] * 2 + [(mode == "ll", mode == "solo")] * 2, plans
     n = -(-H // 16)  # BLOCK_H = 16: 3 programs at H 37 and 40, 2 at H 20
-    assert all(pl.programs == n for pl in plans[:2]) and all(pl.resident == resident for pl in plans), plans
+    # (the plain LSTM backward above 16 rows with row tiles over 8K elements streams W_hh:
+    # kernels.persistent.plan, bwd_streamed)
+    k_pad = max(16, 1 << (H - 1).bit_length())
+    streams = [not resident or (cell == "lstm" and i % 2 == 1 and not pl.solo and pl.BLOCK_B > 16
+                                and 4 * pl.BLOCK_B * k_pad > 8192) for i, pl in enumerate(plans)]
+    assert all(pl.programs == n for pl in plans[:2]) and [pl.resident for pl in plans] == [not s for s in streams], plans
     assert all(pl.programs == (1 if mode == "solo" else n) for pl in plans[2:]), plans
     assert all(pl.row_blocks == (2 if B > 64 else 1) for pl in plans)
     for i, (a, b) in enumerate(zip(ours, barrier)):
@@ -394,6 +399,8 @@ def test_multi_program_chunk_resident_matches_step(threaded_grid, gpu_plans, mon
     want = [(n, True, n, 16, ll)] * 2
     if cell == "lnlstm":  # its backward streams W_hh (a spill with chunks: kernels/persistent_ln.py)
         want[1] = (n, False, 1, plans[1].BLOCK_K, False)
+    elif cell == "lstm" and B > 16:  # so does the plain LSTM's above 16 rows (plan(): bwd_streamed)
+        want[1] = (n, False, 1, plans[1].BLOCK_K, ll)
     assert [(pl.programs, pl.resident, pl.w_chunks, pl.BLOCK_K, pl.ll) for pl in plans] == want
     assert all(pl.row_blocks == (2 if B > 64 else 1) for pl in plans)
     close = 1e-6 if dtype == F32 else 1e-2
