@@ -226,15 +226,15 @@ def grid_fits(programs: int, limit: int) -> bool:
 
 def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
          limit: Optional[int] = None, allow_tf32: bool = False, variants: bool = True,
-         chunks: bool = True, solo_ok: bool = True, ln: bool = False) -> Tuple[Optional[Plan], str]:
+         chunks: bool = True, ln: bool = False) -> Tuple[Optional[Plan], str]:
     """(Plan, "") for a persistent launch of ``cell`` ("lstm" or "rnn") in ``direction``
     ("fwd" or "bwd"), or (None, why not). ``limit``: the most co-resident programs (default
     max_programs(device); tests pass a fake SM count). ``allow_tf32``: fp32 dots on tensor
     cores (otherwise fp32 tl.dot with input_precision="ieee" is lowered to FMAs on sm_90).
-    ``variants=False``: never the LL exchange or a solo plan; ``solo_ok=False``: never a solo
-    plan (the LN kernels have none; they do take LL and w_chunks plans). ``chunks=False``: never
-    a w_chunks plan (the LN forward's forced MERGE_C variant needs whole tiles). ``ln``: the
-    plan is for the LN kernels (their backward keeps whole tiles above 16 rows: _ln_num_warps)."""
+    ``variants=False``: never the LL exchange or a solo plan. ``chunks=False``: never a w_chunks
+    plan (the LN forward's forced MERGE_C variant needs whole tiles). ``ln``: the plan is for the
+    LN kernels: never a solo plan (they have none; they do take LL and w_chunks plans), and their
+    backward keeps whole tiles above 16 rows (_ln_num_warps)."""
     device = torch.device(device)
     if limit is None:
         limit = max_programs(device)
@@ -246,7 +246,7 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     R = triton.cdiv(B, BB)
     K_pad = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))
     solo = SOLO if cpu else PLAN_OVERRIDE.get("solo", SOLO)
-    solo = bool(solo) and variants and solo_ok and (cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
+    solo = bool(solo) and variants and not ln and (cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
                            and gates * K_pad * K_pad * esize <= SOLO_MAX_W_BYTES and gates * BB * K_pad <= 8192)
     if cpu or solo:
         BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid

@@ -264,7 +264,7 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
     # limits as set, fwd_merge_c's rule and a chunked plan never meet; MERGE_C_OVERRIDE can).
     merge = MERGE_C_OVERRIDE if MERGE_C_OVERRIDE is not None else BB * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
     pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=True,
-                          chunks=direction == "fwd" and not merge, solo_ok=False, ln=True)
+                          chunks=direction == "fwd" and not merge, ln=True)
     if pl is not None and pl.ll and device.type == "cuda" and not ln_ll_fits(direction, pl, dtype):  # the barrier's
         pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=False,
                               chunks=direction == "fwd" and not merge, ln=True)

@@ -164,10 +164,8 @@ def gpu_plans(monkeypatch):
     real = persistent.plan
     mode = {"resident": True}
 
-    def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False, variants=True, chunks=True,
-             solo_ok=True, ln=False):
-        return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"], variants, chunks,
-                    solo_ok, ln)
+    def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False, variants=True, chunks=True, ln=False):
+        return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"], variants, chunks, ln)
 
     monkeypatch.setattr(persistent, "plan", plan)
     monkeypatch.setattr(persistent_ln, "_plain_plan", plan)
