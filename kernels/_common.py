@@ -178,6 +178,18 @@ def _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask, a_i, a_f, 
 
 
 @triton.jit
+def _gate_tile_dots(hk, w_i, w_f, w_g, w_o, a_i, a_f, a_g, a_o, FMA: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """_gate_chunk_dots with the four gates' W_hh tiles w_q [BLOCK_K, BLOCK_H] already on chip
+    (the persistent kernels' resident slices): a_q + hk @ w_q."""
+    a_i = _mm(hk, w_i, a_i, FMA, IEEE, UPCAST)
+    a_f = _mm(hk, w_f, a_f, FMA, IEEE, UPCAST)
+    a_g = _mm(hk, w_g, a_g, FMA, IEEE, UPCAST)
+    a_o = _mm(hk, w_o, a_o, FMA, IEEE, UPCAST)
+    return a_i, a_f, a_g, a_o
+
+
+@triton.jit
 def _ln_rows(v, cmask, w, b, H, eps):
     """LayerNorm of each row of v [BB, BH] over its first H columns (cmask), weight/bias [BH].
 

@@ -88,7 +88,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _gate_chunk_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile, pow2_block
+from ._common import (
+    _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile, pow2_block,
+)
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
 # Rows per row block: BLOCK_B = next_pow2(B) in [16, MAX_B]; larger batches take cdiv(B, 64) row
@@ -584,10 +586,8 @@ def _lstm_fwd_persistent_kernel(
                     ks = kc * BLOCK_K + kr
                     hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
                                     WT)
-                a_i = _mm(hk, wr_i[kc], a_i, FMA, IEEE, UPCAST)
-                a_f = _mm(hk, wr_f[kc], a_f, FMA, IEEE, UPCAST)
-                a_g = _mm(hk, wr_g[kc], a_g, FMA, IEEE, UPCAST)
-                a_o = _mm(hk, wr_o[kc], a_o, FMA, IEEE, UPCAST)
+                a_i, a_f, a_g, a_o = _gate_tile_dots(hk, wr_i[kc], wr_f[kc], wr_g[kc], wr_o[kc], a_i, a_f, a_g, a_o,
+                                                     FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)

@@ -191,7 +191,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import _gate_chunk_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile
+from ._common import _gate_chunk_dots, _gate_tile_dots, _load_gates, _sigmoid, _store_gates, _tanh, _tile
 from .persistent import (
     LAST_LAUNCH,
     _lstm_bwd_carry,
@@ -615,10 +615,8 @@ def _ln_lstm_fwd_persistent_kernel(
                     ks = kc * BLOCK_K + kr
                     hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
                                     WT)
-                a_i = _mm(hk, wr_i[kc], a_i, FMA, IEEE, UPCAST)
-                a_f = _mm(hk, wr_f[kc], a_f, FMA, IEEE, UPCAST)
-                a_g = _mm(hk, wr_g[kc], a_g, FMA, IEEE, UPCAST)
-                a_o = _mm(hk, wr_o[kc], a_o, FMA, IEEE, UPCAST)
+                a_i, a_f, a_g, a_o = _gate_tile_dots(hk, wr_i[kc], wr_f[kc], wr_g[kc], wr_o[kc], a_i, a_f, a_g, a_o,
+                                                     FMA, IEEE, UPCAST)
         else:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
