@@ -54,6 +54,77 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+# ---- the step kernels' block sizes (kernels/lstm.py, kernels/rnn.py _blocks) ----
+# Which tiles the fused step kernels (plain LSTM, tanh/ReLU RNN; 16-bit and fp32) get was chosen
+# from sm_90 compiles made without a GPU (Triton 3.9 and 3.6, bundled ptxas, registers and spill
+# bytes from ``ptxas -v``; tests/test_sm90_compile.py keeps them spill-free), NOT from timings:
+# the GPU session's tuner (bench/persistent_tune.py --step) times the alternatives.
+# Tests and the tuner may force a tile: keys BLOCK_B, BLOCK_H, BLOCK_K, num_warps (whatever is
+# given replaces the rule's choice, for every step kernel launched while it is set).
+STEP_OVERRIDE: dict = {}
+# The row block of the fused step kernels: 16 or 64 rows. Every program reads its slice of W_hh
+# and its rows of the step's matmul operand (h_{t-1} forward, dG_{t+1} / dP_{t+1} backward) from
+# L2 each step, so W_hh is read cdiv(B, BLOCK_B) times a step: at B256 H1024 (S3) a forward step
+# of the LSTM reads 144 MiB with 16-row blocks, 48 MiB with 64-row blocks. A 64-row tl.dot also
+# compiles to Hopper's warpgroup MMA (wgmma), a 16-row one to mma.sync. But 64-row blocks make
+# fewer programs, each with 4x the dots. step_row_block() takes the block with the lesser
+# estimate of a step's time: the total bytes over the L2's bandwidth, or each SM's share (its
+# programs, in waves of one program per SM: their bytes over one SM's bandwidth, or their dots
+# over one SM's rate, whichever is longer), whichever is longer. The rates are rough H100 SXM
+# figures, an ESTIMATE, not a measurement of these kernels.
+L2_BYTES_PER_US = 5.5e6  # ~5.5 TB/s from L2 to all SMs
+SM_BYTES_PER_US = 0.112e6  # ~64 B a clock at ~1.75 GHz into one SM
+# one SM's dot rate: half the dense tensor-core peak (989 TFLOP/s bf16 / 132 SMs) for 16-bit
+# operands; fp32 at the FMA rate (67 TFLOP/s / 132: torch's default, allow_tf32 off, runs fp32
+# dots in full precision, off the tensor cores)
+SM_FLOP_PER_US = {2: 3.75e6, 4: 0.51e6}
+DEFAULT_SM_COUNT = 132  # an H100 SXM: what the estimate assumes off CUDA (the interpreter)
+_SM_COUNT: dict = {}
+
+
+def sm_count(device) -> int:
+    """The SM count of a CUDA device (cached); DEFAULT_SM_COUNT for any other device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = int(torch.cuda.get_device_properties(idx).multi_processor_count)
+    return _SM_COUNT[idx]
+
+
+def step_time_us(B: int, H: int, K: int, gates: int, BB: int, BH: int, w_elt: int, row_elt: int,
+                 n_sm: int) -> float:
+    """The estimated µs of one fused step (see SM_FLOP_PER_US): cdiv(B, BB) x cdiv(H, BH)
+    programs, each reading a W_hh slice of gates x BH x H elements of w_elt bytes (the same
+    bytes forward and backward) and min(BB, B) operand rows of K elements of row_elt bytes, and
+    multiplying BB rows by gates x BH columns over K."""
+    nrb, ncb = triton.cdiv(B, BB), triton.cdiv(H, BH)
+    w_slice = gates * BH * H * w_elt
+    total = nrb * ncb * w_slice + ncb * B * K * row_elt
+    per_program = max((w_slice + min(BB, B) * K * row_elt) / SM_BYTES_PER_US,
+                      2 * BB * gates * BH * K / SM_FLOP_PER_US[w_elt])
+    waves = triton.cdiv(nrb * ncb, n_sm)
+    return max(total / L2_BYTES_PER_US, waves * per_program)
+
+
+def step_row_block(B: int, H: int, K: int, gates: int, BH: int, w_elt: int, row_elt: int, n_sm: int) -> int:
+    """16, or 64 where B >= 64 and step_time_us() estimates 64-row blocks faster. For the bf16
+    LSTM forward: B256 H1024 (S3) ~9.2 µs against ~27, so 64; B64 H512 (S2) 1.76 against 1.72,
+    so 16; in fp32 (FMA-bound) S3 33 against 33, so 16."""
+    if B < 64:
+        return 16
+    t16 = step_time_us(B, H, K, gates, 16, BH, w_elt, row_elt, n_sm)
+    t64 = step_time_us(B, H, K, gates, 64, BH, w_elt, row_elt, n_sm)
+    return 64 if t64 < t16 else 16
+
+
+def step_override(BB: int, BH: int, BK: int, nw: int):
+    """The tile with STEP_OVERRIDE applied."""
+    o = STEP_OVERRIDE
+    return (o.get("BLOCK_B", BB), o.get("BLOCK_H", BH), o.get("BLOCK_K", BK), o.get("num_warps", nw))
+
+
 def input_projection(x, w_ih, b_ih, b_hh, out=None):
     """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, G]
     (G = 4H for the LSTM, H for the RNN). ``out``: a contiguous [T, B, G] buffer to write it into

@@ -62,16 +62,22 @@ from ._common import (
     _tanh,
     _tile,
     after_loop_grads,
+    DEFAULT_SM_COUNT,
     alloc,
     dot_flags,
     input_projection,
     pow2_block,
+    sm_count,
+    step_override,
+    step_row_block,
 )
 
 
 # ---- size limits: the one place they live; fused_rnn.lstm reads them through unsupported() ----
 # The fused layer-norm step holds whole 4H rows: 4 fp32 accumulators of BLOCK_B(16) x next_pow2(H).
-LN_FUSED_MAX_H = 256
+# At H 256 it spilled at sm_90 at any warp count (backward 1228-1392 B at 8 warps, 632-1256 B at
+# 16; forward 24-268 B), so above 128 the GEMM plus the pointwise kernel (none spilled) run.
+LN_FUSED_MAX_H = 128
 # fp64 multiplies with a broadcast product [BLOCK_B, BLOCK_K, next_pow2(H)]: keep it small.
 LN_FUSED_MAX_H_FP64 = 64
 # The unfused layer-norm pointwise kernels hold whole rows of next_pow2(H) per program.
@@ -375,23 +381,66 @@ def _lstm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(B: int, H: int, K: int, fused: bool, ln: bool, dtype: torch.dtype):
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps). tl.dot needs every block dim >= 16 on GPU.
-    Untuned: these are correctness-first defaults (no GPU this session)."""
+def _blocks(B: int, H: int, direction: str, fused: bool, ln: bool, dtype: torch.dtype,
+            n_sm: int = DEFAULT_SM_COUNT):
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels in ``direction`` ("fwd": the
+    recurrent matmul's K is H; "bwd": 4H). tl.dot needs every block dim >= 16 on GPU.
+
+    Chosen so that no kernel spills at sm_90 (bf16, fp16, fp32 with and without TF32; Triton 3.9
+    and 3.6; registers / spilled bytes from ptxas -v; see kernels/_common.py STEP_OVERRIDE), not
+    timed. The former one-size rule (BLOCK_K up to 64, 4 warps below a 4096-element tile) spilled:
+    the plain LSTM forward at BLOCK_H 32, BLOCK_K 64 (bf16 16 / 24 B, fp32 356 / 352 B, TF32
+    376 / 408 B: 3.9 / 3.6), the fused LN kernels at H 128 (fwd 736 B, bwd 1016 B) and H 256
+    (fwd 24-208 B, bwd 1228-1392 B; at 16 warps too), the unfused LN backward (192-4520 B).
+      plain LSTM, fused: BLOCK_H 32; rows 16 or 64 (step_row_block); forward BLOCK_K 32 (16 rows,
+          4 warps: bf16 168 registers, fp32 200, TF32 192; 64 rows, 8 warps: 168, 212, 192 and
+          wgmma), backward BLOCK_K 64 (96, 88, 90; 64 rows, 8 warps: 161, 151, 195).
+      layer-norm LSTM, fused (H <= LN_FUSED_MAX_H = 128): 16 rows, the whole row of
+          next_pow2(H) units: BLOCK_H <= 32: forward BLOCK_K 32, backward 64, 4 warps (bf16
+          168 / 151); 64: 32 / 64, 8 warps (128 / 156); 128: 16 / 16, 8 warps (186 / 254), the
+          fp32 forward 16 warps (8: 255 + 8 B spilled under 3.9; 16: 124, none).
+      layer-norm LSTM, unfused (the pointwise kernel after a GEMM): whole rows, BLOCK_B x
+          BLOCK_H <= 1024 elements where a row allows, 4 warps up to 512 elements, else 8:
+          <= 4 per thread. The backward keeps ~16 such tiles live: 8 per thread sat at 206-255
+          registers, 16 spilled (the former B16 H128: 720-1088 B). H 2048: one row, 8 per
+          thread, 232-245 registers, none.
+          H > 2048 (BLOCK_H 4096, one row a program) still spills in the backward: 32 warps
+          (1024 threads, 64 registers each) 152-288 B; 16 warps 500-1808 B, 8 warps 532-784 B.
+      fp64 (the gradcheck dtype; its speed is no goal): the former rule, which spills in places
+          (the fused LN backward at H 64: 1192 B).
+    """
     fma = dtype == torch.float64
+    K = H if direction == "fwd" else 4 * H
+    if fma:
+        if ln:
+            BH = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))  # the whole row
+            BB = 16 if fused else pow2_block(B, 1, max(1, min(16, 2048 // BH)))
+        else:
+            BH = pow2_block(H, 16, 32)
+            BB = 16 if fused else pow2_block(B, 1, 16)
+        return step_override(BB, BH, 8, 8 if BB * BH >= 4096 else 4)
     if ln:
         BH = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))  # the whole row
         if fused:
             BB = 16
-        else:
-            BB = pow2_block(B, 1, max(1, min(16, 2048 // BH)))
-    else:
-        BH = pow2_block(H, 16, 32)
-        BB = 16 if fused else pow2_block(B, 1, 16)
-    # the four W_hh tiles of a K step are BLOCK_K x BLOCK_H each: keep them to 4K elements
-    BK = 8 if fma else pow2_block(K, 16, max(16, min(64, 4096 // BH)))
-    num_warps = 8 if BB * BH >= 4096 else 4
-    return BB, BH, BK, num_warps
+            if BH <= 32:
+                BK, nw = (32 if direction == "fwd" else 64), 4
+            elif BH == 64:
+                BK, nw = (32 if direction == "fwd" else 64), 8
+            else:  # 128 (LN_FUSED_MAX_H)
+                BK = 16
+                nw = 16 if direction == "fwd" and dtype == torch.float32 else 8
+            return step_override(BB, BH, pow2_block(K, 16, BK), nw)
+        BB = pow2_block(B, 1, max(1, min(16, 1024 // BH)))
+        nw = 4 if BB * BH <= 512 else (8 if BB * BH <= 2048 else 32)
+        return step_override(BB, BH, 16, nw)
+    BH = pow2_block(H, 16, 32)
+    if not fused:
+        return step_override(pow2_block(B, 1, 16), BH, 16, 4)
+    e = dtype.itemsize  # W_hh, h (lstm_hs_dtype) and dG (grad_dtype) all in the operand dtype
+    BB = step_row_block(B, H, K, 4, BH, e, e, n_sm)
+    BK = pow2_block(K, 16, 32 if direction == "fwd" else 64)
+    return step_override(BB, BH, BK, 8 if BB == 64 else 4)
 
 
 def _ln_args(ln, H: int):
@@ -481,7 +530,7 @@ def lstm_fwd(
         mm = None if fused else alloc((B, G), w_hh.dtype, dev)
         cc = alloc((2, B, H), sd, dev)  # c carried in the state dtype (cs may be 16-bit)
         cc[0].copy_(c0)
-        BB, BH, BK, nw = _blocks(B, H, H, fused, ln is not None, dt)
+        BB, BH, BK, nw = _blocks(B, H, "fwd", fused, ln is not None, dt, sm_count(dev))
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
         for t in range(T):
             if not fused:
@@ -591,7 +640,7 @@ def lstm_bwd(
     gh = dh_n.to(sd, copy=True).contiguous()
     gc = dc_n.to(sd, copy=True).contiguous()
     carry = None if fused or plan is not None else alloc((B, H), w_hh.dtype, dev)
-    BB, BH, BK, nw = _blocks(B, H, G, fused, ln is not None, dt)
+    BB, BH, BK, nw = _blocks(B, H, "bwd", fused, ln is not None, dt, sm_count(dev))
     nrb = triton.cdiv(B, BB)
     if ln is not None:
         parts = [torch.zeros((nrb, n), dtype=sd, device=dev) for n in (G, G, H, H)]

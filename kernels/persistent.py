@@ -89,7 +89,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile, pow2_block,
+    _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile, pow2_block, sm_count,
 )
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
@@ -206,19 +206,11 @@ class Plan:
         return self.programs * self.row_blocks
 
 
-_SM_COUNT: dict = {}
-
-
 def max_programs(device) -> int:
     """How many programs may run at once with one program per SM: the SM count on CUDA; 1 on the
     CPU, where the Triton interpreter runs a grid's programs one after another."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = int(torch.cuda.get_device_properties(idx).multi_processor_count)
-    return _SM_COUNT[idx]
+    return sm_count(device) if device.type == "cuda" else 1
 
 
 def grid_fits(programs: int, limit: int) -> bool:

@@ -87,8 +87,11 @@ SHAPES = [
     ("B2-T4-H7-nobias", 4, 2, 3, 7, None, False),
 ]
 if DEV is not None and DEV.type == "cuda":
+    # H 100: the fused layer-norm kernel's widest tile (128 units); B192 H384: the 64-row tiles
+    # of the plain LSTM forward in 16 bits (kernels._common.step_row_block)
     SHAPES += [("B64-T33-H200-len", 33, 64, 48, 200, [33 - b % 7 for b in range(64)], True),
-               ("B20-T9-H300", 9, 20, 16, 300, None, True)]
+               ("B20-T9-H100", 9, 20, 16, 100, None, True),
+               ("B192-T6-H384-len", 6, 192, 32, 384, [6 - b % 4 for b in range(192)], True)]
     DTYPES = [F64, F32, F16, BF16]
 else:
     DTYPES = [F64, F32]
@@ -171,6 +174,53 @@ def test_lstm_ln_above_fused_limit_runs_unfused(monkeypatch):
     ours = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln), L, backend="triton")
     ref = reference_lstm([t.double() for t in ins], L)
     assert_close(ours, ref, tol(F32), OUT_NAMES)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
+def test_lstm_64_row_blocks(dtype):
+    """The fused step kernels with 64-row blocks (what a large batch takes: S3), forced through
+    kernels._common.STEP_OVERRIDE at B70, so the second row block holds 6 rows and 58 masked
+    ones; forward and backward against the reference."""
+    from fused_rnn.kernels import _common
+
+    T, B, H = 3, 70, 20
+    ins, L, ups = make_case(T, B, 6, H, dtype, False, True, [3 - b % 4 for b in range(B)])
+    _common.STEP_OVERRIDE.update(BLOCK_B=64, num_warps=8)
+    try:
+        outs, grads = fwd_bwd(triton_lstm(True), ins, L, ups)
+    finally:
+        _common.STEP_OVERRIDE.clear()
+    r_outs, r_grads = fwd_bwd(reference_lstm, ins, L, ups, dtype=F64)
+    assert_close(outs, r_outs, tol(dtype), OUT_NAMES)
+    assert_close(grads, r_grads, tol(dtype), NAMES)
+
+
+def test_step_blocks_rule():
+    """kernels.lstm._blocks: 64-row blocks for the fused plain LSTM where step_row_block's
+    estimate says so (S3 in bf16, both directions), 16 rows below 64 and at S1, S2, S4; the
+    layer-norm tiles keep whole rows; STEP_OVERRIDE replaces what it names."""
+    from fused_rnn.kernels import _common, lstm as K
+
+    assert K._blocks(256, 1024, "fwd", True, False, BF16) == (64, 32, 32, 8)
+    assert K._blocks(256, 1024, "bwd", True, False, BF16) == (64, 32, 64, 8)
+    for B, H in ((16, 256), (64, 512), (16, 768), (63, 4096)):
+        for d in ("fwd", "bwd"):
+            assert K._blocks(B, H, d, True, False, BF16)[0] == 16, (B, H, d)
+    assert K._blocks(16, 256, "fwd", True, False, F32) == (16, 32, 32, 4)  # BLOCK_K 64 spilled
+    assert K._blocks(16, 128, "fwd", True, True, F32) == (16, 128, 16, 16)
+    assert K._blocks(16, 100, "bwd", True, True, BF16) == (16, 128, 16, 8)
+    assert K._blocks(16, 256, "bwd", False, True, BF16) == (4, 256, 16, 8)
+    assert K._blocks(3, 2048, "bwd", False, True, BF16) == (1, 2048, 16, 8)
+    assert not K.default_fused(256, (), BF16) and K.default_fused(128, (), BF16)
+    # the estimate behind the choice (kernels/_common.py): S3's bf16 forward step
+    t16 = _common.step_time_us(256, 1024, 1024, 4, 16, 32, 2, 2, 132)
+    t64 = _common.step_time_us(256, 1024, 1024, 4, 64, 32, 2, 2, 132)
+    assert 25 < t16 < 30 and 8 < t64 < 10
+    _common.STEP_OVERRIDE.update(BLOCK_K=16)
+    try:
+        assert K._blocks(256, 1024, "fwd", True, False, BF16) == (64, 32, 16, 8)
+    finally:
+        _common.STEP_OVERRIDE.clear()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "lnlstm"])

@@ -79,7 +79,8 @@ SHAPES = [
 ]
 if DEV is not None and DEV.type == "cuda":
     SHAPES += [("B64-T33-H200", 33, 64, 48, 200, None, True), ("B20-T9-H300-len", 9, 20, 16, 300,
-                                                                [9 - b % 5 for b in range(20)], True)]
+                                                                [9 - b % 5 for b in range(20)], True),
+               ("B192-T6-H384-len", 6, 192, 32, 384, [6 - b % 4 for b in range(192)], True)]  # 64-row tiles
     DTYPES = [F64, F32, F16, BF16]
 else:
     DTYPES = [F64, F32]
@@ -126,6 +127,28 @@ def test_rnn_gradcheck(nl, fused):
     fn = triton_rnn(nl, fused)
     leaves = [t.detach().requires_grad_() for t in ins]
     assert torch.autograd.gradcheck(lambda *a: fn(list(a), L), leaves)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
+def test_rnn_64_row_blocks(dtype):
+    """The fused step kernels with 64-row blocks (a large batch's: S3), forced through
+    kernels._common.STEP_OVERRIDE at B70 (a second row block of 6 rows), against the reference;
+    and the rule that picks them (kernels.rnn._blocks)."""
+    from fused_rnn.kernels import _common, rnn as K
+
+    assert K._blocks(256, 1024, "fwd", True, BF16)[::3] == (64, 8)
+    assert K._blocks(64, 512, "fwd", True, BF16)[0] == 16
+    T, B, H = 3, 70, 20
+    ins, L, ups = make_case(T, B, 6, H, dtype, True, [3 - b % 4 for b in range(B)])
+    _common.STEP_OVERRIDE.update(BLOCK_B=64, num_warps=8)
+    try:
+        outs, grads = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
+    finally:
+        _common.STEP_OVERRIDE.clear()
+    r_outs, r_grads = fwd_bwd(reference_rnn("tanh"), ins, L, ups, dtype=F64)
+    for a, b in zip(outs + grads, r_outs + r_grads):
+        assert not torch.isnan(a).any()
+        assert rel_err(a, b) <= tol(dtype)
 
 
 def test_rnn_sequence_dispatch():

@@ -1,50 +1,57 @@
-"""The step kernels compile for an H100 (sm_90) — checked on a machine without a GPU.
+"""The step kernels compile for an H100 (sm_90) without spilling — checked on a machine without a GPU.
 
 The interpreter lane runs the kernels' Python, not their compiled form; this lane runs Triton's
 real compiler and the bundled ptxas for sm_90 on every step-kernel variant the launchers pick
 (fused and unfused, plain and layer-norm LSTM, tanh and ReLU RNN, lengths or none) in each
-storage dtype, at the block sizes the launchers choose, so a kernel that cannot compile for the
-GPU (a dot of the wrong shape, a dtype mix the backend rejects) fails in CI, not on the scarce
-GPU machine. (Registers and spills are known only once a kernel loads on a device.)
+storage dtype, with the launchers' buffer dtypes (fused_rnn/_buffers.py) and at the block sizes
+the launchers choose (kernels.lstm._blocks, kernels.rnn._blocks), so a kernel that cannot compile
+for the GPU (a dot of the wrong shape, a dtype mix the backend rejects) fails in CI, not on the
+scarce GPU machine. ``ptxas -v`` then says how many registers each uses and whether it spills:
+none may, except where a test names the exception (fp64, the gradcheck dtype, is not checked for
+spills; the unfused layer-norm backward of one 4096-unit row spills at any warp count).
 """
 import pytest
+import torch
 
-from conftest import BF16, F16, F32, F64, compile_sm90, requires_sm90_compile
+from conftest import BF16, F16, F32, F64, compile_sm90, ptxas_usage, requires_sm90_compile
 
 pytestmark = requires_sm90_compile
 
 TY = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
-B, I = 16, 256
+B = 16
 
 
-def _flags(dtype):
+def _flags(dtype, tf32=False):
     # as kernels._common.dot_flags on a GPU: fp64 multiplies with FMAs; fp32 without TF32 is IEEE
-    return dict(FMA=dtype == F64, IEEE=dtype == F32, UPCAST=False)
+    return dict(FMA=dtype == F64, IEEE=dtype == F32 and not tf32, UPCAST=False)
 
 
-def _lstm_case(direction, dtype, H, fused, ln, lengths):
+def _lstm_case(direction, dtype, H, fused, ln, lengths, batch=B, tf32=False):
+    from fused_rnn import _buffers as buf
     from fused_rnn.kernels import lstm as K
 
-    st = "fp64" if dtype == F64 else "fp32"
-    dt = TY[dtype]
-    BB, BH, BK, nw = K._blocks(B, H, H if direction == "fwd" else 4 * H, fused, ln, dtype)
-    const = dict(FUSED=fused, LN=ln, HAS_LENGTHS=lengths, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, **_flags(dtype))
+    ty = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    st, dt = ty[buf.state_dtype(dtype)], TY[dtype]
+    hs, gates = ty[buf.lstm_hs_dtype(dtype)], ty[buf.lstm_gates_dtype(dtype, ln)]
+    cs, dg = ty[buf.lstm_cs_dtype(dtype, ln)], ty[buf.grad_dtype(dtype)]
+    BB, BH, BK, nw = K._blocks(batch, H, direction, fused, ln, dtype)
+    const = dict(FUSED=fused, LN=ln, HAS_LENGTHS=lengths, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, **_flags(dtype, tf32))
     ln_ptrs = ("gw_ptr", "gb_ptr", "cw_ptr", "cb_ptr")
-    cst = dt if dtype in (F16, BF16) and not ln else st  # the saved c: fused_rnn._buffers.lstm_cs_dtype
     if direction == "fwd":
-        sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr=f"*{cst}", cc_ptr=f"*{st}", gates_ptr=f"*{st}",
-                   t="i32", B="i32", H="i32", eps="fp32")
+        sig = dict(xp_ptr=f"*{gates if gates == dt else dt}", hs_ptr=f"*{hs}", cs_ptr=f"*{cs}", cc_ptr=f"*{st}",
+                   gates_ptr=f"*{gates}", t="i32", B="i32", H="i32", eps="fp32")
         const["STORE_GATES"] = True
         kern = K._lstm_fwd_kernel
     else:
-        sig = dict(gates_ptr=f"*{st}", cs_ptr=f"*{cst}", dout_ptr=f"*{dt}", dg_ptr=f"*{st}", gh_ptr=f"*{st}",
+        sig = dict(gates_ptr=f"*{gates}", cs_ptr=f"*{cs}", dout_ptr=f"*{dt}", dg_ptr=f"*{dg}", gh_ptr=f"*{st}",
                    gc_ptr=f"*{st}", t="i32", T="i32", B="i32", H="i32", eps="fp32")
         kern = K._lstm_bwd_kernel
         ln_ptrs += ("dgw_ptr", "dgb_ptr", "dcw_ptr", "dcb_ptr")
+    # the unfused kernels read torch's matmul result, in W_hh's dtype
     if fused:
         sig["w_ptr"], const["mm_ptr" if direction == "fwd" else "carry_ptr"] = f"*{dt}", None
     else:
-        sig["mm_ptr" if direction == "fwd" else "carry_ptr"], const["w_ptr"] = f"*{st}", None
+        sig["mm_ptr" if direction == "fwd" else "carry_ptr"], const["w_ptr"] = f"*{dt}", None
     for n in ln_ptrs:
         if ln:
             sig[n] = f"*{st}" if n.startswith("d") else f"*{dt}"
@@ -57,31 +64,46 @@ def _lstm_case(direction, dtype, H, fused, ln, lengths):
     return kern, sig, const, nw
 
 
-def _rnn_case(direction, dtype, H, fused, lengths):
+def _rnn_case(direction, dtype, H, fused, lengths, batch=B, tf32=False):
+    from fused_rnn import _buffers as buf
     from fused_rnn.kernels import rnn as K
 
     st = "fp64" if dtype == F64 else "fp32"
     dt = TY[dtype]
-    BB, BH, BK = K._blocks(B, H, fused, dtype)
+    dp = TY[buf.grad_dtype(dtype)]
+    BB, BH, BK, nw = K._blocks(batch, H, direction, fused, dtype)
     const = dict(FUSED=fused, HAS_LENGTHS=lengths, RELU=False, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
-                 **_flags(dtype))
+                 **_flags(dtype, tf32))
+    # the RNN's hs stays in the state dtype (fused_rnn/_buffers.py)
     if direction == "fwd":
         sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", out_ptr=f"*{dt}", t="i32", B="i32", H="i32")
         kern, other = K._rnn_fwd_kernel, "mm_ptr"
     else:
-        sig = dict(hs_ptr=f"*{st}", dout_ptr=f"*{dt}", dp_ptr=f"*{st}", gh_ptr=f"*{st}", t="i32", T="i32",
+        sig = dict(hs_ptr=f"*{st}", dout_ptr=f"*{dt}", dp_ptr=f"*{dp}", gh_ptr=f"*{st}", t="i32", T="i32",
                    B="i32", H="i32")
         kern, other = K._rnn_bwd_kernel, "carry_ptr"
         const["RELU"] = True
     if fused:
         sig["w_ptr"], const[other] = f"*{dt}", None
     else:
-        sig[other], const["w_ptr"] = f"*{st}", None
+        sig[other], const["w_ptr"] = f"*{dt}", None
     if lengths:
         sig["len_ptr"] = "*i64"
     else:
         const["len_ptr"] = None
-    return kern, sig, const, 4
+    return kern, sig, const, nw
+
+
+def _case(cell, direction, dtype, H, fused, ln, lengths, batch=B, tf32=False):
+    if cell == "lstm":
+        return _lstm_case(direction, dtype, H, fused, ln, lengths, batch, tf32)
+    return _rnn_case(direction, dtype, H, fused, lengths, batch, tf32)
+
+
+def _ln_fused_max_h(dtype):
+    from fused_rnn.kernels.lstm import ln_fused_max_h
+
+    return ln_fused_max_h(dtype)
 
 
 def _cases():
@@ -90,22 +112,88 @@ def _cases():
             d = f"{TY[dtype]}-{direction}"
             yield pytest.param("lstm", direction, dtype, 256, True, False, True, id=f"lstm-fused-{d}")
             yield pytest.param("lstm", direction, dtype, 512, False, False, False, id=f"lstm-unfused-{d}")
-            # the fused layer-norm kernel at its size limit (256; fp64: 64), the unfused above it
-            yield pytest.param("lstm", direction, dtype, 64 if dtype == F64 else 256, True, True, True,
+            # the fused layer-norm kernel at its size limit (128; fp64: 64), the unfused above it
+            yield pytest.param("lstm", direction, dtype, 64 if dtype == F64 else 128, True, True, True,
                                id=f"lnlstm-fused-{d}")
             yield pytest.param("lstm", direction, dtype, 768, False, True, True, id=f"lnlstm-unfused-{d}")
             yield pytest.param("rnn", direction, dtype, 512, True, None, True, id=f"rnn-fused-{d}")
             yield pytest.param("rnn", direction, dtype, 512, False, None, False, id=f"rnn-unfused-{d}")
 
 
+def _no_spill(ck, what):
+    usage = ptxas_usage(ck)
+    if usage is None:
+        pytest.skip("this Triton does not expose its ptxas")
+    regs, spill = usage
+    assert spill == 0, f"{what}: {regs} registers, {spill} bytes spilled"
+    return regs
+
+
 @pytest.mark.parametrize("cell,direction,dtype,H,fused,ln,lengths", list(_cases()))
 def test_step_kernel_compiles_for_sm90(cell, direction, dtype, H, fused, ln, lengths):
-    if cell == "lstm":
-        kern, sig, const, nw = _lstm_case(direction, dtype, H, fused, ln, lengths)
-    else:
-        kern, sig, const, nw = _rnn_case(direction, dtype, H, fused, lengths)
+    if cell == "lstm" and ln and fused:
+        assert H == _ln_fused_max_h(dtype)
+    kern, sig, const, nw = _case(cell, direction, dtype, H, fused, ln, lengths)
     ck = compile_sm90(kern, sig, const, num_warps=nw)
     ptx = ck.asm["ptx"]
     assert ".target sm_90" in ptx
     if fused and dtype in (BF16, F16):
         assert "mma" in ptx  # the recurrent matmul runs on tensor cores
+    if dtype != F64:
+        _no_spill(ck, f"{cell} {direction} {TY[dtype]} B{B} H{H} tile {const['BLOCK_B']}x{const['BLOCK_H']}")
+
+
+# The other tiles the launchers choose: 64-row blocks at a large batch (kernels._common.
+# step_row_block: B256 H1024, S3), the fused layer-norm kernel's narrower rows, the unfused one's
+# row blocks from 4 x 256 to 1 x 2048, and fp32 with TF32 where the dot changes (the forward's
+# tensor-core dots).
+def _tile_cases():
+    seen = set()
+    for tf32, dtypes in ((False, (BF16, F32)), (True, (F32,))):
+        for dtype in dtypes:
+            for direction in ("fwd", "bwd"):
+                shapes = [("lstm", 256, 1024, True, False), ("rnn", 256, 1024, True, None),
+                          ("lstm", 16, 32, True, True), ("lstm", 16, 64, True, True),
+                          ("lstm", 16, 256, False, True), ("lstm", 16, 2048, False, True)]
+                if tf32:
+                    shapes = [("lstm", 16, 256, True, False), ("lstm", 256, 1024, True, False),
+                              ("lstm", 16, 128, True, True), ("rnn", 256, 1024, True, None)]
+                for cell, batch, H, fused, ln in shapes:
+                    _, _, const, nw = _case(cell, direction, dtype, H, fused, ln, True, batch, tf32)
+                    key = (cell, bool(ln), fused, direction, TY[dtype], tf32,
+                           tuple(const[k] for k in ("BLOCK_B", "BLOCK_H", "BLOCK_K")), nw)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    name = "lnlstm" if ln else cell
+                    yield pytest.param(cell, direction, dtype, batch, H, fused, ln, tf32,
+                                       id=f"{name}-{'fused' if fused else 'unfused'}-{TY[dtype]}"
+                                          f"{'-tf32' if tf32 else ''}-{direction}-B{batch}-H{H}")
+
+
+@pytest.mark.parametrize("cell,direction,dtype,batch,H,fused,ln,tf32", list(_tile_cases()))
+def test_step_tiles_compile_without_spilling(cell, direction, dtype, batch, H, fused, ln, tf32):
+    kern, sig, const, nw = _case(cell, direction, dtype, H, fused, ln, True, batch, tf32)
+    if batch >= 256 and fused and not ln and dtype == BF16:
+        assert const["BLOCK_B"] == 64, "S3 in bf16 takes 64-row blocks (step_row_block)"
+    ck = compile_sm90(kern, sig, const, num_warps=nw)
+    if const["BLOCK_B"] == 64 and (dtype == BF16 or tf32):
+        assert "wgmma" in ck.asm["ptx"]  # Hopper's warpgroup MMA
+    _no_spill(ck, f"{cell} {direction} {TY[dtype]}{' tf32' if tf32 else ''} B{batch} H{H} "
+                  f"tile {const['BLOCK_B']}x{const['BLOCK_H']}x{const['BLOCK_K']} {nw} warps")
+
+
+def test_the_former_step_tiles_spilled():
+    """The control: the former plain LSTM forward tile (16 x 32, BLOCK_K 64, 4 warps) spills in
+    fp32, so the check above can fail."""
+    from fused_rnn.kernels import _common
+
+    _common.STEP_OVERRIDE.update(BLOCK_B=16, BLOCK_H=32, BLOCK_K=64, num_warps=4)
+    try:
+        kern, sig, const, nw = _case("lstm", "fwd", F32, 256, True, False, True)
+    finally:
+        _common.STEP_OVERRIDE.clear()
+    usage = ptxas_usage(compile_sm90(kern, sig, const, num_warps=nw))
+    if usage is None:
+        pytest.skip("this Triton does not expose its ptxas")
+    assert usage[1] > 0, usage
