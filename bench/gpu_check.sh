@@ -46,7 +46,9 @@
 # T_INSTALL / T_SMOKE / T_SMOKE_LL / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO / T_CHECK / T_TUNE (per-stage limits, seconds), PYTEST_WORKERS
 # (pytest-xdist workers when installed, default 4; 0 = none), BENCH_ARGS (appended to the bench
 # command, e.g. BENCH_ARGS="--shapes S3,S4 --cells lstm" for a second, focused run with
-# SKIP_STAGES=smoke,smoke_ll,pytest,memcheck,demo,check,tune and a larger T_BENCH), SKIP_STAGES (comma list, e.g.
+# SKIP_STAGES=smoke,smoke_ll,pytest,memcheck,demo,check,tune and a larger T_BENCH), TUNE_ARGS
+# (appended to the tune command: TUNE_ARGS=--step times the step path's tiles instead of the
+# persistent plans, graph-replayed, S3 and S2 first), SKIP_STAGES (comma list, e.g.
 # "install,pytest", to skip stages while testing this script), FORCE_SHIM=1 (skip pip, test the
 # shim).
 set -u
@@ -68,6 +70,7 @@ T_CHECK=${T_CHECK:-60}
 T_TUNE=${T_TUNE:-200}
 PYTEST_WORKERS=${PYTEST_WORKERS:-4}
 BENCH_ARGS=${BENCH_ARGS:-}
+TUNE_ARGS=${TUNE_ARGS:-}
 SKIP_STAGES=${SKIP_STAGES:-}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
@@ -349,7 +352,7 @@ if skipped tune; then
     record tune 0 0 skipped "SKIP_STAGES"
 elif [ "$HAS_GPU" != "1" ]; then
     record tune 0 0 skipped "no CUDA GPU"
-elif [ "$PERSISTENT_OK" != 1 ]; then
+elif [ "$PERSISTENT_OK" != 1 ] && ! echo " $TUNE_ARGS " | grep -q -- " --step "; then
     record tune 0 0 skipped "the persistent smoke test failed"
 elif [ $((DEADLINE - $(date +%s))) -lt 60 ]; then
     record tune 0 0 skipped "under 60 s of the ${TOTAL_S} s budget left (TOTAL_S=420 leaves it ~3 min)"
@@ -360,7 +363,7 @@ else
     NOLL=
     [ "$LL_OK" = 1 ] || NOLL=--no-ll
     stage tune "$T_TUNE" "$OUT/bench_log.txt" env -u TRITON_INTERPRET "$PY" bench/persistent_tune.py \
-        --out "$TDIR" --budget-s "$((LEFT > 40 ? LEFT - 30 : 10))" $NOLL
+        --out "$TDIR" --budget-s "$((LEFT > 40 ? LEFT - 30 : 10))" $NOLL $TUNE_ARGS
     [ -f "$TDIR/tune.md" ] && cp "$TDIR/tune.md" "$OUT/tune.md"
     record tune "$RC" "$DUR" "$(status_of "$RC")" "$(grep -c '^- ' "$OUT/tune.md" 2>/dev/null || echo 0) best-variant lines (tune.md)"
 fi

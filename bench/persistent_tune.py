@@ -32,6 +32,17 @@ the default and the structural variants (LL, solo, W_hh streamed, the barrier's 
 barrier counts), then the BLOCK_H x warps grid; no new variant starts past --budget-s, so a
 short budget still answers the structural questions at every shape it reaches.
 
+--step times the step path's tiles instead (kernels._common.STEP_OVERRIDE; kernels.lstm._blocks
+and kernels.rnn._blocks choose them from sm_90 compiles and an estimate of L2 traffic, untimed):
+the fused LSTM and RNN step launchers, each captured once per variant in a CUDA graph and
+replayed (what the graph path runs), at S3 and S2 first (where 64-row blocks and 16-row blocks
+compete), under: the other row block (16 rows, 4 warps / 64 rows, 8 warps), BLOCK_K 64 with 8
+warps (the forward; BLOCK_K 32 for the backward), BLOCK_H 64 with 8 warps, BLOCK_H 16, and the
+unfused kernels (the recurrent product by torch.mm, i.e. cuBLAS, then the pointwise kernel: at
+S3 cuBLAS may tile the [256, 4096] x [4096, 1024] backward product with less L2 traffic than the
+fused kernel's 64 x 32 tiles). The "plan" column then shows the tile (BLOCK_B, BLOCK_H, BLOCK_K,
+warps). gpu_check.sh: TUNE_ARGS=--step.
+
 Output: a markdown table on stdout and in DIR/tune.md, every row in DIR/tune.json, and one
 "best" line per cell, shape and direction with its ratio to the default.
 Without a GPU (TRITON_INTERPRET=1 on the CPU) it runs one tiny shape with the interpreter's one
@@ -80,29 +91,110 @@ def make_inputs(cell, B, T, H, dtype, dev):
     return d
 
 
-def runners(cell, d):
-    """(fwd(), bwd()) closures on the persistent path; bwd reuses one forward's saved tensors
+def runners(cell, d, path="persistent", fused=None):
+    """(fwd(), bwd()) closures on ``path`` (the persistent one unless given; ``fused``: the
+    launchers' argument, None for their default); bwd reuses one forward's saved tensors
     (consume_gates off: every call reads the same gates)."""
     from fused_rnn.kernels import lstm as KL, rnn as KR
 
     if cell == "rnn":
         def fwd():
-            return KR.rnn_fwd(d["x"], d["h0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], None, path="persistent")
+            return KR.rnn_fwd(d["x"], d["h0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], None, path=path,
+                              fused=True if fused is None else fused)
         saved = fwd()
 
         def bwd():
-            return KR.rnn_bwd(d["dout"], d["dh"], d["x"], d["w_ih"], d["w_hh"], saved[2], None, path="persistent")
+            return KR.rnn_bwd(d["dout"], d["dh"], d["x"], d["w_ih"], d["w_hh"], saved[2], None, path=path,
+                              fused=True if fused is None else fused)
         return fwd, bwd, saved
 
     def fwd():
         return KL.lstm_fwd(d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["ln"], None,
-                           path="persistent")
+                           path=path, fused=fused)
     saved = fwd()
 
     def bwd():
         return KL.lstm_bwd(d["dout"], d["dh"], d["dc"], d["x"], d["w_ih"], d["w_hh"], saved[3], saved[4], saved[5],
-                           d["b_ih"], d["b_hh"], d["ln"], None, path="persistent")
+                           d["b_ih"], d["b_hh"], d["ln"], None, path=path, fused=fused)
     return fwd, bwd, saved
+
+
+# the step variant that runs the unfused kernels: torch's matmul (cuBLAS) for the recurrent
+# product, then the pointwise kernel (two launches a step)
+STEP_OPTS = {"fused": None}
+UNFUSED_VARIANT = "unfused: torch.mm + pointwise kernel"
+
+
+def step_runners(cell, d, cuda):
+    """(fwd(), bwd(), saved) on the step path; on CUDA each captured in a CUDA graph at its first
+    call (_graphed) and replayed: fwd() / bwd() replay and return the graph's outputs."""
+    fwd, bwd, saved = runners(cell, d, "step", STEP_OPTS["fused"])
+    if not cuda:
+        return fwd, bwd, saved
+    return _graphed(fwd), _graphed(bwd), saved
+
+
+def _graphed(fn):
+    """A function that captures fn in a CUDA graph at its first call (after one eager call on a
+    side stream: JIT and cuBLAS set-up stay out of the capture), then replays it, returning the
+    graph's outputs."""
+    held = []
+
+    def replay():
+        if not held:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
+            held.extend((graph, out))
+        held[0].replay()
+        return held[1]
+    return replay
+
+
+def step_variants(cell, direction, cuda):
+    """[(name, apply(), undo())] of step tiles (kernels._common.STEP_OVERRIDE): the default first."""
+    from fused_rnn.kernels import _common as C
+
+    out = [("default", lambda: None, lambda: None)]
+    if not cuda:
+        return out
+
+    def tile(**kw):
+        return (lambda: C.STEP_OVERRIDE.update(kw)), C.STEP_OVERRIDE.clear
+    out.append(("rows=16 warps=4", *tile(BLOCK_B=16, num_warps=4)))
+    out.append(("rows=64 warps=8", *tile(BLOCK_B=64, num_warps=8)))
+    if direction == "fwd":
+        out.append(("BLOCK_K=64 warps=8", *tile(BLOCK_K=64, num_warps=8)))
+    else:
+        out.append(("BLOCK_K=32", *tile(BLOCK_K=32)))
+    out.append(("BLOCK_H=64 warps=8", *tile(BLOCK_H=64, num_warps=8)))
+    out.append(("BLOCK_H=16", *tile(BLOCK_H=16)))
+
+    def unfused():
+        STEP_OPTS["fused"] = False
+
+    def fused_again():
+        STEP_OPTS["fused"] = None
+    out.append((UNFUSED_VARIANT, unfused, fused_again))
+    return out
+
+
+def tile_of(cell, direction, B, H, dtype, dev):
+    """The step kernels' tile (BLOCK_B, BLOCK_H, BLOCK_K, warps) as text, STEP_OVERRIDE applied."""
+    from fused_rnn.kernels import _common as C, lstm as KL, rnn as KR
+
+    n_sm = C.sm_count(dev)
+    fused = STEP_OPTS["fused"] is not False
+    if cell == "rnn":
+        t = KR._blocks(B, H, direction, fused, dtype, n_sm)
+    else:
+        t = KL._blocks(B, H, direction, fused, False, dtype, n_sm)
+    return ("" if fused else "unfused, pointwise ") + "tile %dx%dx%d w%d" % t, ""
 
 
 LL_VARIANT = "LL exchange (no barrier)"
@@ -175,10 +267,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "tune_out"))
     ap.add_argument("--budget-s", type=float, default=200.0)
-    ap.add_argument("--shapes", default="S1,S2,S4,S3")
+    ap.add_argument("--shapes", default=None, help="default S1,S2,S4,S3; with --step S3,S2,S1,S4")
     ap.add_argument("--cells", default="lstm,rnn,lnlstm")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--no-ll", action="store_true", help="leave out the LL exchange variant")
+    ap.add_argument("--step", action="store_true",
+                    help="time the step path's tiles (graph-replayed) instead of the persistent plans")
     a = ap.parse_args(argv)
     from fused_rnn import _backend
 
@@ -188,18 +282,25 @@ def main(argv=None) -> int:
         return 3
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[a.dtype] if cuda else torch.float32
-    shapes = {k: SHAPES[k] for k in a.shapes.split(",")} if cuda else CPU_SHAPE
+    shape_list = a.shapes if a.shapes is not None else ("S3,S2,S1,S4" if a.step else "S1,S2,S4,S3")
+    shapes = {k: SHAPES[k] for k in shape_list.split(",")} if cuda else CPU_SHAPE
+    if a.step:
+        cells = [c for c in a.cells.split(",") if c != "lnlstm"]  # the LN step tiles are not swept
+        kinds = (lambda c, d, cu, ll: step_variants(c, d, cu), tile_of, step_runners)
+    else:
+        cells = a.cells.split(",")
+        kinds = (variants, plan_of, lambda c, d, cu: runners(c, d))
     os.makedirs(a.out, exist_ok=True)
     t_end = time.time() + a.budget_s
     rows, skipped = [], []
     machine = (torch.cuda.get_device_name(0) if cuda else "CPU (Triton interpreter)")
     import triton
 
-    head = (f"persistent_tune: {machine}, torch {torch.__version__}, Triton {triton.__version__}, "
+    what = "step-path tiles, CUDA-graph replays" if a.step else "persistent plans"
+    head = (f"persistent_tune ({what}): {machine}, torch {torch.__version__}, Triton {triton.__version__}, "
             f"{a.dtype if cuda else 'fp32'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(head, flush=True)
-    cells = a.cells.split(",")
-    order = _order(cells, list(shapes))
+    order = _order(cells, list(shapes), STEP_PRIORITY if a.step else PRIORITY)
     state = {}  # (cell, shape, direction) -> the default's plan and result, from pass 0
     for pass_no in (0, 1):
         for cell, sname in order:
@@ -207,8 +308,8 @@ def main(argv=None) -> int:
             d = None
             for direction in ("fwd", "bwd"):
                 st = state.setdefault((cell, sname, direction), {"ref": None, "plan": None})
-                for vname, apply, undo in variants(cell, direction, cuda, ll=not a.no_ll):
-                    if _pass_of(vname) != pass_no:
+                for vname, apply, undo in kinds[0](cell, direction, cuda, not a.no_ll):
+                    if _pass_of(vname, a.step) != pass_no:
                         continue
                     if time.time() > t_end:
                         skipped.append(f"{cell} {sname} {direction} {vname}: past the budget")
@@ -218,7 +319,8 @@ def main(argv=None) -> int:
                         continue
                     if d is None:
                         d = make_inputs(cell, B, T, H, dtype, dev)
-                    rows.append(_run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, cuda))
+                    rows.append(_run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, cuda,
+                                             kinds[1], kinds[2]))
                     print(_md(rows[-1]), flush=True)  # progress: the table's row
                     # rewritten after every row: a stage killed by its timeout (a variant that
                     # hangs) still leaves what was measured before it
@@ -230,22 +332,27 @@ def main(argv=None) -> int:
     return 1 if bad else 0
 
 
-def _pass_of(vname) -> int:
+def _pass_of(vname, step=False) -> int:
     """Pass 0: the default and the structural variants (sync, W_hh placement, barrier order, the
-    LN barrier counts) of every case in the order of need; pass 1: the BLOCK_H x warps grid."""
-    return 1 if vname.startswith("BLOCK_H=") else 0
+    LN barrier counts) of every case in the order of need; pass 1: the BLOCK_H x warps grid.
+    The step tiles: one pass."""
+    return 1 if vname.startswith("BLOCK_H=") and not step else 0
 
 
-def _run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, cuda) -> dict:
+def _run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, cuda, plan_fn=None,
+                 runners_fn=None) -> dict:
     """One row: plan, result against the default's (st: its plan and result, set by the default),
-    time, registers; a variant that raises is reported in the row."""
+    time, registers; a variant that raises is reported in the row. plan_fn / runners_fn: the
+    persistent plans' (plan_of, runners) unless given (the step tiles')."""
     from fused_rnn.kernels import persistent as P, persistent_ln as PL
 
+    plan_fn = plan_fn or plan_of
+    runners_fn = runners_fn or (lambda c, dd, cu: runners(c, dd))
     B, T, H = d["x"].shape[1], d["x"].shape[0], d["w_hh"].shape[1]
     row = {"cell": cell, "shape": sname, "B": B, "T": T, "H": H, "direction": direction, "variant": vname}
     apply()
     try:
-        pl, why = plan_of(cell, direction, B, H, dtype, dev)
+        pl, why = plan_fn(cell, direction, B, H, dtype, dev)
         row["plan"] = str(pl) if pl is not None else None
         if vname == "default":
             st["plan"] = row["plan"]
@@ -254,7 +361,7 @@ def _run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, 
         elif vname != "default" and row["plan"] == st["plan"] and (cell != "lnlstm" or vname == LL_VARIANT):
             row["skip"] = "the default's plan (timed above)"
         else:
-            fwd, bwd, _ = runners(cell, d)
+            fwd, bwd, _ = runners_fn(cell, d, cuda)
             fn = fwd if direction == "fwd" else bwd
             res = fn()
             key = res[0] if res[0] is not None else res[1]  # out / dx
@@ -263,8 +370,10 @@ def _run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, 
             row["rel_err_vs_default"] = rel(key, st["ref"])
             row["ok"] = row["rel_err_vs_default"] <= TOL[dtype]
             row["ms"] = time_ms(fn, cuda)
-            launch = (PL.LAST_LAUNCH.get(f"ln_lstm_{direction}") if cell == "lnlstm"
-                      else P.LAST_LAUNCH.get(f"{cell}_{direction}")) or {}
+            launch = {}
+            if plan_fn is plan_of:  # the step launches record no registers
+                launch = (PL.LAST_LAUNCH.get(f"ln_lstm_{direction}") if cell == "lnlstm"
+                          else P.LAST_LAUNCH.get(f"{cell}_{direction}")) or {}
             row["regs"], row["spills"] = launch.get("n_regs"), launch.get("n_spills")
     except Exception as e:  # reported in the table, not hidden: the sweep goes on
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -298,9 +407,15 @@ PRIORITY = [("lstm", "S1"), ("rnn", "S1"), ("lstm", "S2"), ("lstm", "S4"), ("lnl
             ("lnlstm", "S2"), ("rnn", "S2"), ("rnn", "S4"), ("rnn", "S3"), ("lnlstm", "S4"), ("lnlstm", "S3")]
 
 
-def _order(cells, shapes):
+# the step tiles: where the row block is in question first (S3, then S2), then the small batches
+STEP_PRIORITY = [("lstm", "S3"), ("rnn", "S3"), ("lstm", "S2"), ("rnn", "S2"), ("lstm", "S1"), ("rnn", "S1"),
+                 ("lstm", "S4"), ("rnn", "S4")]
+
+
+def _order(cells, shapes, priority=None):
+    priority = PRIORITY if priority is None else priority
     want = [(c, s) for c in cells for s in shapes]
-    return [p for p in PRIORITY if p in want] + [p for p in want if p not in PRIORITY]
+    return [p for p in priority if p in want] + [p for p in want if p not in priority]
 
 
 def _md(r) -> str:
@@ -308,8 +423,9 @@ def _md(r) -> str:
         why = f"ERROR {r['error']}" if "error" in r else f"not run: {r['skip']}"
         return f"| {r['cell']} | {r['shape']} | {r['direction']} | {r['variant']} | – | – | {why} | – |"
     flag = "" if r["ok"] else " WRONG"
+    regs = "–" if r.get("regs") is None else f"{r['regs']} / {r['spills']}"
     return (f"| {r['cell']} | {r['shape']} | {r['direction']} | {r['variant']} | {r['plan']} | {r['ms']:.3f} | "
-            f"{r['rel_err_vs_default']:.1e}{flag} | {r['regs']} / {r['spills']} |")
+            f"{r['rel_err_vs_default']:.1e}{flag} | {regs} |")
 
 
 def _best(rows):

@@ -420,23 +420,31 @@ def test_persistent_tune_order_variants_and_best():
     assert best[0].startswith("- lstm S1 fwd: v1 1.500 ms (0.75x") and "no timed default" in best[1]
 
 
-def test_persistent_tune_two_passes_under_a_budget(tmp_path, monkeypatch):
-    """The tuner's schedule with the GPU faked (plans, runs and times stubbed): pass 0 (the default
-    and the structural variants) covers every case in the order of need before pass 1 (the
-    BLOCK_H x warps grid) starts; a variant whose plan is the default's is not timed; a budget
-    that runs out stops new variants and lists them as not run."""
+def _tune_on_a_fake_gpu(monkeypatch):
+    """bench/persistent_tune.py as a module, with CUDA "available", the interpreter off and the
+    inputs stubbed (the tests then stub the runs and the times)."""
     pytest.importorskip("triton")
     spec = importlib.util.spec_from_file_location("persistent_tune", os.path.join(REPO, "bench", "persistent_tune.py"))
     tune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune)
     from fused_rnn import _backend
-    from fused_rnn.kernels import persistent as P
 
     monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(tune.torch.cuda, "get_device_name", lambda *a: "fake GPU")
     monkeypatch.setattr(_backend, "interpreter_on", lambda: False)
     monkeypatch.setattr(tune, "make_inputs", lambda cell, B, T, H, dtype, dev: {
         "x": torch.zeros(T, B, H), "w_hh": torch.zeros(H, H)})
+    return tune
+
+
+def test_persistent_tune_two_passes_under_a_budget(tmp_path, monkeypatch):
+    """The tuner's schedule with the GPU faked (plans, runs and times stubbed): pass 0 (the default
+    and the structural variants) covers every case in the order of need before pass 1 (the
+    BLOCK_H x warps grid) starts; a variant whose plan is the default's is not timed; a budget
+    that runs out stops new variants and lists them as not run."""
+    tune = _tune_on_a_fake_gpu(monkeypatch)
+    from fused_rnn.kernels import persistent as P
+
     # the plan a variant gets: PLAN_OVERRIDE as text; the LL variant gives the default's plan
     monkeypatch.setattr(tune, "plan_of", lambda cell, direction, B, H, dtype, dev: (
         str({k: v for k, v in P.PLAN_OVERRIDE.items() if k != "ll"}), ""))
@@ -468,6 +476,52 @@ def test_persistent_tune_two_passes_under_a_budget(tmp_path, monkeypatch):
     assert rc == 0 and sum("ms" in r for r in saved["rows"]) == 10
     assert not any(r["variant"].startswith("BLOCK_H=") for r in saved["rows"])
     assert any("past the budget" in s for s in saved["skipped"])
+
+
+@pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(), reason="the CPU check of the script: TRITON_INTERPRET=1")
+def test_persistent_tune_step_mode_runs_on_the_interpreter(tmp_path):
+    """bench/persistent_tune.py --step (the step path's tiles): on the CPU the default tile of
+    each cell and direction, run and timed, its tile in the plan column."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "persistent_tune.py"), "--step", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert {(r["cell"], r["direction"]) for r in rows} == {(c, d) for c in ("lstm", "rnn") for d in ("fwd", "bwd")}
+    assert all(r.get("ok") and r["plan"].startswith("tile 16x16x") and r["ms"] > 0 for r in rows), rows
+    assert "step-path tiles" in (tmp_path / "tune.md").read_text()
+
+
+def test_persistent_tune_step_mode_schedule(tmp_path, monkeypatch):
+    """--step with the GPU faked (runs and times stubbed, the tiles real): S3 first, then S2; the
+    variants set kernels._common.STEP_OVERRIDE (or ask for the unfused kernels) and clear it; a
+    variant whose tile is the default's (S3's 64 rows, S2's 16) is not timed."""
+    tune = _tune_on_a_fake_gpu(monkeypatch)
+    from fused_rnn.kernels import _common as C
+
+    monkeypatch.setattr(C, "sm_count", lambda dev: 132)
+    seen = []
+
+    def runners(cell, d, cuda):
+        seen.append(dict(C.STEP_OVERRIDE, **({"unfused": True} if tune.STEP_OPTS["fused"] is False else {})))
+        return ((lambda: (torch.ones(2), None)),) * 2 + (None,)
+
+    monkeypatch.setattr(tune, "step_runners", runners)
+    monkeypatch.setattr(tune, "time_ms", lambda fn, cuda: 1.0)
+    rc = tune.main(["--step", "--out", str(tmp_path), "--shapes", "S2,S3", "--cells", "lstm,rnn"])
+    assert rc == 0 and C.STEP_OVERRIDE == {}
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert [(r["cell"], r["shape"]) for r in rows if r["variant"] == "default"][::2] == [
+        ("lstm", "S3"), ("rnn", "S3"), ("lstm", "S2"), ("rnn", "S2")]
+    by = {(r["cell"], r["shape"], r["direction"], r["variant"]): r for r in rows}
+    assert by[("lstm", "S3", "fwd", "default")]["plan"] == "tile 64x32x32 w8"
+    assert by[("lstm", "S3", "fwd", "rows=64 warps=8")]["skip"] == "the default's plan (timed above)"
+    assert by[("lstm", "S3", "fwd", "rows=16 warps=4")]["plan"] == "tile 16x32x32 w4"
+    assert by[("lstm", "S2", "fwd", "rows=16 warps=4")]["skip"] == "the default's plan (timed above)"
+    assert by[("lstm", "S2", "bwd", "BLOCK_K=32")]["plan"] == "tile 16x32x32 w4"
+    assert {"BLOCK_B": 16, "num_warps": 4} in seen and {"BLOCK_H": 64, "num_warps": 8} in seen
+    assert {"unfused": True} in seen and tune.STEP_OPTS == {"fused": None}
+    assert by[("lstm", "S3", "bwd", tune.UNFUSED_VARIANT)]["plan"] == "unfused, pointwise tile 16x32x16 w4"
+    assert len(seen) == sum("ms" in r for r in rows)
 
 
 def test_persistent_tune_script_without_a_device():
