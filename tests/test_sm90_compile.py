@@ -197,3 +197,19 @@ def test_the_former_step_tiles_spilled():
     if usage is None:
         pytest.skip("this Triton does not expose its ptxas")
     assert usage[1] > 0, usage
+
+
+def test_sm90_tiles_script():
+    """bench/sm90_tiles.py (the whole grid's registers and spills, for a change to the tile rules)
+    runs: one small shape, every kernel and direction, no spill."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "sm90_tiles.py")
+    p = subprocess.run([sys.executable, script, "--batches", "16", "--hidden", "16", "--dtypes", "bf16"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if " tile " in ln]
+    assert len(lines) == 10 and all(ln.endswith(" 0 B spilled") for ln in lines), p.stdout
+    assert "10 tiles, 0 spilling" in p.stdout
