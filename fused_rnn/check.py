@@ -79,9 +79,10 @@ QUICK_SHAPES = (
     Shape(3, 4, 6, 70, var_lengths=True),
 )
 # The full sweep adds larger sizes: several blocks in B and in H, H = 257 past the fused
-# layer-norm limit (kernels.lstm.LN_FUSED_MAX_H = 128; H = 100 and 128 below it), longer sequences. The interpreter runs a
-# program at a time in numpy, so the CPU gets medium sizes (the full CPU sweep took about two
-# minutes here; T33-B16-H100 alone took 28 s in fp64) and the GPU gets the large ones too.
+# layer-norm limit (kernels.lstm.LN_FUSED_MAX_H = 128; H = 100 and 128 below it), longer
+# sequences. The interpreter runs a program at a time in numpy, so the CPU gets medium sizes
+# (the full CPU sweep took about two minutes here; T33-B16-H100 alone took 28 s in fp64) and
+# the GPU gets the large ones too.
 FULL_SHAPES_CPU = QUICK_SHAPES + (
     Shape(16, 16, 32, 64, var_lengths=True),
     Shape(9, 5, 40, 100, var_lengths=True),

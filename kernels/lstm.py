@@ -51,6 +51,7 @@ from fused_rnn._buffers import grad_dtype, lstm_cs_dtype, lstm_gates_dtype, lstm
 from fused_rnn.reference import LN_EPS  # one source of truth (nn.LayerNorm's default)
 
 from ._common import (
+    DEFAULT_SM_COUNT,
     SUPPORTED_DTYPES,
     _gate_chunk_dots,
     _load_gates,
@@ -62,7 +63,6 @@ from ._common import (
     _tanh,
     _tile,
     after_loop_grads,
-    DEFAULT_SM_COUNT,
     alloc,
     dot_flags,
     input_projection,
@@ -75,7 +75,7 @@ from ._common import (
 
 # ---- size limits: the one place they live; fused_rnn.lstm reads them through unsupported() ----
 # The fused layer-norm step holds whole 4H rows: 4 fp32 accumulators of BLOCK_B(16) x next_pow2(H).
-# At H 256 it spilled at sm_90 at any warp count (backward 1228-1392 B at 8 warps, 632-1256 B at
+# At H 256 it spilled at sm_90 at 8 and at 16 warps (backward 1228-1392 B at 8, 632-1256 B at
 # 16; forward 24-268 B), so above 128 the GEMM plus the pointwise kernel (none spilled) run.
 LN_FUSED_MAX_H = 128
 # fp64 multiplies with a broadcast product [BLOCK_B, BLOCK_K, next_pow2(H)]: keep it small.

@@ -177,12 +177,14 @@ def test_lstm_ln_above_fused_limit_runs_unfused(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
-def test_lstm_64_row_blocks(dtype):
+def test_lstm_64_row_blocks(dtype, monkeypatch):
     """The fused step kernels with 64-row blocks (what a large batch takes: S3), forced through
     kernels._common.STEP_OVERRIDE at B70, so the second row block holds 6 rows and 58 masked
     ones; forward and backward against the reference."""
-    from fused_rnn.kernels import _common
+    from fused_rnn.kernels import _common, lstm as K
 
+    tiles, blocks = [], K._blocks
+    monkeypatch.setattr(K, "_blocks", lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
     T, B, H = 3, 70, 20
     ins, L, ups = make_case(T, B, 6, H, dtype, False, True, [3 - b % 4 for b in range(B)])
     _common.STEP_OVERRIDE.update(BLOCK_B=64, num_warps=8)
@@ -190,6 +192,7 @@ def test_lstm_64_row_blocks(dtype):
         outs, grads = fwd_bwd(triton_lstm(True), ins, L, ups)
     finally:
         _common.STEP_OVERRIDE.clear()
+    assert len(tiles) == 2 and all(t[0] == 64 for t in tiles), tiles  # forward and backward took 64 rows
     r_outs, r_grads = fwd_bwd(reference_lstm, ins, L, ups, dtype=F64)
     assert_close(outs, r_outs, tol(dtype), OUT_NAMES)
     assert_close(grads, r_grads, tol(dtype), NAMES)

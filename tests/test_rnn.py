@@ -130,7 +130,7 @@ def test_rnn_gradcheck(nl, fused):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
-def test_rnn_64_row_blocks(dtype):
+def test_rnn_64_row_blocks(dtype, monkeypatch):
     """The fused step kernels with 64-row blocks (a large batch's: S3), forced through
     kernels._common.STEP_OVERRIDE at B70 (a second row block of 6 rows), against the reference;
     and the rule that picks them (kernels.rnn._blocks)."""
@@ -138,6 +138,8 @@ def test_rnn_64_row_blocks(dtype):
 
     assert K._blocks(256, 1024, "fwd", True, BF16)[::3] == (64, 8)
     assert K._blocks(64, 512, "fwd", True, BF16)[0] == 16
+    tiles, blocks = [], K._blocks
+    monkeypatch.setattr(K, "_blocks", lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
     T, B, H = 3, 70, 20
     ins, L, ups = make_case(T, B, 6, H, dtype, True, [3 - b % 4 for b in range(B)])
     _common.STEP_OVERRIDE.update(BLOCK_B=64, num_warps=8)
@@ -145,6 +147,7 @@ def test_rnn_64_row_blocks(dtype):
         outs, grads = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
     finally:
         _common.STEP_OVERRIDE.clear()
+    assert len(tiles) == 2 and all(t[0] == 64 for t in tiles), tiles  # forward and backward took 64 rows
     r_outs, r_grads = fwd_bwd(reference_rnn("tanh"), ins, L, ups, dtype=F64)
     for a, b in zip(outs + grads, r_outs + r_grads):
         assert not torch.isnan(a).any()

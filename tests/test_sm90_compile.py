@@ -38,7 +38,7 @@ def _lstm_case(direction, dtype, H, fused, ln, lengths, batch=B, tf32=False):
     const = dict(FUSED=fused, LN=ln, HAS_LENGTHS=lengths, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, **_flags(dtype, tf32))
     ln_ptrs = ("gw_ptr", "gb_ptr", "cw_ptr", "cb_ptr")
     if direction == "fwd":
-        sig = dict(xp_ptr=f"*{gates if gates == dt else dt}", hs_ptr=f"*{hs}", cs_ptr=f"*{cs}", cc_ptr=f"*{st}",
+        sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{hs}", cs_ptr=f"*{cs}", cc_ptr=f"*{st}",
                    gates_ptr=f"*{gates}", t="i32", B="i32", H="i32", eps="fp32")
         const["STORE_GATES"] = True
         kern = K._lstm_fwd_kernel
