@@ -36,9 +36,9 @@ short budget still answers the structural questions at every shape it reaches.
 and kernels.rnn._blocks choose them from sm_90 compiles and an estimate of L2 traffic, untimed):
 the fused LSTM and RNN step launchers, each captured once per variant in a CUDA graph and
 replayed (what the graph path runs), at S3 and S2 first (where 64-row blocks and 16-row blocks
-compete), under: the other row block (16 rows, 4 warps / 64 rows, 8 warps), BLOCK_K 64 with 8
-warps (the forward; BLOCK_K 32 for the backward), BLOCK_H 64 with 8 warps, BLOCK_H 16, and the
-unfused kernels (the recurrent product by torch.mm, i.e. cuBLAS, then the pointwise kernel: at
+compete), under: the four tiles of 16 or 64 rows (4 or 8 warps) x 16 or 32 units (the ones
+kernels._common.step_tile chooses from), BLOCK_K 64 with 8 warps (the forward; BLOCK_K 32 for
+the backward), BLOCK_H 64 with 8 warps, and the unfused kernels (the recurrent product by torch.mm, i.e. cuBLAS, then the pointwise kernel: at
 S3 cuBLAS may tile the [256, 4096] x [4096, 1024] backward product with less L2 traffic than the
 fused kernel's 64 x 32 tiles). The "plan" column then shows the tile (BLOCK_B, BLOCK_H, BLOCK_K,
 warps). gpu_check.sh: TUNE_ARGS=--step.
@@ -166,14 +166,14 @@ def step_variants(cell, direction, cuda):
 
     def tile(**kw):
         return (lambda: C.STEP_OVERRIDE.update(kw)), C.STEP_OVERRIDE.clear
-    out.append(("rows=16 warps=4", *tile(BLOCK_B=16, num_warps=4)))
-    out.append(("rows=64 warps=8", *tile(BLOCK_B=64, num_warps=8)))
+    for bb, bh in ((16, 32), (16, 16), (64, 32), (64, 16)):  # kernels._common.step_tile's choices
+        nw = 4 if bb == 16 else 8
+        out.append((f"tile {bb}x{bh} warps={nw}", *tile(BLOCK_B=bb, BLOCK_H=bh, num_warps=nw)))
     if direction == "fwd":
         out.append(("BLOCK_K=64 warps=8", *tile(BLOCK_K=64, num_warps=8)))
     else:
         out.append(("BLOCK_K=32", *tile(BLOCK_K=32)))
     out.append(("BLOCK_H=64 warps=8", *tile(BLOCK_H=64, num_warps=8)))
-    out.append(("BLOCK_H=16", *tile(BLOCK_H=16)))
 
     def unfused():
         STEP_OPTS["fused"] = False

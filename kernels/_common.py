@@ -62,16 +62,17 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
 # Tests and the tuner may force a tile: keys BLOCK_B, BLOCK_H, BLOCK_K, num_warps (whatever is
 # given replaces the rule's choice, for every step kernel launched while it is set).
 STEP_OVERRIDE: dict = {}
-# The row block of the fused step kernels: 16 or 64 rows. Every program reads its slice of W_hh
-# and its rows of the step's matmul operand (h_{t-1} forward, dG_{t+1} / dP_{t+1} backward) from
-# L2 each step, so W_hh is read cdiv(B, BLOCK_B) times a step: at B256 H1024 (S3) a forward step
-# of the LSTM reads 144 MiB with 16-row blocks, 48 MiB with 64-row blocks. A 64-row tl.dot also
-# compiles to Hopper's warpgroup MMA (wgmma), a 16-row one to mma.sync. But 64-row blocks make
-# fewer programs, each with 4x the dots. step_row_block() takes the block with the lesser
-# estimate of a step's time: the total bytes over the L2's bandwidth, or each SM's share (its
-# programs, in waves of one program per SM: their bytes over one SM's bandwidth, or their dots
-# over one SM's rate, whichever is longer), whichever is longer. The rates are rough H100 SXM
-# figures, an ESTIMATE, not a measurement of these kernels.
+# The tile of the fused step kernels: 16 or 64 rows x 16 or 32 hidden units. Every program reads
+# its slice of W_hh and its rows of the step's matmul operand (h_{t-1} forward, dG_{t+1} / dP_{t+1}
+# backward) from L2 each step, so W_hh is read cdiv(B, BLOCK_B) times a step: at B256 H1024 (S3)
+# a forward step of the LSTM reads 144 MiB with 16-row blocks, 48 MiB with 64-row blocks; and a
+# 64-row tl.dot compiles to Hopper's warpgroup MMA (wgmma), a 16-row one to mma.sync. But larger
+# tiles make fewer programs: at B16 (S1, S4) 32 hidden units a program leave all but H / 32 SMs
+# idle, each streaming twice the W_hh bytes that 16 units would. step_tile() takes the tile with
+# the least estimate of a step's time: the total bytes over the L2's bandwidth, or each SM's
+# share (its programs, in waves of one program per SM: their bytes over one SM's bandwidth, or
+# their dots over one SM's rate, whichever is longer), whichever is longer. The rates are rough
+# H100 SXM figures, an ESTIMATE, not a measurement of these kernels.
 L2_BYTES_PER_US = 5.5e6  # ~5.5 TB/s from L2 to all SMs
 SM_BYTES_PER_US = 0.112e6  # ~64 B a clock at ~1.75 GHz into one SM
 # one SM's dot rate: half the dense tensor-core peak (989 TFLOP/s bf16 / 132 SMs) for 16-bit
@@ -108,16 +109,19 @@ def step_time_us(B: int, H: int, K: int, gates: int, BB: int, BH: int, w_elt: in
     return max(total / L2_BYTES_PER_US, waves * per_program)
 
 
-def step_row_block(B: int, H: int, K: int, gates: int, BH: int, w_elt: int, row_elt: int, n_sm: int) -> int:
-    """16, or 64 where B >= 64 and step_time_us() estimates 64-row blocks faster (µs, 64 rows
-    against 16). The LSTM at S3 (B256 H1024): bf16 forward 9.2 against 27, backward 18 against
-    37, so 64; fp32 forward 33 against 55 (L2), so 64, backward 132 against 132 (the dots), so
-    16. At S2 (B64 H512) 16 in both: bf16 forward 2.2 against 1.7 (16 programs, not 64)."""
-    if B < 64:
-        return 16
-    t16 = step_time_us(B, H, K, gates, 16, BH, w_elt, row_elt, n_sm)
-    t64 = step_time_us(B, H, K, gates, 64, BH, w_elt, row_elt, n_sm)
-    return 64 if t64 < t16 else 16
+def step_tile(B: int, H: int, K: int, gates: int, w_elt: int, row_elt: int, n_sm: int):
+    """(BLOCK_B, BLOCK_H): 16 or 64 rows (64 only for B >= 64) x 16 or 32 units (32 only for
+    H > 16), the one step_time_us() estimates fastest; on a tie the earlier of 16 x 32, 16 x 16,
+    64 x 32, 64 x 16. Estimates in µs for the bf16 LSTM (forward / backward): S1 (B16 H256)
+    16 x 16: 0.37 / 0.59 against 16 x 32: 0.66 / 1.12; S4 (B16 H768) 1.10 / 1.76 against 1.97 /
+    3.36; S2 (B64 H512) forward 64 x 16: 1.17 against 1.72, backward 16 x 32: 2.29 against 3.05
+    (16 x 16) and 4.47 (64 x 16); S3 (B256 H1024) 64 x 32: 9.2 / 18.3 against 27.5 / 36.6
+    (16 x 32). fp32 (its dots at the FMA rate): S3 forward 64 x 32, 32.9 against 54.9, backward
+    132 for every tile (the dots), so 16 x 32."""
+    tiles = [(16, 32), (16, 16), (64, 32), (64, 16)]
+    tiles = [(bb, bh) for bb, bh in tiles if (bb == 16 or B >= 64) and (bh == 16 or H > 16)]
+    est = [step_time_us(B, H, K, gates, bb, bh, w_elt, row_elt, n_sm) for bb, bh in tiles]
+    return tiles[est.index(min(est))]
 
 
 def step_override(BB: int, BH: int, BK: int, nw: int):

@@ -69,7 +69,7 @@ from ._common import (
     pow2_block,
     sm_count,
     step_override,
-    step_row_block,
+    step_tile,
 )
 
 
@@ -392,9 +392,10 @@ def _blocks(B: int, H: int, direction: str, fused: bool, ln: bool, dtype: torch.
     the plain LSTM forward at BLOCK_H 32, BLOCK_K 64 (bf16 16 / 24 B, fp32 356 / 352 B, TF32
     376 / 408 B: 3.9 / 3.6), the fused LN kernels at H 128 (fwd 736 B, bwd 1016 B) and H 256
     (fwd 24-208 B, bwd 1228-1392 B; at 16 warps too), the unfused LN backward (192-4520 B).
-      plain LSTM, fused: BLOCK_H 32; rows 16 or 64 (step_row_block); forward BLOCK_K 32 (16 rows,
-          4 warps: bf16 168 registers, fp32 200, TF32 192; 64 rows, 8 warps: 168, 212, 192 and
-          wgmma), backward BLOCK_K 64 (96, 88, 90; 64 rows, 8 warps: 161, 151, 195).
+      plain LSTM, fused: 16 or 64 rows x 16 or 32 units (step_tile); forward BLOCK_K 32 (16 x 32,
+          4 warps: bf16 168 registers, fp32 200, TF32 192; 16 x 16: 142, 120-152; 64 rows, 8
+          warps, wgmma: 64 x 32: 168, 212, 192; 64 x 16: 97, 124), backward BLOCK_K 64 (16 x 32:
+          96, 88, 90; 16 x 16: 72, 72; 64 x 32: 161, 151, 195; 64 x 16: 128, 155).
       layer-norm LSTM, fused (H <= LN_FUSED_MAX_H = 128): 16 rows, the whole row of
           next_pow2(H) units: BLOCK_H <= 32: forward BLOCK_K 32, backward 64, 4 warps (bf16
           168 / 151); 64: 32 / 64, 8 warps (128 / 156); 128: 16 / 16, 8 warps (186 / 254), the
@@ -434,11 +435,10 @@ def _blocks(B: int, H: int, direction: str, fused: bool, ln: bool, dtype: torch.
         BB = pow2_block(B, 1, max(1, min(16, 1024 // BH)))
         nw = 4 if BB * BH <= 512 else (8 if BB * BH <= 2048 else 32)
         return step_override(BB, BH, 16, nw)
-    BH = pow2_block(H, 16, 32)
     if not fused:
-        return step_override(pow2_block(B, 1, 16), BH, 16, 4)
+        return step_override(pow2_block(B, 1, 16), pow2_block(H, 16, 32), 16, 4)
     e = dtype.itemsize  # W_hh, h (lstm_hs_dtype) and dG (grad_dtype) all in the operand dtype
-    BB = step_row_block(B, H, K, 4, BH, e, e, n_sm)
+    BB, BH = step_tile(B, H, K, 4, e, e, n_sm)
     BK = pow2_block(K, 16, 32 if direction == "fwd" else 64)
     return step_override(BB, BH, BK, 8 if BB == 64 else 4)
 

@@ -30,7 +30,7 @@ from fused_rnn._buffers import grad_dtype, state_dtype
 
 from ._common import (
     DEFAULT_SM_COUNT, SUPPORTED_DTYPES, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection,
-    pow2_block, sm_count, step_override, step_row_block,
+    pow2_block, sm_count, step_override, step_tile,
 )
 
 NONLINEARITIES = ("tanh", "relu")
@@ -183,19 +183,19 @@ def _rnn_bwd_kernel(
 
 def _blocks(B: int, H: int, direction: str, fused: bool, dtype: torch.dtype, n_sm: int = DEFAULT_SM_COUNT):
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels. tl.dot needs every block dim
-    >= 16 on GPU. BLOCK_H 32, BLOCK_K 64; rows 16 or, fused and not fp64, 64 where
-    kernels._common.step_row_block estimates it faster (B256 H1024), with 8 warps. From sm_90
-    compiles (Triton 3.9 / 3.6), not timed: none spills (16 rows, 4 warps: forward bf16 140
-    registers, fp32 158-168, TF32 147-150; backward 96, 80, 80; 64 rows, 8 warps: forward 134,
-    150-158, 128-141, backward 128-134, 157-160, 146-147; wgmma)."""
-    BH = pow2_block(H, 16, 32)
+    >= 16 on GPU. BLOCK_K 64; fused and not fp64: 16 or 64 rows x 16 or 32 units, whichever
+    kernels._common.step_tile estimates fastest, 4 warps for 16 rows, 8 for 64; else 16 x 32.
+    From sm_90 compiles (Triton 3.9 / 3.6), not timed: none spills (16 x 32, 4 warps: forward
+    bf16 140 registers, fp32 158-168, TF32 147-150, backward 96, 80, 80; 16 x 16: forward 112,
+    114-116, backward 72, 72; 64 x 32, 8 warps: forward 134, 150-158, 128-141, backward 128-134,
+    157-160, 146-147; 64 x 16: forward 108-110, 128-154, backward 122-127, 155-159; wgmma)."""
     BK = 8 if dtype == torch.float64 else pow2_block(H, 16, 64)
     if not fused or dtype == torch.float64:
-        return step_override(16 if fused else pow2_block(B, 1, 16), BH, BK, 4)
+        return step_override(16 if fused else pow2_block(B, 1, 16), pow2_block(H, 16, 32), BK, 4)
     # W_hh in the operand dtype; the forward's operand h_{t-1} is the fp32 hs (its backward needs
     # the precision: fused_rnn/_buffers.py), the backward's dP_{t+1} the operand dtype
     row_elt = state_dtype(dtype).itemsize if direction == "fwd" else grad_dtype(dtype).itemsize
-    BB = step_row_block(B, H, H, 1, BH, dtype.itemsize, row_elt, n_sm)
+    BB, BH = step_tile(B, H, H, 1, dtype.itemsize, row_elt, n_sm)
     return step_override(BB, BH, BK, 8 if BB == 64 else 4)
 
 

@@ -514,11 +514,12 @@ def test_persistent_tune_step_mode_schedule(tmp_path, monkeypatch):
         ("lstm", "S3"), ("rnn", "S3"), ("lstm", "S2"), ("rnn", "S2")]
     by = {(r["cell"], r["shape"], r["direction"], r["variant"]): r for r in rows}
     assert by[("lstm", "S3", "fwd", "default")]["plan"] == "tile 64x32x32 w8"
-    assert by[("lstm", "S3", "fwd", "rows=64 warps=8")]["skip"] == "the default's plan (timed above)"
-    assert by[("lstm", "S3", "fwd", "rows=16 warps=4")]["plan"] == "tile 16x32x32 w4"
-    assert by[("lstm", "S2", "fwd", "rows=16 warps=4")]["skip"] == "the default's plan (timed above)"
+    assert by[("lstm", "S3", "fwd", "tile 64x32 warps=8")]["skip"] == "the default's plan (timed above)"
+    assert by[("lstm", "S3", "fwd", "tile 16x32 warps=4")]["plan"] == "tile 16x32x32 w4"
+    assert by[("lstm", "S2", "fwd", "default")]["plan"] == "tile 64x16x32 w8"
+    assert by[("lstm", "S2", "bwd", "tile 16x32 warps=4")]["skip"] == "the default's plan (timed above)"
     assert by[("lstm", "S2", "bwd", "BLOCK_K=32")]["plan"] == "tile 16x32x32 w4"
-    assert {"BLOCK_B": 16, "num_warps": 4} in seen and {"BLOCK_H": 64, "num_warps": 8} in seen
+    assert {"BLOCK_B": 16, "BLOCK_H": 16, "num_warps": 4} in seen and {"BLOCK_H": 64, "num_warps": 8} in seen
     assert {"unfused": True} in seen and tune.STEP_OPTS == {"fused": None}
     assert by[("lstm", "S3", "bwd", tune.UNFUSED_VARIANT)]["plan"] == "unfused, pointwise tile 16x32x16 w4"
     assert len(seen) == sum("ms" in r for r in rows)

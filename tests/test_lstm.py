@@ -87,8 +87,8 @@ SHAPES = [
     ("B2-T4-H7-nobias", 4, 2, 3, 7, None, False),
 ]
 if DEV is not None and DEV.type == "cuda":
-    # H 100: the fused layer-norm kernel's widest tile (128 units); B192 H384: the 64-row tiles
-    # of the plain LSTM forward in 16 bits (kernels._common.step_row_block)
+    # H 100: the fused layer-norm kernel's widest tile (128 units); B192 H384: 64-row tiles
+    # (kernels._common.step_tile: the plain LSTM in 16 bits, 64 x 16)
     SHAPES += [("B64-T33-H200-len", 33, 64, 48, 200, [33 - b % 7 for b in range(64)], True),
                ("B20-T9-H100", 9, 20, 16, 100, None, True),
                ("B192-T6-H384-len", 6, 192, 32, 384, [6 - b % 4 for b in range(192)], True)]
@@ -176,40 +176,50 @@ def test_lstm_ln_above_fused_limit_runs_unfused(monkeypatch):
     assert_close(ours, ref, tol(F32), OUT_NAMES)
 
 
+# the fused step kernels' tiles (kernels._common.step_tile) besides the 16 x 16 that small shapes take
+STEP_TILES = [pytest.param(64, 16, 8, id="64x16"), pytest.param(64, 32, 8, id="64x32"),
+              pytest.param(16, 32, 4, id="16x32")]
+
+
+@pytest.mark.parametrize("BB,BH,nw", STEP_TILES)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
-def test_lstm_64_row_blocks(dtype, monkeypatch):
-    """The fused step kernels with 64-row blocks (what a large batch takes: S3), forced through
-    kernels._common.STEP_OVERRIDE at B70, so the second row block holds 6 rows and 58 masked
-    ones; forward and backward against the reference."""
+def test_lstm_step_tiles(dtype, BB, BH, nw, monkeypatch):
+    """The fused step kernels at the other tiles the launchers take (64 rows at a large batch,
+    32 units where the estimate prefers them), forced through kernels._common.STEP_OVERRIDE at
+    B70 H20 (a partial row block: 6 rows and 58 masked ones with 64-row blocks; partial unit
+    blocks); forward and backward against the reference."""
     from fused_rnn.kernels import _common, lstm as K
 
     tiles, blocks = [], K._blocks
     monkeypatch.setattr(K, "_blocks", lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
     T, B, H = 3, 70, 20
     ins, L, ups = make_case(T, B, 6, H, dtype, False, True, [3 - b % 4 for b in range(B)])
-    _common.STEP_OVERRIDE.update(BLOCK_B=64, num_warps=8)
+    _common.STEP_OVERRIDE.update(BLOCK_B=BB, BLOCK_H=BH, num_warps=nw)
     try:
         outs, grads = fwd_bwd(triton_lstm(True), ins, L, ups)
     finally:
         _common.STEP_OVERRIDE.clear()
-    assert len(tiles) == 2 and all(t[0] == 64 for t in tiles), tiles  # forward and backward took 64 rows
+    assert len(tiles) == 2 and all(t[:2] == (BB, BH) for t in tiles), tiles  # both launches took it
     r_outs, r_grads = fwd_bwd(reference_lstm, ins, L, ups, dtype=F64)
     assert_close(outs, r_outs, tol(dtype), OUT_NAMES)
     assert_close(grads, r_grads, tol(dtype), NAMES)
 
 
 def test_step_blocks_rule():
-    """kernels.lstm._blocks: 64-row blocks for the fused plain LSTM where step_row_block's
-    estimate says so (S3 in bf16, both directions), 16 rows below 64 and at S1, S2, S4; the
-    layer-norm tiles keep whole rows; STEP_OVERRIDE replaces what it names."""
+    """kernels.lstm._blocks: the fused plain LSTM's tile where step_tile's estimate puts it
+    (S3 in bf16: 64 x 32; S1, S4: 16 x 16; S2: 64 x 16 forward, 16 x 32 backward; never 64 rows
+    below B64); the layer-norm tiles keep whole rows; STEP_OVERRIDE replaces what it names."""
     from fused_rnn.kernels import _common, lstm as K
 
     assert K._blocks(256, 1024, "fwd", True, False, BF16) == (64, 32, 32, 8)
     assert K._blocks(256, 1024, "bwd", True, False, BF16) == (64, 32, 64, 8)
-    for B, H in ((16, 256), (64, 512), (16, 768), (63, 4096)):
-        for d in ("fwd", "bwd"):
-            assert K._blocks(B, H, d, True, False, BF16)[0] == 16, (B, H, d)
-    assert K._blocks(16, 256, "fwd", True, False, F32) == (16, 32, 32, 4)  # BLOCK_K 64 spilled
+    for B, H in ((16, 256), (16, 768)):
+        assert K._blocks(B, H, "fwd", True, False, BF16) == (16, 16, 32, 4)
+        assert K._blocks(B, H, "bwd", True, False, BF16) == (16, 16, 64, 4)
+    assert K._blocks(64, 512, "fwd", True, False, BF16) == (64, 16, 32, 8)
+    assert K._blocks(64, 512, "bwd", True, False, BF16) == (16, 32, 64, 4)
+    assert K._blocks(63, 4096, "fwd", True, False, BF16)[0] == 16
+    assert K._blocks(16, 256, "fwd", True, False, F32)[2:] == (32, 4)  # BLOCK_K 64 spilled
     assert K._blocks(16, 128, "fwd", True, True, F32) == (16, 128, 16, 16)
     assert K._blocks(16, 100, "bwd", True, True, BF16) == (16, 128, 16, 8)
     assert K._blocks(16, 256, "bwd", False, True, BF16) == (4, 256, 16, 8)

@@ -129,25 +129,28 @@ def test_rnn_gradcheck(nl, fused):
     assert torch.autograd.gradcheck(lambda *a: fn(list(a), L), leaves)
 
 
+@pytest.mark.parametrize("BB,BH,nw", [pytest.param(64, 16, 8, id="64x16"), pytest.param(64, 32, 8, id="64x32"),
+                                       pytest.param(16, 32, 4, id="16x32")])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
-def test_rnn_64_row_blocks(dtype, monkeypatch):
-    """The fused step kernels with 64-row blocks (a large batch's: S3), forced through
-    kernels._common.STEP_OVERRIDE at B70 (a second row block of 6 rows), against the reference;
-    and the rule that picks them (kernels.rnn._blocks)."""
+def test_rnn_step_tiles(dtype, BB, BH, nw, monkeypatch):
+    """The fused step kernels at the other tiles the launchers take (64 rows at a large batch:
+    S3; 32 units), forced through kernels._common.STEP_OVERRIDE at B70 H20 (partial row and
+    unit blocks), against the reference; and the rule that picks them (kernels.rnn._blocks)."""
     from fused_rnn.kernels import _common, rnn as K
 
-    assert K._blocks(256, 1024, "fwd", True, BF16)[::3] == (64, 8)
-    assert K._blocks(64, 512, "fwd", True, BF16)[0] == 16
+    assert K._blocks(256, 1024, "fwd", True, BF16) == (64, 32, 64, 8)
+    assert K._blocks(64, 512, "fwd", True, BF16) == (16, 32, 64, 4)
+    assert K._blocks(16, 256, "bwd", True, BF16) == (16, 16, 64, 4)
     tiles, blocks = [], K._blocks
     monkeypatch.setattr(K, "_blocks", lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
     T, B, H = 3, 70, 20
     ins, L, ups = make_case(T, B, 6, H, dtype, True, [3 - b % 4 for b in range(B)])
-    _common.STEP_OVERRIDE.update(BLOCK_B=64, num_warps=8)
+    _common.STEP_OVERRIDE.update(BLOCK_B=BB, BLOCK_H=BH, num_warps=nw)
     try:
         outs, grads = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
     finally:
         _common.STEP_OVERRIDE.clear()
-    assert len(tiles) == 2 and all(t[0] == 64 for t in tiles), tiles  # forward and backward took 64 rows
+    assert len(tiles) == 2 and all(t[:2] == (BB, BH) for t in tiles), tiles  # both launches took it
     r_outs, r_grads = fwd_bwd(reference_rnn("tanh"), ins, L, ups, dtype=F64)
     for a, b in zip(outs + grads, r_outs + r_grads):
         assert not torch.isnan(a).any()

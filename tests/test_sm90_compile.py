@@ -143,16 +143,18 @@ def test_step_kernel_compiles_for_sm90(cell, direction, dtype, H, fused, ln, len
         _no_spill(ck, f"{cell} {direction} {TY[dtype]} B{B} H{H} tile {const['BLOCK_B']}x{const['BLOCK_H']}")
 
 
-# The other tiles the launchers choose: 64-row blocks at a large batch (kernels._common.
-# step_row_block: B256 H1024, S3), the fused layer-norm kernel's narrower rows, the unfused one's
-# row blocks from 4 x 256 to 1 x 2048, and fp32 with TF32 where the dot changes (the forward's
-# tensor-core dots).
+# The other tiles the launchers choose (the B16 cases above take 16 x 16): 64 x 32 at a large
+# batch (kernels._common.step_tile: B256 H1024, S3), 64 x 16 and 16 x 32 (S2, B64 H512), the fused
+# layer-norm kernel's narrower rows, the unfused one's row blocks from 4 x 256 to 1 x 2048, and
+# fp32 with TF32 where the dot changes (the forward's tensor-core dots).
 def _tile_cases():
     seen = set()
     for tf32, dtypes in ((False, (BF16, F32)), (True, (F32,))):
         for dtype in dtypes:
             for direction in ("fwd", "bwd"):
                 shapes = [("lstm", 256, 1024, True, False), ("rnn", 256, 1024, True, None),
+                          ("lstm", 64, 512, True, False), ("rnn", 64, 512, True, None),
+                          ("rnn", 192, 384, True, None),
                           ("lstm", 16, 32, True, True), ("lstm", 16, 64, True, True),
                           ("lstm", 16, 256, False, True), ("lstm", 16, 2048, False, True)]
                 if tf32:
@@ -175,7 +177,7 @@ def _tile_cases():
 def test_step_tiles_compile_without_spilling(cell, direction, dtype, batch, H, fused, ln, tf32):
     kern, sig, const, nw = _case(cell, direction, dtype, H, fused, ln, True, batch, tf32)
     if batch >= 256 and fused and not ln and dtype == BF16:
-        assert const["BLOCK_B"] == 64, "S3 in bf16 takes 64-row blocks (step_row_block)"
+        assert const["BLOCK_B"] == 64, "S3 in bf16 takes 64-row blocks (step_tile)"
     ck = compile_sm90(kern, sig, const, num_warps=nw)
     if const["BLOCK_B"] == 64 and (dtype == BF16 or tf32):
         assert "wgmma" in ck.asm["ptx"]  # Hopper's warpgroup MMA
