@@ -15,7 +15,9 @@ later stages when it fails.
 Problem: B16 T64 H256 in bf16 and fp32 (16 programs of BLOCK_H = 16 on an H100), plain LSTM, tanh
 RNN, and the layer-norm LSTM when its persistent kernels exist. For each: the persistent and step
 results (out, h_n, [c_n], and the gradients of x, h0, W_ih, W_hh) must agree within 2e-2 (bf16)
-or 1e-4 (fp32) relative; it prints the errors, the persistent plans, what the kernels compiled to
+or 1e-4 (fp32) relative (and each path's worst error against the reference path is printed
+beside, so that a disagreement says which path is off: the step kernels' tiles are new on a GPU
+too); it prints the errors, the persistent plans, what the kernels compiled to
 (registers, spills, shared memory) and median times of a few fwd+bwd calls on each path.
 --ll: the same cells with the LL exchange (programs spin on tagged words instead of meeting at a
 barrier: a protocol that has never run on a GPU, so it gets its own stage and timeout in
@@ -70,12 +72,12 @@ def inputs(cell, dtype, dev):
     return d, ln
 
 
-def run(cell, d, ln, path):
+def run(cell, d, ln, path, backend="triton"):
     with fused_rnn.use_path(path):
         if cell == "rnn":
-            outs = rnn_sequence(*d, backend="triton")
+            outs = rnn_sequence(*d, backend=backend)
         else:
-            outs = lstm_sequence(*d, ln=ln, backend="triton")
+            outs = lstm_sequence(*d, ln=ln, backend=backend)
         loss = sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs))
         w = d[2:4] if cell == "rnn" else d[3:5]  # x, h0, W_ih, W_hh, and the LN parameters
         grads = torch.autograd.grad(loss, [d[0], d[1], *w, *(ln or ())])
@@ -150,8 +152,13 @@ def main(argv=None) -> int:
             worst = max(errs)
             ok = worst <= TOL[dtype] and all(torch.isfinite(g).all() for g in got)
             failed += not ok
+            # which side is off when they disagree: both against the reference path (the
+            # PyTorch loop, computing in fp32), whose own rounding differs from the kernels'
+            truth = run(cell, d, ln, "step", backend="reference")
+            vs_ref = [max(rel(a, b) for a, b in zip(x, truth)) for x in (got, ref)]
             print(f"  {name}: {'ok' if ok else 'FAIL'} worst rel err {worst:.2e} "
-                  f"({', '.join(f'{e:.1e}' for e in errs)}); first call {first:.1f} s incl. compile",
+                  f"({', '.join(f'{e:.1e}' for e in errs)}); first call {first:.1f} s incl. compile; "
+                  f"worst against the reference path: persistent {vs_ref[0]:.1e}, step {vs_ref[1]:.1e}",
                   flush=True)
             print(f"    compiled: {KP.LAST_LAUNCH}", flush=True)
             if ok and dev.type == "cuda" and ll:
