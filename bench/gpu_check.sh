@@ -28,7 +28,7 @@
 #   memcheck  compute-sanitizer --tool memcheck over bench/memcheck_cases.py (every kernel,
 #             fwd+bwd, small odd shapes, variable lengths); passes only on "ERROR SUMMARY: 0 errors"
 #   demo      fused-rnn demo --quick --steps 100 on CUDA: fused_rnn.LSTM vs torch.nn.LSTM tokens/s
-#   check     fused-rnn check --quick --paths auto,persistent on CUDA (every kernel against the
+#   check     fused-rnn check --quick --paths auto,persistent,graph on CUDA (every kernel against the
 #             fp64 reference, fp32/bf16/fp16/fp64), on whatever time is left; log in pytest.txt
 #   tune      bench/persistent_tune.py: the persistent kernels' plan variants timed at S1, S2, S4,
 #             S3 -> tune.md, first the structural ones (LL exchange or barrier, solo plans, W_hh
@@ -337,8 +337,8 @@ if skipped check; then
 elif [ "$HAS_GPU" != "1" ]; then
     record check 0 0 skipped "no CUDA GPU"
 else
-    CPATHS=auto,persistent
-    [ "$PERSISTENT_OK" = 1 ] || CPATHS=auto
+    CPATHS=auto,persistent,graph  # graph last: the first cut if the stage runs out of time
+    [ "$PERSISTENT_OK" = 1 ] || CPATHS=auto,graph
     [ -f "$OUT/pytest.txt" ] || : >"$OUT/pytest.txt"
     stage check "$T_CHECK" "$OUT/pytest.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn check --quick \
         --device cuda --seed 1 --paths "$CPATHS"
