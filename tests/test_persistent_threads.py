@@ -263,10 +263,23 @@ def test_multi_program_persistent_matches_step(threaded_grid, gpu_plans, monkeyp
 def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monkeypatch):
     """Control: with the grid barrier a no-op, programs read rows other programs have not
     written yet, so the results differ from the step path: the threads really interleave, and
-    the test above would see a missing barrier."""
+    the test above would see a missing barrier. Program 1 lags (2 ms before each of its
+    stores), so that the others run ahead of it: without that, the threads' interleaving alone
+    let 1 run in 12 pass every read in order (no atomics here, so none of the fixture's long
+    sleeps at a publishing atomic)."""
     import triton
+    import triton.runtime.interpreter as interp
 
     from fused_rnn.kernels import persistent, persistent_ln
+
+    store = interp.InterpreterBuilder.create_masked_store  # the fixture's (jittered) store
+
+    def lagging_store(self, *a, **k):
+        if self.grid_idx[0] == 1:
+            time.sleep(2e-3)
+        return store(self, *a, **k)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_store", lagging_store)
 
     @triton.jit
     def no_barrier(sync_ptr, target):
