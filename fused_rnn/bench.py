@@ -210,6 +210,42 @@ def _lstm_kernels_module():
     return k
 
 
+def _kernel_note(c: "Case", p: Problem) -> Optional[str]:
+    """What this fused row's kernels take, so its time can be read against what ran: the step
+    kernels' tiles (BLOCK_B x BLOCK_H x BLOCK_K / warps, kernels.lstm._blocks / kernels.rnn._blocks)
+    or the persistent plans (programs x row blocks, rows, units, the exchange); None for other rows
+    or where the kernels cannot be imported."""
+    if c.kind != "fused":
+        return None
+    from .kernels import _common, lstm as kl, rnn as kr
+
+    ln = p.ln is not None
+    fused = kl.default_fused(p.H, p.ln, p.dtype) if c.cell != "rnn" else True
+    parts = []
+    for d in ("fwd", "bwd"):
+        if c.method == "persistent":
+            if c.cell == "rnn":
+                pl, _ = kr.persistent_plan(d, p.B, p.H, True, p.dtype, p.device)
+            else:
+                pl, _ = kl.persistent_plan(d, p.B, p.H, p.ln, fused, p.dtype, p.device)
+            if pl is None:
+                return None
+            how = "LL" if pl.ll else ("solo" if pl.solo else "barrier")
+            w = "W_hh on chip" if pl.resident else "W_hh streamed"
+            if pl.w_chunks > 1:
+                w = f"W_hh in {pl.w_chunks} chunks"
+            parts.append(f"{d} {pl.programs}x{pl.row_blocks} programs, {pl.BLOCK_B}x{pl.BLOCK_H}, {how}, {w}")
+        else:
+            n_sm = _common.sm_count(p.device)
+            if c.cell == "rnn":
+                t = kr._blocks(p.B, p.H, d, True, p.dtype, n_sm)
+            else:
+                t = kl._blocks(p.B, p.H, d, fused, ln, p.dtype, n_sm)
+            parts.append(f"{d} {t[0]}x{t[1]}x{t[2]}/{t[3]}w")
+    what = "plans" if c.method == "persistent" else ("step tiles" if fused else "step tiles (unfused)")
+    return f"{what}: " + ", ".join(parts)
+
+
 def _recompute_ready(device: torch.device) -> Optional[str]:
     why = _triton_ready(device)
     if why:
@@ -602,6 +638,13 @@ def run_case(c: Case, s: Settings, progress: Callable[[str], Callable[[str], Non
         if fell:  # the entry point ran the reference path: this row times no kernel of ours
             rec["fallback"] = True
             rec["notes"].append("FELL BACK to the reference path: " + fell[0])
+        else:
+            try:
+                note = _kernel_note(c, p)
+            except Exception as e:  # recorded in the row; the measurement goes on
+                note = f"kernel configuration: {_short(e)}"
+            if note:
+                rec["notes"].append(note)
 
     def fwd_bwd():
         fwd().sum().backward()

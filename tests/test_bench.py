@@ -52,6 +52,9 @@ def test_cpu_mode_writes_json_table_and_plot(tmp_path, capsys):
         tri = by[(cell, "triton")]
         if INTERPRET:
             assert tri["status"] == "ok" and tri["fwdbwd_ms"] > 0
+            # the tiles that ran, beside the time (B2 H8: 16 rows x 16 units)
+            assert any(n.startswith("step tiles") and "fwd 16x16x" in n and ", bwd 16x16x" in n
+                       for n in tri["notes"]), tri["notes"]
         else:
             assert tri["status"] == "skipped" and "TRITON_INTERPRET" in tri["notes"][-1]
     assert by[("lstm", "torch.nn")]["status"] == "ok"
