@@ -213,21 +213,23 @@ def _lstm_kernels_module():
 def _kernel_note(c: "Case", p: Problem) -> Optional[str]:
     """What this fused row's kernels take, so its time can be read against what ran: the step
     kernels' tiles (BLOCK_B x BLOCK_H x BLOCK_K / warps, kernels.lstm._blocks / kernels.rnn._blocks)
-    or the persistent plans (programs x row blocks, rows, units, the exchange); None for other rows
-    or where the kernels cannot be imported."""
+    or the persistent plans (programs x row blocks, rows, units, the exchange), as the launchers
+    choose them (TF32 as torch's matmul flag says); None for other rows."""
     if c.kind != "fused":
         return None
     from .kernels import _common, lstm as kl, rnn as kr
+    from .lstm import _allow_tf32
 
+    tf32 = _allow_tf32(p.x)
     ln = p.ln is not None
     fused = kl.default_fused(p.H, p.ln, p.dtype) if c.cell != "rnn" else True
     parts = []
     for d in ("fwd", "bwd"):
         if c.method == "persistent":
             if c.cell == "rnn":
-                pl, _ = kr.persistent_plan(d, p.B, p.H, True, p.dtype, p.device)
+                pl, _ = kr.persistent_plan(d, p.B, p.H, True, p.dtype, p.device, allow_tf32=tf32)
             else:
-                pl, _ = kl.persistent_plan(d, p.B, p.H, p.ln, fused, p.dtype, p.device)
+                pl, _ = kl.persistent_plan(d, p.B, p.H, p.ln, fused, p.dtype, p.device, allow_tf32=tf32)
             if pl is None:
                 return None
             how = "LL" if pl.ll else ("solo" if pl.solo else "barrier")
