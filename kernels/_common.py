@@ -110,7 +110,7 @@ def step_time_us(B: int, H: int, K: int, gates: int, BB: int, BH: int, w_elt: in
 
 
 def step_tile(B: int, H: int, K: int, gates: int, w_elt: int, row_elt: int, n_sm: int):
-    """(BLOCK_B, BLOCK_H): 16 or 64 rows (64 only for B >= 64) x 16 or 32 units (32 only for
+    """(BLOCK_B, BLOCK_H, num_warps): 4 warps for 16 rows, 8 for 64; 16 or 64 rows (64 only for B >= 64) x 16 or 32 units (32 only for
     H > 16), the one step_time_us() estimates fastest; on a tie the earlier of 16 x 32, 16 x 16,
     64 x 32, 64 x 16. Estimates in µs for the bf16 LSTM (forward / backward): S1 (B16 H256)
     16 x 16: 0.37 / 0.59 against 16 x 32: 0.66 / 1.12; S4 (B16 H768) 1.10 / 1.76 against 1.97 /
@@ -121,7 +121,8 @@ def step_tile(B: int, H: int, K: int, gates: int, w_elt: int, row_elt: int, n_sm
     tiles = [(16, 32), (16, 16), (64, 32), (64, 16)]
     tiles = [(bb, bh) for bb, bh in tiles if (bb == 16 or B >= 64) and (bh == 16 or H > 16)]
     est = [step_time_us(B, H, K, gates, bb, bh, w_elt, row_elt, n_sm) for bb, bh in tiles]
-    return tiles[est.index(min(est))]
+    BB, BH = tiles[est.index(min(est))]
+    return BB, BH, 8 if BB == 64 else 4
 
 
 def step_override(BB: int, BH: int, BK: int, nw: int):

@@ -410,18 +410,16 @@ def _blocks(B: int, H: int, direction: str, fused: bool, ln: bool, dtype: torch.
       fp64 (the gradcheck dtype; its speed is no goal): the former rule, which spills in places
           (the fused LN backward at H 64: 1192 B).
     """
-    fma = dtype == torch.float64
     K = H if direction == "fwd" else 4 * H
-    if fma:
-        if ln:
-            BH = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))  # the whole row
-            BB = 16 if fused else pow2_block(B, 1, max(1, min(16, 2048 // BH)))
+    # the layer-norm kernels hold whole rows
+    BH = pow2_block(H, 16, max(16, triton.next_power_of_2(H))) if ln else pow2_block(H, 16, 32)
+    if dtype == torch.float64:
+        if fused:
+            BB = 16
         else:
-            BH = pow2_block(H, 16, 32)
-            BB = 16 if fused else pow2_block(B, 1, 16)
+            BB = pow2_block(B, 1, max(1, min(16, 2048 // BH)) if ln else 16)
         return step_override(BB, BH, 8, 8 if BB * BH >= 4096 else 4)
     if ln:
-        BH = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))  # the whole row
         if fused:
             BB = 16
             if BH <= 32:
@@ -436,11 +434,10 @@ def _blocks(B: int, H: int, direction: str, fused: bool, ln: bool, dtype: torch.
         nw = 4 if BB * BH <= 512 else (8 if BB * BH <= 2048 else 32)
         return step_override(BB, BH, 16, nw)
     if not fused:
-        return step_override(pow2_block(B, 1, 16), pow2_block(H, 16, 32), 16, 4)
+        return step_override(pow2_block(B, 1, 16), BH, 16, 4)
     e = dtype.itemsize  # W_hh, h (lstm_hs_dtype) and dG (grad_dtype) all in the operand dtype
-    BB, BH = step_tile(B, H, K, 4, e, e, n_sm)
-    BK = pow2_block(K, 16, 32 if direction == "fwd" else 64)
-    return step_override(BB, BH, BK, 8 if BB == 64 else 4)
+    BB, BH, nw = step_tile(B, H, K, 4, e, e, n_sm)
+    return step_override(BB, BH, pow2_block(K, 16, 32 if direction == "fwd" else 64), nw)
 
 
 def _ln_args(ln, H: int):

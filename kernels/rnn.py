@@ -195,8 +195,8 @@ def _blocks(B: int, H: int, direction: str, fused: bool, dtype: torch.dtype, n_s
     # W_hh in the operand dtype; the forward's operand h_{t-1} is the fp32 hs (its backward needs
     # the precision: fused_rnn/_buffers.py), the backward's dP_{t+1} the operand dtype
     row_elt = state_dtype(dtype).itemsize if direction == "fwd" else grad_dtype(dtype).itemsize
-    BB, BH = step_tile(B, H, H, 1, dtype.itemsize, row_elt, n_sm)
-    return step_override(BB, BH, BK, 8 if BB == 64 else 4)
+    BB, BH, nw = step_tile(B, H, H, 1, dtype.itemsize, row_elt, n_sm)
+    return step_override(BB, BH, BK, nw)
 
 
 LAUNCHER_PATHS = ("step", "persistent")
