@@ -210,6 +210,18 @@ def _lstm_kernels_module():
     return k
 
 
+def _persistent_plans(p: Problem, fused: bool, allow_tf32: bool) -> list:
+    """[(plan or None, why not)] of the persistent path, forward and backward, as the launchers
+    plan them for this problem."""
+    from .kernels import rnn as kr
+
+    if p.cell == "rnn":
+        return [kr.persistent_plan(d, p.B, p.H, True, p.dtype, p.device, allow_tf32=allow_tf32) for d in ("fwd", "bwd")]
+    k = _lstm_kernels_module()
+    return [k.persistent_plan(d, p.B, p.H, p.ln, fused, p.dtype, p.device, allow_tf32=allow_tf32)
+            for d in ("fwd", "bwd")]
+
+
 def _kernel_note(c: "Case", p: Problem) -> Optional[str]:
     """What this fused row's kernels take, so its time can be read against what ran: the step
     kernels' tiles (BLOCK_B x BLOCK_H x BLOCK_K / warps, kernels.lstm._blocks / kernels.rnn._blocks)
@@ -224,12 +236,10 @@ def _kernel_note(c: "Case", p: Problem) -> Optional[str]:
     ln = p.ln is not None
     fused = kl.default_fused(p.H, p.ln, p.dtype) if c.cell != "rnn" else True
     parts = []
-    for d in ("fwd", "bwd"):
-        if c.method == "persistent":
-            if c.cell == "rnn":
-                pl, _ = kr.persistent_plan(d, p.B, p.H, True, p.dtype, p.device, allow_tf32=tf32)
-            else:
-                pl, _ = kl.persistent_plan(d, p.B, p.H, p.ln, fused, p.dtype, p.device, allow_tf32=tf32)
+    plans = _persistent_plans(p, fused, tf32) if c.method == "persistent" else [None, None]
+    for d, planned in zip(("fwd", "bwd"), plans):
+        if planned is not None:
+            pl = planned[0]
             if pl is None:
                 return None
             how = "LL" if pl.ll else ("solo" if pl.solo else "barrier")
@@ -295,28 +305,19 @@ def _on_path(path: str) -> Build:
         from .rnn import RNNFunction
 
         allow_tf32 = _allow_tf32(p.x)
+        fused = _lstm_kernels_module().default_fused(p.H, p.ln, p.dtype) if p.cell != "rnn" else True
+        if path == "persistent":
+            for d, (plan, why) in zip(("fwd", "bwd"), _persistent_plans(p, fused, allow_tf32)):
+                if plan is None:
+                    raise RuntimeError(f"persistent {d} not possible: {why}")
         if p.cell in ("lstm", "lnlstm"):
             k = _lstm_kernels_module()
-            fused = k.default_fused(p.H, p.ln, p.dtype)
-            if path == "persistent":
-                for d in ("fwd", "bwd"):
-                    plan, why = k.persistent_plan(d, p.B, p.H, p.ln, fused, p.dtype, p.device, allow_tf32=allow_tf32)
-                    if plan is None:
-                        raise RuntimeError(f"persistent {d} not possible: {why}")
             gw, gb, cw, cb = p.ln if p.ln is not None else (None,) * 4
 
             def fwd():
                 return LSTMFunction.apply(p.x, p.h0, p.c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, gw, gb, cw, cb, None,
                                           LN_EPS, allow_tf32, fused, k.SAVE_GATES, path)[0]
         else:
-            if path == "persistent":
-                from .kernels import rnn as kr
-
-                for d in ("fwd", "bwd"):
-                    plan, why = kr.persistent_plan(d, p.B, p.H, True, p.dtype, p.device, allow_tf32=allow_tf32)
-                    if plan is None:
-                        raise RuntimeError(f"persistent {d} not possible: {why}")
-
             def fwd():
                 return RNNFunction.apply(p.x, p.h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, None, "tanh", allow_tf32, True,
                                          path)[0]

@@ -54,6 +54,19 @@ def poison(monkeypatch):
     monkeypatch.setattr(_common, "POISON", True)
 
 
+def force_step_tile(monkeypatch, kernels_module, **tile):
+    """For the rest of the test, the step kernels take ``tile`` (kernels._common.STEP_OVERRIDE's
+    keys: BLOCK_B, BLOCK_H, BLOCK_K, num_warps), and kernels_module._blocks (kernels.lstm or
+    kernels.rnn) is spied on: returns the list its calls append their tiles to."""
+    from fused_rnn.kernels import _common
+
+    for k, v in tile.items():
+        monkeypatch.setitem(_common.STEP_OVERRIDE, k, v)
+    tiles, blocks = [], kernels_module._blocks
+    monkeypatch.setattr(kernels_module, "_blocks", lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
+    return tiles
+
+
 def rel_err(a, b):
     """‖a − b‖ / ‖b‖ in fp64 (0 when both are zero)."""
     a = a.detach().double()

@@ -11,7 +11,9 @@ import warnings
 import pytest
 import torch
 
-from conftest import BF16, DT_NAME, F16, F32, F64, HAS_CUDA, kernel_device, rel_err, requires_kernels, tol
+from conftest import (
+    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, force_step_tile, kernel_device, rel_err, requires_kernels, tol,
+)
 from fused_rnn import _backend
 from fused_rnn.lstm import LSTMFunction, lstm_sequence
 from fused_rnn.reference import LN_EPS, lstm_sequence_ref
@@ -188,17 +190,12 @@ def test_lstm_step_tiles(dtype, BB, BH, nw, monkeypatch):
     32 units where the estimate prefers them), forced through kernels._common.STEP_OVERRIDE at
     B70 H20 (a partial row block: 6 rows and 58 masked ones with 64-row blocks; partial unit
     blocks); forward and backward against the reference."""
-    from fused_rnn.kernels import _common, lstm as K
+    from fused_rnn.kernels import lstm as K
 
-    tiles, blocks = [], K._blocks
-    monkeypatch.setattr(K, "_blocks", lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
     T, B, H = 3, 70, 20
     ins, L, ups = make_case(T, B, 6, H, dtype, False, True, [3 - b % 4 for b in range(B)])
-    _common.STEP_OVERRIDE.update(BLOCK_B=BB, BLOCK_H=BH, num_warps=nw)
-    try:
-        outs, grads = fwd_bwd(triton_lstm(True), ins, L, ups)
-    finally:
-        _common.STEP_OVERRIDE.clear()
+    tiles = force_step_tile(monkeypatch, K, BLOCK_B=BB, BLOCK_H=BH, num_warps=nw)
+    outs, grads = fwd_bwd(triton_lstm(True), ins, L, ups)
     assert len(tiles) == 2 and all(t[:2] == (BB, BH) for t in tiles), tiles  # both launches took it
     r_outs, r_grads = fwd_bwd(reference_lstm, ins, L, ups, dtype=F64)
     assert_close(outs, r_outs, tol(dtype), OUT_NAMES)

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import BF16, DT_NAME, F16, F32, F64, kernel_device, rel_err, requires_kernels, tol
+from conftest import BF16, DT_NAME, F16, F32, F64, force_step_tile, kernel_device, rel_err, requires_kernels, tol
 from fused_rnn import _backend
 from fused_rnn.reference import rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction, rnn_sequence
@@ -136,20 +136,15 @@ def test_rnn_step_tiles(dtype, BB, BH, nw, monkeypatch):
     """The fused step kernels at the other tiles the launchers take (64 rows at a large batch:
     S3; 32 units), forced through kernels._common.STEP_OVERRIDE at B70 H20 (partial row and
     unit blocks), against the reference; and the rule that picks them (kernels.rnn._blocks)."""
-    from fused_rnn.kernels import _common, rnn as K
+    from fused_rnn.kernels import rnn as K
 
     assert K._blocks(256, 1024, "fwd", True, BF16) == (64, 32, 64, 8)
     assert K._blocks(64, 512, "fwd", True, BF16) == (16, 32, 64, 4)
     assert K._blocks(16, 256, "bwd", True, BF16) == (16, 16, 64, 4)
-    tiles, blocks = [], K._blocks
-    monkeypatch.setattr(K, "_blocks", lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
     T, B, H = 3, 70, 20
     ins, L, ups = make_case(T, B, 6, H, dtype, True, [3 - b % 4 for b in range(B)])
-    _common.STEP_OVERRIDE.update(BLOCK_B=BB, BLOCK_H=BH, num_warps=nw)
-    try:
-        outs, grads = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
-    finally:
-        _common.STEP_OVERRIDE.clear()
+    tiles = force_step_tile(monkeypatch, K, BLOCK_B=BB, BLOCK_H=BH, num_warps=nw)
+    outs, grads = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
     assert len(tiles) == 2 and all(t[:2] == (BB, BH) for t in tiles), tiles  # both launches took it
     r_outs, r_grads = fwd_bwd(reference_rnn("tanh"), ins, L, ups, dtype=F64)
     for a, b in zip(outs + grads, r_outs + r_grads):

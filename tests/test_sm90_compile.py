@@ -11,7 +11,6 @@ none may, except where a test names the exception (fp64, the gradcheck dtype, is
 spills; the unfused layer-norm backward of one 4096-unit row spills at any warp count).
 """
 import pytest
-import torch
 
 from conftest import BF16, F16, F32, F64, compile_sm90, ptxas_usage, requires_sm90_compile
 
@@ -30,10 +29,9 @@ def _lstm_case(direction, dtype, H, fused, ln, lengths, batch=B, tf32=False):
     from fused_rnn import _buffers as buf
     from fused_rnn.kernels import lstm as K
 
-    ty = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    st, dt = ty[buf.state_dtype(dtype)], TY[dtype]
-    hs, gates = ty[buf.lstm_hs_dtype(dtype)], ty[buf.lstm_gates_dtype(dtype, ln)]
-    cs, dg = ty[buf.lstm_cs_dtype(dtype, ln)], ty[buf.grad_dtype(dtype)]
+    st, dt = TY[buf.state_dtype(dtype)], TY[dtype]
+    hs, gates = TY[buf.lstm_hs_dtype(dtype)], TY[buf.lstm_gates_dtype(dtype, ln)]
+    cs, dg = TY[buf.lstm_cs_dtype(dtype, ln)], TY[buf.grad_dtype(dtype)]
     BB, BH, BK, nw = K._blocks(batch, H, direction, fused, ln, dtype)
     const = dict(FUSED=fused, LN=ln, HAS_LENGTHS=lengths, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, **_flags(dtype, tf32))
     ln_ptrs = ("gw_ptr", "gb_ptr", "cw_ptr", "cb_ptr")
