@@ -260,26 +260,35 @@ def test_multi_program_persistent_matches_step(threaded_grid, gpu_plans, monkeyp
         assert rel_err(a, b) <= close, f"output {i}: rel err {rel_err(a, b):.2e}"
 
 
+def _lag_program_1(monkeypatch):
+    """The controls' lag: program 1 sleeps 2 ms before each of its stores and atomics (a row's
+    store, an LL word's exchange), so the other programs surely run ahead of it. Without it the
+    threads' interleaving alone sometimes ran every read after its write, and a control that
+    must disagree agreed (the no-barrier control 1 run in 12; the LL control without the wait,
+    RNN, once in a CI run)."""
+    import triton.runtime.interpreter as interp
+
+    def lagging(fn):  # the fixture's (jittered) operation, after the lag
+        def wrapped(self, *a, **k):
+            if self.grid_idx[0] == 1:
+                time.sleep(2e-3)
+            return fn(self, *a, **k)
+        return wrapped
+
+    for name in ("create_masked_store", "create_atomic_rmw"):
+        monkeypatch.setattr(interp.InterpreterBuilder, name, lagging(getattr(interp.InterpreterBuilder, name)))
+
+
 def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monkeypatch):
     """Control: with the grid barrier a no-op, programs read rows other programs have not
     written yet, so the results differ from the step path: the threads really interleave, and
-    the test above would see a missing barrier. Program 1 lags (2 ms before each of its
-    stores), so that the others run ahead of it: without that, the threads' interleaving alone
-    let 1 run in 12 pass every read in order (no atomics here, so none of the fixture's long
-    sleeps at a publishing atomic)."""
+    the test above would see a missing barrier. Program 1 lags (_lag_program_1): with no
+    barrier there are no atomics, so none of the fixture's long sleeps at a publishing one."""
     import triton
-    import triton.runtime.interpreter as interp
 
     from fused_rnn.kernels import persistent, persistent_ln
 
-    store = interp.InterpreterBuilder.create_masked_store  # the fixture's (jittered) store
-
-    def lagging_store(self, *a, **k):
-        if self.grid_idx[0] == 1:
-            time.sleep(2e-3)
-        return store(self, *a, **k)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_store", lagging_store)
+    _lag_program_1(monkeypatch)
 
     @triton.jit
     def no_barrier(sync_ptr, target):
@@ -370,6 +379,7 @@ def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkey
     monkeypatch.setattr(persistent, "LL_SYNC", True)
     for mod in (persistent, persistent_ln):  # (each module's kernels look it up in their own)
         monkeypatch.setattr(mod, "_ll_get", no_wait)
+    _lag_program_1(monkeypatch)
     plans = _spy(monkeypatch)
     assert _worst_vs_step(cell) > 1e-3
     assert [pl.ll for pl in plans] == [True, True], plans
