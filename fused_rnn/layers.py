@@ -86,19 +86,21 @@ class _SequenceLayer:
     _is_lstm = False
 
     def _layer_param_names(self, layer: int, direction: int) -> List[Optional[str]]:
-        """w_ih, w_hh, b_ih, b_hh (None without bias), then the LayerNorm parameters if any."""
+        """w_ih, w_hh, b_ih, b_hh (None without bias), w_hr (None without proj_size), then the
+        LayerNorm parameters if any."""
         sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         names: List[Optional[str]] = [f"weight_ih{sfx}", f"weight_hh{sfx}"]
         names += [f"bias_ih{sfx}", f"bias_hh{sfx}"] if self.bias else [None, None]
+        names.append(f"weight_hr{sfx}" if self.proj_size > 0 else None)
         if getattr(self, "layer_norm", False):
             names += [n + sfx for n in LN_NAMES]
         return names
 
     def _run_direction(self, x, h0, c0, params, lengths):
-        w_ih, w_hh, b_ih, b_hh = params[:4]
+        w_ih, w_hh, b_ih, b_hh, w_hr = params[:5]
         if self._is_lstm:
-            ln = tuple(params[4:]) if len(params) > 4 else None
-            return lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, self.backend)
+            ln = tuple(params[5:]) if len(params) > 5 else None
+            return lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, self.backend, w_hr)
         out, h_n = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, self.backend)
         return out, h_n, None
 
@@ -129,26 +131,28 @@ class _SequenceLayer:
         B = x.shape[1]
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
+        P = self.proj_size or H  # the width of h (nn.LSTM's proj_size; c stays H wide)
         L = self.num_layers
-        state_shape = (L * D, B, H) if batched else (L * D, H)
+        h_shape = (L * D, B, P) if batched else (L * D, P)
+        c_shape = (L * D, B, H) if batched else (L * D, H)
         same_dtype = V.autocast_dtype(x) is None  # autocast casts everything to its dtype
 
-        # Initial states, checked against what torch.nn expects, then [L*D, B, H].
+        # Initial states, checked against what torch.nn expects, then [L*D, B, P] / [L*D, B, H].
         if hx is None:
-            h0 = x.new_zeros(L * D, B, H)
+            h0 = x.new_zeros(L * D, B, P)
             c0 = x.new_zeros(L * D, B, H) if self._is_lstm else None
         else:
             if self._is_lstm:
                 if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
                     raise TypeError("hx must be a tuple (h_0, c_0) for an LSTM")
                 h0, c0 = hx
-                V.check_state(h0, state_shape, "hx[0] (h_0)", x, same_dtype)
-                V.check_state(c0, state_shape, "hx[1] (c_0)", x, same_dtype)
+                V.check_state(h0, h_shape, "hx[0] (h_0)", x, same_dtype)
+                V.check_state(c0, c_shape, "hx[1] (c_0)", x, same_dtype)
             else:
                 if not isinstance(hx, torch.Tensor):
                     raise TypeError(f"hx must be a tensor for an RNN, got {type(hx).__name__}")
                 h0, c0 = hx, None
-                V.check_state(h0, state_shape, "hx (h_0)", x, same_dtype)
+                V.check_state(h0, h_shape, "hx (h_0)", x, same_dtype)
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = None if c0 is None else c0.unsqueeze(1)
@@ -200,15 +204,15 @@ class _SequenceLayer:
 class LSTM(_SequenceLayer, nn.RNNBase):
     """torch.nn.LSTM's drop-in replacement, plus ``layer_norm`` and ``backend``.
 
-    ``proj_size`` is not supported (a ValueError). Dropout between layers is torch's dropout.
+    Dropout between layers is torch's dropout. ``proj_size > 0`` (h_t = W_hr (o_t * tanh(c_t)),
+    as nn.LSTM; with ``layer_norm`` the projection follows the layer-norm cell) runs the
+    reference path: the Triton kernels do not take it (a one-time warning where they would run).
     """
 
     _is_lstm = True
 
     def __init__(self, *args, layer_norm: bool = False, backend: str = "auto", **kwargs):
         super().__init__("LSTM", *args, **kwargs)
-        if self.proj_size != 0:
-            raise ValueError("fused_rnn.LSTM does not support proj_size > 0")
         self.backend = _check_backend(backend)
         self.layer_norm = bool(layer_norm)
         if self.layer_norm:

@@ -115,13 +115,18 @@ def lstm_sequence(
     ln: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     lengths: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    w_hr: Optional[torch.Tensor] = None,
 ):
     """x [T, B, I], h0/c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_* [4H] or None,
     ln None or (gate_weight [4H], gate_bias [4H], cell_weight [H], cell_bias [H]),
-    lengths None or int64 [B] on x's device -> (out [T, B, H], h_n [B, H], c_n [B, H])."""
+    lengths None or int64 [B] on x's device -> (out [T, B, H], h_n [B, H], c_n [B, H]).
+
+    ``w_hr`` [P, H] or None: torch.nn.LSTM's projection (proj_size P); then h0, h_n are [B, P],
+    w_hh is [4H, P] and out is [T, B, P]. The kernels do not take it: the reference path runs
+    (with a one-time warning where the kernels would have run)."""
     if resolve_backend(backend, x) == "triton":
         kernels = _ops.lstm_kernels()
-        reason = kernels.unsupported(x, w_hh, ln)
+        reason = "proj_size > 0" if w_hr is not None else kernels.unsupported(x, w_hh, ln)
         if reason is None and not _same_dtype(x, (h0, c0, w_ih, w_hh, b_ih, b_hh) + tuple(ln or ())):
             reason = "mixed dtypes"
         if reason is None:
@@ -136,4 +141,4 @@ def lstm_sequence(
                 kernels.default_fused(w_hh.shape[1], ln, x.dtype), kernels.SAVE_GATES and grad,
             )
         warn_once(f"lstm:{reason}", f"fused_rnn: the LSTM kernels cannot take {reason}; using the reference path")
-    return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, LN_EPS)
+    return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, LN_EPS, w_hr)

@@ -97,17 +97,26 @@ def lstm_sequence_ref(
     ln: Optional[Tuple[torch.Tensor, ...]] = None,
     lengths: Optional[torch.Tensor] = None,
     eps: float = LN_EPS,
+    w_hr: Optional[torch.Tensor] = None,
 ):
-    """One LSTM layer, one direction. x [T, B, I], h0/c0 [B, H] -> (out [T, B, H], h_n, c_n)."""
+    """One LSTM layer, one direction. x [T, B, I], h0/c0 [B, H] -> (out [T, B, H], h_n, c_n).
+
+    ``w_hr`` [P, H] (torch.nn.LSTM's ``proj_size`` P < H): the LSTM with projections. The state
+    h_t = W_hr (o_t * tanh(c_t)) is P wide, so h0 and h_n are [B, P], w_hh is [4H, P] and out is
+    [T, B, P]; c stays H wide.
+    """
     acc = compute_dtype(x.dtype)
     T = x.shape[0]
     xp = _input_projection(x, w_ih, b_ih, b_hh, acc)
     w_hh_t = w_hh.to(acc).t()
+    w_hr_t = None if w_hr is None else w_hr.to(acc).t()
     ln_acc = None if ln is None else tuple(p.to(acc) for p in ln)
     h, c = h0.to(acc), c0.to(acc)
     outs = []
     for t in range(T):
         h_new, c_new = lstm_cell_ref(xp[t] + h @ w_hh_t, c, ln_acc, eps)
+        if w_hr_t is not None:
+            h_new = h_new @ w_hr_t
         h, out_t = _masked_update(t, lengths, h_new, h)
         c, _ = _masked_update(t, lengths, c_new, c)
         outs.append(out_t)

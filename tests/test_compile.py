@@ -11,11 +11,11 @@ B, T, I, H = 3, 6, 5, 11
 
 
 class Model(nn.Module):
-    def __init__(self, backend, layer_norm=False):
+    def __init__(self, backend, layer_norm=False, proj_size=0):
         super().__init__()
         self.lstm = fused_rnn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True,
-                                   layer_norm=layer_norm, backend=backend)
-        self.rnn = fused_rnn.RNN(2 * H, H, batch_first=True, backend=backend)
+                                   layer_norm=layer_norm, backend=backend, proj_size=proj_size)
+        self.rnn = fused_rnn.RNN(2 * (proj_size or H), H, batch_first=True, backend=backend)
         self.head = nn.Linear(H, 3)
 
     def forward(self, x):
@@ -38,9 +38,10 @@ def _check(model, x, compile_backend):
         assert rel_err(b, a) < 1e-5
 
 
-@pytest.mark.parametrize("layer_norm", [False, True], ids=["lstm", "lnlstm"])
-def test_compile_reference_path_fullgraph(layer_norm):
-    model = Model("reference", layer_norm)
+@pytest.mark.parametrize("layer_norm, proj_size", [(False, 0), (True, 0), (False, 4)],
+                         ids=["lstm", "lnlstm", "lstm_proj"])
+def test_compile_reference_path_fullgraph(layer_norm, proj_size):
+    model = Model("reference", layer_norm, proj_size)
     _check(model, torch.randn(B, T, I), "aot_eager")
 
 

@@ -11,12 +11,16 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
+from fused_rnn import _backend
 from conftest import kernel_device, rel_err
+from fused_rnn.reference import lstm_cell_ref
 
 B, T, I, H = 3, 7, 5, 11
+P = 4  # proj_size of "lstm_proj": h (and the output) P wide, c H wide
 
 CELLS = {
     "lstm": (nn.LSTM, fused_rnn.LSTM, {}),
+    "lstm_proj": (nn.LSTM, fused_rnn.LSTM, {"proj_size": P}),
     "rnn_tanh": (nn.RNN, fused_rnn.RNN, {"nonlinearity": "tanh"}),
     "rnn_relu": (nn.RNN, fused_rnn.RNN, {"nonlinearity": "relu"}),
 }
@@ -38,8 +42,12 @@ def _run(module, x, hx, is_lstm):
     return out, state, None
 
 
+def _h_width(cell):
+    return CELLS[cell][2].get("proj_size") or H
+
+
 def _compare(cell, num_layers, bidirectional, batch_first, with_hx, packed, dtype, backend, device):
-    is_lstm = cell == "lstm"
+    is_lstm = cell.startswith("lstm")
     ref, ours = _pair(cell, dtype, device, backend, num_layers=num_layers,
                       bidirectional=bidirectional, batch_first=batch_first)
     D = 2 if bidirectional else 1
@@ -48,7 +56,7 @@ def _compare(cell, num_layers, bidirectional, batch_first, with_hx, packed, dtyp
     hx = None
     leaves = []
     if with_hx:
-        h0 = torch.randn(num_layers * D, B, H, dtype=dtype, device=device)
+        h0 = torch.randn(num_layers * D, B, _h_width(cell), dtype=dtype, device=device)
         c0 = torch.randn(num_layers * D, B, H, dtype=dtype, device=device)
         hx = (h0, c0) if is_lstm else h0
         leaves = [h0, c0] if is_lstm else [h0]
@@ -124,6 +132,16 @@ def test_triton_layers_match_torch_nn(combo):
     _compare(*combo, dtype=torch.float64, backend="triton", device=dev)
 
 
+@pytest.mark.skipif(kernel_device() is None, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+def test_proj_size_on_the_kernel_backend_warns_and_runs_the_reference(monkeypatch):
+    """The kernels do not take proj_size: backend='triton' says so once and runs the reference
+    path, which matches torch.nn (outputs and every gradient)."""
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="proj_size"):
+        _compare("lstm_proj", 2, True, False, True, True, dtype=torch.float64, backend="triton",
+                 device=kernel_device())
+
+
 def test_state_dict_keys_identical():
     for cell, (nn_cls, our_cls, extra) in CELLS.items():
         for kw in ({}, {"num_layers": 2, "bidirectional": True}, {"bias": False}):
@@ -162,17 +180,19 @@ def test_bias_false_matches():
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_unbatched_input(cell):
     ref, ours = _pair(cell, torch.float64, "cpu", "reference", num_layers=2, bidirectional=True)
+    W = _h_width(cell)
     x = torch.randn(T, I, dtype=torch.float64)
-    h0 = torch.randn(4, H, dtype=torch.float64)
-    hx = (h0, torch.randn(4, H, dtype=torch.float64)) if cell == "lstm" else h0
+    h0 = torch.randn(4, W, dtype=torch.float64)
+    hx = (h0, torch.randn(4, H, dtype=torch.float64)) if cell.startswith("lstm") else h0
     r, o = ref(x, hx), ours(x, hx)
-    assert o[0].shape == r[0].shape == (T, 2 * H)
+    assert o[0].shape == r[0].shape == (T, 2 * W)
     assert rel_err(o[0], r[0]) < 1e-12
-    if cell == "lstm":
-        assert o[1][0].shape == (4, H)
-        assert rel_err(o[1][1], r[1][1]) < 1e-12
+    if cell.startswith("lstm"):
+        assert o[1][0].shape == (4, W) and o[1][1].shape == (4, H)
+        assert rel_err(o[1][0], r[1][0]) < 1e-12 and rel_err(o[1][1], r[1][1]) < 1e-12
     else:
         assert o[1].shape == (4, H)
+        assert rel_err(o[1], r[1]) < 1e-12
 
 
 def test_dropout_between_layers():
@@ -250,7 +270,44 @@ def test_bad_backend_and_proj_size():
     with pytest.raises(ValueError, match="backend"):
         fused_rnn.LSTM(I, H, backend="cudnn")
     with pytest.raises(ValueError, match="proj_size"):
-        fused_rnn.LSTM(I, H, proj_size=3)
+        fused_rnn.LSTM(I, H, proj_size=H)  # nn.LSTM's own check: proj_size < hidden_size
+    with pytest.raises(ValueError, match="proj_size"):
+        fused_rnn.RNN(I, H, proj_size=3)
+
+
+def test_proj_size_state_shapes_are_checked():
+    m = fused_rnn.LSTM(I, H, num_layers=2, proj_size=P)
+    x = torch.randn(T, B, I)
+    h_p, c_h = torch.zeros(2, B, P), torch.zeros(2, B, H)
+    out, (h, c) = m(x, (h_p, c_h))
+    assert out.shape == (T, B, P) and h.shape == (2, B, P) and c.shape == (2, B, H)
+    with pytest.raises(ValueError, match=r"h_0.*\(2, 3, 4\)"):
+        m(x, (torch.zeros(2, B, H), c_h))  # h_0 H wide: it is P wide with a projection
+    with pytest.raises(ValueError, match=r"c_0.*\(2, 3, 11\)"):
+        m(x, (h_p, torch.zeros(2, B, P)))  # c_0 stays H wide
+
+
+def test_proj_size_with_layer_norm_projects_the_layer_norm_cell():
+    """layer_norm=True with proj_size: the seed's layer-norm cell, then h = W_hr h_cell."""
+    torch.manual_seed(0)
+    m = fused_rnn.LSTM(I, H, proj_size=P, layer_norm=True, backend="reference").double()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.startswith("ln_"):
+                p.normal_()  # not the identity init: the LN parameters must matter
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    out, (h_n, c_n) = m(x)
+    assert set(dict(m.named_parameters())) >= {"weight_hr_l0", "ln_cell_weight_l0"}
+    h, c = torch.zeros(B, P, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64)
+    ln = (m.ln_gate_weight_l0, m.ln_gate_bias_l0, m.ln_cell_weight_l0, m.ln_cell_bias_l0)
+    for t in range(T):
+        g = x[t] @ m.weight_ih_l0.t() + m.bias_ih_l0 + m.bias_hh_l0 + h @ m.weight_hh_l0.t()
+        h_cell, c = lstm_cell_ref(g, c, ln)
+        h = h_cell @ m.weight_hr_l0.t()
+        assert rel_err(out[t], h) < 1e-12
+    assert rel_err(h_n[0], h) < 1e-12 and rel_err(c_n[0], c) < 1e-12
+    out.sum().backward()
+    assert m.weight_hr_l0.grad is not None and m.ln_cell_weight_l0.grad.abs().sum() > 0
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
