@@ -48,8 +48,10 @@ class ApiChanged(Exception):
 
 
 def _inputs(cell, B, T, I, H, dtype, device, lengths, bias, seed):
+    """cell: lstm, lnlstm, rnn, or lstm_proj / lnlstm_proj (nn.LSTM's proj_size, P = H // 2)."""
     g = torch.Generator().manual_seed(seed)
-    G = 4 * H if cell in ("lstm", "lnlstm") else H
+    G = 4 * H if cell.startswith(("lstm", "lnlstm")) else H
+    P = max(1, H // 2) if cell.endswith("_proj") else H  # the width of h
     k = H ** -0.5
 
     def r(*shape, scale=1.0, grad=True):
@@ -57,11 +59,12 @@ def _inputs(cell, B, T, I, H, dtype, device, lengths, bias, seed):
         return t.to(device=device, dtype=dtype).requires_grad_(grad)
 
     d = {
-        "x": r(T, B, I), "h0": r(B, H, scale=0.5), "w_ih": r(G, I, scale=k), "w_hh": r(G, H, scale=k),
+        "x": r(T, B, I), "h0": r(B, P, scale=0.5), "w_ih": r(G, I, scale=k), "w_hh": r(G, P, scale=k),
         "b_ih": r(G, scale=k) if bias else None, "b_hh": r(G, scale=k) if bias else None,
         "c0": r(B, H, scale=0.5) if G == 4 * H else None, "ln": None, "lengths": None,
+        "w_hr": r(P, H, scale=k) if P != H else None,
     }
-    if cell == "lnlstm":
+    if cell.startswith("lnlstm"):
         d["ln"] = (r(4 * H, scale=0.2), r(4 * H, scale=0.2), r(H, scale=0.2), r(H, scale=0.2))
         with torch.no_grad():
             d["ln"][0].add_(1)
@@ -74,14 +77,15 @@ def _inputs(cell, B, T, I, H, dtype, device, lengths, bias, seed):
 
 
 def _leaves(d):
-    ts = [d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"]] + list(d["ln"] or ())
+    ts = [d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["w_hr"], d["b_ih"], d["b_hh"]] + list(d["ln"] or ())
     return [t for t in ts if t is not None]
 
 
 def _run_public(cell, d, nonlinearity):
-    if cell in ("lstm", "lnlstm"):
+    if cell.startswith(("lstm", "lnlstm")):
         return fused_rnn.lstm_sequence(d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["b_ih"],
-                                       d["b_hh"], ln=d["ln"], lengths=d["lengths"], backend="triton")
+                                       d["b_hh"], ln=d["ln"], lengths=d["lengths"], backend="triton",
+                                       w_hr=d["w_hr"])
     return fused_rnn.rnn_sequence(d["x"], d["h0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"],
                                   lengths=d["lengths"], nonlinearity=nonlinearity, backend="triton")
 
@@ -144,9 +148,9 @@ def _reference(cell, d, nonlinearity):
     e = {k: (up(v) if isinstance(v, torch.Tensor) and k != "lengths" else v) for k, v in d.items()}
     if d["ln"] is not None:
         e["ln"] = tuple(up(t) for t in d["ln"])
-    if cell in ("lstm", "lnlstm"):
+    if cell.startswith(("lstm", "lnlstm")):
         res = lstm_sequence_ref(e["x"], e["h0"], e["c0"], e["w_ih"], e["w_hh"], e["b_ih"], e["b_hh"],
-                                e["ln"], e["lengths"])
+                                e["ln"], e["lengths"], w_hr=e["w_hr"])
     else:
         res = rnn_sequence_ref(e["x"], e["h0"], e["w_ih"], e["w_hh"], e["b_ih"], e["b_hh"],
                                e["lengths"], nonlinearity)
@@ -228,6 +232,11 @@ def cases():
         T=1, I=8, H=33, dtype="fp16", lengths=False)
     add("rnn-tanh fp64 B2 T3 I6 H13 no biases", cell="rnn", B=2, T=3, I=6, H=13, dtype="fp64",
         bias=False)
+    # the LSTM with projections (kernels/lstm_proj.py: cuBLAS products around the unfused kernels,
+    # the backward's dout in the state dtype), P = H // 2
+    for dt in ("fp32", "bf16"):
+        add(f"lstm_proj {dt} B3 T5 I19 H37 P18 lengths", cell="lstm_proj", B=3, T=5, I=19, H=37, dtype=dt)
+    add("lnlstm_proj fp16 B17 T4 I8 H70 P35 lengths", cell="lnlstm_proj", B=17, T=4, I=8, H=70, dtype="fp16")
     # variants: the kernels the entry points do not choose at these sizes
     add("variant lstm fp32 unfused step", cell="lstm", B=3, T=5, I=19, H=37, dtype="fp32",
         variant=True, fused=False)

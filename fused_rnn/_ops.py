@@ -1,6 +1,7 @@
 """The whole-sequence Triton launchers registered as torch.library custom ops.
 
-fused_rnn::lstm_fwd / lstm_bwd / rnn_fwd / rnn_bwd wrap the launchers of fused_rnn.kernels, so
+fused_rnn::lstm_fwd / lstm_bwd / lstm_proj_fwd / lstm_proj_bwd / rnn_fwd / rnn_bwd wrap the
+launchers of fused_rnn.kernels, so
 torch.compile(fullgraph=True) sees one opaque op per sequence and direction instead of tracing
 into Triton launches; the autograd Functions in fused_rnn/lstm.py and fused_rnn/rnn.py call them.
 The fake (meta) implementations give the output shapes and dtypes.
@@ -159,6 +160,108 @@ def _(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, 
     else:
         dln = tuple(_none(x) for _ in range(4))
     return (dx, x.new_empty((B, H)), x.new_empty((B, H)), *dw, *dln)
+
+
+# ------------------------------------------------------------------- LSTM with projections
+
+
+def lstm_proj_kernels():
+    """fused_rnn.kernels.lstm_proj (imports Triton)."""
+    from .kernels import lstm_proj
+
+    return lstm_proj
+
+
+def _no_persistent_plan():
+    return None, "no persistent kernel takes proj_size"
+
+
+@torch.library.custom_op("fused_rnn::lstm_proj_fwd", mutates_args=())
+def lstm_proj_fwd(
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor,
+    b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+    ln_gw: Optional[Tensor], ln_gb: Optional[Tensor], ln_cw: Optional[Tensor], ln_cb: Optional[Tensor],
+    lengths: Optional[Tensor], eps: float, allow_tf32: bool, path: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> h_n [B,P], c_n [B,H] (x's dtype); hp [T+1,B,P], hs [T+1,B,H], cs [T+1,B,H], gates
+    [T+1,B,4H] (kernels/lstm_proj.py). The output sequence is the view hp[1:]. Paths: step, or
+    graph (no persistent kernel)."""
+    K = lstm_proj_kernels()
+    p = _paths.resolve("lstm_proj_fwd", path, x, _no_persistent_plan)
+
+    def run(*a):  # the launcher without its out (= hp[1:])
+        return K.lstm_proj_fwd(*a, eps=eps, allow_tf32=allow_tf32)[1:]
+
+    args = (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, _ln(ln_gw, ln_gb, ln_cw, ln_cb), lengths)
+    with torch.autocast(x.device.type, enabled=False):
+        if p == "graph":
+            return _paths.graphed("lstm_proj_fwd", run, args, (eps, allow_tf32))
+        return run(*args)
+
+
+@lstm_proj_fwd.register_fake
+def _(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths, eps, allow_tf32, path="auto"):
+    T, B, _I = x.shape
+    G, P = w_hh.shape
+    H = G // 4
+    ln = ln_gw is not None
+    return (
+        x.new_empty((B, P)), x.new_empty((B, H)),
+        x.new_empty((T + 1, B, P), dtype=_buffers.lstm_hs_dtype(x.dtype)),
+        x.new_empty((T + 1, B, H), dtype=_buffers.lstm_hs_dtype(x.dtype)),
+        x.new_empty((T + 1, B, H), dtype=_buffers.lstm_cs_dtype(x.dtype, ln)),
+        x.new_empty((T + 1, B, G), dtype=_buffers.lstm_gates_dtype(x.dtype, ln)),
+    )
+
+
+@torch.library.custom_op("fused_rnn::lstm_proj_bwd", mutates_args=())
+def lstm_proj_bwd(
+    dout: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor,
+    hp: Tensor, hs: Tensor, cs: Tensor, gates: Tensor,
+    b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+    ln_gw: Optional[Tensor], ln_gb: Optional[Tensor], ln_cw: Optional[Tensor], ln_cb: Optional[Tensor],
+    lengths: Optional[Tensor], eps: float, allow_tf32: bool, need_dx: bool, need_dw: bool, path: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dx [T,B,I] (or [0]), dh0 [B,P], dc0 [B,H], dw_ih [4H,I], dw_hh [4H,P], dw_hr [P,H],
+    db [4H] (state dtype), dln_gw [4H], dln_gb [4H], dln_cw [H], dln_cb [H]; the weight ones [0]
+    when not need_dw, the LN ones [0] without LN. Reads its inputs, writes none of them."""
+    K = lstm_proj_kernels()
+    p = _paths.resolve("lstm_proj_bwd", path, x, _no_persistent_plan)
+    run = functools.partial(K.lstm_proj_bwd, eps=eps, allow_tf32=allow_tf32, need_dx=need_dx, need_dw=need_dw)
+    args = (dout, dh_n, dc_n, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh,
+            _ln(ln_gw, ln_gb, ln_cw, ln_cb), lengths)
+    with torch.autocast(x.device.type, enabled=False):
+        if p == "graph":
+            res = _paths.graphed("lstm_proj_bwd", run, args, (eps, allow_tf32, need_dx, need_dw))
+        else:
+            res = run(*args)
+    dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db, dln = res
+    dln = tuple(_none(x) for _ in range(4)) if dln is None else dln
+    return (
+        dx if dx is not None else _none(x), dh0, dc0,
+        dw_ih if dw_ih is not None else _none(w_ih), dw_hh if dw_hh is not None else _none(w_hh),
+        dw_hr if dw_hr is not None else _none(w_hr),
+        db if db is not None else x.new_empty(0, dtype=_buffers.state_dtype(x.dtype)), *dln,
+    )
+
+
+@lstm_proj_bwd.register_fake
+def _(dout, dh_n, dc_n, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths,
+      eps, allow_tf32, need_dx, need_dw, path="auto"):
+    T, B, I = x.shape
+    G, P = w_hh.shape
+    H = G // 4
+    sd = _buffers.state_dtype(x.dtype)
+    dx = x.new_empty((T, B, I)) if need_dx else _none(x)
+    if need_dw:
+        dw = (w_ih.new_empty((G, I)), w_hh.new_empty((G, P)), w_hr.new_empty((P, H)), x.new_empty((G,), dtype=sd))
+    else:
+        dw = (_none(w_ih), _none(w_hh), _none(w_hr), x.new_empty(0, dtype=sd))
+    if need_dw and ln_gw is not None:
+        dln = (ln_gw.new_empty((G,)), ln_gb.new_empty((G,)), ln_cw.new_empty((H,)), ln_cb.new_empty((H,)))
+    else:
+        dln = tuple(_none(x) for _ in range(4))
+    return (dx, x.new_empty((B, P)), x.new_empty((B, H)), *dw, *dln)
 
 
 # ------------------------------------------------------------------------------------------- RNN

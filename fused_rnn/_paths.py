@@ -1,6 +1,7 @@
 """Which implementation runs a layer's time loop: the one place that chooses.
 
-Paths (of the custom ops fused_rnn::lstm_fwd / lstm_bwd / rnn_fwd / rnn_bwd, fused_rnn/_ops.py)
+Paths (of the custom ops fused_rnn::lstm_fwd / lstm_bwd / rnn_fwd / rnn_bwd, fused_rnn/_ops.py;
+the LSTM with projections, lstm_proj_fwd / lstm_proj_bwd, has no persistent kernel)
     step        one fused Triton launch per time step, eagerly (kernels/lstm.py, kernels/rnn.py)
     graph       the step path's whole launcher (input projection, time loop, copies) captured
                 once per shape in a torch.cuda.CUDAGraph and replayed (CUDA only)

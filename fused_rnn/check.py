@@ -1,9 +1,9 @@
 """`fused-rnn check`: the correctness sweep of every kernel against the fp64 reference path.
 
-Each case is one cell (LSTM, layer-norm LSTM, tanh RNN, ReLU RNN) × one storage dtype × one
-shape. Inputs are drawn fresh each run from a printed seed, cast to the dtype, and run through
+Each case is one cell (LSTM, layer-norm LSTM, LSTM with projections, tanh RNN, ReLU RNN) × one
+storage dtype × one shape. Inputs are drawn fresh each run from a printed seed, cast to the dtype, and run through
 the Triton path (``backend="triton"``); the oracle is the reference path run in fp64 on the same
-(already rounded) inputs. Forward (out, h_n, c_n) and backward (the gradients of x, h0, c0, both
+(already rounded) inputs. Forward (out, h_n, c_n) and backward (the gradients of x, h0, c0, the
 weights, both biases and the LayerNorm parameters, driven by ``(out·dout).sum() +
 (h_n·dh_n).sum() + (c_n·dc_n).sum()`` so the initial- and final-state paths are covered) are
 compared as ``‖a − b‖ / ‖b‖`` against a per-dtype threshold.
@@ -36,10 +36,11 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
-CELLS = ("lstm", "lnlstm", "rnn_tanh", "rnn_relu")
+CELLS = ("lstm", "lnlstm", "lstm_proj", "rnn_tanh", "rnn_relu")
 CELL_HELP = {
     "lstm": "LSTM",
     "lnlstm": "layer-norm LSTM",
+    "lstm_proj": "LSTM with projections (nn.LSTM's proj_size; here H // 2, at least 1)",
     "rnn_tanh": "tanh RNN",
     "rnn_relu": "ReLU RNN",
 }
@@ -124,7 +125,7 @@ COLUMNS = (
     ("dx", ("x",)),
     ("dh0", ("h0",)),
     ("dc0", ("c0",)),
-    ("dW", ("w_ih", "w_hh")),
+    ("dW", ("w_ih", "w_hh", "w_hr")),
     ("db", ("b_ih", "b_hh")),
     ("dLN", ("ln_gate_w", "ln_gate_b", "ln_cell_w", "ln_cell_b")),
 )
@@ -192,12 +193,18 @@ def case_seed(seed: int, case: Case) -> int:
 # Inputs and the two paths
 
 
+def proj_size(H: int) -> int:
+    """The projection width of the lstm_proj cases: H // 2, at least 1 (nn.LSTM wants P < H)."""
+    return max(1, H // 2)
+
+
 def make_inputs(case: Case, seed: int):
     """fp64 CPU tensors: leaves (name -> tensor), upstream grads (name -> tensor), lengths."""
     s = case.shape
     g = torch.Generator().manual_seed(case_seed(seed, case))
-    lstm = case.cell in ("lstm", "lnlstm")
+    lstm = case.cell in ("lstm", "lnlstm", "lstm_proj")
     G = 4 * s.H if lstm else s.H
+    P = proj_size(s.H) if case.cell == "lstm_proj" else s.H  # the width of h
     k = 1.0 / math.sqrt(s.H)  # torch.nn's init range
 
     def U(*shape):
@@ -208,20 +215,22 @@ def make_inputs(case: Case, seed: int):
 
     leaves = {
         "x": N(s.T, s.B, s.I),
-        "h0": N(s.B, s.H, scale=0.5),
+        "h0": N(s.B, P, scale=0.5),
         "w_ih": U(G, s.I),
-        "w_hh": U(G, s.H),
+        "w_hh": U(G, P),
         "b_ih": U(G),
         "b_hh": U(G),
     }
     if lstm:
         leaves["c0"] = N(s.B, s.H, scale=0.5)
+    if case.cell == "lstm_proj":
+        leaves["w_hr"] = U(P, s.H)
     if case.cell == "lnlstm":
         leaves["ln_gate_w"] = 1.0 + N(G, scale=0.1)
         leaves["ln_gate_b"] = N(G, scale=0.1)
         leaves["ln_cell_w"] = 1.0 + N(s.H, scale=0.1)
         leaves["ln_cell_b"] = N(s.H, scale=0.1)
-    douts = {"out": N(s.T, s.B, s.H), "h_n": N(s.B, s.H)}
+    douts = {"out": N(s.T, s.B, P), "h_n": N(s.B, P)}
     if lstm:
         douts["c_n"] = N(s.B, s.H)
     lengths = None
@@ -239,13 +248,13 @@ def run_path(cell: str, p: Dict[str, torch.Tensor], lengths,
     from .lstm import lstm_sequence
     from .rnn import rnn_sequence
 
-    if cell in ("lstm", "lnlstm"):
+    if cell in ("lstm", "lnlstm", "lstm_proj"):
         ln = None
         if cell == "lnlstm":
             ln = (p["ln_gate_w"], p["ln_gate_b"], p["ln_cell_w"], p["ln_cell_b"])
         out, h_n, c_n = lstm_sequence(
             p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"],
-            ln=ln, lengths=lengths, backend=backend,
+            ln=ln, lengths=lengths, backend=backend, w_hr=p.get("w_hr"),
         )
         return {"out": out, "h_n": h_n, "c_n": c_n}
     out, h_n = rnn_sequence(
@@ -408,7 +417,7 @@ def _unsupported_reason(case: Case, leaves) -> Optional[str]:
     try:
         from . import _ops
 
-        if case.cell in ("lstm", "lnlstm"):
+        if case.cell in ("lstm", "lnlstm", "lstm_proj"):
             ln = None
             if case.cell == "lnlstm":
                 ln = tuple(leaves[n] for n in ("ln_gate_w", "ln_gate_b", "ln_cell_w", "ln_cell_b"))
@@ -549,7 +558,7 @@ def main(cells: Sequence[str], dtypes: Sequence[str], quick: bool, seed: int,
     print(f"poison: buffers the kernels fill start as NaN ({hook}torch "
           "fill_uninitialized_memory), so an unwritten element fails", file=out)
     print("columns: rel. error of out, h_n, c_n and of the gradients of x, h0, c0, "
-          "W_ih/W_hh (dW), b_ih/b_hh (db), LayerNorm params (dLN); '-' = not in this cell",
+          "W_ih/W_hh/W_hr (dW), b_ih/b_hh (db), LayerNorm params (dLN); '-' = not in this cell",
           file=out)
     kernel = triton_path
     if inject:

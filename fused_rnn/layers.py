@@ -204,9 +204,9 @@ class _SequenceLayer:
 class LSTM(_SequenceLayer, nn.RNNBase):
     """torch.nn.LSTM's drop-in replacement, plus ``layer_norm`` and ``backend``.
 
-    Dropout between layers is torch's dropout. ``proj_size > 0`` (h_t = W_hr (o_t * tanh(c_t)),
-    as nn.LSTM; with ``layer_norm`` the projection follows the layer-norm cell) runs the
-    reference path: the Triton kernels do not take it (a one-time warning where they would run).
+    Dropout between layers is torch's dropout. ``proj_size > 0``: h_t = W_hr (o_t * tanh(c_t)),
+    as nn.LSTM (with ``layer_norm``, the projection follows the layer-norm cell); on the kernel
+    backend it runs kernels/lstm_proj.py (cuBLAS products around the unfused pointwise kernels).
     """
 
     _is_lstm = True

@@ -90,6 +90,33 @@ class LSTMFunction(torch.autograd.Function):
         )
 
 
+class LSTMProjFunction(torch.autograd.Function):
+    """One layer, one direction of the LSTM with projections (nn.LSTM's proj_size; plain or
+    layer-norm), with a hand-written backward: fused_rnn::lstm_proj_fwd / lstm_proj_bwd
+    (kernels/lstm_proj.py). Saves x, the weights, hp [T+1, B, P] (hp[1:] is the output), hs, cs
+    [T+1, B, H] and the gates [T+1, B, 4H]; the backward reads them and writes none (so a second
+    backward of the same graph needs nothing special)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, path="auto"):
+        h_n, c_n, hp, hs, cs, gates = torch.ops.fused_rnn.lstm_proj_fwd(
+            x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, path)
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, hp, hs, cs, gates)
+        ctx.eps, ctx.allow_tf32, ctx.path = eps, allow_tf32, path
+        return hp[1:], h_n, c_n  # the output is the saved hp (as LSTMFunction's is hs)
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, hp, hs, cs, gates = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db, dgw, dgb, dcw, dcb = torch.ops.fused_rnn.lstm_proj_bwd(
+            dout, dh_n, dc_n, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, lengths,
+            ctx.eps, ctx.allow_tf32, need[0], any(need[3:12]), ctx.path)
+        grads = (dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db.to(x.dtype if b_ih is None else b_ih.dtype),
+                 db.to(x.dtype if b_hh is None else b_hh.dtype), dgw, dgb, dcw, dcb)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+
+
 def _eager(t: torch.Tensor) -> bool:
     """Whether this backward runs eagerly on real tensors, so that it may write into the saved
     gates (nothing records the write): not under torch.compile / export tracing, no fake or
@@ -122,17 +149,20 @@ def lstm_sequence(
     lengths None or int64 [B] on x's device -> (out [T, B, H], h_n [B, H], c_n [B, H]).
 
     ``w_hr`` [P, H] or None: torch.nn.LSTM's projection (proj_size P); then h0, h_n are [B, P],
-    w_hh is [4H, P] and out is [T, B, P]. The kernels do not take it: the reference path runs
-    (with a one-time warning where the kernels would have run)."""
+    w_hh is [4H, P] and out is [T, B, P] (LSTMProjFunction: cuBLAS products around the
+    unfused pointwise kernels, kernels/lstm_proj.py)."""
     if resolve_backend(backend, x) == "triton":
         kernels = _ops.lstm_kernels()
-        reason = "proj_size > 0" if w_hr is not None else kernels.unsupported(x, w_hh, ln)
-        if reason is None and not _same_dtype(x, (h0, c0, w_ih, w_hh, b_ih, b_hh) + tuple(ln or ())):
+        reason = kernels.unsupported(x, w_hh, ln)
+        if reason is None and not _same_dtype(x, (h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh) + tuple(ln or ())):
             reason = "mixed dtypes"
         if reason is None:
             gw, gb, cw, cb = ln if ln is not None else (None,) * 4
             if lengths is not None:
                 lengths = lengths.to(device=x.device, dtype=torch.int64)
+            if w_hr is not None:
+                return LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths,
+                                              LN_EPS, _allow_tf32(x))
             # inference (no grad wanted): nothing is saved, so the gates are not stored either
             grad = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh) + tuple(ln or ()))

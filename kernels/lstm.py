@@ -95,7 +95,7 @@ def unsupported(x: torch.Tensor, w_hh: torch.Tensor, ln) -> Optional[str]:
     if x.dtype not in SUPPORTED_DTYPES:
         return f"dtype {x.dtype}"
     T, B = x.shape[0], x.shape[1]
-    H = w_hh.shape[1]
+    H = w_hh.shape[0] // 4  # w_hh [4H, H], or [4H, P] with projections
     if T == 0 or B == 0 or H == 0:
         return f"an empty problem (T={T}, B={B}, H={H})"
     if ln is not None and H > LN_MAX_H:

@@ -78,6 +78,47 @@ def rel_err(a, b):
     return float(diff / denom)
 
 
+def fwd_bwd(fn, ins, L, ups, dtype=None):
+    """Outputs and gradients of every tensor input (None entries skipped) for the loss
+    Σ (out_k · up_k) over fn's outputs. ``dtype``: run on copies in that dtype (the fp64
+    reference)."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ins]
+    outs = fn(leaves, L)
+    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return [o.detach() for o in outs], list(grads)
+
+
+def assert_close(ours, ref, tolerance, names):
+    """Each pair: same shape, no NaN (an unwritten element), relative error within tolerance."""
+    for a, b, n in zip(ours, ref, names):
+        assert a.shape == b.shape, n
+        assert not torch.isnan(a).any(), f"{n}: NaN (an unwritten element?)"
+        e = rel_err(a, b)
+        assert e <= tolerance, f"{n}: rel err {e:.3e} > {tolerance:.1e}"
+
+
+def assert_matches_reference(kernel_fn, reference_fn, ins, L, ups, names, out_names):
+    """A kernel path against the reference run in fp64 on the same inputs: outputs in the
+    inputs' dtype, each gradient in its input's dtype and shape, relative errors within
+    tol(dtype), and zero output past each sequence's end. ``names``: one per entry of ``ins``
+    (None entries included)."""
+    dtype = ins[0].dtype
+    outs, grads = fwd_bwd(kernel_fn, ins, L, ups)
+    r_outs, r_grads = fwd_bwd(reference_fn, ins, L, ups, dtype=torch.float64)
+    for o in outs:
+        assert o.dtype == dtype
+    present = [(t, n) for t, n in zip(ins, names) if t is not None]
+    for g, (t, n) in zip(grads, present):
+        assert g.dtype == t.dtype and g.shape == t.shape, n
+    assert_close(outs, r_outs, tol(dtype), out_names)
+    assert_close(grads, r_grads, tol(dtype), [n for _, n in present])
+    if L is not None:  # steps past a sequence's end write zero output
+        t_idx = torch.arange(outs[0].shape[0], device=L.device).unsqueeze(1)
+        assert (outs[0][t_idx >= L.unsqueeze(0)] == 0).all()
+    return outs
+
+
 def _ptxas_available():
     try:
         import triton

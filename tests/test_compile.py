@@ -51,8 +51,9 @@ def test_compile_inductor_cpu():
 
 
 @pytest.mark.skipif(kernel_device() is None, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("layer_norm", [False, True], ids=["lstm", "lnlstm"])
-def test_compile_triton_path_fullgraph(layer_norm):
+@pytest.mark.parametrize("layer_norm, proj_size", [(False, 0), (True, 0), (False, 4)],
+                         ids=["lstm", "lnlstm", "lstm_proj"])
+def test_compile_triton_path_fullgraph(layer_norm, proj_size):
     dev = kernel_device()
-    model = Model("triton", layer_norm).to(dev)
+    model = Model("triton", layer_norm, proj_size).to(dev)
     _check(model, torch.randn(B, T, I, device=dev), "aot_eager")

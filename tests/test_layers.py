@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
-from fused_rnn import _backend
 from conftest import kernel_device, rel_err
 from fused_rnn.reference import lstm_cell_ref
 
@@ -121,6 +120,8 @@ KERNEL_COMBOS = [
     ("rnn_tanh", 2, True, False, True, False),
     ("rnn_tanh", 1, False, True, False, True),
     ("rnn_relu", 1, True, False, True, True),
+    ("lstm_proj", 1, False, False, True, False),
+    ("lstm_proj", 2, True, True, True, True),
 ]
 
 
@@ -130,16 +131,6 @@ def test_triton_layers_match_torch_nn(combo):
     dev = kernel_device()
     # fp64 so that the comparison with torch.nn is tight on any device (no TF32 involved).
     _compare(*combo, dtype=torch.float64, backend="triton", device=dev)
-
-
-@pytest.mark.skipif(kernel_device() is None, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-def test_proj_size_on_the_kernel_backend_warns_and_runs_the_reference(monkeypatch):
-    """The kernels do not take proj_size: backend='triton' says so once and runs the reference
-    path, which matches torch.nn (outputs and every gradient)."""
-    monkeypatch.setattr(_backend, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="proj_size"):
-        _compare("lstm_proj", 2, True, False, True, True, dtype=torch.float64, backend="triton",
-                 device=kernel_device())
 
 
 def test_state_dict_keys_identical():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import (
-    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, force_step_tile, kernel_device, rel_err, requires_kernels, tol,
+    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, assert_close, assert_matches_reference, force_step_tile, fwd_bwd,
+    kernel_device, rel_err, requires_kernels, tol,
 )
 from fused_rnn import _backend
 from fused_rnn.lstm import LSTMFunction, lstm_sequence
@@ -56,25 +57,6 @@ def triton_lstm(fused=None, save_gates=True):
 def reference_lstm(ins, L):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
     return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln) if ln else None, L)
-
-
-def fwd_bwd(fn, ins, L, ups, dtype=None):
-    """Outputs and gradients of every tensor input for the loss (out·dout) + (h_n·dh_n) + (c_n·dc_n).
-    ``dtype``: run on copies in that dtype (the fp64 reference)."""
-    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ins]
-    outs = fn(leaves, L)
-    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
-    present = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(loss, present)
-    return [o.detach() for o in outs], list(grads)
-
-
-def assert_close(ours, ref, tolerance, names):
-    for a, b, n in zip(ours, ref, names):
-        assert a.shape == b.shape, n
-        assert not torch.isnan(a).any(), f"{n}: NaN (an unwritten element?)"
-        e = rel_err(a, b)
-        assert e <= tolerance, f"{n}: rel err {e:.3e} > {tolerance:.1e}"
 
 
 NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "ln_gw", "ln_gb", "ln_cw", "ln_cb"]
@@ -127,18 +109,7 @@ def _cases():
 @pytest.mark.parametrize("T,B,I,H,lengths,bias,dtype,cell,fused", list(_cases()))
 def test_lstm_matches_reference(T, B, I, H, lengths, bias, dtype, cell, fused):
     ins, L, ups = make_case(T, B, I, H, dtype, cell == "lnlstm", bias, lengths)
-    outs, grads = fwd_bwd(triton_lstm(fused), ins, L, ups)
-    r_outs, r_grads = fwd_bwd(reference_lstm, ins, L, ups, dtype=F64)
-    for o in outs:
-        assert o.dtype == dtype
-    names = [n for n, t in zip(NAMES, ins) if t is not None]
-    for g, t, n in zip(grads, [t for t in ins if t is not None], names):
-        assert g.dtype == t.dtype, n
-    assert_close(outs, r_outs, tol(dtype), OUT_NAMES)
-    assert_close(grads, r_grads, tol(dtype), names)
-    if L is not None:  # steps past a sequence's end write zero output
-        t_idx = torch.arange(T, device=DEV).unsqueeze(1)
-        assert (outs[0][t_idx >= L.unsqueeze(0)] == 0).all()
+    assert_matches_reference(triton_lstm(fused), reference_lstm, ins, L, ups, NAMES, OUT_NAMES)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "lnlstm"])

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+import conftest
 from conftest import (
     BF16, DT_NAME, F16, F32, F64, HAS_CUDA, INTERPRET, compile_sm90, kernel_device, ptxas_usage, rel_err, requires_cuda,
     requires_kernels, requires_sm90_compile, tol, triton_36,
@@ -98,20 +99,13 @@ def reference(cell, nonlinearity="tanh"):
 
 
 def fwd_bwd(fn, ins, L, ups, dtype=None):
-    """Outputs and the gradients of every tensor input for sum(output · upstream)."""
-    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ins]
-    outs = fn(leaves, L)
-    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
-    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
-    return [o.detach() for o in outs] + list(grads)
+    """Outputs, then the gradients of every tensor input: conftest.fwd_bwd's as one list."""
+    outs, grads = conftest.fwd_bwd(fn, ins, L, ups, dtype)
+    return outs + grads
 
 
 def assert_close(ours, ref, tolerance, what):
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        assert a.shape == b.shape, f"{what}[{i}]"
-        assert not torch.isnan(a).any(), f"{what}[{i}]: NaN (an unwritten element?)"
-        e = rel_err(a, b)
-        assert e <= tolerance, f"{what}[{i}]: rel err {e:.3e} > {tolerance:.1e}"
+    conftest.assert_close(ours, ref, tolerance, [f"{what}[{i}]" for i in range(len(ours))])
 
 
 # (id, T, B, I, H, lengths, bias): H not a power of two, B not a multiple of 16, T = 1, a zero

@@ -11,7 +11,10 @@ import warnings
 import pytest
 import torch
 
-from conftest import BF16, DT_NAME, F16, F32, F64, force_step_tile, kernel_device, rel_err, requires_kernels, tol
+from conftest import (
+    BF16, DT_NAME, F16, F32, F64, assert_close, assert_matches_reference, force_step_tile, fwd_bwd, kernel_device,
+    rel_err, requires_kernels, tol,
+)
 from fused_rnn import _backend
 from fused_rnn.reference import rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction, rnn_sequence
@@ -46,24 +49,6 @@ def reference_rnn(nonlinearity):
         return rnn_sequence_ref(*ins, L, nonlinearity)
 
     return fn
-
-
-def fwd_bwd(fn, ins, L, ups, dtype=None):
-    """Outputs and gradients of every tensor input for the loss (out·dout) + (h_n·dh_n).
-    ``dtype``: run on copies in that dtype (the fp64 reference)."""
-    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ins]
-    outs = fn(leaves, L)
-    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
-    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
-    return [o.detach() for o in outs], list(grads)
-
-
-def assert_close(ours, ref, tolerance, names):
-    for a, b, n in zip(ours, ref, names):
-        assert a.shape == b.shape, n
-        assert not torch.isnan(a).any(), f"{n}: NaN (an unwritten element?)"
-        e = rel_err(a, b)
-        assert e <= tolerance, f"{n}: rel err {e:.3e} > {tolerance:.1e}"
 
 
 NAMES = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
@@ -103,19 +88,7 @@ def _cases():
 @pytest.mark.parametrize("T,B,I,H,lengths,bias,dtype,nl,fused", list(_cases()))
 def test_rnn_matches_reference(T, B, I, H, lengths, bias, dtype, nl, fused):
     ins, L, ups = make_case(T, B, I, H, dtype, bias, lengths)
-    outs, grads = fwd_bwd(triton_rnn(nl, fused), ins, L, ups)
-    r_outs, r_grads = fwd_bwd(reference_rnn(nl), ins, L, ups, dtype=F64)
-    for o in outs:
-        assert o.dtype == dtype
-    present = [t for t in ins if t is not None]
-    names = [n for n, t in zip(NAMES, ins) if t is not None]
-    for g, t, n in zip(grads, present, names):
-        assert g.dtype == t.dtype, n
-    assert_close(outs, r_outs, tol(dtype), OUT_NAMES)
-    assert_close(grads, r_grads, tol(dtype), names)
-    if L is not None:  # steps past a sequence's end write zero output
-        t_idx = torch.arange(T, device=DEV).unsqueeze(1)
-        assert (outs[0][t_idx >= L.unsqueeze(0)] == 0).all()
+    assert_matches_reference(triton_rnn(nl, fused), reference_rnn(nl), ins, L, ups, NAMES, OUT_NAMES)
 
 
 @pytest.mark.parametrize("nl", ["tanh", "relu"])

@@ -183,6 +183,19 @@ def test_step_tiles_compile_without_spilling(cell, direction, dtype, batch, H, f
                   f"tile {const['BLOCK_B']}x{const['BLOCK_H']}x{const['BLOCK_K']} {nw} warps")
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=TY.get)
+@pytest.mark.parametrize("ln,H", [(False, 768), (True, 768), (True, 2048)], ids=["lstm", "lnlstm", "lnlstm-H2048"])
+def test_lstm_proj_backward_compiles_without_spilling(dtype, ln, H):
+    """The LSTM with projections (kernels/lstm_proj.py) runs the unfused backward with its dout
+    (du_t = dĥ_t W_hr) in the state dtype, not the storage dtype: a kernel of its own."""
+    from fused_rnn import _buffers as buf
+
+    kern, sig, const, nw = _case("lstm", "bwd", dtype, H, False, ln, True)
+    sig["dout_ptr"] = f"*{TY[buf.state_dtype(dtype)]}"
+    _no_spill(compile_sm90(kern, sig, const, num_warps=nw),
+              f"proj bwd {TY[dtype]} ln={ln} H{H} tile {const['BLOCK_B']}x{const['BLOCK_H']} {nw} warps")
+
+
 def test_the_former_step_tiles_spilled():
     """The control: the former plain LSTM forward tile (16 x 32, BLOCK_K 64, 4 warps) spills in
     fp32, so the check above can fail."""
