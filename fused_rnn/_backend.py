@@ -1,6 +1,7 @@
 """Backend choice, shared by every layer and functional entry point."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -52,3 +53,51 @@ def warn_once(key: str, message: str) -> None:
         return
     _warned.add(key)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# ------------------------------------------------------------------------- double backward
+
+TWICE_MESSAGE = (
+    "fused_rnn: the Triton kernels' backward is not differentiable (no double backward, as with "
+    "cuDNN's nn.LSTM / nn.RNN); run the layer with backend='reference' for higher-order gradients"
+)
+
+
+class _Twice(torch.autograd.Function):
+    """The identity on the first ``n`` tensors (first-order gradients), joined in the graph to the
+    rest (what those gradients depend on); differentiating through it raises."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *gg):
+        raise RuntimeError(TWICE_MESSAGE)
+
+
+def first_order(backward):
+    """For a hand-written autograd backward whose ops have no derivative of their own.
+
+    A plain backward (grad mode off inside it) runs as is. Under create_graph=True (grad mode on)
+    the gradients it returns would silently be constants: a gradient penalty built on them would
+    get no gradient at all. Instead they come back joined, through a node that raises
+    TWICE_MESSAGE when anything differentiates through it (as torch's cuDNN RNN does), to what
+    they depend on (the saved tensors and incoming gradients that require grad), so their values
+    still serve. Traced backwards (torch.compile) run as is."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return backward(ctx, *grad_outputs)
+        deps = [t for t in tuple(ctx.saved_tensors) + grad_outputs
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        present = [g for g in grads if g is not None]
+        if not deps or not present:
+            return grads
+        joined = iter(_Twice.apply(len(present), *present, *deps))
+        return tuple(None if g is None else next(joined) for g in grads)
+
+    return wrapper

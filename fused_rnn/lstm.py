@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops
-from ._backend import resolve_backend, warn_once
+from ._backend import first_order, resolve_backend, warn_once
 from .reference import LN_EPS, lstm_sequence_ref
 
 
@@ -29,9 +29,10 @@ def _allow_tf32(x: torch.Tensor) -> bool:
 class LSTMFunction(torch.autograd.Function):
     """One LSTM layer, one direction, over a whole sequence, with a hand-written backward.
 
-    Saves x, the weights, the state sequences hs, cs [T+1, B, H] (hs[1:] is the output) and (by
-    default) the gate pre-activations [T+1, B, 4H]; see fused_rnn.kernels.lstm for the
-    save-or-recompute choice.
+    Saves x, the weights, the state sequences hs, cs [T+1, B, H] (hs[1:] is the output), (by
+    default) the gate pre-activations [T+1, B, 4H] (see fused_rnn.kernels.lstm for the
+    save-or-recompute choice), and h0, c0 themselves (only for _backend.first_order: under
+    create_graph=True the gradients are joined to every input they depend on).
     The first eager backward writes the gate gradients over the saved gates (one [T+1, B, 4H]
     buffer less at its peak); a later backward of the same graph (retain_graph=True) first runs
     the forward again for identical gates, so that it returns the same gradients, bit for bit.
@@ -46,7 +47,7 @@ class LSTMFunction(torch.autograd.Function):
         h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused, save_gates, path
         )
-        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates)
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates, h0, c0)
         ctx.eps, ctx.allow_tf32, ctx.fused, ctx.path = eps, allow_tf32, fused, path
         # the outputs are the saved h_t themselves (hs holds h0, then each step's output): no
         # buffer of their own. As with nn.LSTM (cuDNN saves its output too), modifying the
@@ -54,8 +55,9 @@ class LSTMFunction(torch.autograd.Function):
         return hs[1:], h_n, c_n
 
     @staticmethod
+    @first_order
     def backward(ctx, dout, dh_n, dc_n):
-        x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates = ctx.saved_tensors
+        x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates, _h0, _c0 = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_dw = any(need[3:11])
         args = (dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, lengths,
@@ -94,20 +96,21 @@ class LSTMProjFunction(torch.autograd.Function):
     """One layer, one direction of the LSTM with projections (nn.LSTM's proj_size; plain or
     layer-norm), with a hand-written backward: fused_rnn::lstm_proj_fwd / lstm_proj_bwd
     (kernels/lstm_proj.py). Saves x, the weights, hp [T+1, B, P] (hp[1:] is the output), hs, cs
-    [T+1, B, H] and the gates [T+1, B, 4H]; the backward reads them and writes none (so a second
-    backward of the same graph needs nothing special)."""
+    [T+1, B, H], the gates [T+1, B, 4H], and h0, c0 (for _backend.first_order); the backward
+    reads them and writes none (so a second backward of the same graph needs nothing special)."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, path="auto"):
         h_n, c_n, hp, hs, cs, gates = torch.ops.fused_rnn.lstm_proj_fwd(
             x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, path)
-        ctx.save_for_backward(x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, hp, hs, cs, gates)
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, hp, hs, cs, gates, h0, c0)
         ctx.eps, ctx.allow_tf32, ctx.path = eps, allow_tf32, path
         return hp[1:], h_n, c_n  # the output is the saved hp (as LSTMFunction's is hs)
 
     @staticmethod
+    @first_order
     def backward(ctx, dout, dh_n, dc_n):
-        x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, hp, hs, cs, gates = ctx.saved_tensors
+        x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, hp, hs, cs, gates, _h0, _c0 = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db, dgw, dgb, dcw, dcb = torch.ops.fused_rnn.lstm_proj_bwd(
             dout, dh_n, dc_n, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh, gw, gb, cw, cb, lengths,

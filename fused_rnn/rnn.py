@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import _ops
-from ._backend import resolve_backend, warn_once
+from ._backend import first_order, resolve_backend, warn_once
 from .lstm import _allow_tf32, _same_dtype
 from .reference import rnn_sequence_ref
 
@@ -22,20 +22,21 @@ from .reference import rnn_sequence_ref
 class RNNFunction(torch.autograd.Function):
     """One RNN layer, one direction, over a whole sequence, with a hand-written backward.
     Saves x, the weights and the state sequence hs [T+1, B, H] (the derivative of tanh and relu
-    comes from the output, so no pre-activation is kept). ``path`` (optional, last): as
+    comes from the output, so no pre-activation is kept), and h0 (for _backend.first_order). ``path`` (optional, last): as
     LSTMFunction's."""
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused, path="auto"):
         out, h_n, hs = torch.ops.fused_rnn.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity,
                                                    allow_tf32, fused, path)
-        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, hs)
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, hs, h0)
         ctx.nonlinearity, ctx.allow_tf32, ctx.fused, ctx.path = nonlinearity, allow_tf32, fused, path
         return out, h_n
 
     @staticmethod
+    @first_order
     def backward(ctx, dout, dh_n):
-        x, w_ih, w_hh, b_ih, b_hh, lengths, hs = ctx.saved_tensors
+        x, w_ih, w_hh, b_ih, b_hh, lengths, hs, _h0 = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_rnn.rnn_bwd(
             dout, dh_n, x, w_ih, w_hh, hs, lengths, ctx.nonlinearity, ctx.allow_tf32, ctx.fused,
