@@ -1,9 +1,10 @@
 """Benchmark suite: fused_rnn against cuDNN, the reference loop and torch.compile.
 
-Run: ``fused-rnn bench [--quick] [--shapes S1,S2] [--cells lstm,lnlstm,rnn] [--dtypes fp16,bf16]``
+Run: ``fused-rnn bench [--quick] [--shapes S1,S2] [--cells lstm,lnlstm,rnn,lstm_proj] [--dtypes fp16,bf16]``
 (or ``python bench/run.py ...``, or ``python -m fused_rnn.bench ...``); ``--help`` lists the rest.
 
-What is measured, for each cell (``lstm``, ``lnlstm`` the layer-norm LSTM, ``rnn`` the tanh RNN),
+What is measured, for each cell (``lstm``, ``lnlstm`` the layer-norm LSTM, ``rnn`` the tanh RNN;
+``lstm_proj``, the LSTM with projections, proj_size = H // 2, only when ``--cells`` names it),
 shape (B, T, H; input size = hidden, one layer, one direction, time-major) and dtype:
 
 - each fused_rnn *path* in ``PATHS`` (now ``triton``: ``lstm_sequence``/``rnn_sequence`` with
@@ -76,8 +77,10 @@ SHAPES: Dict[str, Tuple[int, int, int]] = {  # name -> (B, T, H); input size = H
     "S4": (16, 1024, 768),
 }
 CPU_SHAPE = ("tiny", (4, 16, 32))  # the CPU mode's default: the reference loop takes ms, not s
-CELLS = ("lstm", "lnlstm", "rnn")
-CELL_LABEL = {"lstm": "LSTM", "lnlstm": "LN-LSTM", "rnn": "tanh RNN"}
+CELLS = ("lstm", "lnlstm", "rnn", "lstm_proj")
+DEFAULT_CELLS = ("lstm", "lnlstm", "rnn")  # lstm_proj (no speed target) only when asked for
+CELL_LABEL = {"lstm": "LSTM", "lnlstm": "LN-LSTM", "rnn": "tanh RNN", "lstm_proj": "LSTM, proj H/2"}
+LSTM_CELLS = ("lstm", "lnlstm", "lstm_proj")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
 MODE_KEY = {"fwd": "fwd_ms", "fwd+bwd": "fwdbwd_ms"}
@@ -108,16 +111,24 @@ class Problem:
     b_ih: torch.Tensor
     b_hh: torch.Tensor
     ln: Optional[Tuple[torch.Tensor, ...]]
+    w_hr: Optional[torch.Tensor] = None  # lstm_proj: [P, H]
 
     def leaves(self) -> List[torch.Tensor]:
-        return [self.x, self.w_ih, self.w_hh, self.b_ih, self.b_hh] + list(self.ln or ())
+        extra = [self.w_hr] if self.w_hr is not None else []
+        return [self.x, self.w_ih, self.w_hh, self.b_ih, self.b_hh] + extra + list(self.ln or ())
+
+
+def proj_size(cell: str, H: int) -> int:
+    """The width of h: H, or H // 2 for lstm_proj."""
+    return H // 2 if cell == "lstm_proj" else H
 
 
 def make_problem(cell: str, B: int, T: int, H: int, dtype: torch.dtype, device) -> Problem:
     """Random inputs (seeded), weights uniform in ±1/√H as torch.nn initialises them."""
     device = torch.device(device)
     torch.manual_seed(1234)
-    G = 4 * H if cell in ("lstm", "lnlstm") else H
+    G = 4 * H if cell in LSTM_CELLS else H
+    P = proj_size(cell, H)
     k = 1.0 / math.sqrt(H)
 
     def u(*shape):
@@ -127,7 +138,7 @@ def make_problem(cell: str, B: int, T: int, H: int, dtype: torch.dtype, device) 
         return t.detach().requires_grad_(True)
 
     x = torch.randn(T, B, H, device=device, dtype=torch.float32).to(dtype)
-    h0 = (0.5 * torch.randn(B, H, device=device)).to(dtype)
+    h0 = (0.5 * torch.randn(B, P, device=device)).to(dtype)
     c0 = (0.5 * torch.randn(B, H, device=device)).to(dtype) if G == 4 * H else None
     ln = None
     if cell == "lnlstm":
@@ -141,7 +152,8 @@ def make_problem(cell: str, B: int, T: int, H: int, dtype: torch.dtype, device) 
             )
         )
     return Problem(cell, B, T, H, dtype, device, leaf(x), h0, c0,
-                   leaf(u(G, H)), leaf(u(G, H)), leaf(u(G)), leaf(u(G)), ln)
+                   leaf(u(G, H)), leaf(u(G, P)), leaf(u(G)), leaf(u(G)), ln,
+                   leaf(u(P, H)) if cell == "lstm_proj" else None)
 
 
 # ---------------------------------------------------------------------------- paths (fused_rnn)
@@ -179,10 +191,10 @@ def functional_path(backend: str, **kwargs) -> Build:
     """A path that calls the functional entry points with ``backend=backend`` (and ``kwargs``)."""
 
     def build(p: Problem) -> Callable[[], torch.Tensor]:
-        if p.cell in ("lstm", "lnlstm"):
+        if p.cell in LSTM_CELLS:
             def fwd():
                 return lstm_sequence(p.x, p.h0, p.c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh,
-                                     ln=p.ln, backend=backend, **kwargs)[0]
+                                     ln=p.ln, backend=backend, w_hr=p.w_hr, **kwargs)[0]
         else:
             def fwd():
                 return rnn_sequence(p.x, p.h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh,
@@ -234,7 +246,7 @@ def _kernel_note(c: "Case", p: Problem) -> Optional[str]:
 
     tf32 = _allow_tf32(p.x)
     ln = p.ln is not None
-    fused = kl.default_fused(p.H, p.ln, p.dtype) if c.cell != "rnn" else True
+    fused = kl.default_fused(p.H, p.ln, p.dtype) if c.cell in ("lstm", "lnlstm") else c.cell == "rnn"
     parts = []
     plans = _persistent_plans(p, fused, tf32) if c.method == "persistent" else [None, None]
     for d, planned in zip(("fwd", "bwd"), plans):
@@ -255,6 +267,8 @@ def _kernel_note(c: "Case", p: Problem) -> Optional[str]:
                 t = kl._blocks(p.B, p.H, d, fused, ln, p.dtype, n_sm)
             parts.append(f"{d} {t[0]}x{t[1]}x{t[2]}/{t[3]}w")
     what = "plans" if c.method == "persistent" else ("step tiles" if fused else "step tiles (unfused)")
+    if c.cell == "lstm_proj":
+        what = "step tiles (unfused, cuBLAS h W_hhᵀ and u W_hrᵀ a step)"
     return f"{what}: " + ", ".join(parts)
 
 
@@ -290,7 +304,7 @@ def _recompute_build(p: Problem) -> Callable[[], torch.Tensor]:
 
 register_path("triton-recompute", _recompute_build, _recompute_ready,
               "the triton path with kernels.lstm.SAVE_GATES=False (gates recomputed in backward)",
-              cells=("lstm", "lnlstm"), default=False)
+              cells=("lstm", "lnlstm"), default=False)  # the projection path always saves them
 
 
 def _on_path(path: str) -> Build:
@@ -300,11 +314,16 @@ def _on_path(path: str) -> Build:
     an error here, not a silent step-path row."""
 
     def build(p: Problem) -> Callable[[], torch.Tensor]:
-        from .lstm import LSTMFunction, _allow_tf32
+        from .lstm import LSTMFunction, LSTMProjFunction, _allow_tf32
         from .reference import LN_EPS
         from .rnn import RNNFunction
 
         allow_tf32 = _allow_tf32(p.x)
+        if p.cell == "lstm_proj":  # step or graph (the persistent path does not list this cell)
+            def fwd():
+                return LSTMProjFunction.apply(p.x, p.h0, p.c0, p.w_ih, p.w_hh, p.w_hr, p.b_ih, p.b_hh,
+                                              None, None, None, None, None, LN_EPS, allow_tf32, path)[0]
+            return fwd
         fused = _lstm_kernels_module().default_fused(p.H, p.ln, p.dtype) if p.cell != "rnn" else True
         if path == "persistent":
             for d, (plan, why) in zip(("fwd", "bwd"), _persistent_plans(p, fused, allow_tf32)):
@@ -342,7 +361,7 @@ register_path("graph", _on_path("graph"), _graph_ready,
               default=False)
 register_path("persistent", _on_path("persistent"), _triton_ready,
               "one persistent kernel launch for all T steps (LSTM, layer-norm LSTM, RNN)",
-              default=False)
+              cells=("lstm", "lnlstm", "rnn"), default=False)
 
 
 # ------------------------------------------------------------------------------------- baselines
@@ -350,21 +369,24 @@ def _build_nn(p: Problem):
     """torch.nn.LSTM / nn.RNN holding the problem's weights (cuDNN on CUDA)."""
     if p.cell == "lnlstm":
         raise ValueError("cuDNN has no layer-norm LSTM")
-    cls = torch.nn.LSTM if p.cell == "lstm" else torch.nn.RNN
-    extra = {} if p.cell == "lstm" else {"nonlinearity": "tanh"}
+    lstm = p.cell in LSTM_CELLS
+    cls = torch.nn.LSTM if lstm else torch.nn.RNN
+    extra = {"proj_size": proj_size(p.cell, p.H)} if p.cell == "lstm_proj" else ({} if lstm else {"nonlinearity": "tanh"})
     m = cls(p.H, p.H, num_layers=1, **extra).to(device=p.device, dtype=p.dtype)
     with torch.no_grad():
         m.weight_ih_l0.copy_(p.w_ih)
         m.weight_hh_l0.copy_(p.w_hh)
         m.bias_ih_l0.copy_(p.b_ih)
         m.bias_hh_l0.copy_(p.b_hh)
+        if p.w_hr is not None:
+            m.weight_hr_l0.copy_(p.w_hr)
     if p.device.type == "cuda":
         m.flatten_parameters()
     # Only the module's weights and x are trained here: drop the problem's own weight leaves so
     # that their memory does not count against cuDNN.
-    p.w_ih = p.w_hh = p.b_ih = p.b_hh = None
+    p.w_ih = p.w_hh = p.b_ih = p.b_hh = p.w_hr = None
     h0 = p.h0.unsqueeze(0)
-    state = (h0, p.c0.unsqueeze(0)) if p.cell == "lstm" else h0
+    state = (h0, p.c0.unsqueeze(0)) if lstm else h0
     x = p.x
 
     def fwd():
@@ -380,7 +402,11 @@ def _build_reference(p: Problem):
 def _build_compile(p: Problem):
     """torch.compile of the reference's one-step cell; the time loop stays in Python."""
     torch._dynamo.reset()  # one code object serves every shape: start each case from a clean cache
-    if p.cell in ("lstm", "lnlstm"):
+    if p.cell == "lstm_proj":
+        def step(xp_t, h, c, w_hh_t, w_hr_t):
+            u, c = lstm_cell_ref(xp_t + h @ w_hh_t, c)
+            return u @ w_hr_t, c
+    elif p.cell in ("lstm", "lnlstm"):
         def step(xp_t, h, c, w_hh_t, *ln):
             return lstm_cell_ref(xp_t + h @ w_hh_t, c, ln if ln else None)
     else:
@@ -395,6 +421,8 @@ def _build_compile(p: Problem):
         for t in range(p.T):
             if p.cell == "rnn":
                 h = cstep(xp[t], h, w_hh_t)
+            elif p.cell == "lstm_proj":
+                h, c = cstep(xp[t], h, c, w_hh_t, p.w_hr.t())
             else:
                 h, c = cstep(xp[t], h, c, w_hh_t, *(p.ln or ()))
             outs.append(h)
@@ -1153,7 +1181,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      for k, (b, t, h) in SHAPES.items()))
     p.add_argument("--shape", type=_shape, action="append", default=[], metavar="B,T,H",
                    help="a custom shape (repeatable); input size = H")
-    p.add_argument("--cells", type=_csv(CELLS, "cell"), help="lstm,lnlstm,rnn (default: all)")
+    p.add_argument("--cells", type=_csv(CELLS, "cell"),
+                   help=f"{','.join(CELLS)} (default: {','.join(DEFAULT_CELLS)})")
     p.add_argument("--dtypes", type=_csv(tuple(DTYPES), "dtype"),
                    help="fp32,fp16,bf16 (default: all; quick: fp16,bf16; CPU: fp32)")
     p.add_argument("--paths", type=_paths_arg,
@@ -1261,7 +1290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         time_limit_s=args.time_limit, base_dtype=base_dtype,
         min_reps=2 if cuda else 3, max_reps=10 if cuda else 25,
     )
-    cells = args.cells or list(CELLS)
+    cells = args.cells or list(DEFAULT_CELLS)
     paths = args.paths if args.paths is not None else [n for n, p in PATHS.items() if p.default]
     modes = args.modes or list(MODES)
     plan = make_plan(cells, shapes, dtypes, paths, baselines, modes, s)

@@ -74,6 +74,41 @@ def test_cpu_mode_writes_json_table_and_plot(tmp_path, capsys):
         assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+def test_lstm_proj_cell_rows_compute_the_same_lstm():
+    """The lstm_proj cell (proj_size H // 2): torch.nn's row holds the problem's weights (W_hr
+    included), so it, the reference row, the compiled cell's and (under the interpreter) the
+    triton row compute the same outputs."""
+    def problem():
+        return bench.make_problem("lstm_proj", 3, 5, 8, torch.float32, "cpu")
+
+    p = problem()
+    assert p.h0.shape == (3, 4) and p.w_hh.shape == (32, 4) and p.w_hr.shape == (4, 8)
+    assert any(t is p.w_hr for t in p.leaves())
+    with torch.no_grad():
+        ref = bench.functional_path("reference")(problem())()
+        nn_out = bench._build_nn(problem())[0]()
+        outs = {"torch.nn": nn_out}
+        if INTERPRET:
+            outs["triton"] = bench.functional_path("triton")(problem())()
+    assert ref.shape == (5, 3, 4)
+    for name, o in outs.items():
+        assert torch.allclose(o, ref, atol=1e-5, rtol=1e-5), name
+
+
+def test_lstm_proj_runs_only_when_named(tmp_path, capsys):
+    rc, _, _ = _run(["--baselines", "reference", "--paths", "none", "--modes", "fwd", "--no-plot"],
+                    tmp_path, capsys)
+    assert rc == 0
+    cells = {r["cell"] for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    assert cells == set(bench.DEFAULT_CELLS) and "lstm_proj" not in cells
+    rc, out, _ = _run(["--cells", "lstm_proj", "--baselines", "reference,cudnn", "--paths", "none",
+                       "--no-plot"], tmp_path, capsys)
+    assert rc == 0 and "LSTM, proj H/2" in out
+    recs = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert {r["method"] for r in recs} == {"reference", "torch.nn"}
+    assert all(r["status"] == "ok" and r["fwdbwd_ms"] > 0 for r in recs)
+
+
 def test_render_rebuilds_from_json(tmp_path, capsys):
     rc, _, _ = _run(["--cells", "rnn", "--baselines", "reference", "--paths", "none",
                      "--no-plot"], tmp_path, capsys)
