@@ -9,7 +9,7 @@ tests/test_persistent.py with the rest of the path choice.)
 import pytest
 import torch
 
-from conftest import HAS_CUDA, rel_err, requires_cuda
+from conftest import HAS_CUDA, INTERPRET, rel_err, requires_cuda
 from fused_rnn import _backend, _paths
 from fused_rnn.lstm import LSTMFunction
 from fused_rnn.reference import LN_EPS
@@ -42,9 +42,17 @@ class _FakeGraph:
 
     def replay(self):
         self.replays += 1
-        new = self.fn(*self.static_in)
-        for o, n in zip(self.static_out, new):
-            o.copy_(n)
+        _copy_into(self.static_out, self.fn(*self.static_in))
+
+
+def _copy_into(out, new):
+    """Outputs as launchers return them: tensors, None, or tuples of them."""
+    if isinstance(out, torch.Tensor):
+        out.copy_(new)
+    elif out is not None:
+        assert len(out) == len(new)
+        for o, n in zip(out, new):
+            _copy_into(o, n)
 
 
 class _FakeCuda:
@@ -144,6 +152,65 @@ def test_graph_capture_failure_runs_eagerly(fake_cuda, monkeypatch):
         assert torch.equal(a, b)
     out = _paths.graphed("toy", _toy, x, ())  # remembered: no second capture, no second warning
     assert list(_paths._graphs.values()) == [None]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the kernels on CPU tensors need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("cell", ["lstm", "lnlstm", "lstm_proj", "rnn"])
+def test_graph_path_wiring_on_the_cpu(cell, fake_cuda, monkeypatch):
+    """Each autograd Function on path="graph", with the CUDA calls faked and the kernels run by
+    the interpreter: the ops hand their launchers and arguments to the graph cache in the right
+    order, so replays with fresh inputs of one shape give the step path's results, forward and
+    backward, from one capture each."""
+    monkeypatch.setattr(_paths, "graph_unavailable", lambda x: (None, False))
+    for seed in range(3):
+        ins, extra, L, ups = _cpu_case(cell, seed)
+        graphed = _cpu_run(cell, "graph", ins, extra, L, ups)
+        eager = _cpu_run(cell, "step", ins, extra, L, ups)
+        for i, (a, b) in enumerate(zip(graphed, eager)):
+            assert torch.equal(a, b), i
+    assert sorted(k[0] for k in _paths._graphs) == sorted(
+        [f"{OPS[cell]}_fwd", f"{OPS[cell]}_bwd"])
+    assert len(fake_cuda) == 2 and all(g.replays == 3 for g in fake_cuda)
+
+
+OPS = {"lstm": "lstm", "lnlstm": "lstm", "lstm_proj": "lstm_proj", "rnn": "rnn"}
+
+
+def _cpu_case(cell, seed, T=4, B=3, I=5, H=6, P=3):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g) * 0.5
+
+    Hh = P if cell == "lstm_proj" else H  # the width of h
+    G = H if cell == "rnn" else 4 * H
+    ins = [r(T, B, I), r(B, Hh)] + ([] if cell == "rnn" else [r(B, H)]) + [r(G, I), r(G, Hh)]
+    extra = {"w_hr": r(P, H)} if cell == "lstm_proj" else {}
+    if cell == "lnlstm":
+        extra["ln"] = [r(G) + 1, r(G), r(H) + 1, r(H)]
+    ins += [r(G), r(G)]
+    L = torch.tensor([T, 1, 0][:B])
+    ups = [r(T, B, Hh), r(B, Hh)] + ([] if cell == "rnn" else [r(B, H)])
+    return ins, extra, L, ups
+
+
+def _cpu_run(cell, path, ins, extra, L, ups):
+    from fused_rnn.lstm import LSTMProjFunction
+
+    leaves = [t.detach().requires_grad_() for t in ins + list(extra.get("ln", [])) + (
+        [extra["w_hr"]] if "w_hr" in extra else [])]
+    if cell == "rnn":
+        outs = RNNFunction.apply(*leaves, L, "tanh", False, True, path)
+    elif cell == "lstm_proj":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = leaves
+        outs = LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, None, None, None, None, L, LN_EPS,
+                                      False, path)
+    else:
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = leaves
+        ln = ln or [None] * 4
+        outs = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, LN_EPS, False, True, True, path)
+    loss = sum((o * u).sum() for o, u in zip(outs, ups))
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
 
 # ------------------------------------------------------------------------ CUDA: real graphs
