@@ -371,7 +371,9 @@ def _build_nn(p: Problem):
         raise ValueError("cuDNN has no layer-norm LSTM")
     lstm = p.cell in LSTM_CELLS
     cls = torch.nn.LSTM if lstm else torch.nn.RNN
-    extra = {"proj_size": proj_size(p.cell, p.H)} if p.cell == "lstm_proj" else ({} if lstm else {"nonlinearity": "tanh"})
+    extra = {} if lstm else {"nonlinearity": "tanh"}
+    if p.cell == "lstm_proj":
+        extra = {"proj_size": proj_size(p.cell, p.H)}
     m = cls(p.H, p.H, num_layers=1, **extra).to(device=p.device, dtype=p.dtype)
     with torch.no_grad():
         m.weight_ih_l0.copy_(p.w_ih)

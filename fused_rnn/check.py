@@ -1,12 +1,12 @@
 """`fused-rnn check`: the correctness sweep of every kernel against the fp64 reference path.
 
 Each case is one cell (LSTM, layer-norm LSTM, LSTM with projections, tanh RNN, ReLU RNN) × one
-storage dtype × one shape. Inputs are drawn fresh each run from a printed seed, cast to the dtype, and run through
-the Triton path (``backend="triton"``); the oracle is the reference path run in fp64 on the same
-(already rounded) inputs. Forward (out, h_n, c_n) and backward (the gradients of x, h0, c0, the
-weights, both biases and the LayerNorm parameters, driven by ``(out·dout).sum() +
-(h_n·dh_n).sum() + (c_n·dc_n).sum()`` so the initial- and final-state paths are covered) are
-compared as ``‖a − b‖ / ‖b‖`` against a per-dtype threshold.
+storage dtype × one shape. Inputs are drawn fresh each run from a printed seed, cast to the
+dtype, and run through the Triton path (``backend="triton"``); the oracle is the reference path
+run in fp64 on the same (already rounded) inputs. Forward (out, h_n, c_n) and backward (the
+gradients of x, h0, c0, the weights, both biases and the LayerNorm parameters, driven by
+``(out·dout).sum() + (h_n·dh_n).sum() + (c_n·dc_n).sum()`` so the initial- and final-state paths
+are covered) are compared as ``‖a − b‖ / ‖b‖`` against a per-dtype threshold.
 
 Poisoning: while the kernel path runs (forward and backward), the kernels' own debug switch
 ``fused_rnn.kernels._common.POISON`` is on, so the launchers allocate every buffer a kernel must

@@ -22,8 +22,8 @@ from .reference import rnn_sequence_ref
 class RNNFunction(torch.autograd.Function):
     """One RNN layer, one direction, over a whole sequence, with a hand-written backward.
     Saves x, the weights and the state sequence hs [T+1, B, H] (the derivative of tanh and relu
-    comes from the output, so no pre-activation is kept), and h0 (for _backend.first_order). ``path`` (optional, last): as
-    LSTMFunction's."""
+    comes from the output, so no pre-activation is kept), and h0 (for _backend.first_order).
+    ``path`` (optional, last): as LSTMFunction's."""
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused, path="auto"):
