@@ -104,3 +104,38 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
+
+
+def _expect(t: Optional[torch.Tensor], shape: Sequence[int], name: str) -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln=None, lengths=None, w_hr=None,
+                        gates: int = 4) -> None:
+    """The functional entry points' shapes (lstm_sequence: gates=4; rnn_sequence: gates=1, c0
+    None): x [T, B, I], w_ih [gates·H, I], w_hh [gates·H, P], h0 [B, P], c0 [B, H], b_* [gates·H],
+    ln (gate_weight, gate_bias [4H], cell_weight, cell_bias [H]), w_hr [P, H], lengths [B]; P = H
+    without a projection. A ValueError that names the argument, never a silent broadcast."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D [T, B, I] (time-major), got shape {tuple(x.shape)}")
+    T, B, I = x.shape
+    if w_ih.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] % gates:
+        what = "[4H, I]" if gates == 4 else "[H, I]"
+        raise ValueError(f"w_ih must be {what} with I={I} (x's last dimension), got shape {tuple(w_ih.shape)}")
+    G = w_ih.shape[0]
+    H = G // gates
+    if w_hr is not None and (w_hr.dim() != 2 or w_hr.shape[1] != H):
+        raise ValueError(f"w_hr must be [P, H={H}], got shape {tuple(w_hr.shape)}")
+    P = H if w_hr is None else w_hr.shape[0]
+    _expect(w_hh, (G, P), "w_hh")
+    _expect(h0, (B, P), "h0")
+    _expect(c0, (B, H), "c0")
+    _expect(b_ih, (G,), "b_ih")
+    _expect(b_hh, (G,), "b_hh")
+    if ln is not None:
+        if len(ln) != 4:
+            raise ValueError(f"ln must be (gate_weight, gate_bias, cell_weight, cell_bias), got {len(ln)} tensors")
+        for t, n, shape in zip(ln, ("gate_weight", "gate_bias", "cell_weight", "cell_bias"), ((G,), (G,), (H,), (H,))):
+            _expect(t, shape, f"ln {n}")
+    _expect(lengths, (B,), "lengths")

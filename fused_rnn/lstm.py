@@ -18,6 +18,7 @@ import torch
 
 from . import _ops
 from ._backend import first_order, resolve_backend, warn_once
+from ._validate import check_sequence_args
 from .reference import LN_EPS, lstm_sequence_ref
 
 
@@ -154,6 +155,7 @@ def lstm_sequence(
     ``w_hr`` [P, H] or None: torch.nn.LSTM's projection (proj_size P); then h0, h_n are [B, P],
     w_hh is [4H, P] and out is [T, B, P] (LSTMProjFunction: cuBLAS products around the
     unfused pointwise kernels, kernels/lstm_proj.py)."""
+    check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, w_hr)
     if resolve_backend(backend, x) == "triton":
         kernels = _ops.lstm_kernels()
         reason = kernels.unsupported(x, w_hh, ln)

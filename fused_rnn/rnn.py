@@ -15,6 +15,7 @@ import torch
 
 from . import _ops
 from ._backend import first_order, resolve_backend, warn_once
+from ._validate import check_sequence_args
 from .lstm import _allow_tf32, _same_dtype
 from .reference import rnn_sequence_ref
 
@@ -68,6 +69,7 @@ def rnn_sequence(
     lengths None or int64 [B] on x's device -> (out [T, B, H], h_n [B, H])."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    check_sequence_args(x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths=lengths, gates=1)
     if resolve_backend(backend, x) == "triton":
         kernels = _ops.rnn_kernels()
         reason = kernels.unsupported(x, w_hh)

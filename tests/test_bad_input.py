@@ -98,3 +98,66 @@ def test_cells_bad_input():
 def test_bad_nonlinearity():
     with pytest.raises(ValueError):
         fused_rnn.RNN(I, H, nonlinearity="gelu")
+
+
+# ------------------------------------------------ the functional entry points (no layer checks)
+def _lstm_args(P=None):
+    """Well-shaped lstm_sequence arguments (B 3, I 5, H 11; h P wide with a projection)."""
+    Pw = P or H
+    args = dict(x=torch.randn(T, B, I), h0=torch.zeros(B, Pw), c0=torch.zeros(B, H),
+                w_ih=torch.randn(4 * H, I), w_hh=torch.randn(4 * H, Pw), b_ih=torch.randn(4 * H),
+                b_hh=torch.randn(4 * H), ln=(torch.ones(4 * H), torch.zeros(4 * H), torch.ones(H), torch.zeros(H)),
+                lengths=torch.tensor([T, 2, 0]))
+    if P:
+        args["w_hr"] = torch.randn(P, H)
+    return args
+
+
+LSTM_BAD = [
+    ("x", torch.randn(B, I), r"x must be 3-D \[T, B, I\]"),
+    ("w_ih", torch.randn(4 * H, I + 1), r"w_ih must be \[4H, I\] with I=5"),
+    ("w_ih", torch.randn(4 * H + 1, I), r"w_ih must be \[4H, I\]"),
+    ("w_hh", torch.randn(4 * H, H + 1), r"w_hh must have shape \(44, 11\)"),
+    ("h0", torch.zeros(1, H), r"h0 must have shape \(3, 11\), got \(1, 11\)"),  # would broadcast
+    ("c0", torch.zeros(H), r"c0 must have shape \(3, 11\)"),
+    ("b_ih", torch.randn(1), r"b_ih must have shape \(44,\), got \(1,\)"),  # would broadcast
+    ("b_hh", torch.randn(4 * H, 1), r"b_hh must have shape \(44,\)"),
+    ("ln", (torch.ones(4 * H), torch.zeros(4 * H), torch.ones(1), torch.zeros(H)),
+     r"ln cell_weight must have shape \(11,\)"),
+    ("lengths", torch.tensor([T, 2]), r"lengths must have shape \(3,\)"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("name,bad,msg", LSTM_BAD, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(LSTM_BAD)])
+def test_lstm_sequence_shapes(name, bad, msg, backend):
+    args = _lstm_args()
+    fused_rnn.lstm_sequence(**args, backend=backend)  # well-shaped: runs
+    args[name] = bad
+    with pytest.raises(ValueError, match=msg):
+        fused_rnn.lstm_sequence(**args, backend=backend)
+
+
+def test_lstm_sequence_projection_shapes():
+    args = _lstm_args(P=4)
+    out, h_n, c_n = fused_rnn.lstm_sequence(**args)
+    assert out.shape == (T, B, 4) and h_n.shape == (B, 4) and c_n.shape == (B, H)
+    for name, bad, msg in [("w_hr", torch.randn(4, H + 1), r"w_hr must be \[P, H=11\]"),
+                           ("w_hh", torch.randn(4 * H, H), r"w_hh must have shape \(44, 4\)"),
+                           ("h0", torch.zeros(B, H), r"h0 must have shape \(3, 4\)")]:
+        wrong = dict(args, **{name: bad})
+        with pytest.raises(ValueError, match=msg):
+            fused_rnn.lstm_sequence(**wrong)
+
+
+def test_rnn_sequence_shapes():
+    args = dict(x=torch.randn(T, B, I), h0=torch.zeros(B, H), w_ih=torch.randn(H, I), w_hh=torch.randn(H, H),
+                b_ih=torch.randn(H), b_hh=torch.randn(H), lengths=torch.tensor([T, 2, 0]))
+    fused_rnn.rnn_sequence(**args)
+    for name, bad, msg in [("w_ih", torch.randn(H, I + 2), r"w_ih must be \[H, I\] with I=5"),
+                           ("w_hh", torch.randn(H, 2 * H), r"w_hh must have shape \(11, 11\)"),
+                           ("h0", torch.zeros(1, H), r"h0 must have shape \(3, 11\)"),
+                           ("b_hh", torch.randn(1), r"b_hh must have shape \(11,\)"),
+                           ("lengths", torch.tensor([1]), r"lengths must have shape \(3,\)")]:
+        with pytest.raises(ValueError, match=msg):
+            fused_rnn.rnn_sequence(**dict(args, **{name: bad}))
