@@ -22,8 +22,9 @@ there; out is the view hp[1:]), hs [T+1, B, H] (u_t in slot t+1; slot 0 zero, un
 gates as kernels/lstm.py's, in the dtypes of fused_rnn._buffers. The backward does not write
 over the saved gates (a [T+1, B, G] buffer of its own for dG).
 
-Three launches a step forward and four to six backward: the step path is launch-bound on a GPU
-(the graph path replays it). NOT MEASURED on a GPU: written without one.
+Launches a step: three forward; backward five, seven with lengths (the masks of the P-wide
+carry). The step path is launch-bound on a GPU (the graph path replays it). NOT MEASURED on a
+GPU: written without one.
 """
 from __future__ import annotations
 
@@ -153,6 +154,7 @@ def lstm_proj_bwd(
     if lengths is not None:  # valid[t] = t < length, [T+1, B, 1]
         steps = torch.arange(T + 1, device=dev).unsqueeze(1)
         valid = (steps < lengths.clamp(max=T).unsqueeze(0)).unsqueeze(-1)
+        invalid = ~valid
     BB, BH, BK, nw = _blocks(B, H, "bwd", False, ln is not None, dt, sm_count(dev))
     nrb = triton.cdiv(B, BB)
     parts = [torch.zeros((nrb, n), dtype=sd, device=dev) for n in (G, G, H, H)] if ln is not None else [None] * 4
@@ -166,7 +168,7 @@ def lstm_proj_bwd(
             torch.add(dout[t], g_p, out=dhp[t])
         else:
             g_p.masked_fill_(valid[t + 1], 0.0).add_(mm)
-            torch.add(dout[t], g_p, out=dhp[t]).masked_fill_(~valid[t], 0.0)
+            torch.add(dout[t], g_p, out=dhp[t]).masked_fill_(invalid[t], 0.0)
         torch.mm(dhp[t], w_hr_s, out=du[t])
         _lstm_bwd_kernel[grid](
             gates, None, carry, cs, du, dG, gh, gc, lengths, gw, gb, cw, cb, *parts,
