@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import torch
 
 CELLS = ("lstm", "lnlstm", "lstm_proj", "rnn_tanh", "rnn_relu")
+LSTM_CELLS = ("lstm", "lnlstm", "lstm_proj")
 CELL_HELP = {
     "lstm": "LSTM",
     "lnlstm": "layer-norm LSTM",
@@ -202,7 +203,7 @@ def make_inputs(case: Case, seed: int):
     """fp64 CPU tensors: leaves (name -> tensor), upstream grads (name -> tensor), lengths."""
     s = case.shape
     g = torch.Generator().manual_seed(case_seed(seed, case))
-    lstm = case.cell in ("lstm", "lnlstm", "lstm_proj")
+    lstm = case.cell in LSTM_CELLS
     G = 4 * s.H if lstm else s.H
     P = proj_size(s.H) if case.cell == "lstm_proj" else s.H  # the width of h
     k = 1.0 / math.sqrt(s.H)  # torch.nn's init range
@@ -248,7 +249,7 @@ def run_path(cell: str, p: Dict[str, torch.Tensor], lengths,
     from .lstm import lstm_sequence
     from .rnn import rnn_sequence
 
-    if cell in ("lstm", "lnlstm", "lstm_proj"):
+    if cell in LSTM_CELLS:
         ln = None
         if cell == "lnlstm":
             ln = (p["ln_gate_w"], p["ln_gate_b"], p["ln_cell_w"], p["ln_cell_b"])
@@ -417,7 +418,7 @@ def _unsupported_reason(case: Case, leaves) -> Optional[str]:
     try:
         from . import _ops
 
-        if case.cell in ("lstm", "lnlstm", "lstm_proj"):
+        if case.cell in LSTM_CELLS:
             ln = None
             if case.cell == "lnlstm":
                 ln = tuple(leaves[n] for n in ("ln_gate_w", "ln_gate_b", "ln_cell_w", "ln_cell_b"))

@@ -449,6 +449,40 @@ def _ln_args(ln, H: int):
     return gw, gb, cw, cb
 
 
+def gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates: bool):
+    """(gates_buf [T+1, B, G] or None, gates = gates_buf[:T] or None, xp [T, B, G]).
+
+    gates_buf: slots 0..T-1 the gates, slot T zero, so that the backward can write dG [T+1, B, G]
+    (its slot T: the zero carry into the last step) over this buffer in place.
+    xp is the launcher's own temporary: each program overwrites the xp tile of step t with the
+    gates of step t after reading it (no other program reads that tile), so when the dtypes
+    agree the input projection is written straight into the gates buffer. A separate xp when
+    they differ (the LN-LSTM in 16 bits) or when no gates are saved."""
+    T, B, _ = x.shape
+    G = w_ih.shape[0]
+    gates_buf = gates = None
+    if save_gates:
+        gates_buf = alloc((T + 1, B, G), lstm_gates_dtype(x.dtype, ln is not None), x.device)
+        gates_buf[T].zero_()
+        gates = gates_buf[:T]
+    share = gates is not None and gates.dtype == x.dtype
+    return gates_buf, gates, input_projection(x, w_ih, b_ih, b_hh, out=gates if share else None)
+
+
+def ln_partials(ln, n_row_blocks: int, H: int, dtype: torch.dtype, device):
+    """The backward's zeroed LN parameter-gradient partial sums, one row per row block:
+    [n_row_blocks, G] (gate weight, gate bias), [n_row_blocks, H] (cell weight, cell bias);
+    four Nones without LN."""
+    if ln is None:
+        return [None] * 4
+    return [torch.zeros((n_row_blocks, n), dtype=dtype, device=device) for n in (4 * H, 4 * H, H, H)]
+
+
+def ln_grads(parts, ln_args):
+    """The LN parameter gradients: the partial sums over row blocks, in the parameters' dtypes."""
+    return tuple(p.sum(0).to(q.dtype) for p, q in zip(parts, ln_args))
+
+
 @torch.no_grad()
 def lstm_fwd(
     x: torch.Tensor,
@@ -494,20 +528,7 @@ def lstm_fwd(
     gw, gb, cw, cb = _ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
 
-    gates_buf = gates = None
-    if save_gates:
-        # [T+1, B, G]: slots 0..T-1 the gates, slot T zero, so that the backward can write dG
-        # [T+1, B, G] (its slot T: the zero carry into the last step) over this buffer in place.
-        gd = lstm_gates_dtype(dt, ln is not None)
-        gates_buf = alloc((T + 1, B, G), gd, dev)
-        gates_buf[T].zero_()
-        gates = gates_buf[:T]
-    # xp is this function's own temporary: each program overwrites the xp tile of step t with the
-    # gates of step t after reading it (no other program reads that tile), so when the dtypes
-    # agree the input projection is written straight into the gates buffer. A separate xp when
-    # they differ (the LN-LSTM in 16 bits) or when no gates are saved.
-    share = gates is not None and gates.dtype == x.dtype
-    xp = input_projection(x, w_ih, b_ih, b_hh, out=gates if share else None)
+    gates_buf, gates, xp = gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates)
     hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
     assert hs.dtype == dt, "out is a view of hs: the LSTM's hs dtype must be x's (fused_rnn._buffers)"
     cs = alloc((T + 1, B, H), lstm_cs_dtype(dt, ln is not None), dev)
@@ -639,10 +660,7 @@ def lstm_bwd(
     carry = None if fused or plan is not None else alloc((B, H), w_hh.dtype, dev)
     BB, BH, BK, nw = _blocks(B, H, "bwd", fused, ln is not None, dt, sm_count(dev))
     nrb = triton.cdiv(B, BB)
-    if ln is not None:
-        parts = [torch.zeros((nrb, n), dtype=sd, device=dev) for n in (G, G, H, H)]
-    else:
-        parts = [None] * 4
+    parts = ln_partials(ln, nrb, H, sd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None and ln is not None:
         from . import persistent_ln
@@ -670,5 +688,5 @@ def lstm_bwd(
     dx, dh0, dw_ih, dw_hh, db = after_loop_grads(dG, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw)
     dln = None
     if need_dw and ln is not None:
-        dln = tuple(p.sum(0).to(q.dtype) for p, q in zip(parts, (gw, gb, cw, cb)))
+        dln = ln_grads(parts, (gw, gb, cw, cb))
     return dx, dh0.to(dt), gc.to(dt), dw_ih, dw_hh, db, dln

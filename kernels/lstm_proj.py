@@ -33,11 +33,13 @@ from typing import Optional, Sequence
 import torch
 import triton
 
-from fused_rnn._buffers import grad_dtype, lstm_cs_dtype, lstm_gates_dtype, lstm_hs_dtype, state_dtype
+from fused_rnn._buffers import grad_dtype, lstm_cs_dtype, lstm_hs_dtype, state_dtype
 from fused_rnn.reference import LN_EPS
 
-from ._common import after_loop_grads, alloc, dot_flags, input_projection, sm_count
-from .lstm import _blocks, _ln_args, _lstm_bwd_kernel, _lstm_fwd_kernel, last_h
+from ._common import after_loop_grads, alloc, dot_flags, sm_count
+from .lstm import (
+    _blocks, _ln_args, _lstm_bwd_kernel, _lstm_fwd_kernel, gates_and_projection, last_h, ln_grads, ln_partials,
+)
 
 
 def _dims(w_hh: torch.Tensor, w_hr: torch.Tensor):
@@ -74,12 +76,7 @@ def lstm_proj_fwd(
     gw, gb, cw, cb = _ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
 
-    gates_buf = alloc((T + 1, B, G), lstm_gates_dtype(dt, ln is not None), dev)
-    gates_buf[T].zero_()
-    gates = gates_buf[:T]
-    # as in kernels.lstm.lstm_fwd: the input projection goes straight into the gates buffer
-    # when the dtypes agree (each program overwrites its xp tile with its gates)
-    xp = input_projection(x, w_ih, b_ih, b_hh, out=gates if gates.dtype == dt else None)
+    gates_buf, gates, xp = gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates=True)
     hp = alloc((T + 1, B, P), lstm_hs_dtype(dt), dev)
     hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
     assert hp.dtype == dt == w_hh.dtype == w_hr.dtype, "hp, hs and the weights share x's dtype (cuBLAS out=)"
@@ -157,7 +154,7 @@ def lstm_proj_bwd(
         invalid = ~valid
     BB, BH, BK, nw = _blocks(B, H, "bwd", False, ln is not None, dt, sm_count(dev))
     nrb = triton.cdiv(B, BB)
-    parts = [torch.zeros((nrb, n), dtype=sd, device=dev) for n in (G, G, H, H)] if ln is not None else [None] * 4
+    parts = ln_partials(ln, nrb, H, sd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)  # unused by the unfused kernel
     grid = (nrb, triton.cdiv(H, BH))
     for t in range(T - 1, -1, -1):
@@ -183,5 +180,5 @@ def lstm_proj_bwd(
     if need_dw:
         dw_hr = torch.mm(dhp.reshape(T * B, P).to(gd).t(), hs[1:].reshape(T * B, H).to(gd)).to(w_hr.dtype)
         if ln is not None:
-            dln = tuple(p.sum(0).to(q.dtype) for p, q in zip(parts, (gw, gb, cw, cb)))
+            dln = ln_grads(parts, (gw, gb, cw, cb))
     return dx, dh0.to(dt), gc.to(dt), dw_ih, dw_hh, dw_hr, db, dln
