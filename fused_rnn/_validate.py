@@ -34,13 +34,8 @@ def check_input(x: torch.Tensor, input_size: int, batch_first: bool, name: str =
             f"{input_size} (shape {tuple(x.shape)})"
         )
     batched = x.dim() == 3
-    if batched:
-        T = x.shape[1] if batch_first else x.shape[0]
-        B = x.shape[0] if batch_first else x.shape[1]
-    else:
-        T, B = x.shape[0], 1
-    if B == 0:
-        raise ValueError(f"{name} has an empty batch (batch size 0), shape {tuple(x.shape)}")
+    T = x.shape[1] if batched and batch_first else x.shape[0]
+    # an empty batch (B == 0) runs, as in torch.nn: empty outputs, zero weight gradients
     if T == 0:
         raise ValueError(f"{name} is a zero-length sequence (0 time steps), shape {tuple(x.shape)}")
     return batched
@@ -59,8 +54,6 @@ def check_cell_input(x: torch.Tensor, input_size: int, name: str = "input") -> b
             f"{name} has {x.shape[-1]} features in its last dimension, expected input_size="
             f"{input_size} (shape {tuple(x.shape)})"
         )
-    if x.dim() == 2 and x.shape[0] == 0:
-        raise ValueError(f"{name} has an empty batch (batch size 0), shape {tuple(x.shape)}")
     return x.dim() == 2
 
 

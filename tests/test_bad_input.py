@@ -70,11 +70,6 @@ def test_state_dtype_mismatch(layer):
         layer(torch.randn(T, B, I), hx)
 
 
-def test_empty_batch(layer):
-    with pytest.raises(ValueError, match=r"empty batch"):
-        layer(torch.randn(T, 0, I))
-
-
 def test_zero_length_sequence(layer):
     with pytest.raises(ValueError, match=r"zero-length sequence"):
         layer(torch.randn(0, B, I))
@@ -88,8 +83,6 @@ def test_cells_bad_input():
         cell(torch.randn(T, B, I))
     with pytest.raises(ValueError, match=r"must have shape \(3, 11\), got \(1, 11\)"):
         cell(torch.randn(B, I), (torch.zeros(1, H), torch.zeros(1, H)))
-    with pytest.raises(ValueError, match=r"empty batch"):
-        cell(torch.randn(0, I))
     rcell = fused_rnn.RNNCell(I, H).double()
     with pytest.raises(TypeError, match=r"dtype"):
         rcell(torch.randn(B, I))

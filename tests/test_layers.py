@@ -222,6 +222,51 @@ def test_unbatched_input(cell):
         assert rel_err(o[1], r[1]) < 1e-12
 
 
+EMPTY_BACKENDS = ["reference"] + (["triton"] if kernel_device() is not None else [])
+
+
+@pytest.mark.parametrize("backend", EMPTY_BACKENDS)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_empty_batch_runs_as_in_torch_nn(cell, backend):
+    """A batch of 0 sequences runs as torch.nn's does on the CPU: empty outputs and states of
+    the right shapes, zero weight gradients (the triton backend falls back to the reference path
+    for an empty problem, with its warning)."""
+    device = "cpu" if backend == "reference" else kernel_device()
+    ref, ours = _pair(cell, torch.float64, device, backend, num_layers=2, bidirectional=True)
+    ref = ref.cpu()  # cuDNN's own handling of B = 0 is not what this compares against
+    W = _h_width(cell)
+    outs = []
+    for m in (ref, ours):
+        x = torch.randn(T, 0, I, dtype=torch.float64, device=next(m.parameters()).device)
+        out, state = m(x)
+        states = state if cell.startswith("lstm") else (state,)
+        (out.sum() + sum(s.sum() for s in states)).backward()
+        outs.append((out, states, [p.grad for p in m.parameters()]))
+    (ro, rs, rg), (oo, os_, og) = outs
+    assert oo.shape == ro.shape == (T, 0, 2 * W) and oo.dtype == ro.dtype
+    assert [s.shape for s in os_] == [s.shape for s in rs]
+    assert os_[0].shape == (4, 0, W)
+    for a, b in zip(rg, og):
+        assert b is not None and b.shape == a.shape and torch.equal(b.cpu(), a)  # all zeros
+    assert len(og) == len(rg)
+
+
+@pytest.mark.parametrize("backend", EMPTY_BACKENDS)
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
+def test_cells_take_an_empty_batch(cell, backend):
+    device = "cpu" if backend == "reference" else kernel_device()
+    ref = nn.LSTMCell(I, H) if cell == "lstm" else nn.RNNCell(I, H)
+    ours = (fused_rnn.LSTMCell if cell == "lstm" else fused_rnn.RNNCell)(I, H, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    ours.to(device)
+    o = ours(torch.randn(0, I, device=device))
+    r = ref(torch.randn(0, I))
+    o, r = (o, r) if cell == "lstm" else ((o,), (r,))
+    assert [t.shape for t in o] == [t.shape for t in r] == [(0, H)] * len(r)
+    sum(t.sum() for t in o).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
+
+
 def test_dropout_between_layers():
     ref, ours = _pair("lstm", torch.float64, "cpu", "reference", num_layers=3, dropout=0.5)
     x = torch.randn(T, B, I, dtype=torch.float64)
