@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,34 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_broken() -> Optional[str]:
+    """Why this Triton's interpreter cannot run fused_rnn's kernels here, or None when it can.
+
+    Triton 3.6's interpreter turns a runtime int argument (a loop bound) into a Python int by
+    int() of a 1-element NumPy array, which NumPy 2.3 and later refuse; Triton 3.9's does not.
+    One tiny kernel with such a loop, run through the interpreter on CPU tensors, tells."""
+    try:
+        import numpy
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from .kernels._common import interpreter_probe_kernel as probe
+    except Exception as e:  # no triton / numpy: nothing interprets at all
+        return f"the Triton interpreter does not import ({type(e).__name__}: {e})"
+    x = torch.zeros(4)
+    y = torch.full((4,), -1.0)
+    try:
+        InterpretedFunction(probe.fn)[(1,)](x, y, 3, BLOCK=4)  # .fn: the Python function under @triton.jit
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return (f"the Triton interpreter of triton {triton.__version__} fails with numpy "
+                f"{numpy.__version__} ({first}); Triton 3.6's interpreter needs numpy<2.3")
+    if y.tolist() != [1.0, 1.0, 1.0, -1.0]:
+        return f"the Triton interpreter of triton {triton.__version__} computed a probe kernel wrong: {y.tolist()}"
+    return None
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Map the user's backend choice to "triton" or "reference" for tensor ``x``.
 
@@ -44,6 +73,11 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
             "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter); "
             "use backend='auto' or 'reference' for the CPU reference path"
         )
+    if not x.is_cuda:
+        broken = interpreter_broken()
+        if broken:
+            raise RuntimeError(f"backend='triton' on a CPU tensor runs the Triton interpreter, and {broken}; "
+                               "use backend='auto' or 'reference' for the CPU reference path")
     return "triton"
 
 

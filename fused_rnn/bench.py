@@ -63,7 +63,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._backend import interpreter_on, triton_available
+from ._backend import interpreter_broken, interpreter_on, triton_available
 from ._version import __version__
 from .lstm import lstm_sequence
 from .reference import lstm_cell_ref, rnn_cell_ref
@@ -209,6 +209,8 @@ def _triton_ready(device: torch.device) -> Optional[str]:
         return "the triton package is not importable"
     if device.type == "cpu" and not interpreter_on():
         return "Triton on CPU tensors needs TRITON_INTERPRET=1 (set before Python starts)"
+    if device.type == "cpu":
+        return interpreter_broken()
     return None
 
 

@@ -196,7 +196,7 @@ def _demo(args, demo_parser) -> int:
 
 
 def _check(args, argv: List[str], parser, may_reexec: bool) -> int:
-    from ._backend import interpreter_on
+    from ._backend import interpreter_broken, interpreter_on
 
     check_parser = parser.subcommand_parsers["check"]
     if importlib.util.find_spec("triton") is None:
@@ -242,6 +242,11 @@ def _check(args, argv: List[str], parser, may_reexec: bool) -> int:
         if skipped:
             print(f"note: skipping {', '.join(skipped)} (CUDA only)", file=sys.stderr)
 
+    broken = interpreter_broken() if interpreter_on() else None
+    if broken:  # every case would fail in the interpreter, not in the kernels: say why instead
+        print(f"fused-rnn check: the kernels run through the Triton interpreter here, and {broken}",
+              file=sys.stderr)
+        return 2
     tf32 = None if args.tf32 == "auto" else args.tf32 == "on"
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     return check.main(args.cells, dtypes, args.quick, seed, device, tf32,

@@ -20,6 +20,17 @@ POISON = False
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@triton.jit
+def interpreter_probe_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """fused_rnn._backend.interpreter_broken runs this through the interpreter: y[:n] = x[:n] +
+    the trip count of a loop whose bound is a runtime int, as the step kernels' K loops have."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    for _ in range(0, n, BLOCK):
+        acc += 1.0
+    tl.store(y_ptr + offs, acc, mask=offs < n)
+
+
 def alloc(shape, dtype, device) -> torch.Tensor:
     """A buffer a kernel will fill completely: empty, or NaN-filled when POISON is on."""
     if POISON:

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from conftest import requires_working_interpreter
 from fused_rnn import check, cli
 
 
@@ -112,6 +113,7 @@ def _table_rows(stdout):
     return [line for line in stdout.splitlines() if line.split(" ", 1)[0] in check.CELLS]
 
 
+@requires_working_interpreter
 def test_check_quick_passes_and_prints_table():
     r = run_cli("check", "--quick", "--dtypes", "fp32", "--device", "cpu", "--seed", "7")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -130,6 +132,7 @@ def test_check_quick_passes_and_prints_table():
     assert f"check: {n} cases, {n} ok, 0 SKIP, 0 FAIL" in out
 
 
+@requires_working_interpreter
 def test_check_paths_persistent_and_graph():
     """--paths: one table per time-loop path; on the CPU the persistent kernels run (one program)
     and the graph path (CUDA only) is reported as SKIP with the path that ran instead."""
@@ -149,6 +152,7 @@ def test_check_paths_persistent_and_graph():
     assert "graph:lnlstm-fp64" in out  # skipped cases are named with their path
 
 
+@requires_working_interpreter
 @pytest.mark.skipif(torch.cuda.is_available(), reason="re-exec happens only without a GPU")
 def test_check_reexecs_under_interpreter_without_gpu():
     r = run_cli("check", "--quick", "--cells", "rnn_tanh", "--dtypes", "fp64", interpret=False)
@@ -158,6 +162,7 @@ def test_check_reexecs_under_interpreter_without_gpu():
     assert "0 FAIL" in r.stdout
 
 
+@requires_working_interpreter
 def test_check_injected_error_fails():
     r = run_cli("check", "--quick", "--cells", "rnn_tanh", "--dtypes", "fp32", "--_inject-error")
     assert r.returncode == 1, r.stdout + r.stderr
