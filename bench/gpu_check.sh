@@ -24,7 +24,8 @@
 #             (table, targets, JSON, plot; cuDNN runs bf16 and its fp16 baseline; bf16 alone is
 #             enough for every target's "ours", and halves the cases in a tight budget); first
 #             of the long stages: the speed issue needs its numbers most
-#   pytest    the whole test suite on CUDA (TRITON_INTERPRET unset): python -m pytest tests --maxfail=10
+#   pytest    the whole test suite on CUDA (TRITON_INTERPRET unset): python -m pytest --maxfail=10,
+#             the GPU-only files first, on the cores less 4 (compile-bound: see the stage)
 #   memcheck  compute-sanitizer --tool memcheck over bench/memcheck_cases.py (every kernel,
 #             fwd+bwd, small odd shapes, variable lengths); passes only on "ERROR SUMMARY: 0 errors"
 #   demo      fused-rnn demo --quick --steps 100 on CUDA: fused_rnn.LSTM vs torch.nn.LSTM tokens/s
@@ -44,7 +45,7 @@
 #
 # Knobs (environment): PYTHON (default python3), TOTAL_S (whole budget, default 240),
 # T_INSTALL / T_SMOKE / T_SMOKE_LL / T_BENCH / T_PYTEST / T_MEMCHECK / T_DEMO / T_CHECK / T_TUNE (per-stage limits, seconds), PYTEST_WORKERS
-# (pytest-xdist workers when installed, default 4; 0 = none), BENCH_ARGS (appended to the bench
+# (pytest-xdist workers when installed, default auto: the cores less 4, at least 4; 0 = none), BENCH_ARGS (appended to the bench
 # command, e.g. BENCH_ARGS="--shapes S3,S4 --cells lstm" for a second, focused run with
 # SKIP_STAGES=smoke,smoke_ll,pytest,memcheck,demo,check,tune and a larger T_BENCH), TUNE_ARGS
 # (appended to the tune command: TUNE_ARGS=--step times the step path's tiles instead of the
@@ -68,7 +69,7 @@ T_MEMCHECK=${T_MEMCHECK:-40}
 T_DEMO=${T_DEMO:-20}
 T_CHECK=${T_CHECK:-60}
 T_TUNE=${T_TUNE:-200}
-PYTEST_WORKERS=${PYTEST_WORKERS:-4}
+PYTEST_WORKERS=${PYTEST_WORKERS:-auto}
 BENCH_ARGS=${BENCH_ARGS:-}
 TUNE_ARGS=${TUNE_ARGS:-}
 SKIP_STAGES=${SKIP_STAGES:-}
@@ -273,11 +274,29 @@ else
 fi
 
 # ----------------------------------------------------------------------------------- pytest
-PYTEST_ARGS=(tests --maxfail=10 -q -rfE -p no:cacheprovider --durations=15)
+# The CUDA lane is compile-bound: the interpreter lane launches ~1,000 distinct kernel
+# specialisations (counted in session 9), and a fresh machine has none of them in Triton's cache.
+# So it runs on most of the cores, and its files go in the order the GPU needs them most (the
+# graph path and the multi-program persistent kernels run nowhere else), then every other file:
+# a run cut off at T_PYTEST has covered those first (xdist hands tests out in collection order).
+PYTEST_FILES=()
+add_test_file() {
+    case " ${PYTEST_FILES[*]} " in *" $1 "*) return;; esac
+    case "$1" in tests/test_persistent.py|tests/test_persistent_ln.py) [ "$PERSISTENT_OK" = 1 ] || return;; esac
+    [ -f "$1" ] && PYTEST_FILES+=("$1")
+}
+for f in graphs persistent persistent_ln lstm rnn lstm_proj kernels_safety layers compile; do
+    add_test_file "tests/test_$f.py"
+done
+for f in tests/test_*.py; do add_test_file "$f"; done
+PYTEST_ARGS=("${PYTEST_FILES[@]}" --maxfail=10 -q -rfE -p no:cacheprovider --durations=15)
+if [ "$PYTEST_WORKERS" = "auto" ]; then
+    NCPU=$(nproc 2>/dev/null || echo 8)
+    PYTEST_WORKERS=$((NCPU > 8 ? NCPU - 4 : 4))
+fi
 if [ "$PYTEST_WORKERS" != "0" ] && "$PY" -c "import xdist" 2>/dev/null; then
     PYTEST_ARGS+=(-n "$PYTEST_WORKERS")
 fi
-[ "$PERSISTENT_OK" = 1 ] || PYTEST_ARGS+=(--ignore=tests/test_persistent.py --ignore=tests/test_persistent_ln.py)
 PYTEST_ARGS+=(-k "not cuda_ll_exchange")  # run by the smoke_ll stage
 if skipped pytest; then
     record pytest 0 0 skipped "SKIP_STAGES"
