@@ -73,7 +73,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
             "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter); "
             "use backend='auto' or 'reference' for the CPU reference path"
         )
-    if not x.is_cuda:
+    if not x.is_cuda and not torch.compiler.is_compiling():  # (a probe launch cannot be traced)
         broken = interpreter_broken()
         if broken:
             raise RuntimeError(f"backend='triton' on a CPU tensor runs the Triton interpreter, and {broken}; "
