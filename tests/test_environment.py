@@ -52,6 +52,7 @@ def test_probe_reports_a_failing_or_wrong_interpreter(monkeypatch, error):
     got = _backend.interpreter_broken.__wrapped__()  # uncached
     if error is not None:
         assert "only 0-dimensional arrays" in got and f"numpy {numpy.__version__}" in got
+        assert got.endswith("Triton 3.6's interpreter needs numpy<2.3")  # the hint for this error only
     else:
         assert "computed a probe kernel wrong" in got
 
