@@ -9,29 +9,28 @@ import os
 import pytest
 import torch
 
+from fused_rnn._backend import interpreter_broken
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
 
 
-def interpreter_broken():
-    """Why the Triton interpreter cannot run the kernels in this environment, or None."""
-    from fused_rnn._backend import interpreter_broken as probe
-
-    return probe()
+# Why the Triton interpreter cannot run the kernels in this environment, or None (a cached probe).
+INTERPRETER_BROKEN = interpreter_broken()
 
 
 def pytest_configure(config):
     # The interpreter lane with an interpreter that cannot run the kernels (Triton 3.6 with
     # NumPy >= 2.3) would fail every kernel test for a reason outside the code: stop, saying why.
-    if INTERPRET and interpreter_broken():
-        raise pytest.UsageError(f"TRITON_INTERPRET=1, but {interpreter_broken()}")
+    if INTERPRET and INTERPRETER_BROKEN:
+        raise pytest.UsageError(f"TRITON_INTERPRET=1, but {INTERPRETER_BROKEN}")
 
 
 # The `fused-rnn check` subprocess tests that run the kernels through the interpreter: on a GPU
 # machine whose Triton interpreter cannot (its Triton 3.6 with NumPy 2.5), they say why and skip;
 # the CPU lanes run them.
 requires_working_interpreter = pytest.mark.skipif(
-    interpreter_broken() is not None, reason=f"Triton interpreter unusable here: {interpreter_broken()}"
+    INTERPRETER_BROKEN is not None, reason=f"Triton interpreter unusable here: {INTERPRETER_BROKEN}"
 )
 
 
