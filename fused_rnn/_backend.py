@@ -1,16 +1,22 @@
 """Backend choice, shared by every layer and functional entry point."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
+import threading
 import warnings
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
 
-_warned: set = set()
+WARN_KEYS_MAX = 256
+_warned: "OrderedDict[str, None]" = OrderedDict()
+_warned_lock = threading.Lock()
 
 
 def interpreter_on() -> bool:
@@ -55,6 +61,21 @@ def interpreter_broken() -> Optional[str]:
     return None
 
 
+FUNCTORCH_MESSAGE = (
+    "fused_rnn: backend='triton' cannot run under torch.func transforms (grad, vjp, vmap, jacrev): "
+    "the Triton kernels' autograd Functions have no functorch rule; run the layer with "
+    "backend='reference' (or 'auto', which takes it under the transforms)"
+)
+
+
+def _functorch_transform_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is running (not while compiling:
+    Dynamo handles the transforms itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Map the user's backend choice to "triton" or "reference" for tensor ``x``.
 
@@ -64,6 +85,13 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
+        return "reference"
+    if _functorch_transform_active():
+        # the Functions' hand-written backward has no functorch (vmap / grad / jvp) rule
+        if backend == "triton":
+            raise RuntimeError(FUNCTORCH_MESSAGE)
+        warn_once("functorch", "fused_rnn: torch.func transforms cannot run the Triton kernels (their "
+                               "autograd Functions have no functorch rule); using the reference path")
         return "reference"
     if backend == "auto":
         return "triton" if x.is_cuda and triton_available() else "reference"
@@ -83,11 +111,30 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 
 def warn_once(key: str, message: str) -> None:
-    """A warning printed once per process for each distinct ``key``."""
-    if key in _warned:
-        return
-    _warned.add(key)
+    """A warning printed once per process for each cause: ``key`` with its numbers taken out, so
+    a fallback warns once, not once per shape. Thread-safe; at most WARN_KEYS_MAX causes kept."""
+    cause = re.sub(r"\d+(\.\d+)?", "#", key)
+    with _warned_lock:
+        if cause in _warned:
+            return
+        _warned[cause] = None
+        while len(_warned) > WARN_KEYS_MAX:
+            _warned.popitem(last=False)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def warnings_unsuppressed():
+    """Inside the block every cause warns again (the record of those already warned is set aside
+    and put back after): for callers that collect the warnings of one call."""
+    global _warned
+    with _warned_lock:
+        saved, _warned = _warned, OrderedDict()
+    try:
+        yield
+    finally:
+        with _warned_lock:
+            _warned = saved
 
 
 # ------------------------------------------------------------------------- double backward

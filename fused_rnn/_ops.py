@@ -15,7 +15,9 @@ that chooses; see there for the policy and the overrides). Every path returns th
 
 (No ``from __future__ import annotations`` here: custom_op reads the real type hints.)
 """
+import contextlib
 import functools
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -36,6 +38,20 @@ def rnn_kernels():
     from .kernels import rnn
 
     return rnn
+
+
+# The Triton interpreter is not thread-safe (a launch patches triton.language for its duration):
+# ops on CPU tensors, which run through it, take turns. CUDA launches need no lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _launching(x: Tensor):
+    """The scope of one op's launches: autocast off (the launchers choose every dtype), and on
+    CPU tensors the interpreter's lock."""
+    lock = contextlib.nullcontext() if x.is_cuda else _INTERPRETER_LOCK
+    with lock, torch.autocast(x.device.type, enabled=False):
+        yield
 
 
 def _none(ref: Tensor) -> Tensor:
@@ -71,7 +87,7 @@ def lstm_fwd(
         return K.lstm_fwd(*a, eps=eps, allow_tf32=allow_tf32, fused=fused, save_gates=save_gates, path=path)[1:]
 
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths)
-    with torch.autocast(x.device.type, enabled=False):
+    with _launching(x):
         if p == "graph":
             return _paths.graphed("lstm_fwd", run, args, (eps, allow_tf32, fused, save_gates))
         return run(*args, path=p)
@@ -130,7 +146,7 @@ def _lstm_bwd(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw,
     run = functools.partial(K.lstm_bwd, eps=eps, allow_tf32=allow_tf32, fused=fused, need_dx=need_dx,
                             need_dw=need_dw, consume_gates=consume_gates)
     args = (dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln, lengths)
-    with torch.autocast(x.device.type, enabled=False):
+    with _launching(x):
         if p == "graph":
             # the graph consumes its own static copy of gates, never the caller's
             res = _paths.graphed("lstm_bwd", run, args, (eps, allow_tf32, fused, need_dx, need_dw, consume_gates))
@@ -193,7 +209,7 @@ def lstm_proj_fwd(
         return K.lstm_proj_fwd(*a, eps=eps, allow_tf32=allow_tf32)[1:]
 
     args = (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, _ln(ln_gw, ln_gb, ln_cw, ln_cb), lengths)
-    with torch.autocast(x.device.type, enabled=False):
+    with _launching(x):
         if p == "graph":
             return _paths.graphed("lstm_proj_fwd", run, args, (eps, allow_tf32))
         return run(*args)
@@ -230,7 +246,7 @@ def lstm_proj_bwd(
     run = functools.partial(K.lstm_proj_bwd, eps=eps, allow_tf32=allow_tf32, need_dx=need_dx, need_dw=need_dw)
     args = (dout, dh_n, dc_n, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh,
             _ln(ln_gw, ln_gb, ln_cw, ln_cb), lengths)
-    with torch.autocast(x.device.type, enabled=False):
+    with _launching(x):
         if p == "graph":
             res = _paths.graphed("lstm_proj_bwd", run, args, (eps, allow_tf32, need_dx, need_dw))
         else:
@@ -279,7 +295,7 @@ def rnn_fwd(
         "fwd", B, H, fused, x.dtype, x.device, allow_tf32=allow_tf32))
     run = functools.partial(K.rnn_fwd, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused)
     args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
-    with torch.autocast(x.device.type, enabled=False):
+    with _launching(x):
         if p == "graph":
             return _paths.graphed("rnn_fwd", run, args, (nonlinearity, allow_tf32, fused))
         return run(*args, path=p)
@@ -307,7 +323,7 @@ def rnn_bwd(
     run = functools.partial(K.rnn_bwd, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused,
                             need_dx=need_dx, need_dw=need_dw)
     args = (dout, dh_n, x, w_ih, w_hh, hs, lengths)
-    with torch.autocast(x.device.type, enabled=False):
+    with _launching(x):
         if p == "graph":
             res = _paths.graphed("rnn_bwd", run, args, (nonlinearity, allow_tf32, fused, need_dx, need_dw))
         else:

@@ -20,8 +20,10 @@ graph capture) runs the step path instead; an explicit request that cannot be me
 
 Choosing (first match wins):
     1. the ``path`` argument of the custom ops / autograd Functions, when not "auto";
-    2. ``use_path(name)``: a process-wide override (not per thread: the autograd engine runs
-       backward on its own threads, which a thread-local or context variable would not reach);
+    2. ``use_path(name)``: an override for the current thread / context (a context variable).
+       The autograd engine may run a backward on its own threads, which a context variable does
+       not reach, so the autograd Functions read the request once in forward and hand it to
+       their backward (``requested``);
     3. the environment variable FUSED_RNN_PATH=step|graph|persistent|adaptive|auto, read at each call;
     4. AUTO_PATH.
 
@@ -39,6 +41,7 @@ gets an unmeasured path by default. THE H100 MEASUREMENT IS OWED; then set AUTO_
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 from collections import OrderedDict
@@ -52,8 +55,7 @@ PATHS = ("auto", "step", "graph", "persistent", "adaptive")
 ENV_VAR = "FUSED_RNN_PATH"
 AUTO_PATH = "step"  # see the module docstring: unmeasured alternatives stay opt-in
 
-_override: Optional[str] = None
-_override_lock = threading.Lock()
+_override: contextvars.ContextVar = contextvars.ContextVar("fused_rnn_path", default=None)
 
 
 def _check(name: str, what: str) -> str:
@@ -65,16 +67,15 @@ def _check(name: str, what: str) -> str:
 @contextlib.contextmanager
 def use_path(name: str):
     """Run every fused_rnn layer on path ``name`` inside the block (forward and backward; the
-    block must contain the backward too). Process-wide: meant for tests and benchmarks."""
-    global _override
+    block must contain the backward too, or the forward hands its request on, see
+    ``requested``). Per thread and per context: other threads are not affected, and leaving the
+    block restores exactly what was in force at its entry."""
     _check(name, "use_path")
-    with _override_lock:
-        saved, _override = _override, name
+    token = _override.set(name)
     try:
         yield
     finally:
-        with _override_lock:
-            _override = saved
+        _override.reset(token)
 
 
 def requested(path: str = "auto") -> str:
@@ -82,8 +83,9 @@ def requested(path: str = "auto") -> str:
     _check(path, "path")
     if path != "auto":
         return path
-    if _override is not None and _override != "auto":
-        return _override
+    override = _override.get()
+    if override is not None and override != "auto":
+        return override
     return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
 
 

@@ -597,17 +597,9 @@ def _fallback_warnings(fn: Callable[[], None]) -> List[str]:
     aside for the call and put back after."""
     from . import _backend
 
-    warned = getattr(_backend, "_warned", None)
-    saved = set(warned) if isinstance(warned, set) else None
-    if saved is not None:
-        warned.clear()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        if saved is not None:
-            warned.update(saved)
+    with _backend.warnings_unsuppressed(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
     return [str(w.message) for w in caught if "reference path" in str(w.message)]
 
 

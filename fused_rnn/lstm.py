@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _ops
+from . import _ops, _paths
 from ._backend import first_order, resolve_backend, warn_once
 from ._validate import check_sequence_args
 from .reference import LN_EPS, lstm_sequence_ref
@@ -45,6 +45,7 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused,
                 save_gates, path="auto"):
+        path = _request(path)
         h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, fused, save_gates, path
         )
@@ -102,6 +103,7 @@ class LSTMProjFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, path="auto"):
+        path = _request(path)
         h_n, c_n, hp, hs, cs, gates = torch.ops.fused_rnn.lstm_proj_fwd(
             x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, eps, allow_tf32, path)
         ctx.save_for_backward(x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, hp, hs, cs, gates, h0, c0)
@@ -119,6 +121,13 @@ class LSTMProjFunction(torch.autograd.Function):
         grads = (dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db.to(x.dtype if b_ih is None else b_ih.dtype),
                  db.to(x.dtype if b_hh is None else b_hh.dtype), dgw, dgb, dcw, dcb)
         return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+
+
+def _request(path: str) -> str:
+    """The path the caller's thread asks for (use_path is per context), fixed in forward for the
+    backward, which the autograd engine may run on another thread. Traced forwards keep "auto":
+    the op then reads the request where it runs."""
+    return path if torch.compiler.is_compiling() else _paths.requested(path)
 
 
 def _eager(t: torch.Tensor) -> bool:

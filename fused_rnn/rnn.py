@@ -16,7 +16,7 @@ import torch
 from . import _ops
 from ._backend import first_order, resolve_backend, warn_once
 from ._validate import check_sequence_args
-from .lstm import _allow_tf32, _same_dtype
+from .lstm import _allow_tf32, _request, _same_dtype
 from .reference import rnn_sequence_ref
 
 
@@ -28,6 +28,7 @@ class RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused, path="auto"):
+        path = _request(path)
         out, h_n, hs = torch.ops.fused_rnn.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity,
                                                    allow_tf32, fused, path)
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, hs, h0)

@@ -6,6 +6,8 @@ capture) also runs on the CPU with the CUDA calls faked.
 (On CPU tensors the graph path falls back to the step kernels with a warning: that test lives in
 tests/test_persistent.py with the rest of the path choice.)
 """
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ BF16, F32 = torch.bfloat16, torch.float32
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
-    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", OrderedDict())
     monkeypatch.delenv(_paths.ENV_VAR, raising=False)
     if HAS_CUDA:
         from fused_rnn.kernels import _common

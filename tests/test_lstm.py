@@ -7,6 +7,7 @@ the interpreter is slow). Every launcher buffer a kernel must fill is NaN-poison
 Tolerances are relative to an fp64 reference, ‖ours − ref‖ / ‖ref‖.
 """
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -328,7 +329,7 @@ def test_lstm_fallback_warns_once(monkeypatch):
     from fused_rnn.kernels import lstm as K
 
     monkeypatch.setattr(K, "LN_MAX_H", 8)
-    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", OrderedDict())
     ins, L, _ = make_case(3, 2, 3, 9, F32, True, True, None)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
     with pytest.warns(RuntimeWarning, match="reference"):
@@ -342,7 +343,7 @@ def test_lstm_fallback_warns_once(monkeypatch):
 
 
 def test_lstm_empty_sequence_falls_back(monkeypatch):
-    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", OrderedDict())
     ins, _, _ = make_case(1, 2, 3, 5, F32, False)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
     with pytest.warns(RuntimeWarning, match="empty"):

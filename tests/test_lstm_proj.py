@@ -5,6 +5,8 @@ Where the kernels can run: a CUDA GPU, or the CPU under TRITON_INTERPRET=1. Laun
 NaN-poisoned (kernels._common.POISON), so an element a kernel or a product leaves unwritten fails
 the comparison. Tolerances are relative to an fp64 reference (conftest.tol).
 """
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -145,7 +147,7 @@ def test_lstm_proj_second_backward_is_identical():
 
 def test_lstm_proj_persistent_request_warns_and_runs_step(monkeypatch):
     """No persistent kernel takes the projection: asking for one says so once and runs the steps."""
-    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", OrderedDict())
     ins, L, ups = make_case(3, 2, 4, 6, 3, F64, False, True, None)
     with pytest.warns(RuntimeWarning, match="persistent path not possible for lstm_proj_fwd"):
         outs, grads = fwd_bwd(kernels_fn("persistent"), ins, L, ups)

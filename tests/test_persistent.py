@@ -11,6 +11,7 @@ Buffers are NaN-poisoned (kernels._common.POISON), so an element a kernel leaves
 import os
 import re
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ _ll_put = _ll_get = None
 def _poison_and_fresh_warnings(request, monkeypatch):
     if DEV is not None:
         request.getfixturevalue("poison")
-    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", OrderedDict())
     monkeypatch.delenv(_paths.ENV_VAR, raising=False)
 
 

@@ -7,6 +7,7 @@ the interpreter is slow). Every launcher buffer a kernel must fill is NaN-poison
 Tolerances are relative to an fp64 reference, ‖ours − ref‖ / ‖ref‖.
 """
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_rnn_nonfinite_propagates(nl, bad):
 
 
 def test_rnn_empty_sequence_falls_back(monkeypatch):
-    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", OrderedDict())
     ins, _, _ = make_case(1, 2, 3, 5, F32)
     x, h0, *w = ins
     with pytest.warns(RuntimeWarning, match="empty"):
