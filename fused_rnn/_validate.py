@@ -1,17 +1,40 @@
-"""Argument checks shared by the layers: clear errors that name the argument and the shape
-expected, as torch.nn does, and never a silent broadcast."""
+"""Argument checks shared by the layers and the functional entry points: clear errors that name
+the argument and what is allowed, as torch.nn does, raised before any backend is chosen (so the
+same on every backend), and never a silent broadcast."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
 
+from ._backend import BACKENDS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LENGTH_DTYPES = (torch.int32, torch.int64)
+NONLINEARITIES = ("tanh", "relu")
+LN_PARTS = ("gate_weight", "gate_bias", "cell_weight", "cell_bias")
 
 
-def check_float(t: torch.Tensor, name: str) -> None:
+def check_backend(backend: str) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_nonlinearity(nonlinearity: str) -> str:
+    if not isinstance(nonlinearity, str) or nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    return nonlinearity
+
+
+def check_float(t: torch.Tensor, name: str, optional: bool = False) -> None:
+    """``t`` is a floating-point tensor (or None, when ``optional``): else a TypeError naming it."""
+    if optional and t is None:
+        return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        what = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {what}, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
@@ -104,14 +127,66 @@ def _expect(t: Optional[torch.Tensor], shape: Sequence[int], name: str) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def check_lengths(lengths, T: int, B: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``lengths``: None; an int32 / int64 tensor [B] on the CPU or x's device; or a list / tuple
+    of B ints (made a CPU int64 tensor, as pack_padded_sequence does). Returns it as int64 on x's
+    device. Its values must lie in [0, T] (0: that sequence's state passes through unchanged);
+    they are read only from a CPU tensor and not under torch.compile, so a CUDA tensor costs no
+    device sync and its values are the caller's to get right."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in lengths):
+            raise TypeError(f"lengths given as a {type(lengths).__name__} must hold ints, got {lengths!r}")
+        lengths = torch.tensor(lengths, dtype=torch.int64)
+    elif not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be None, an int32 or int64 tensor, or a list of ints, "
+                        f"got {type(lengths).__name__}")
+    if lengths.dtype not in LENGTH_DTYPES:
+        raise TypeError(f"lengths must be an integer tensor (int32 or int64), got {lengths.dtype}")
+    if lengths.device.type != "cpu" and lengths.device != x.device:
+        raise ValueError(f"lengths is on {lengths.device} but x is on {x.device}; "
+                         f"lengths must be on the CPU or on x's device")
+    _expect(lengths, (B,), "lengths")
+    if lengths.device.type == "cpu" and B > 0 and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(lengths)
+        if lo < 0 or hi > T:
+            i = int(((lengths < 0) | (lengths > T)).nonzero()[0, 0])
+            raise ValueError(f"lengths must lie in [0, T={T}] (x's time steps), "
+                             f"got lengths[{i}] = {int(lengths[i])}")
+    return lengths.to(device=x.device, dtype=torch.int64)
+
+
 def check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln=None, lengths=None, w_hr=None,
-                        gates: int = 4) -> None:
-    """The functional entry points' shapes (lstm_sequence: gates=4; rnn_sequence: gates=1, c0
+                        gates: int = 4, backend: str = "auto") -> Optional[torch.Tensor]:
+    """The functional entry points' arguments (lstm_sequence: gates=4; rnn_sequence: gates=1, c0
     None): x [T, B, I], w_ih [gates·H, I], w_hh [gates·H, P], h0 [B, P], c0 [B, H], b_* [gates·H],
     ln (gate_weight, gate_bias [4H], cell_weight, cell_bias [H]), w_hr [P, H], lengths [B]; P = H
-    without a projection. A ValueError that names the argument, never a silent broadcast."""
+    without a projection. Every tensor a floating-point torch.Tensor (TypeError; their dtypes may
+    differ) on x's device (ValueError); h0, c0, w_ih, w_hh required, the rest may be None; lengths
+    as check_lengths, which returns it (int64 on x's device). Wrong shapes: a ValueError that
+    names the argument, never a silent broadcast."""
+    check_backend(backend)
+    check_float(x, "x")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D [T, B, I] (time-major), got shape {tuple(x.shape)}")
+    named = [(h0, "h0", False), (w_ih, "w_ih", False), (w_hh, "w_hh", False),
+             (b_ih, "b_ih", True), (b_hh, "b_hh", True), (w_hr, "w_hr", True)]
+    if gates == 4:
+        named.insert(1, (c0, "c0", False))
+    if ln is not None:
+        if not isinstance(ln, (tuple, list)):
+            raise TypeError(f"ln must be None or a tuple of 4 tensors {LN_PARTS}, got {type(ln).__name__}")
+        if len(ln) != 4:
+            raise ValueError(f"ln must be (gate_weight, gate_bias, cell_weight, cell_bias), got {len(ln)} tensors")
+        for t, n in zip(ln, LN_PARTS):
+            if t is None:
+                raise TypeError(f"ln {n} is None: ln must be None (the plain LSTM) or 4 tensors {LN_PARTS}")
+        named += [(t, f"ln {n}", False) for t, n in zip(ln, LN_PARTS)]
+    for t, n, optional in named:
+        check_float(t, n, optional)
+        if t is not None:
+            check_same(t, x, n, "x", dtype=False)
     T, B, I = x.shape
     if w_ih.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] % gates:
         what = "[4H, I]" if gates == 4 else "[H, I]"
@@ -127,8 +202,6 @@ def check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln=None, lengths=None
     _expect(b_ih, (G,), "b_ih")
     _expect(b_hh, (G,), "b_hh")
     if ln is not None:
-        if len(ln) != 4:
-            raise ValueError(f"ln must be (gate_weight, gate_bias, cell_weight, cell_bias), got {len(ln)} tensors")
-        for t, n, shape in zip(ln, ("gate_weight", "gate_bias", "cell_weight", "cell_bias"), ((G,), (G,), (H,), (H,))):
+        for t, n, shape in zip(ln, LN_PARTS, ((G,), (G,), (H,), (H,))):
             _expect(t, shape, f"ln {n}")
-    _expect(lengths, (B,), "lengths")
+    return check_lengths(lengths, T, B, x)

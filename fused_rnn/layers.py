@@ -22,17 +22,10 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import _validate as V
-from ._backend import BACKENDS
 from .lstm import lstm_sequence
 from .rnn import rnn_sequence
 
 LN_NAMES = ("ln_gate_weight", "ln_gate_bias", "ln_cell_weight", "ln_cell_bias")
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 def _make_ln_params(module: nn.Module, hidden_size: int, suffix: str, device, dtype) -> None:
@@ -213,7 +206,7 @@ class LSTM(_SequenceLayer, nn.RNNBase):
 
     def __init__(self, *args, layer_norm: bool = False, backend: str = "auto", **kwargs):
         super().__init__("LSTM", *args, **kwargs)
-        self.backend = _check_backend(backend)
+        self.backend = V.check_backend(backend)
         self.layer_norm = bool(layer_norm)
         if self.layer_norm:
             w = self.weight_hh_l0
@@ -255,7 +248,7 @@ class RNN(_SequenceLayer, nn.RNNBase):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
         self.nonlinearity = nonlinearity
-        self.backend = _check_backend(backend)
+        self.backend = V.check_backend(backend)
 
     def forward(self, input, hx=None):
         return self._forward(input, hx)
@@ -287,7 +280,7 @@ class LSTMCell(nn.LSTMCell):
 
     def __init__(self, *args, layer_norm: bool = False, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
+        self.backend = V.check_backend(backend)
         self.layer_norm = bool(layer_norm)
         if self.layer_norm:
             w = self.weight_hh
@@ -333,7 +326,7 @@ class RNNCell(nn.RNNCell):
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
+        self.backend = V.check_backend(backend)
 
     def forward(self, input, hx: Optional[torch.Tensor] = None):
         batched = V.check_cell_input(input, self.input_size)

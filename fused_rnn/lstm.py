@@ -159,21 +159,25 @@ def lstm_sequence(
 ):
     """x [T, B, I], h0/c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_* [4H] or None,
     ln None or (gate_weight [4H], gate_bias [4H], cell_weight [H], cell_bias [H]),
-    lengths None or int64 [B] on x's device -> (out [T, B, H], h_n [B, H], c_n [B, H]).
+    lengths None or [B] -> (out [T, B, H], h_n [B, H], c_n [B, H]).
 
     ``w_hr`` [P, H] or None: torch.nn.LSTM's projection (proj_size P); then h0, h_n are [B, P],
     w_hh is [4H, P] and out is [T, B, P] (LSTMProjFunction: cuBLAS products around the
-    unfused pointwise kernels, kernels/lstm_proj.py)."""
-    check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, w_hr)
-    if resolve_backend(backend, x) == "triton":
+    unfused pointwise kernels, kernels/lstm_proj.py).
+
+    Checked before any backend runs, alike on all (fused_rnn._validate.check_sequence_args):
+    every tensor a floating-point torch.Tensor on x's device (TypeError / ValueError naming it);
+    ``lengths`` an int32 / int64 tensor on the CPU or x's device, or a list of ints, each in
+    [0, T] (values checked only on the CPU: no device sync); ``backend`` one of BACKENDS. Meta
+    tensors run the reference path on every backend, shapes only (as nn.LSTM on "meta")."""
+    lengths = check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, w_hr, backend=backend)
+    if x.device.type != "meta" and resolve_backend(backend, x) == "triton":
         kernels = _ops.lstm_kernels()
         reason = kernels.unsupported(x, w_hh, ln)
         if reason is None and not _same_dtype(x, (h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh) + tuple(ln or ())):
             reason = "mixed dtypes"
         if reason is None:
             gw, gb, cw, cb = ln if ln is not None else (None,) * 4
-            if lengths is not None:
-                lengths = lengths.to(device=x.device, dtype=torch.int64)
             if w_hr is not None:
                 return LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths,
                                               LN_EPS, _allow_tf32(x))

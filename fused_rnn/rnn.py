@@ -15,7 +15,7 @@ import torch
 
 from . import _ops
 from ._backend import first_order, resolve_backend, warn_once
-from ._validate import check_sequence_args
+from ._validate import check_nonlinearity, check_sequence_args
 from .lstm import _allow_tf32, _request, _same_dtype
 from .reference import rnn_sequence_ref
 
@@ -67,18 +67,17 @@ def rnn_sequence(
     backend: str = "auto",
 ):
     """x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_* [H] or None,
-    lengths None or int64 [B] on x's device -> (out [T, B, H], h_n [B, H])."""
-    if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-    check_sequence_args(x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths=lengths, gates=1)
-    if resolve_backend(backend, x) == "triton":
+    lengths None or [B] -> (out [T, B, H], h_n [B, H]). ``nonlinearity``: "tanh" or "relu".
+    Arguments are checked as lstm_sequence's, alike on every backend; meta tensors run the
+    reference path, shapes only."""
+    check_nonlinearity(nonlinearity)
+    lengths = check_sequence_args(x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths=lengths, gates=1, backend=backend)
+    if x.device.type != "meta" and resolve_backend(backend, x) == "triton":
         kernels = _ops.rnn_kernels()
         reason = kernels.unsupported(x, w_hh)
         if reason is None and not _same_dtype(x, (h0, w_ih, w_hh, b_ih, b_hh)):
             reason = "mixed dtypes"
         if reason is None:
-            if lengths is not None:
-                lengths = lengths.to(device=x.device, dtype=torch.int64)
             return RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, _allow_tf32(x), True)
         warn_once(f"rnn:{reason}", f"fused_rnn: the RNN kernels cannot take {reason}; using the reference path")
     return rnn_sequence_ref(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity)

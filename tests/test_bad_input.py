@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fused_rnn
+from conftest import requires_cuda, requires_kernels
 
 B, T, I, H = 3, 7, 5, 11
 
@@ -154,3 +155,133 @@ def test_rnn_sequence_shapes():
                            ("lengths", torch.tensor([1]), r"lengths must have shape \(3,\)")]:
         with pytest.raises(ValueError, match=msg):
             fused_rnn.rnn_sequence(**dict(args, **{name: bad}))
+
+
+# --------------------- argument types, devices and values: the same error on every backend
+BACKENDS = ["reference", pytest.param("triton", marks=requires_kernels)]
+
+
+def _rnn_args():
+    """Well-formed rnn_sequence arguments (B 3, I 5, H 11)."""
+    return dict(x=torch.randn(T, B, I), h0=torch.zeros(B, H), w_ih=torch.randn(H, I), w_hh=torch.randn(H, H),
+                b_ih=torch.randn(H), b_hh=torch.randn(H), lengths=torch.tensor([T, 2, 0]))
+
+
+def _ln(*parts):
+    """The LayerNorm tuple with ``parts`` ((index, tensor) pairs) replaced."""
+    ln = [torch.ones(4 * H), torch.zeros(4 * H), torch.ones(H), torch.zeros(H)]
+    for i, t in parts:
+        ln[i] = t
+    return tuple(ln)
+
+
+META = torch.device("meta")
+# (function, argument, bad value, exception, message): every message names the argument
+ARG_BAD = [
+    ("lstm", "x", torch.ones(T, B, I, dtype=torch.int64), TypeError, r"x must be a floating-point tensor"),
+    ("lstm", "x", [[0.0] * I] * B, TypeError, r"x must be a torch.Tensor, got list"),
+    ("lstm", "h0", None, TypeError, r"h0 must be a torch.Tensor, got NoneType"),
+    ("lstm", "c0", None, TypeError, r"c0 must be a torch.Tensor, got NoneType"),
+    ("lstm", "w_ih", torch.ones(4 * H, I, dtype=torch.int32), TypeError, r"w_ih must be a floating-point"),
+    ("lstm", "w_hh", [[0.0] * H] * (4 * H), TypeError, r"w_hh must be a torch.Tensor, got list"),
+    ("lstm", "b_ih", torch.ones(4 * H, dtype=torch.int64), TypeError, r"b_ih must be a floating-point"),
+    ("lstm", "b_hh", [0.0] * (4 * H), TypeError, r"b_hh must be a torch.Tensor or None, got list"),
+    ("lstm", "ln", (None,) * 4, TypeError, r"ln gate_weight is None: ln must be None \(the plain LSTM\)"),
+    ("lstm", "ln", _ln((2, None)), TypeError, r"ln cell_weight is None"),
+    ("lstm", "ln", torch.ones(4, H), TypeError, r"ln must be None or a tuple of 4 tensors"),
+    ("lstm", "ln", _ln((3, torch.zeros(H, dtype=torch.int64))), TypeError, r"ln cell_bias must be a floating-point"),
+    ("lstm", "lengths", torch.tensor([7.0, 2.0, 1.0]), TypeError,
+     r"lengths must be an integer tensor \(int32 or int64\), got torch.float32"),
+    ("lstm", "lengths", torch.tensor([True, True, True]), TypeError, r"lengths must be an integer tensor"),
+    ("lstm", "lengths", [7.0, 2.0, 1.0], TypeError, r"lengths given as a list must hold ints"),
+    ("lstm", "lengths", "7,2,1", TypeError, r"lengths must be None, an int32 or int64 tensor, or a list of ints"),
+    ("lstm", "lengths", torch.tensor([T + 1, 2, 1]), ValueError, r"lengths must lie in \[0, T=7\].*lengths\[0\] = 8"),
+    ("lstm", "lengths", [T, 2, -1], ValueError, r"lengths must lie in \[0, T=7\].*lengths\[2\] = -1"),
+    ("lstm", "lengths", torch.tensor([T, 2, 1], device=META), ValueError,
+     r"lengths is on meta but x is on cpu; lengths must be on the CPU or on x's device"),
+    ("lstm", "h0", torch.zeros(B, H, device=META), ValueError, r"h0 is on meta but x is on cpu"),
+    ("lstm", "w_hh", torch.zeros(4 * H, H, device=META), ValueError, r"w_hh is on meta but x is on cpu"),
+    ("lstm", "ln", _ln((1, torch.zeros(4 * H, device=META))), ValueError, r"ln gate_bias is on meta but x is on cpu"),
+    ("lstm", "backend", "cuda", ValueError, r"backend must be one of \('auto', 'triton', 'reference'\), got 'cuda'"),
+    ("rnn", "x", torch.ones(T, B, I, dtype=torch.int64), TypeError, r"x must be a floating-point tensor"),
+    ("rnn", "h0", None, TypeError, r"h0 must be a torch.Tensor, got NoneType"),
+    ("rnn", "w_ih", torch.ones(H, I, dtype=torch.int64), TypeError, r"w_ih must be a floating-point"),
+    ("rnn", "lengths", torch.tensor([7.0, 2.0, 1.0]), TypeError, r"lengths must be an integer tensor"),
+    ("rnn", "lengths", (T, 2, T + 3), ValueError, r"lengths must lie in \[0, T=7\].*lengths\[2\] = 10"),
+    ("rnn", "h0", torch.zeros(B, H, device=META), ValueError, r"h0 is on meta but x is on cpu"),
+    ("rnn", "nonlinearity", "gelu", ValueError, r"nonlinearity must be 'tanh' or 'relu', got 'gelu'"),
+    ("rnn", "nonlinearity", None, ValueError, r"nonlinearity must be 'tanh' or 'relu', got None"),
+    ("rnn", "backend", None, ValueError, r"backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn,name,bad,exc,msg", ARG_BAD,
+                         ids=[f"{f}-{n}-{i}" for i, (f, n, *_) in enumerate(ARG_BAD)])
+def test_sequence_argument_types(fn, name, bad, exc, msg, backend):
+    """The functional entry points refuse what the layers refuse, before any backend runs: the
+    same exception and message on every backend, naming the argument."""
+    args = dict(_lstm_args(), backend=backend) if fn == "lstm" else dict(_rnn_args(), backend=backend)
+    f = fused_rnn.lstm_sequence if fn == "lstm" else fused_rnn.rnn_sequence
+    args[name] = bad
+    with pytest.raises(exc, match=msg):
+        f(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths", [[T, 2, 0], (T, 2, 0), torch.tensor([T, 2, 0], dtype=torch.int32)],
+                         ids=["list", "tuple", "int32"])
+def test_sequence_lengths_forms(lengths, backend):
+    """lengths as a list or tuple of ints (as pack_padded_sequence takes them) or an int32
+    tensor: the same result as the int64 tensor."""
+    args = _lstm_args()
+    want = fused_rnn.lstm_sequence(**args, backend=backend)
+    got = fused_rnn.lstm_sequence(**dict(args, lengths=lengths), backend=backend)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    r = _rnn_args()
+    want = fused_rnn.rnn_sequence(**r, backend=backend)
+    got = fused_rnn.rnn_sequence(**dict(r, lengths=lengths), backend=backend)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+# meta tensors run the reference path (shapes only) on every backend, the triton backend
+# included without a GPU or the interpreter: no requires_kernels mark
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+def test_sequence_meta(backend):
+    """Meta tensors give meta outputs of the right shapes, as torch.nn.LSTM does on "meta";
+    lengths may stay on the CPU (checked there)."""
+    args = {k: (v.to(META) if isinstance(v, torch.Tensor) else tuple(t.to(META) for t in v))
+            for k, v in _lstm_args(P=4).items() if k != "lengths"}
+    out, h_n, c_n = fused_rnn.lstm_sequence(**args, lengths=torch.tensor([T, 2, 0]), backend=backend)
+    assert out.device == META and (out.shape, h_n.shape, c_n.shape) == ((T, B, 4), (B, 4), (B, H))
+    r = {k: v.to(META) for k, v in _rnn_args().items()}
+    out, h_n = fused_rnn.rnn_sequence(**r, backend=backend)
+    assert out.device == META and (out.shape, h_n.shape) == ((T, B, H), (B, H))
+    for cell in (fused_rnn.LSTMCell(I, H, layer_norm=True, device=META, backend=backend),
+                 fused_rnn.RNNCell(I, H, device=META, backend=backend)):
+        h = cell(torch.randn(B, I, device=META))
+        assert (h[0] if isinstance(h, tuple) else h).shape == (B, H)
+
+
+@pytest.mark.filterwarnings("ignore:fused_rnn. the LSTM kernels cannot take mixed dtypes")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_mixed_float_dtypes_run(backend):
+    """Floating dtypes may differ, as before these checks (the triton backend falls back to the
+    reference path, with its warning)."""
+    args = dict(_lstm_args(), h0=torch.zeros(B, H, dtype=torch.float64), b_ih=torch.randn(4 * H).half())
+    out, _, _ = fused_rnn.lstm_sequence(**args, backend=backend)
+    assert out.dtype == torch.float32
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sequence_cpu_lengths_with_cuda_input(backend):
+    """lengths may stay on the CPU (where their values are checked) while x is on the GPU."""
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else tuple(t.cuda() for t in v))
+            for k, v in _lstm_args().items() if k != "lengths"}
+    want = fused_rnn.lstm_sequence(**args, lengths=torch.tensor([T, 2, 0], device="cuda"), backend=backend)
+    got = fused_rnn.lstm_sequence(**args, lengths=torch.tensor([T, 2, 0]), backend=backend)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
