@@ -17,7 +17,8 @@ streamed). A variant whose internal signature no longer matches is reported as S
 run; a persistent case whose problem kernels.persistent.plan refuses is a failure.
 
 Each case runs the forward, then backward of (out·dout).sum() + (h_n·dh_n).sum() [+ (c_n·dc_n)]
-with h0 / c0 requiring grad, so every gradient output is written. It fails on an exception or a
+with h0 / c0 requiring grad, so every gradient output is written ("nan-pad" cases: NaN in x and
+in dout past each sequence's end, which must reach nothing). It fails on an exception or a
 non-finite value; the error against an fp64 reference is printed for information (tests/ judge
 accuracy). Exit status: 0 every case ran clean, 1 a case failed, 3 no device to run on.
 
@@ -172,6 +173,11 @@ def run_case(case, device):
     nl = case.get("nonlinearity", "tanh")
     d = _inputs(cell, B, T, I, H, dt, device, case.get("lengths", True), case.get("bias", True),
                 case["seed"])
+    pad = None
+    if case.get("nan_pad"):  # [T, B, 1]: the steps past each sequence's end
+        pad = (torch.arange(T, device=device).unsqueeze(1) >= d["lengths"].unsqueeze(0)).unsqueeze(-1)
+        with torch.no_grad():
+            d["x"].masked_fill_(pad, float("nan"))
     if case.get("variant"):
         res = _run_variant(cell, d, nl, case["fused"], case.get("save_gates", True),
                            case.get("path", "auto"))
@@ -180,6 +186,8 @@ def run_case(case, device):
     g = torch.Generator().manual_seed(case["seed"] + 1)
     cot = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=device, dtype=t.dtype)
            for t in res]
+    if pad is not None:
+        cot[0] = cot[0].masked_fill(pad, float("nan"))
     loss = sum((t * c).sum() for t, c in zip(res, cot))
     loss.backward()
     if device.type == "cuda":
@@ -301,6 +309,14 @@ def cases():
     # the layer-norm LSTM's LL exchange (rows and LayerNorm partials as tagged words; B16, 16-bit:
     # kernels/persistent_ln.py ln_ll_fits)
     add("persistent-ll lnlstm bf16 B3 T5 I19 H37 lengths", cell="lnlstm", B=3, T=5, I=19, H=37, dtype="bf16", **ll)
+    # NaN in x and dout past the ends (issue 17): every output and gradient must stay finite
+    nan = dict(nan_pad=True, B=3, T=5, I=19, H=37)
+    for cell, dt in (("lstm", "bf16"), ("lnlstm", "fp32"), ("lstm_proj", "bf16"), ("lnlstm_proj", "fp32")):
+        add(f"nan-pad {cell} {dt} B3 T5 I19 H37 lengths", cell=cell, dtype=dt, **nan)
+    add("nan-pad rnn-relu bf16 B3 T5 I19 H37 lengths", cell="rnn", nonlinearity="relu", dtype="bf16", **nan)
+    for cell, dt in (("lstm", "bf16"), ("lnlstm", "bf16"), ("rnn", "fp32")):
+        add(f"nan-pad persistent {cell} {dt} B3 T5 I19 H37 lengths", cell=cell, dtype=dt, **pers, **nan)
+    add("nan-pad persistent-ll lstm bf16 B3 T5 I19 H37 lengths", cell="lstm", dtype="bf16", **ll, **nan)
     return c
 
 

@@ -8,6 +8,7 @@ All sequences are time-major: x is [T, B, I].
 
 Variable lengths: ``lengths`` is an int64 tensor [B]; at steps t >= lengths[b] sequence b keeps its
 state unchanged and its output row is zero, so h_n / c_n are the states at its last valid step.
+Whatever x holds there (NaN, Inf) reaches no result and no gradient (zero_padding).
 """
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ LN_EPS = 1e-5  # nn.LayerNorm's default, as in the seed's layer-norm LSTM
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the math runs in: fp64 stays fp64, everything else runs in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def zero_padding(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [T, B, ...] with the steps past each sequence's end set to 0 by a where (0 x NaN is NaN:
+    no multiply by a mask), so that NaN / Inf padding never reaches a result or a gradient. x
+    itself without lengths; with them one copy of x."""
+    if lengths is None:
+        return x
+    valid = torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths.to(x.device).unsqueeze(0)
+    return torch.where(valid.view(valid.shape + (1,) * (x.dim() - 2)), x, x.new_zeros(()))
 
 
 def _input_projection(x, w_ih, b_ih, b_hh, acc):
@@ -107,7 +118,7 @@ def lstm_sequence_ref(
     """
     acc = compute_dtype(x.dtype)
     T = x.shape[0]
-    xp = _input_projection(x, w_ih, b_ih, b_hh, acc)
+    xp = _input_projection(zero_padding(x, lengths), w_ih, b_ih, b_hh, acc)
     w_hh_t = w_hh.to(acc).t()
     w_hr_t = None if w_hr is None else w_hr.to(acc).t()
     ln_acc = None if ln is None else tuple(p.to(acc) for p in ln)
@@ -137,7 +148,7 @@ def rnn_sequence_ref(
     """One RNN layer, one direction. x [T, B, I], h0 [B, H] -> (out [T, B, H], h_n)."""
     acc = compute_dtype(x.dtype)
     T = x.shape[0]
-    xp = _input_projection(x, w_ih, b_ih, b_hh, acc)
+    xp = _input_projection(zero_padding(x, lengths), w_ih, b_ih, b_hh, acc)
     w_hh_t = w_hh.to(acc).t()
     h = h0.to(acc)
     outs = []

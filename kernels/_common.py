@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from fused_rnn._buffers import state_dtype
+from fused_rnn.reference import zero_padding
 
 # Debug switch for the tests: when True the launchers allocate every buffer a kernel is meant to
 # fill with NaN (torch.full) instead of torch.empty, so an element a kernel forgets to write
@@ -142,12 +143,15 @@ def step_override(BB: int, BH: int, BK: int, nw: int):
     return (o.get("BLOCK_B", BB), o.get("BLOCK_H", BH), o.get("BLOCK_K", BK), o.get("num_warps", nw))
 
 
-def input_projection(x, w_ih, b_ih, b_hh, out=None):
+def input_projection(x, w_ih, b_ih, b_hh, out=None, lengths=None):
     """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, G]
     (G = 4H for the LSTM, H for the RNN). ``out``: a contiguous [T, B, G] buffer to write it into
-    (a view of a larger one: the LSTM's gates buffer has a spare slot T), else a new tensor."""
+    (a view of a larger one: the LSTM's gates buffer has a spare slot T), else a new tensor.
+    ``lengths``: x's rows past each sequence's end count as 0, so that NaN / Inf there never
+    reaches the gates (saved for backward, where 0 x NaN would be NaN) and no kernel has to mask
+    them; the cost, a [T, B, I] copy of x (zero_padding), only with lengths."""
     T, B, I = x.shape
-    x2 = x.reshape(T * B, I)
+    x2 = zero_padding(x, lengths).reshape(T * B, I)
     bias = None
     if b_ih is not None:
         bias = b_ih
@@ -184,7 +188,9 @@ def after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw):
     dw_ih = dw_hh = db = None
     if need_dw:
         dw_hh = torch.mm(dP2.t(), hs[:T].reshape(T * B, H).to(gd)).to(w_hh.dtype)
-        dw_ih = torch.mm(dP2.t(), x.reshape(T * B, I).to(gd)).to(w_ih.dtype)
+        # dP is 0 past the ends but 0 x NaN is NaN: x's padding zeroed (one [T, B, I] copy, only
+        # with lengths)
+        dw_ih = torch.mm(dP2.t(), zero_padding(x, lengths).reshape(T * B, I).to(gd)).to(w_ih.dtype)
         db = dP2.sum(0, dtype=sd)
     return dx, dh0, dw_ih, dw_hh, db
 

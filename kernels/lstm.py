@@ -449,8 +449,9 @@ def _ln_args(ln, H: int):
     return gw, gb, cw, cb
 
 
-def gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates: bool):
-    """(gates_buf [T+1, B, G] or None, gates = gates_buf[:T] or None, xp [T, B, G]).
+def gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates: bool, lengths=None):
+    """(gates_buf [T+1, B, G] or None, gates = gates_buf[:T] or None, xp [T, B, G]; x's padding
+    past ``lengths`` projected as 0: input_projection).
 
     gates_buf: slots 0..T-1 the gates, slot T zero, so that the backward can write dG [T+1, B, G]
     (its slot T: the zero carry into the last step) over this buffer in place.
@@ -466,7 +467,7 @@ def gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates: bool):
         gates_buf[T].zero_()
         gates = gates_buf[:T]
     share = gates is not None and gates.dtype == x.dtype
-    return gates_buf, gates, input_projection(x, w_ih, b_ih, b_hh, out=gates if share else None)
+    return gates_buf, gates, input_projection(x, w_ih, b_ih, b_hh, out=gates if share else None, lengths=lengths)
 
 
 def ln_partials(ln, n_row_blocks: int, H: int, dtype: torch.dtype, device):
@@ -528,7 +529,7 @@ def lstm_fwd(
     gw, gb, cw, cb = _ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
 
-    gates_buf, gates, xp = gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates)
+    gates_buf, gates, xp = gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates, lengths)
     hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
     assert hs.dtype == dt, "out is a view of hs: the LSTM's hs dtype must be x's (fused_rnn._buffers)"
     cs = alloc((T + 1, B, H), lstm_cs_dtype(dt, ln is not None), dev)
@@ -632,7 +633,7 @@ def lstm_bwd(
         # recompute the pre-activations in one GEMM (same operands as forward's: h in w's dtype),
         # in the dtype forward would have saved them in, into a buffer of our own (consumable)
         gd = lstm_gates_dtype(dt, ln is not None)
-        xp = input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh)
+        xp = input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh, lengths=lengths)
         hprev = hs[:T].reshape(T * B, H).to(w_hh.dtype).to(gd)
         gates = alloc((T + 1, B, G), gd, dev)
         gates[T].zero_()

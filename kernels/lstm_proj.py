@@ -76,7 +76,7 @@ def lstm_proj_fwd(
     gw, gb, cw, cb = _ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
 
-    gates_buf, gates, xp = gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates=True)
+    gates_buf, gates, xp = gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates=True, lengths=lengths)
     hp = alloc((T + 1, B, P), lstm_hs_dtype(dt), dev)
     hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
     assert hp.dtype == dt == w_hh.dtype == w_hr.dtype, "hp, hs and the weights share x's dtype (cuBLAS out=)"

@@ -256,7 +256,7 @@ def rnn_fwd(
     x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
     lengths = None if lengths is None else lengths.contiguous()
 
-    xp = input_projection(x, w_ih, b_ih, b_hh)
+    xp = input_projection(x, w_ih, b_ih, b_hh, lengths=lengths)  # x's padding as 0
     hs = alloc((T + 1, B, H), sd, dev)
     hs[0].copy_(h0)
     out = alloc((T, B, H), dt, dev)

@@ -21,7 +21,7 @@ from conftest import (
     BF16, DT_NAME, F32, F64, HAS_CUDA, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels,
     requires_sm90_compile, tol, triton_36,
 )
-from fused_rnn.reference import LN_EPS, lstm_cell_ref, lstm_sequence_ref
+from fused_rnn.reference import LN_EPS, lstm_cell_ref, lstm_sequence_ref, zero_padding
 
 DEV = kernel_device()
 NAN = float("nan")
@@ -59,7 +59,7 @@ def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=Non
     G, H = w_hh.shape
     sd = C.state_dtype(x.dtype)
     hdt, cdt, gdt = (sd, sd, sd) if like is None else (like[0].dtype, like[1].dtype, like[2].dtype)
-    xp = C.input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh)
+    xp = C.input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh, lengths=L)  # padding as 0, as lstm_fwd
     hs = torch.full((T + 1, B, H), NAN, dtype=hdt, device=x.device)
     cs = torch.full((T + 1, B, H), NAN, dtype=cdt, device=x.device)
     hs[0] = h0
@@ -101,6 +101,7 @@ def reference(ins, ln, L, ups):
     """fp64 reference with the gate input x W_ihᵀ + b as a leaf, so that its gradient is dG:
     (out, h_n, c_n, hs, cs, gates) and the gradients w.r.t. (xp, h0, c0, w_hh, *ln)."""
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = [t.detach().to(F64) for t in ins]
+    x = zero_padding(x, L)  # the padding projected as 0, as the launchers do
     ln = [p.detach().to(F64).requires_grad_() for p in ln]
     xp = (x @ w_ih.t() + b_ih + b_hh).detach().requires_grad_()
     h0 = h0.requires_grad_()
