@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from ._backend import interpreter_broken, interpreter_on, triton_available
 from ._version import __version__
+from .cli import _out_dir, _positive_float, _positive_int
 from .lstm import lstm_sequence
 from .reference import lstm_cell_ref, rnn_cell_ref
 from .rnn import rnn_sequence
@@ -1132,10 +1133,12 @@ def write_outputs(data: dict, out_dir: str, plot: bool = True) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _csv(choices, what):
+def _csv(choices, what, none_ok=False):
+    """An argparse type: a comma-separated subset of ``choices``; "none" (the empty selection)
+    only where ``none_ok`` (paths, baselines): elsewhere an empty list would mean the default."""
     def parse(s: str) -> List[str]:
         items = [x.strip() for x in s.split(",") if x.strip()]
-        if s.strip() == "none":
+        if none_ok and s.strip() == "none":
             return []
         bad = [x for x in items if x not in choices]
         if bad:
@@ -1160,7 +1163,7 @@ def _shape(s: str) -> Tuple[str, Tuple[int, int, int]]:
 
 
 def _paths_arg(s: str) -> List[str]:
-    return _csv(tuple(PATHS), "path")(s)
+    return _csv(tuple(PATHS), "path", none_ok=True)(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1168,7 +1171,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fused-rnn bench",
         description="fused_rnn against cuDNN, the reference loop and torch.compile of its cell.",
         epilog="Targets (T1-T6) are evaluated under the table when the data is present. "
-               "Exit status: 0 ran, 2 usage error.")
+               "Exit status: 0 measured something, 1 measured nothing (every case failed or "
+               "was skipped; the last line says why), 2 usage error.")
     p.add_argument("--quick", action="store_true",
                    help="S1,S2; fp16,bf16; short do_bench; the reference loop fwd at the first "
                         "shape only; no torch.compile unless --baselines names it (GPU)")
@@ -1185,24 +1189,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused_rnn paths or none: " + "; ".join(
                        f"{n}{'' if p.default else ' (not by default)'}: {p.doc}"
                        for n, p in PATHS.items()) + " (default: each path not marked 'not by default')")
-    p.add_argument("--baselines", type=_csv(BASELINES, "baseline"),
+    p.add_argument("--baselines", type=_csv(BASELINES, "baseline", none_ok=True),
                    help="cudnn,reference,compile or none (default: all on GPU, compile at "
                         "S2 only; --quick and CPU: cudnn,reference; on the CPU cudnn means "
                         "torch.nn)")
     p.add_argument("--modes", type=_csv(MODES, "mode"), help="fwd,fwd+bwd (default: both)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA if available, else the CPU mode")
-    p.add_argument("--out", help="output folder (default: bench/out; with --render: the "
-                                 "JSON's folder)")
+    p.add_argument("--out", type=_out_dir,
+                   help="output folder (default: bench/out; with --render: the JSON's folder)")
     p.add_argument("--no-plot", action="store_true", help="skip bench.png")
-    p.add_argument("--time-limit", type=float, metavar="S",
+    p.add_argument("--time-limit", type=_positive_float, metavar="S",
                    help="stop starting new measurements after S seconds; the rest are "
                         "marked skipped")
-    p.add_argument("--warmup", type=int, metavar="MS", help="do_bench warmup (ms)")
-    p.add_argument("--rep", type=int, metavar="MS", help="do_bench rep (ms)")
-    p.add_argument("--slow-ms", type=float, default=50.0,
+    p.add_argument("--warmup", type=_positive_int, metavar="MS", help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=_positive_int, metavar="MS", help="do_bench rep (ms)")
+    p.add_argument("--slow-ms", type=_positive_float, default=50.0,
                    help="a call slower than this is timed by wall clock, not do_bench (50)")
-    p.add_argument("--slow-budget", type=float, metavar="S",
+    p.add_argument("--slow-budget", type=_positive_float, metavar="S",
                    help="seconds of calls per slow measurement (GPU: 5, quick 3; CPU 0.5)")
     p.add_argument("--render", metavar="JSON",
                    help="re-render table, targets and plot from a saved bench.json; runs nothing")
@@ -1227,15 +1231,37 @@ def _progress_factory(total: int, stream=None):
     return start
 
 
-def _render_only(path: str, args) -> int:
-    with open(path) as f:
-        data = json.load(f)
-    data["targets"] = evaluate_targets(data["results"])
+def _render_only(path: str, args, parser) -> int:
+    try:  # rendered before anything is written: a bad file leaves no partial output
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        data["targets"] = evaluate_targets(data["results"])
+        text = render_markdown(data)
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as e:
+        parser.error(f"--render {path}: not a readable bench.json ({_short(e)})")
     out = args.out or os.path.dirname(os.path.abspath(path))
     for msg in write_outputs(data, out, plot=not args.no_plot):
         print(msg, file=sys.stderr)
-    print(render_markdown(data))
+    print(text)
     return 0
+
+
+def _why_nothing(data: dict) -> str:
+    """One line on why a run measured nothing: how many cases failed or were skipped, and the
+    first reason of each."""
+    recs = data["results"]
+    parts = [data["interrupted"]] if data.get("interrupted") else []
+    for status, verb in (("error", "failed"), ("skipped", "skipped")):
+        rs = [r for r in recs if r["status"] == status]
+        if rs:
+            r = rs[0]
+            why = r["notes"][-1] if r["notes"] else status
+            parts.append(f"{len(rs)} case{'s' * (len(rs) != 1)} {verb} (first: {r['cell']} "
+                         f"{r['shape']} {r['dtype']} {r['method']}: {why})")
+    n_na = sum(r["status"] == "n/a" for r in recs)
+    if n_na:
+        parts.append(f"{n_na} not applicable")
+    return "; ".join(parts) or "no case ran"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1244,17 +1270,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.render:
         if not os.path.isfile(args.render):
             parser.error(f"--render: no such file {args.render!r}")
-        return _render_only(args.render, args)
+        return _render_only(args.render, args, parser)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
-    for name, v in (("--time-limit", args.time_limit), ("--slow-budget", args.slow_budget)):
-        if v is not None and v <= 0:
-            parser.error(f"{name} must be > 0")
-    for name, v in (("--warmup", args.warmup), ("--rep", args.rep)):
-        if v is not None and v < 1:
-            parser.error(f"{name} must be ≥ 1 ms")
 
     args.out = args.out or "bench/out"
+    try:  # now, not after the first case: a folder that cannot be made is a usage error
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: {e.strerror or e}")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     shapes = [(n, SHAPES[n]) for n in (args.shapes or [])] + list(args.shape)
@@ -1347,6 +1371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(render_markdown(data))
     print(f"wrote {os.path.join(args.out, 'bench.json')}, bench.md"
           + ("" if args.no_plot else ", bench.png") + f" ({data['elapsed_s']} s)", file=sys.stderr)
+    if not any(r["fwd_ms"] is not None or r["fwdbwd_ms"] is not None for r in data["results"]):
+        print(f"fused-rnn bench: nothing was measured: {_why_nothing(data)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -591,4 +591,8 @@ def main(cells: Sequence[str], dtypes: Sequence[str], quick: bool, seed: int,
               + ", ".join(name(r) for r in skipped), file=out, flush=True)
     if failed:
         print("failed: " + ", ".join(name(r) for r in failed), file=out, flush=True)
+    if not passed and not failed:  # every case SKIP: nothing was checked, which is no pass
+        print(f"fused-rnn check: nothing was checked: the kernels took none of the "
+              f"{len(results)} cases (every one SKIP)", file=sys.stderr, flush=True)
+        return 1
     return 1 if failed else 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -43,6 +44,38 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (float() alone takes nan, inf and negatives)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def _threads(text: str) -> int:
+    v = _positive_int(text)
+    cores = os.cpu_count() or 1
+    if v > cores:
+        raise argparse.ArgumentTypeError(f"at most {cores} (this machine's CPU cores), got {v}")
+    return v
+
+
+def _out_dir(text: str) -> str:
+    """An argparse type for --out: a folder, or a path where one can be made (no file on it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    path = probe = os.path.abspath(text)
+    while not os.path.exists(probe):  # the nearest existing ancestor must be a folder
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "an existing file" if probe == path else f"under the file {probe}"
+        raise argparse.ArgumentTypeError(f"{text!r} is {what}, not a folder")
+    return text
 
 
 def _seed(text: str) -> int:
@@ -139,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"else {FULL['steps']})")
     d.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    d.add_argument("--out", default="fused-rnn-demo", metavar="DIR",
+    d.add_argument("--out", type=_out_dir, default="fused-rnn-demo", metavar="DIR",
                    help="where loss.png and results.json go (default: ./fused-rnn-demo)")
     d.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                    help="fused_rnn backend (auto: Triton kernels on CUDA, reference path on CPU)")
@@ -152,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=_positive_int, default=None,
                    help=f"characters per sequence (default: {QUICK['seq_len']} with --quick, "
                         f"else {FULL['seq_len']})")
-    d.add_argument("--threads", type=_positive_int, default=None,
+    d.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads for torch (default on the CPU: 1, since the small per-step "
                         "matmuls gain nothing from more and lose much on a busy machine)")
     d.add_argument("--seed", type=_seed, default=0, help="seed for weights and batches (default 0)")
@@ -193,6 +226,15 @@ def _demo(args, demo_parser) -> int:
         return demo.main(args, device)
     except demo.UsageError as e:
         demo_parser.error(str(e))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        lines = str(e).strip().splitlines()
+        msg = lines[0][:200] if lines else type(e).__name__
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+                or "can't allocate memory" in msg or "out of memory" in msg.lower()):
+            raise
+        print(f"fused-rnn demo: out of memory on {device} ({msg}); try a smaller --hidden-size, "
+              "--batch-size or --seq-len", file=sys.stderr)
+        return 1
 
 
 def _check(args, argv: List[str], parser, may_reexec: bool) -> int:

@@ -35,6 +35,23 @@ class UsageError(Exception):
     """A bad combination of arguments that only the demo can see; the CLI reports it as usage."""
 
 
+def memory_needed(H: int, B: int, T: int, vocab: int) -> int:
+    """A lower bound on the bytes the demo needs (fp32): both models' weights, gradients and
+    Adam's two moments, and one step's activations (LSTM gates and states, logits, their grads)."""
+    params = 4 * H * (EMBED + H) + 8 * H + vocab * EMBED + vocab * (H + 1)
+    return 4 * (2 * 4 * params + B * T * (6 * H + 2 * vocab + EMBED))
+
+
+def memory_total(device: torch.device) -> Optional[int]:
+    """The device's memory in bytes (the GPU's, or the machine's RAM), None where unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
 def load_text() -> str:
     return resources.files("fused_rnn").joinpath("data", TEXT).read_text(encoding="utf-8")
 
@@ -213,6 +230,11 @@ def main(args, device: torch.device, out: Optional[TextIO] = None) -> int:
                          f"held-out part of the text is {valid_data.numel():,} characters)")
 
     H, B, T, steps = cfg["hidden_size"], cfg["batch_size"], cfg["seq_len"], cfg["steps"]
+    need, have = memory_needed(H, B, T, len(itos)), memory_total(device)
+    if have is not None and need > have:  # refuse up front, not in an allocator's traceback
+        raise UsageError(f"--hidden-size {H}, --batch-size {B}, --seq-len {T}: the two models "
+                         f"need at least {need / 2**30:,.1f} GiB and {device} has "
+                         f"{have / 2**30:,.1f} GiB")
     if args.threads is not None or device.type == "cpu":
         # One thread by default on the CPU: with 2 threads on a 2-core machine that something
         # else was using, the reference path ran 3,176 tok/s instead of 43,120 (60 --quick steps).

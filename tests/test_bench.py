@@ -177,12 +177,34 @@ def test_sigterm_keeps_what_was_measured(tmp_path, capsys):
 
 
 def test_time_limit_skips_and_still_writes(tmp_path, capsys):
-    rc, out, _ = _run(["--cells", "lstm,rnn", "--paths", "none", "--time-limit", "1e-6",
-                       "--no-plot"], tmp_path, capsys)
-    assert rc == 0 and "machine:" in out
+    rc, out, err = _run(["--cells", "lstm,rnn", "--paths", "none", "--time-limit", "1e-6",
+                         "--no-plot"], tmp_path, capsys)
+    assert "machine:" in out
     recs = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert recs and all(r["status"] == "skipped" for r in recs)
     assert any("time limit" in n for n in recs[-1]["notes"])
+    # nothing was measured: not a success, and the last line says why
+    assert rc == 1
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("fused-rnn bench: nothing was measured: ")
+    assert f"{len(recs)} cases skipped" in last and "time limit" in last
+
+
+def test_every_case_failed_exits_1(tmp_path, monkeypatch, capsys):
+    """A sweep in which every measurement failed (here: out of memory) is no success."""
+    def oom(fn, grads, s):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "measure", oom)
+    rc, out, err = _run(["--cells", "lstm,rnn", "--paths", "none", "--no-plot"], tmp_path, capsys)
+    assert rc == 1
+    recs = json.loads((tmp_path / "bench.json").read_text())["results"]  # still written
+    assert recs and all(r["status"] in ("error", "n/a") for r in recs)
+    n = sum(r["status"] == "error" for r in recs)
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith(f"fused-rnn bench: nothing was measured: {n} cases failed (first: ")
+    assert "OutOfMemoryError: CUDA out of memory" in last
+    assert "Traceback" not in err
 
 
 def test_quick_plan_bounds_slow_methods():
@@ -345,6 +367,67 @@ def test_bad_arguments_exit_2(args, capsys):
         bench.main(args)
     assert e.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["--time-limit", "nan"], "argument --time-limit: must be a finite number > 0",
+                 id="time-limit-nan"),
+    pytest.param(["--time-limit", "-1"], "argument --time-limit", id="time-limit-negative"),
+    pytest.param(["--slow-ms", "-5"], "argument --slow-ms: must be a finite number > 0",
+                 id="slow-ms-negative"),
+    pytest.param(["--slow-ms", "nan"], "argument --slow-ms", id="slow-ms-nan"),
+    pytest.param(["--slow-ms", "0"], "argument --slow-ms", id="slow-ms-zero"),
+    pytest.param(["--slow-budget", "inf"], "argument --slow-budget", id="slow-budget-inf"),
+    pytest.param(["--slow-budget", "nan"], "argument --slow-budget", id="slow-budget-nan"),
+    pytest.param(["--warmup", "0"], "argument --warmup: must be at least 1", id="warmup-zero"),
+    pytest.param(["--rep", "1.5"], "argument --rep: not an integer", id="rep-float"),
+    # "none" empties --paths and --baselines; elsewhere it silently meant the default
+    pytest.param(["--cells", "none"], "argument --cells: unknown cell none", id="cells-none"),
+    pytest.param(["--dtypes", "none"], "argument --dtypes: unknown dtype none", id="dtypes-none"),
+    pytest.param(["--modes", "none"], "argument --modes: unknown mode none", id="modes-none"),
+    pytest.param(["--shapes", "none"], "argument --shapes: unknown shape none", id="shapes-none"),
+    pytest.param(["--cells", ","], "argument --cells: empty cell list", id="cells-empty"),
+])
+def test_bad_numbers_and_lists_exit_2(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # (the --out: a regression that runs writes in tmp)
+        bench.main(TINY + args + ["--out", str(tmp_path), "--no-plot"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err
+
+
+def test_out_naming_a_file_is_a_usage_error(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("not a folder")
+    for out in (f, f / "sub"):
+        with pytest.raises(SystemExit) as e:
+            bench.main(TINY + ["--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage:" in err and "argument --out:" in err and "not a folder" in err
+        assert "Traceback" not in err
+    assert f.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("text, why", [
+    pytest.param("{bad", "JSONDecodeError", id="not-json"),
+    pytest.param("[]", "TypeError", id="a-list"),
+    pytest.param('{"results": []}', "KeyError: 'config'", id="no-config"),
+    pytest.param(b"\xff\xfe{", "UnicodeDecodeError", id="binary"),
+])
+def test_render_bad_json_is_a_usage_error(text, why, tmp_path, capsys):
+    f = tmp_path / "bench.json"
+    if isinstance(text, bytes):
+        f.write_bytes(text)
+    else:
+        f.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--render", str(f), "--no-plot"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --render {f}: not a readable bench.json ({why}" in err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["bench.json"]  # nothing half-written beside it
 
 
 def test_runner_script_exit_code():

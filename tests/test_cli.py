@@ -81,12 +81,84 @@ def test_module_entry_point():
     pytest.param(["demo", "--steps", "ten"], "not an integer", id="demo-bad-steps"),
     pytest.param(["demo", "--device", "tpu"], "'tpu' is not auto, cpu, cuda", id="demo-bad-device"),
     pytest.param(["demo", "--seq-len", "100000"], "--seq-len 100000", id="demo-seq-too-long"),
+    pytest.param(["demo", "--out", ""], "argument --out: empty path", id="demo-empty-out"),
+    # refused up front with an estimate, before any allocation can fail
+    pytest.param(["demo", "--hidden-size", "10000000", "--device", "cpu"],
+                 "--hidden-size 10000000, --batch-size 64, --seq-len 128: the two models need at "
+                 "least", id="demo-hidden-size-cannot-fit"),
+    pytest.param(["demo", "--batch-size", "1000000000000", "--device", "cpu"],
+                 "--batch-size 1000000000000", id="demo-batch-size-cannot-fit"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     rc, _, err = exit_code(argv, capsys)
     assert rc == 2
     assert "usage: fused-rnn" in err
     assert message in err
+
+
+def test_demo_too_many_threads_exits_2(tmp_path, capsys):
+    tiny = ["--quick", "--steps", "1", "--hidden-size", "4", "--batch-size", "1", "--seq-len", "4",
+            "--device", "cpu", "--out", str(tmp_path)]  # a regression runs fast, writes in tmp
+    rc, _, err = exit_code(["demo", "--threads", str(10 * (os.cpu_count() or 1))] + tiny, capsys)
+    assert rc == 2
+    assert "usage: fused-rnn" in err and "argument --threads: at most" in err
+
+
+def test_demo_out_naming_a_file_is_a_usage_error(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("not a folder")
+    for out in (f, f / "sub"):
+        rc, _, err = exit_code(["demo", "--out", str(out)], capsys)
+        assert rc == 2
+        assert "usage: fused-rnn" in err and "argument --out:" in err and "not a folder" in err
+
+
+@pytest.mark.parametrize("error", [
+    pytest.param(lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"),
+                 id="torch-oom"),
+    pytest.param(lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                                      "DefaultCPUAllocator: can't allocate memory: you tried to "
+                                      "allocate 64000000000000 bytes.\nmore"), id="cpu-allocator"),
+    pytest.param(lambda: MemoryError(), id="memory-error"),
+])
+def test_demo_out_of_memory_is_one_line(error, tmp_path, monkeypatch, capsys):
+    """Sizes that pass the up-front estimate and still cannot be allocated: one line, exit 1."""
+    from fused_rnn import demo
+
+    def train(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(demo, "train", train)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # demo.main sets 1 on the CPU
+    rc, _, err = exit_code(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert rc == 1
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("fused-rnn demo: out of memory on cpu (")
+    assert "try a smaller --hidden-size, --batch-size or --seq-len" in err
+
+
+def test_demo_other_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch, capsys):
+    from fused_rnn import demo
+
+    def train(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(demo, "train", train)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+
+
+def test_check_where_every_case_is_skipped_exits_1(monkeypatch, capsys):
+    """A sweep the kernels took no case of (each ran the reference path) checked nothing."""
+    monkeypatch.setattr(check, "triton_path", check.reference_path)
+    rc = check.main(["rnn_tanh"], ["fp64"], True, 0, torch.device("cpu"))
+    out, err = capsys.readouterr()
+    n = len(check.QUICK_SHAPES)
+    assert f"check: {n} cases, 0 ok, {n} SKIP, 0 FAIL" in out
+    assert rc == 1
+    assert err == (f"fused-rnn check: nothing was checked: the kernels took none of the {n} cases "
+                   "(every one SKIP)\n")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine has the CUDA lane")
