@@ -277,7 +277,8 @@ fi
 # The CUDA lane is compile-bound: the interpreter lane launches ~1,000 distinct kernel
 # specialisations (counted in session 9), and a fresh machine has none of them in Triton's cache.
 # So it runs on most of the cores, and its files go in the order the GPU needs them most (the
-# graph path and the multi-program persistent kernels run nowhere else), then every other file:
+# graph path and the multi-program persistent kernels run nowhere else; the compiled activations'
+# precision and NaN padding on the persistent paths are GPU answers too), then every other file:
 # a run cut off at T_PYTEST has covered those first (xdist hands tests out in collection order).
 PYTEST_FILES=()
 add_test_file() {
@@ -285,7 +286,7 @@ add_test_file() {
     case "$1" in tests/test_persistent.py|tests/test_persistent_ln.py) [ "$PERSISTENT_OK" = 1 ] || return;; esac
     [ -f "$1" ] && PYTEST_FILES+=("$1")
 }
-for f in graphs persistent persistent_ln lstm rnn lstm_proj kernels_safety layers compile; do
+for f in graphs persistent persistent_ln activations padding lstm rnn lstm_proj kernels_safety layers compile; do
     add_test_file "tests/test_$f.py"
 done
 for f in tests/test_*.py; do add_test_file "$f"; done

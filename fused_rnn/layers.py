@@ -93,7 +93,8 @@ class _SequenceLayer:
         w_ih, w_hh, b_ih, b_hh, w_hr = params[:5]
         if self._is_lstm:
             ln = tuple(params[5:]) if len(params) > 5 else None
-            return lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, self.backend, w_hr)
+            return lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, self.backend, w_hr,
+                                 copy_output=False)  # _forward copies the layer's output if need be
         out, h_n = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, self.backend)
         return out, h_n, None
 
@@ -174,7 +175,10 @@ class _SequenceLayer:
             layer_in = outs[0] if D == 1 else torch.cat(outs, dim=-1)
             if self.dropout > 0 and self.training and l < L - 1:
                 layer_in = F.dropout(layer_in, self.dropout, training=True)
-        out = layer_in
+        # a single direction's output may be the kernels' saved h sequence (a view): the user
+        # gets a copy where autograd records it, so that in-place ops on it work as on nn.LSTM's
+        # (a bidirectional or packed output is a new tensor already; inner layers' are not copied)
+        out = layer_in.clone() if layer_in.requires_grad and layer_in._base is not None else layer_in
         h_n = torch.stack(h_n)
         c_n = torch.stack(c_n) if self._is_lstm else None
 
@@ -308,7 +312,8 @@ class LSTMCell(nn.LSTMCell):
         x, cast = _autocast(x, [h0, c0] + params)
         h0, c0, (w_ih, w_hh, b_ih, b_hh, *ln) = cast[0], cast[1], cast[2:]
         _, h, c = lstm_sequence(
-            x.unsqueeze(0), h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln) if ln else None, None, self.backend
+            x.unsqueeze(0), h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln) if ln else None, None, self.backend,
+            copy_output=False,  # the cell returns h_n, c_n only
         )
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)

@@ -52,8 +52,8 @@ class LSTMFunction(torch.autograd.Function):
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates, h0, c0)
         ctx.eps, ctx.allow_tf32, ctx.fused, ctx.path = eps, allow_tf32, fused, path
         # the outputs are the saved h_t themselves (hs holds h0, then each step's output): no
-        # buffer of their own. As with nn.LSTM (cuDNN saves its output too), modifying the
-        # output in place before backward is an error, not a wrong gradient.
+        # buffer of their own; autograd refuses in-place ops on them (lstm_sequence's
+        # _own_output hands the user a copy where a graph is recorded).
         return hs[1:], h_n, c_n
 
     @staticmethod
@@ -140,6 +140,14 @@ def _eager(t: torch.Tensor) -> bool:
     return mode is not None and mode() is None
 
 
+def _own_output(copy, out, h_n, c_n):
+    """The Functions return their saved h sequence as the output (a view, no copy). Where
+    autograd records it and ``copy``, a copy instead, so that in-place ops on it work (autograd
+    refuses them on a custom Function's view): one [T, B, H] tensor and a copy, as nn.LSTM's
+    own output. Without grad the view is returned as is."""
+    return (out.clone() if copy and out.requires_grad else out), h_n, c_n
+
+
 def _same_dtype(x, tensors) -> bool:
     return all(t is None or t.dtype == x.dtype for t in tensors)
 
@@ -156,6 +164,8 @@ def lstm_sequence(
     lengths: Optional[torch.Tensor] = None,
     backend: str = "auto",
     w_hr: Optional[torch.Tensor] = None,
+    *,
+    copy_output: bool = True,
 ):
     """x [T, B, I], h0/c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_* [4H] or None,
     ln None or (gate_weight [4H], gate_bias [4H], cell_weight [H], cell_bias [H]),
@@ -169,7 +179,11 @@ def lstm_sequence(
     every tensor a floating-point torch.Tensor on x's device (TypeError / ValueError naming it);
     ``lengths`` an int32 / int64 tensor on the CPU or x's device, or a list of ints, each in
     [0, T] (values checked only on the CPU: no device sync); ``backend`` one of BACKENDS. Meta
-    tensors run the reference path on every backend, shapes only (as nn.LSTM on "meta")."""
+    tensors run the reference path on every backend, shapes only (as nn.LSTM on "meta").
+
+    ``copy_output=False``: on the triton backend, the output is the h sequence saved for
+    backward itself (a view, no copy), on which autograd refuses in-place ops; by default it is
+    a copy where autograd records it, so that in-place ops work as on nn.LSTM's."""
     lengths = check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, w_hr, backend=backend)
     if x.device.type != "meta" and resolve_backend(backend, x) == "triton":
         kernels = _ops.lstm_kernels()
@@ -179,14 +193,14 @@ def lstm_sequence(
         if reason is None:
             gw, gb, cw, cb = ln if ln is not None else (None,) * 4
             if w_hr is not None:
-                return LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths,
-                                              LN_EPS, _allow_tf32(x))
+                return _own_output(copy_output, *LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb,
+                                                           lengths, LN_EPS, _allow_tf32(x)))
             # inference (no grad wanted): nothing is saved, so the gates are not stored either
             grad = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh) + tuple(ln or ()))
-            return LSTMFunction.apply(
+            return _own_output(copy_output, *LSTMFunction.apply(
                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, LN_EPS, _allow_tf32(x),
                 kernels.default_fused(w_hh.shape[1], ln, x.dtype), kernels.SAVE_GATES and grad,
-            )
+            ))
         warn_once(f"lstm:{reason}", f"fused_rnn: the LSTM kernels cannot take {reason}; using the reference path")
     return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, LN_EPS, w_hr)

@@ -279,8 +279,9 @@ def test_lstm_backward_writes_dG_over_saved_gates(dtype, ln, path, monkeypatch):
 
 def test_lstm_output_is_the_saved_h_sequence():
     """LSTMFunction's output is a view of the h sequence it saves for backward (no copy), and an
-    in-place change of it is refused (as with nn.LSTM, whose cuDNN backward reads its output
-    too), never a silently wrong gradient."""
+    in-place change of it is refused, never a silently wrong gradient (lstm_sequence hands out a
+    copy where autograd records the output, so that in-place ops work as on nn.LSTM's:
+    tests/test_torch_api.py)."""
     ins, L, ups = make_case(4, 3, 5, 6, F32, False, True, [4, 2, 0])
     leaves = [t.detach().requires_grad_() for t in ins]
     saved = []
