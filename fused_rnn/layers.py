@@ -14,6 +14,7 @@ multi-layer or bidirectional layer composes the single-layer, single-direction s
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Tuple
 
 import torch
@@ -195,7 +196,8 @@ class _SequenceLayer:
 
 # The sequence layers derive from nn.RNNBase, not nn.LSTM / nn.RNN: parameters, their names and
 # init are torch.nn's own, while torch.compile (which refuses to trace isinstance(m, nn.LSTM))
-# traces them like any module.
+# traces them like any module. So isinstance(m, nn.LSTM) is False; to_torch() below converts for
+# code that wants torch.nn's classes. The cells derive from nn.LSTMCell / nn.RNNCell.
 
 
 class LSTM(_SequenceLayer, nn.RNNBase):
@@ -347,3 +349,55 @@ class RNNCell(nn.RNNCell):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
+
+
+# torch.load(weights_only=True) may build our layers without the user allow-listing them. Loading
+# one runs object.__new__ and torch's own RNNBase / Module.__setstate__, which only set attributes
+# (the tensors come through torch's rebuild functions); a pickle that calls the class runs
+# __init__, which only builds parameters, as nn.LSTM's does. So none of these classes may define
+# __new__, __setstate__, __reduce__ or the like (tests/test_drop_in.py checks). Registered as
+# (class, name) pairs: a user's `with safe_globals([fused_rnn.LSTM])` removes the bare class on
+# exit, not these.
+_LAYERS = (LSTM, RNN, LSTMCell, RNNCell)
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([(c, f"{c.__module__}.{c.__qualname__}") for c in _LAYERS])
+
+
+def _torch_twin(m: nn.Module) -> nn.Module:
+    kw = dict(bias=m.bias, device="meta")
+    if type(m) is LSTM:
+        twin = nn.LSTM(m.input_size, m.hidden_size, m.num_layers, batch_first=m.batch_first,
+                       dropout=m.dropout, bidirectional=m.bidirectional, proj_size=m.proj_size, **kw)
+    elif type(m) is RNN:
+        twin = nn.RNN(m.input_size, m.hidden_size, m.num_layers, nonlinearity=m.nonlinearity,
+                      batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional, **kw)
+    elif type(m) is LSTMCell:
+        twin = nn.LSTMCell(m.input_size, m.hidden_size, **kw)
+    else:
+        twin = nn.RNNCell(m.input_size, m.hidden_size, nonlinearity=m.nonlinearity, **kw)
+    for name, p in m.named_parameters(recurse=False):
+        setattr(twin, name, p)  # the same Parameter objects: an optimizer holding them still works
+    return twin.train(m.training)
+
+
+def to_torch(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """``module`` with every fused_rnn layer in it (``module`` itself included; not subclasses,
+    whose own code would be lost) replaced by its torch.nn twin holding the same parameters, for
+    code that wants torch.nn's exact classes, e.g. ``torch.ao.quantization.quantize_dynamic``,
+    which leaves our layers as they are. Without ``inplace`` the model is copied first. A
+    layer-norm LSTM has no twin: ValueError."""
+    for m in module.modules():  # refuse before changing anything
+        if type(m) in _LAYERS and getattr(m, "layer_norm", False):
+            raise ValueError(f"{type(m).__name__}(layer_norm=True) has no torch.nn equivalent")
+    if not inplace:
+        module = copy.deepcopy(module)
+    if type(module) in _LAYERS:
+        return _torch_twin(module)
+    done = {}
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):  # named_children() skips repeats
+            if type(child) in _LAYERS:
+                if id(child) not in done:  # a layer shared by two parents stays shared
+                    done[id(child)] = _torch_twin(child)
+                setattr(parent, name, done[id(child)])
+    return module
