@@ -139,47 +139,44 @@ def warnings_unsuppressed():
 
 # ------------------------------------------------------------------------- double backward
 
-TWICE_MESSAGE = (
-    "fused_rnn: the Triton kernels' backward is not differentiable (no double backward, as with "
-    "cuDNN's nn.LSTM / nn.RNN); run the layer with backend='reference' for higher-order gradients"
-)
+def double_backward_via(reference):
+    """Decorator for a hand-written autograd backward whose kernels have no derivative.
+
+    A plain backward (grad mode off inside it) runs as is, as does a traced one (torch.compile).
+    Under create_graph=True (grad mode on) the gradients come instead from a differentiable
+    route: ``reference(ctx)`` returns the forward's leading tensor arguments, as saved, and a
+    function of them that re-runs the forward on the reference path; the vjp of that, taken with
+    create_graph, gives second derivatives exactly (its first-order values match the kernels'
+    within their tolerance). That recompute is the cost, paid only when create_graph asks."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return backward(ctx, *grad_outputs)
+            return _reference_vjp(ctx, reference, grad_outputs)
+
+        return wrapper
+
+    return decorate
 
 
-class _Twice(torch.autograd.Function):
-    """The identity on the first ``n`` tensors (first-order gradients), joined in the graph to the
-    rest (what those gradients depend on); differentiating through it raises."""
-
-    @staticmethod
-    def forward(ctx, n, *tensors):
-        return tuple(t.view_as(t) for t in tensors[:n])
-
-    @staticmethod
-    def backward(ctx, *gg):
-        raise RuntimeError(TWICE_MESSAGE)
-
-
-def first_order(backward):
-    """For a hand-written autograd backward whose ops have no derivative of their own.
-
-    A plain backward (grad mode off inside it) runs as is. Under create_graph=True (grad mode on)
-    the gradients it returns would silently be constants: a gradient penalty built on them would
-    get no gradient at all. Instead they come back joined, through a node that raises
-    TWICE_MESSAGE when anything differentiates through it (as torch's cuDNN RNN does), to what
-    they depend on (the saved tensors and incoming gradients that require grad), so their values
-    still serve. Traced backwards (torch.compile) run as is."""
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grad_outputs):
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return backward(ctx, *grad_outputs)
-        deps = [t for t in tuple(ctx.saved_tensors) + grad_outputs
-                if isinstance(t, torch.Tensor) and t.requires_grad]
-        with torch.no_grad():
-            grads = backward(ctx, *grad_outputs)
-        present = [g for g in grads if g is not None]
-        if not deps or not present:
-            return grads
-        joined = iter(_Twice.apply(len(present), *present, *deps))
-        return tuple(None if g is None else next(joined) for g in grads)
-
-    return wrapper
+def _reference_vjp(ctx, reference, grad_outputs):
+    """The gradients a backward returns, from the reference path's graph (kept: create_graph),
+    which reads none of the kernels' saved sequences (the LSTM's consumed gates included)."""
+    inputs, forward = reference(ctx)
+    need = ctx.needs_input_grad
+    wrt = [i for i, t in enumerate(inputs) if need[i] and t is not None and t.requires_grad]
+    grads = [None] * len(need)
+    # in the saved dtypes, not autocast's (which a CPU backward would otherwise run under)
+    with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
+        # a node per argument: one tensor passed twice (h0 as c0, b_ih as b_hh) gets each share
+        inputs = [t.view_as(t) if i in wrt else t for i, t in enumerate(inputs)]
+        outputs = forward(*inputs)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+        if wrt and pairs:
+            found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs],
+                                        create_graph=True, allow_unused=True)
+            for i, g in zip(wrt, found):
+                grads[i] = g
+    return tuple(grads)

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops, _paths
-from ._backend import first_order, resolve_backend, warn_once
+from ._backend import double_backward_via, resolve_backend, warn_once
 from ._validate import check_sequence_args
 from .reference import LN_EPS, lstm_sequence_ref
 
@@ -32,8 +32,8 @@ class LSTMFunction(torch.autograd.Function):
 
     Saves x, the weights, the state sequences hs, cs [T+1, B, H] (hs[1:] is the output), (by
     default) the gate pre-activations [T+1, B, 4H] (see fused_rnn.kernels.lstm for the
-    save-or-recompute choice), and h0, c0 themselves (only for _backend.first_order: under
-    create_graph=True the gradients are joined to every input they depend on).
+    save-or-recompute choice), and h0, c0 themselves (for ``reference``: under create_graph=True
+    the backward is the reference path's, differentiable, see _backend.double_backward_via).
     The first eager backward writes the gate gradients over the saved gates (one [T+1, B, 4H]
     buffer less at its peak); a later backward of the same graph (retain_graph=True) first runs
     the forward again for identical gates, so that it returns the same gradients, bit for bit.
@@ -57,7 +57,18 @@ class LSTMFunction(torch.autograd.Function):
         return hs[1:], h_n, c_n
 
     @staticmethod
-    @first_order
+    def reference(ctx):
+        """The forward's tensor inputs, as saved, and the reference path from them to the outputs."""
+        x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, _hs, _cs, _gates, h0, c0 = ctx.saved_tensors
+
+        def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb):
+            ln = None if gw is None else (gw, gb, cw, cb)
+            return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, ctx.eps)
+
+        return (x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb), forward
+
+    @staticmethod
+    @double_backward_via(reference)
     def backward(ctx, dout, dh_n, dc_n):
         x, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, hs, cs, gates, _h0, _c0 = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -98,7 +109,7 @@ class LSTMProjFunction(torch.autograd.Function):
     """One layer, one direction of the LSTM with projections (nn.LSTM's proj_size; plain or
     layer-norm), with a hand-written backward: fused_rnn::lstm_proj_fwd / lstm_proj_bwd
     (kernels/lstm_proj.py). Saves x, the weights, hp [T+1, B, P] (hp[1:] is the output), hs, cs
-    [T+1, B, H], the gates [T+1, B, 4H], and h0, c0 (for _backend.first_order); the backward
+    [T+1, B, H], the gates [T+1, B, 4H], and h0, c0 (for ``reference``, as LSTMFunction's); the backward
     reads them and writes none (so a second backward of the same graph needs nothing special)."""
 
     @staticmethod
@@ -111,7 +122,18 @@ class LSTMProjFunction(torch.autograd.Function):
         return hp[1:], h_n, c_n  # the output is the saved hp (as LSTMFunction's is hs)
 
     @staticmethod
-    @first_order
+    def reference(ctx):
+        """The forward's tensor inputs, as saved, and the reference path from them to the outputs."""
+        x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, *_sequences, h0, c0 = ctx.saved_tensors
+
+        def forward(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb):
+            ln = None if gw is None else (gw, gb, cw, cb)
+            return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, ctx.eps, w_hr)
+
+        return (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb), forward
+
+    @staticmethod
+    @double_backward_via(reference)
     def backward(ctx, dout, dh_n, dc_n):
         x, w_ih, w_hh, w_hr, b_ih, b_hh, gw, gb, cw, cb, lengths, hp, hs, cs, gates, _h0, _c0 = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import _ops
-from ._backend import first_order, resolve_backend, warn_once
+from ._backend import double_backward_via, resolve_backend, warn_once
 from ._validate import check_nonlinearity, check_sequence_args
 from .lstm import _allow_tf32, _request, _same_dtype
 from .reference import rnn_sequence_ref
@@ -23,7 +23,7 @@ from .reference import rnn_sequence_ref
 class RNNFunction(torch.autograd.Function):
     """One RNN layer, one direction, over a whole sequence, with a hand-written backward.
     Saves x, the weights and the state sequence hs [T+1, B, H] (the derivative of tanh and relu
-    comes from the output, so no pre-activation is kept), and h0 (for _backend.first_order).
+    comes from the output, so no pre-activation is kept), and h0 (for ``reference``, as LSTMFunction's).
     ``path`` (optional, last): as LSTMFunction's."""
 
     @staticmethod
@@ -36,7 +36,17 @@ class RNNFunction(torch.autograd.Function):
         return out, h_n
 
     @staticmethod
-    @first_order
+    def reference(ctx):
+        """The forward's tensor inputs, as saved, and the reference path from them to the outputs."""
+        x, w_ih, w_hh, b_ih, b_hh, lengths, _hs, h0 = ctx.saved_tensors
+
+        def forward(x, h0, w_ih, w_hh, b_ih, b_hh):
+            return rnn_sequence_ref(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, ctx.nonlinearity)
+
+        return (x, h0, w_ih, w_hh, b_ih, b_hh), forward
+
+    @staticmethod
+    @double_backward_via(reference)
     def backward(ctx, dout, dh_n):
         x, w_ih, w_hh, b_ih, b_hh, lengths, hs, _h0 = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -133,42 +133,6 @@ def test_triton_layers_match_torch_nn(combo):
     _compare(*combo, dtype=torch.float64, backend="triton", device=dev)
 
 
-@pytest.mark.skipif(kernel_device() is None, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "rnn_tanh"])
-def test_double_backward_through_the_kernels_raises(cell):
-    """The kernels' backward has no derivative. Under create_graph=True its gradients keep their
-    values, but differentiating through them raises (as torch's cuDNN RNN does) instead of
-    silently treating them as constants; the reference path gives the true second derivative."""
-    dev = kernel_device()
-    _, ours = _pair(cell, torch.float64, dev, "triton")
-    ref = _pair(cell, torch.float64, dev, "reference")[1]
-    ref.load_state_dict(ours.state_dict())
-    x = torch.randn(T, B, I, dtype=torch.float64, device=dev, requires_grad=True)
-    g, = torch.autograd.grad(ours(x)[0].pow(2).sum(), x, create_graph=True)
-    g_ref, = torch.autograd.grad(ref(x)[0].pow(2).sum(), x, create_graph=True)
-    assert rel_err(g, g_ref) < 1e-12
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        torch.autograd.grad(g.pow(2).sum(), ours.weight_hh_l0)
-    gg, = torch.autograd.grad(g_ref.pow(2).sum(), ref.weight_hh_l0)
-    assert gg.abs().sum() > 0
-    # only the initial state requires grad (frozen weights, x a constant): joined to it too
-    for p in ours.parameters():
-        p.requires_grad_(False)
-    is_lstm = cell.startswith("lstm")
-    h0 = torch.randn(1, B, _h_width(cell), dtype=torch.float64, device=dev, requires_grad=True)
-    hx = (h0, torch.zeros(1, B, H, dtype=torch.float64, device=dev)) if is_lstm else h0
-    # (a linear loss: the incoming gradient is a constant, so only the saved h0 can join them)
-    g_h0, = torch.autograd.grad(ours(x.detach(), hx)[0].sum(), h0, create_graph=True)
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        torch.autograd.grad(g_h0.pow(2).sum(), h0)
-    for p in ours.parameters():
-        p.requires_grad_(True)
-    # a plain backward is unchanged: no graph is kept on the gradients
-    ours.zero_grad()
-    ours(x)[0].sum().backward()
-    assert not ours.weight_hh_l0.grad.requires_grad
-
-
 def test_state_dict_keys_identical():
     for cell, (nn_cls, our_cls, extra) in CELLS.items():
         for kw in ({}, {"num_layers": 2, "bidirectional": True}, {"bias": False}):
