@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 import sys
+import tempfile
 from typing import List, Optional, Sequence
 
 _REEXEC_MARK = "_FUSED_RNN_CHECK_REEXEC"  # set in the re-executed child, to never loop
@@ -44,6 +45,9 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
+
+
+DEMO_OUT = os.path.join(tempfile.gettempdir(), "fused-rnn-demo")
 
 
 def _positive_float(text: str) -> float:
@@ -172,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"else {FULL['steps']})")
     d.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    d.add_argument("--out", type=_out_dir, default="fused-rnn-demo", metavar="DIR",
-                   help="where loss.png and results.json go (default: ./fused-rnn-demo)")
+    d.add_argument("--out", type=_out_dir, default=DEMO_OUT, metavar="DIR",
+                   help=f"where loss.png and results.json go (default: {DEMO_OUT}, outside any checkout)")
     d.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                    help="fused_rnn backend (auto: Triton kernels on CUDA, reference path on CPU)")
     d.add_argument("--hidden-size", type=_positive_int, default=None,

@@ -315,3 +315,14 @@ def test_demo_quick_few_steps(tmp_path):
     # Same initial weights and batch: the first step's losses agree.
     f, t = res["runs"]["fused_rnn.LSTM"]["losses"][0], res["runs"]["torch.nn.LSTM"]["losses"][0]
     assert abs(f - t) < 1e-4
+
+
+def test_demo_writes_outside_the_checkout_by_default():
+    """The demo's default output folder is under the system's temp folder, never the checkout (it
+    was ./fused-rnn-demo, inside whatever folder the command ran in)."""
+    import tempfile
+
+    from fused_rnn import cli
+
+    out = cli.build_parser().parse_args(["demo"]).out
+    assert os.path.commonpath([os.path.abspath(out), tempfile.gettempdir()]) == tempfile.gettempdir()
