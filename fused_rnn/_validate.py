@@ -1,6 +1,8 @@
-"""Argument checks shared by the layers and the functional entry points: clear errors that name
-the argument and what is allowed, as torch.nn does, raised before any backend is chosen (so the
-same on every backend), and never a silent broadcast."""
+"""Argument checks shared by the layers and the functional entry points, raised before any
+backend is chosen (so the same on every backend), never a silent broadcast. Where torch.nn checks
+the same thing the layers raise its exception type with its message (fused_rnn's detail follows
+in parentheses), in torch's order; the checks torch lacks are fused_rnn's own, naming the
+argument and what is allowed."""
 from __future__ import annotations
 
 import numbers
@@ -42,76 +44,185 @@ def check_float(t: torch.Tensor, name: str, optional: bool = False) -> None:
         )
 
 
-def check_input(x: torch.Tensor, input_size: int, batch_first: bool, name: str = "input") -> bool:
-    """Checks a sequence input; returns True for a batched (3-D) input, False for unbatched (2-D)."""
-    check_float(x, name)
-    layout = "(N, L, H_in)" if batch_first else "(L, N, H_in)"
-    if x.dim() not in (2, 3):
-        raise ValueError(
-            f"{name} must be 2-D (L, H_in) unbatched or 3-D {layout} batched, "
-            f"got {x.dim()}-D with shape {tuple(x.shape)}"
-        )
-    if x.shape[-1] != input_size:
-        raise ValueError(
-            f"{name} has {x.shape[-1]} features in its last dimension, expected input_size="
-            f"{input_size} (shape {tuple(x.shape)})"
-        )
-    batched = x.dim() == 3
-    T = x.shape[1] if batched and batch_first else x.shape[0]
-    # an empty batch (B == 0) runs, as in torch.nn: empty outputs, zero weight gradients
+def _tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _state_list(hx, lstm: bool, name: str):
+    """The initial states as a list: [] for None, [h_0] (RNN), [h_0, c_0] (LSTM). An LSTM's hx
+    not a tuple: TypeError (as torch's op raises); a tuple not of two: torch's RuntimeError; a
+    state not a tensor: TypeError (fused_rnn's check: torch.nn fails inside its own code)."""
+    if hx is None:
+        return []
+    if lstm:
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"hx must be a tuple (h_0, c_0) for an {name}, got {type(hx).__name__}")
+        if len(hx) != 2:
+            op = "lstm_cell" if name == "LSTMCell" else "lstm"
+            raise RuntimeError(f"{op} expects two hidden states (hx must be (h_0, c_0), got {len(hx)} tensors)")
+        _tensor(hx[0], "hx[0] (h_0)")
+        _tensor(hx[1], "hx[1] (c_0)")
+        return list(hx)
+    if not isinstance(hx, torch.Tensor):
+        raise TypeError(f"hx must be a tensor for an {name}, got {type(hx).__name__}")
+    return [hx]
+
+
+def _dtype_vs_weights(x, params, names) -> None:
+    """torch.nn's check of the input's dtype against the weights' (skipped under autocast): a
+    ValueError in torch's words; fused_rnn checks every parameter, not only the first."""
+    for i, (p, n) in enumerate(zip(params, names)):
+        if p is not None and p.dtype != x.dtype:
+            raise ValueError(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({p.dtype}). Convert input: "
+                f"input.to({p.dtype}), or convert model: model.to({x.dtype})" + (f" (parameter {n})" if i else "")
+            )
+
+
+def _devices(x, params, names, states, state_names) -> None:
+    """torch's RNN device checks: a RuntimeError in its words, naming the tensor."""
+    for p, n in zip(params, names):
+        if p is not None and p.device != x.device:
+            raise RuntimeError(
+                f"Input and parameter tensors are not at the same device, found input tensor at "
+                f"{x.device} and parameter tensor at {p.device} (parameter {n})"
+            )
+    for h, n in zip(states, state_names):
+        if h.device != x.device:
+            raise RuntimeError(
+                f"Input and hidden tensors are not at the same device, found input tensor at "
+                f"{x.device} and hidden tensor at {h.device} ({n})"
+            )
+
+
+def _state_dtypes(x, states, state_names) -> None:
+    """torch's (cuDNN's) check of the states' dtype against the input's: a RuntimeError in its
+    words (torch's CPU path raises a RuntimeError from its matmul there)."""
+    for h, n in zip(states, state_names):
+        if h.dtype != x.dtype:
+            raise RuntimeError(
+                f"Input and hidden tensors are not the same dtype, found input tensor with {x.dtype} and "
+                f"hidden tensor with {h.dtype} ({n}); convert them to the same dtype (or run under torch.autocast)"
+            )
+
+
+def check_layer_args(layer, input, hx, params, names, batch_sizes=None) -> bool:
+    """The checks of torch.nn.RNN / LSTM's forward, in torch's order, with its exception types and
+    messages (what fused_rnn adds follows in parentheses), plus fused_rnn's own: tensors where
+    tensors belong (TypeError), a floating-point input, the states' dtype. ``input``: the tensor
+    given, or a PackedSequence's data with its ``batch_sizes``; ``params`` / ``names``: the
+    layer's parameters in order (weight_ih_l0 first). Under autocast dtypes may differ, as in
+    torch. Returns whether the input is batched."""
+    lstm = layer.mode == "LSTM"
+    cls = "LSTM" if lstm else "RNN"
+    _tensor(input, "input")
+    same_dtype = autocast_dtype(input) is None
+    if batch_sizes is None and input.dim() not in (2, 3):
+        tensor = "" if lstm else " tensor"
+        raise ValueError(f"{cls}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead "
+                         f"(input shape {tuple(input.shape)})")
+    batched = batch_sizes is not None or input.dim() == 3
+    states = _state_list(hx, lstm, cls)
+    state_names = ["hx[0] (h_0)", "hx[1] (c_0)"] if lstm else ["hx (h_0)"]
+    if states and batch_sizes is None:
+        want = 3 if batched else 2
+        if any(h.dim() != want for h in states):
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            if lstm:
+                got = f"({states[0].dim()}-D, {states[1].dim()}-D) tensors"
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got {got}")
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {states[0].dim()}-D tensor")
+    if same_dtype:
+        _dtype_vs_weights(input, params, names)
+    check_float(input, "input")
+    if input.shape[-1] != layer.input_size:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {layer.input_size}, "
+                           f"got {input.shape[-1]}")
+    if batch_sizes is not None:
+        N = int(batch_sizes[0])
+    else:
+        N = (input.shape[0] if layer.batch_first else input.shape[1]) if batched else 1
+    LD = layer.num_layers * (2 if layer.bidirectional else 1)
+    expected = [(LD, N, layer.proj_size or layer.hidden_size), (LD, N, layer.hidden_size)]
+    labels = ["hidden[0] ", "hidden[1] "] if lstm else ["hidden "]
+    for h, n, shape, label in zip(states, state_names, expected, labels):
+        got = tuple(h.shape) if batched else tuple(h.unsqueeze(1).shape)
+        if got != shape:
+            raise RuntimeError(f"Expected {label}size {shape}, got {list(got)} ({n})")
+    _devices(input, params, names, states, state_names)
+    T = input.shape[1] if batched and layer.batch_first and batch_sizes is None else input.shape[0]
     if T == 0:
-        raise ValueError(f"{name} is a zero-length sequence (0 time steps), shape {tuple(x.shape)}")
+        raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN (input shape {tuple(input.shape)})")
+    if same_dtype:
+        _state_dtypes(input, states, state_names)
+    for h, n in zip(states, state_names):
+        check_float(h, n)
     return batched
 
 
-def check_cell_input(x: torch.Tensor, input_size: int, name: str = "input") -> bool:
-    """Checks a cell input (B, H_in) or unbatched (H_in,); returns True when batched."""
-    check_float(x, name)
-    if x.dim() not in (1, 2):
-        raise ValueError(
-            f"{name} must be 1-D (H_in,) or 2-D (N, H_in), got {x.dim()}-D with shape "
-            f"{tuple(x.shape)}"
-        )
-    if x.shape[-1] != input_size:
-        raise ValueError(
-            f"{name} has {x.shape[-1]} features in its last dimension, expected input_size="
-            f"{input_size} (shape {tuple(x.shape)})"
-        )
-    return x.dim() == 2
+def check_cell_args(cell, input, hx, params, names) -> bool:
+    """The checks of torch.nn.RNNCell / LSTMCell's forward, in torch's order, with its exception
+    types and messages (what fused_rnn adds follows in parentheses), plus fused_rnn's own: tensors
+    where tensors belong (TypeError), a floating-point input, states of exactly the expected shape
+    (torch's checks pass an unbatched (H,) input with an (N, H) state through to its matmul).
+    Where torch's own matmul is what fails (dtypes, devices) the error is its RuntimeError.
+    Returns whether the input is batched."""
+    lstm = isinstance(cell, torch.nn.LSTMCell)
+    cls = "LSTMCell" if lstm else "RNNCell"
+    _tensor(input, "input")
+    same_dtype = autocast_dtype(input) is None
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead "
+                         f"(input shape {tuple(input.shape)})")
+    states = _state_list(hx, lstm, cls)
+    state_names = ["hx[0] (h_0)", "hx[1] (c_0)"] if lstm else ["hx (h_0)"]
+    for i, h in enumerate(states):
+        if h.dim() not in (1, 2):
+            what = f"hx[{i}]" if lstm else "hidden"
+            raise ValueError(f"{cls}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
+    if not lstm and cell.nonlinearity not in NONLINEARITIES:
+        raise RuntimeError(f"Unknown nonlinearity: {cell.nonlinearity}")
+    batched = input.dim() == 2
+    N, H = (input.shape[0] if batched else 1), cell.hidden_size
+    if input.shape[-1] != cell.input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[-1]} expected {cell.input_size}")
+    for k, (h, n) in enumerate(zip(states, state_names)):
+        hb = h if batched else h.unsqueeze(0)  # torch's view of the state
+        if hb.shape[0] != N:
+            raise RuntimeError(f"Input batch size {N} doesn't match hidden{k} batch size {hb.shape[0]} ({n})")
+        want = (N, H) if batched else (H,)
+        if hb.dim() >= 2 and hb.shape[1] != H:
+            raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {hb.shape[1]}, expected {H} "
+                               f"({n} must have shape {want}, got {tuple(h.shape)})")
+        if tuple(h.shape) != want:  # fused_rnn's: torch passes these to its op, which broadcasts
+            raise RuntimeError(f"{n} must have shape {want}, got {tuple(h.shape)}")
+    for p, n in zip(params, names):
+        if p is not None and p.device != input.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{input.device} and parameter tensor at {p.device} (parameter {n})")
+        if same_dtype and p is not None and p.dtype != input.dtype:
+            raise RuntimeError(f"input and parameter {n} must have the same dtype, but got {input.dtype} and "
+                               f"{p.dtype}; convert them to the same dtype (or run under torch.autocast)")
+    check_float(input, "input")
+    for h, n in zip(states, state_names):
+        if h.device != input.device:
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                               f"{input.device} and hidden tensor at {h.device} ({n})")
+        if same_dtype and h.dtype != input.dtype:
+            raise RuntimeError(f"input and {n} must have the same dtype, but got {input.dtype} and {h.dtype}; "
+                               f"convert them to the same dtype (or run under torch.autocast)")
+        check_float(h, n)
+    return batched
 
 
-def check_state(
-    t: torch.Tensor, expected: Sequence[int], name: str, like: torch.Tensor, dtype: bool = True
-) -> None:
-    """A state tensor must have exactly the expected shape, and the device (and, unless
-    ``dtype`` is False, as under autocast, the dtype) of ``like``."""
-    check_float(t, name)
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
-    check_same(t, like, name, "input", dtype)
-
-
-def check_same(
-    t: torch.Tensor, like: torch.Tensor, name: str, like_name: str, dtype: bool = True
-) -> None:
+def check_same(t: torch.Tensor, like: torch.Tensor, name: str, like_name: str) -> None:
+    """The functional entry points' device check (the layers use torch.nn's, above)."""
     if t.device != like.device:
         raise ValueError(
             f"{name} is on {t.device} but {like_name} is on {like.device}; "
             f"move them to the same device"
         )
-    if dtype and t.dtype != like.dtype:
-        raise TypeError(
-            f"{name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}; "
-            f"convert them to the same dtype (or run under torch.autocast)"
-        )
-
-
-def check_params(
-    params: Sequence[Optional[torch.Tensor]], names: Sequence[str], x: torch.Tensor, dtype: bool = True
-) -> None:
-    for p, n in zip(params, names):
-        if p is not None:
-            check_same(p, x, f"parameter {n}", "input", dtype)
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -186,7 +297,7 @@ def check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln=None, lengths=None
     for t, n, optional in named:
         check_float(t, n, optional)
         if t is not None:
-            check_same(t, x, n, "x", dtype=False)
+            check_same(t, x, n, "x")
     T, B, I = x.shape
     if w_ih.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] % gates:
         what = "[4H, I]" if gates == 4 else "[H, I]"

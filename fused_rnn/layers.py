@@ -101,60 +101,40 @@ class _SequenceLayer:
 
     def _forward(self, input, hx):
         packed = input if isinstance(input, PackedSequence) else None
+        D = 2 if self.bidirectional else 1
+        L = self.num_layers
+        names = [n for l in range(L) for d in range(D) for n in self._layer_param_names(l, d)]
+        flat = [None if n is None else getattr(self, n) for n in names]
+        batched = V.check_layer_args(self, input if packed is None else packed.data, hx, flat, names,
+                                     None if packed is None else packed.batch_sizes)
         lengths = None
         if packed is not None:
-            V.check_float(packed.data, "input (PackedSequence.data)")
             x, lengths = pad_packed_sequence(packed)  # time-major, original batch order
-            if x.shape[-1] != self.input_size:
-                raise ValueError(
-                    f"input (PackedSequence) has {x.shape[-1]} features, expected "
-                    f"input_size={self.input_size}"
-                )
-            batched = True
             # pad_packed_sequence returns the lengths on the CPU: test them there (no device sync)
             if bool((lengths == x.shape[0]).all()):
                 lengths = None  # every sequence runs to the end: no masking needed
             else:
                 lengths = lengths.to(x.device)
         else:
-            batched = V.check_input(input, self.input_size, self.batch_first)
             x = input
             if not batched:
                 x = x.unsqueeze(1)
             elif self.batch_first:
                 x = x.transpose(0, 1)
         B = x.shape[1]
-        D = 2 if self.bidirectional else 1
         H = self.hidden_size
         P = self.proj_size or H  # the width of h (nn.LSTM's proj_size; c stays H wide)
-        L = self.num_layers
-        h_shape = (L * D, B, P) if batched else (L * D, P)
-        c_shape = (L * D, B, H) if batched else (L * D, H)
-        same_dtype = V.autocast_dtype(x) is None  # autocast casts everything to its dtype
 
-        # Initial states, checked against what torch.nn expects, then [L*D, B, P] / [L*D, B, H].
+        # Initial states (checked above), as [L*D, B, P] / [L*D, B, H].
         if hx is None:
             h0 = x.new_zeros(L * D, B, P)
             c0 = x.new_zeros(L * D, B, H) if self._is_lstm else None
         else:
-            if self._is_lstm:
-                if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                    raise TypeError("hx must be a tuple (h_0, c_0) for an LSTM")
-                h0, c0 = hx
-                V.check_state(h0, h_shape, "hx[0] (h_0)", x, same_dtype)
-                V.check_state(c0, c_shape, "hx[1] (c_0)", x, same_dtype)
-            else:
-                if not isinstance(hx, torch.Tensor):
-                    raise TypeError(f"hx must be a tensor for an RNN, got {type(hx).__name__}")
-                h0, c0 = hx, None
-                V.check_state(h0, h_shape, "hx (h_0)", x, same_dtype)
+            h0, c0 = hx if self._is_lstm else (hx, None)
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = None if c0 is None else c0.unsqueeze(1)
 
-        names = [n for l in range(L) for d in range(D) for n in self._layer_param_names(l, d)]
-        flat = [None if n is None else getattr(self, n) for n in names]
-        V.check_params(flat, names, x, same_dtype)
         x, cast = _autocast(x, [h0, c0] + flat)
         h0, c0, flat = cast[0], cast[1], cast[2:]
         n = len(names) // (L * D)
@@ -244,7 +224,7 @@ class RNN(_SequenceLayer, nn.RNNBase):
     def __init__(self, *args, backend: str = "auto", **kwargs):
         # nn.RNN's argument handling: nonlinearity is the 4th positional argument.
         if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN")
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if len(args) > 3:
             nonlinearity = args[3]
             args = args[:3] + args[4:]
@@ -263,22 +243,15 @@ class RNN(_SequenceLayer, nn.RNNBase):
         return super().extra_repr() + f", backend={self.backend!r}"
 
 
-def _cell_state(hx, input, batched, hidden_size, name):
-    shape = (input.shape[0], hidden_size) if batched else (hidden_size,)
-    if hx is None:
-        return input.new_zeros(shape)
-    V.check_state(hx, shape, name, input, V.autocast_dtype(input) is None)
-    return hx
+def _cell_state(hx, input, batched, hidden_size):
+    return input.new_zeros((input.shape[0], hidden_size) if batched else (hidden_size,)) if hx is None else hx
 
 
-def _cell_params(cell, input, layer_norm):
-    params = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
-    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
-    if layer_norm:
-        params += [getattr(cell, n) for n in LN_NAMES]
-        names += list(LN_NAMES)
-    V.check_params(params, names, input, V.autocast_dtype(input) is None)
-    return params
+def _cell_params(cell, input, hx, layer_norm):
+    """The cell's parameters, once its arguments pass torch.nn's checks; and whether batched."""
+    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"] + (list(LN_NAMES) if layer_norm else [])
+    params = [getattr(cell, n) for n in names]
+    return params, V.check_cell_args(cell, input, hx, params, names)
 
 
 class LSTMCell(nn.LSTMCell):
@@ -298,16 +271,10 @@ class LSTMCell(nn.LSTMCell):
             _reset_ln_params(self, [""])
 
     def forward(self, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-        batched = V.check_cell_input(input, self.input_size)
-        if hx is None:
-            h0 = c0 = None
-        else:
-            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise TypeError("hx must be a tuple (h_0, c_0) for an LSTMCell")
-            h0, c0 = hx
-        h0 = _cell_state(h0, input, batched, self.hidden_size, "hx[0] (h_0)")
-        c0 = _cell_state(c0, input, batched, self.hidden_size, "hx[1] (c_0)")
-        params = _cell_params(self, input, self.layer_norm)
+        params, batched = _cell_params(self, input, hx, self.layer_norm)
+        h0, c0 = (None, None) if hx is None else hx
+        h0 = _cell_state(h0, input, batched, self.hidden_size)
+        c0 = _cell_state(c0, input, batched, self.hidden_size)
         x = input if batched else input.unsqueeze(0)
         if not batched:
             h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
@@ -336,9 +303,8 @@ class RNNCell(nn.RNNCell):
         self.backend = V.check_backend(backend)
 
     def forward(self, input, hx: Optional[torch.Tensor] = None):
-        batched = V.check_cell_input(input, self.input_size)
-        h0 = _cell_state(hx, input, batched, self.hidden_size, "hx (h_0)")
-        params = _cell_params(self, input, False)
+        params, batched = _cell_params(self, input, hx, False)
+        h0 = _cell_state(hx, input, batched, self.hidden_size)
         x = input if batched else input.unsqueeze(0)
         if not batched:
             h0 = h0.unsqueeze(0)

@@ -1,6 +1,11 @@
-"""Bad input gets a ValueError or TypeError naming the argument and the expected shape."""
+"""Bad input gets torch.nn's exception (type and message) where torch.nn checks the same thing,
+and a ValueError or TypeError naming the argument where only fused_rnn checks."""
+import re
+
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from conftest import requires_cuda, requires_kernels
@@ -9,89 +14,166 @@ B, T, I, H = 3, 7, 5, 11
 
 
 @pytest.fixture(params=["lstm", "rnn"])
-def layer(request):
-    if request.param == "lstm":
-        return fused_rnn.LSTM(I, H, num_layers=2)
-    return fused_rnn.RNN(I, H, num_layers=2)
+def pair(request):
+    """fused_rnn's 2-layer layer and torch.nn's with the same weights."""
+    name = "LSTM" if request.param == "lstm" else "RNN"
+    ref = getattr(nn, name)(I, H, num_layers=2)
+    ours = getattr(fused_rnn, name)(I, H, num_layers=2)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
 
 
-def _hx(layer, shape):
+def _hx(layer, shape, c_shape=None):
     """A zero initial state of ``shape`` in the form the layer takes."""
     h = torch.zeros(shape)
-    return (h, torch.zeros(shape)) if isinstance(layer, fused_rnn.LSTM) else h
+    lstm = isinstance(layer, (fused_rnn.LSTM, nn.LSTM, fused_rnn.LSTMCell, nn.LSTMCell))
+    return (h, torch.zeros(c_shape or shape)) if lstm else h
 
 
-def test_wrong_rank(layer):
-    with pytest.raises(ValueError, match=r"input must be 2-D .* got 4-D"):
-        layer(torch.randn(T, B, I, 1))
-    with pytest.raises(ValueError, match=r"got 1-D"):
-        layer(torch.randn(I))
+def _like_torch(ours, ref, args, exc, key, torch_key=True):
+    """torch.nn and fused_rnn both raise ``exc`` on ``args``, ours with ``key`` (a literal) in its
+    message; torch's message too unless ``torch_key`` is False (where torch fails in its own op
+    with words of its own)."""
+    with pytest.raises(exc) as want:
+        ref(*args)
+    if torch_key:
+        assert key in str(want.value), str(want.value)
+    with pytest.raises(exc, match=re.escape(key)):
+        ours(*args)
 
 
-def test_wrong_feature_size(layer):
-    with pytest.raises(ValueError, match=r"expected input_size=5"):
-        layer(torch.randn(T, B, I + 1))
+def test_wrong_rank(pair):
+    ours, ref = pair
+    _like_torch(ours, ref, (torch.randn(T, B, I, 1),), ValueError, "Expected input to be 2D or 3D, got 4D")
+    _like_torch(ours, ref, (torch.randn(I),), ValueError, "Expected input to be 2D or 3D, got 1D")
 
 
-def test_wrong_dtype(layer):
-    with pytest.raises(TypeError, match=r"float64 but input has dtype torch.float32|dtype torch.float32"):
-        layer.double()(torch.randn(T, B, I))
-    with pytest.raises(TypeError, match=r"floating-point"):
-        layer(torch.ones(T, B, I, dtype=torch.int64))
+def test_wrong_feature_size(pair):
+    ours, ref = pair
+    _like_torch(ours, ref, (torch.randn(T, B, I + 1),), RuntimeError,
+                "input.size(-1) must be equal to input_size. Expected 5, got 6")
+    packed = pack_padded_sequence(torch.randn(T, B, I + 1), [T, 2, 1])
+    with pytest.raises(RuntimeError, match=re.escape("must be equal to input_size. Expected 5, got 6")):
+        ours(packed)
 
 
-def test_weights_on_another_device(layer):
-    layer.to("meta")
-    with pytest.raises(ValueError, match=r"is on meta but input is on cpu"):
-        layer(torch.randn(T, B, I))
+def test_wrong_dtype(pair):
+    ours, ref = pair
+    _like_torch(ours.double(), ref.double(), (torch.randn(T, B, I),), ValueError,
+                "RNN input dtype (torch.float32) does not match weight dtype (torch.float64). "
+                "Convert input: input.to(torch.float64), or convert model: model.to(torch.float32)")
+    _like_torch(ours, ref, (torch.ones(T, B, I, dtype=torch.int64),), ValueError,
+                "RNN input dtype (torch.int64) does not match weight dtype (torch.float64)")
+    packed = pack_padded_sequence(torch.randn(T, B, I), [T, 2, 1])
+    with pytest.raises(ValueError, match=re.escape("RNN input dtype (torch.float32) does not match")):
+        ours(packed)
+    # fused_rnn checks every parameter, not only the first as torch does
+    ours.float().weight_hh_l1.data = ours.weight_hh_l1.data.double()
+    with pytest.raises(ValueError, match=r"does not match weight dtype \(torch.float64\).*weight_hh_l1"):
+        ours(torch.randn(T, B, I))
 
 
-def test_state_of_wrong_shape(layer):
-    name = r"hx\[0\] \(h_0\)" if isinstance(layer, fused_rnn.LSTM) else r"hx \(h_0\)"
-    with pytest.raises(ValueError, match=name + r" must have shape \(2, 3, 11\), got \(1, 3, 11\)"):
-        layer(torch.randn(T, B, I), _hx(layer, (1, B, H)))
-    with pytest.raises(ValueError, match=r"must have shape \(2, 3, 11\), got \(2, 3\)"):
-        layer(torch.randn(T, B, I), _hx(layer, (2, B)))
-    with pytest.raises(ValueError, match=r"must have shape \(2, 3, 11\), got \(2, 1, 11\)"):
-        layer(torch.randn(T, B, I), _hx(layer, (2, 1, H)))  # never broadcast over the batch
+def test_not_a_tensor(pair):
+    """fused_rnn's own checks (torch.nn fails inside its code): TypeError naming the argument."""
+    ours, _ = pair
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        ours([[0.0] * I] * T)
+    if isinstance(ours, fused_rnn.LSTM):
+        with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\) for an LSTM, got Tensor"):
+            ours(torch.randn(T, B, I), torch.zeros(2, B, H))
+        with pytest.raises(TypeError, match=r"hx\[1\] \(c_0\) must be a torch.Tensor, got NoneType"):
+            ours(torch.randn(T, B, I), (torch.zeros(2, B, H), None))
+    else:
+        with pytest.raises(TypeError, match="hx must be a tensor for an RNN, got list"):
+            ours(torch.randn(T, B, I), [torch.zeros(2, B, H)])
+
+
+def test_lstm_needs_two_states():
+    ref = nn.LSTM(I, H)
+    ours = fused_rnn.LSTM(I, H)
+    h = torch.zeros(1, B, H)
+    _like_torch(ours, ref, (torch.randn(T, B, I), (h, h, h)), RuntimeError, "lstm expects two hidden states")
+    ref, ours = nn.LSTMCell(I, H), fused_rnn.LSTMCell(I, H)
+    _like_torch(ours, ref, (torch.randn(B, I), (h[0],)), RuntimeError, "lstm_cell expects two hidden states")
+
+
+def test_weights_on_another_device(pair):
+    ours, ref = pair
+    _like_torch(ours.to("meta"), ref.to("meta"), (torch.randn(T, B, I),), RuntimeError,
+                "Input and parameter tensors are not at the same device, found input tensor at cpu and "
+                "parameter tensor at meta")
+
+
+def test_state_on_another_device(pair):
+    ours, ref = pair
+    hx = torch.zeros(2, B, H, device="meta")
+    hx = (torch.zeros(2, B, H), hx) if isinstance(ours, fused_rnn.LSTM) else hx
+    _like_torch(ours, ref, (torch.randn(T, B, I), hx), RuntimeError,
+                "Input and hidden tensors are not at the same device, found input tensor at cpu and "
+                "hidden tensor at meta")
+
+
+def test_state_of_wrong_shape(pair):
+    ours, ref = pair
+    label = "hidden[0]" if isinstance(ours, fused_rnn.LSTM) else "hidden"
+    x = torch.randn(T, B, I)
+    _like_torch(ours, ref, (x, _hx(ours, (1, B, H))), RuntimeError, f"Expected {label} size (2, 3, 11), got [1, 3, 11]")
+    _like_torch(ours, ref, (x, _hx(ours, (2, 1, H))), RuntimeError,  # never broadcast over the batch
+                f"Expected {label} size (2, 3, 11), got [2, 1, 11]")
+    _like_torch(ours, ref, (x, _hx(ours, (2, B))), RuntimeError, "For batched 3-D input, hx")
+    _like_torch(ours, ref, (x[:, 0], _hx(ours, (2, 1, H))), RuntimeError, "For unbatched 2-D input, hx")
+    packed = pack_padded_sequence(x, [T, 2, 1])
+    with pytest.raises(RuntimeError, match=re.escape(f"Expected {label} size (2, 3, 11), got [2, 2, 11]")):
+        ours(packed, _hx(ours, (2, 2, H)))
 
 
 def test_c0_of_wrong_shape():
-    m = fused_rnn.LSTM(I, H)
-    with pytest.raises(ValueError, match=r"hx\[1\] \(c_0\) must have shape \(1, 3, 11\)"):
-        m(torch.randn(T, B, I), (torch.zeros(1, B, H), torch.zeros(1, B, H + 1)))
-    with pytest.raises(TypeError, match=r"tuple \(h_0, c_0\)"):
-        m(torch.randn(T, B, I), torch.zeros(1, B, H))
+    ours, ref = fused_rnn.LSTM(I, H), nn.LSTM(I, H)
+    _like_torch(ours, ref, (torch.randn(T, B, I), (torch.zeros(1, B, H), torch.zeros(1, B, H + 1))), RuntimeError,
+                "Expected hidden[1] size (1, 3, 11), got [1, 3, 12]")
 
 
-def test_state_dtype_mismatch(layer):
+def test_state_dtype_mismatch(pair):
+    """torch's CPU op fails in its matmul (its cuDNN path checks, with the words used here)."""
+    ours, ref = pair
     h0 = torch.zeros(2, B, H, dtype=torch.float64)
-    hx = (h0, torch.zeros(2, B, H)) if isinstance(layer, fused_rnn.LSTM) else h0
-    with pytest.raises(TypeError, match=r"h_0\) has dtype torch.float64"):
-        layer(torch.randn(T, B, I), hx)
+    hx = (h0, torch.zeros(2, B, H)) if isinstance(ours, fused_rnn.LSTM) else h0
+    _like_torch(ours, ref, (torch.randn(T, B, I), hx), RuntimeError,
+                "Input and hidden tensors are not the same dtype, found input tensor with torch.float32 and "
+                "hidden tensor with torch.float64", torch_key=False)
 
 
-def test_zero_length_sequence(layer):
-    with pytest.raises(ValueError, match=r"zero-length sequence"):
-        layer(torch.randn(0, B, I))
+def test_zero_length_sequence(pair):
+    ours, ref = pair
+    _like_torch(ours, ref, (torch.randn(0, B, I),), RuntimeError, "Expected sequence length to be larger than 0 in RNN")
 
 
 def test_cells_bad_input():
-    cell = fused_rnn.LSTMCell(I, H)
-    with pytest.raises(ValueError, match=r"expected input_size=5"):
-        cell(torch.randn(B, I + 2))
-    with pytest.raises(ValueError, match=r"must be 1-D \(H_in,\) or 2-D"):
-        cell(torch.randn(T, B, I))
-    with pytest.raises(ValueError, match=r"must have shape \(3, 11\), got \(1, 11\)"):
-        cell(torch.randn(B, I), (torch.zeros(1, H), torch.zeros(1, H)))
-    rcell = fused_rnn.RNNCell(I, H).double()
-    with pytest.raises(TypeError, match=r"dtype"):
-        rcell(torch.randn(B, I))
+    ours, ref = fused_rnn.LSTMCell(I, H), nn.LSTMCell(I, H)
+    x = torch.randn(B, I)
+    _like_torch(ours, ref, (torch.randn(B, I + 2),), RuntimeError, "input has inconsistent input_size: got 7 expected 5")
+    _like_torch(ours, ref, (torch.randn(T, B, I),), ValueError, "LSTMCell: Expected input to be 1D or 2D, got 3D instead")
+    _like_torch(ours, ref, (x, _hx(ours, (1, H))), RuntimeError, "Input batch size 3 doesn't match hidden0 batch size 1")
+    _like_torch(ours, ref, (x, _hx(ours, (B, H), (B, H + 1))), RuntimeError,
+                "hidden1 has inconsistent hidden_size: got 12, expected 11")
+    _like_torch(ours, ref, (x, _hx(ours, (B, 1, H))), ValueError, "LSTMCell: Expected hx[0] to be 1D or 2D, got 3D")
+    # an unbatched input with a batched state: torch's check sees hidden_size B; fused_rnn also names the shape
+    _like_torch(ours, ref, (x[0], _hx(ours, (1, H))), RuntimeError, "hidden0 has inconsistent hidden_size: got 1")
+    with pytest.raises(RuntimeError, match=re.escape("hx[0] (h_0) must have shape (11,), got (11, 11)")):
+        ours(x[0], _hx(ours, (H, H)))  # passes torch's checks, then broadcasts in torch's op
+    rours, rref = fused_rnn.RNNCell(I, H).double(), nn.RNNCell(I, H).double()
+    _like_torch(rours, rref, (x,), RuntimeError, "input and parameter weight_ih must have the same dtype",
+                torch_key=False)
+    _like_torch(rours, rref, (x.double(), torch.zeros(B, H)), RuntimeError, "must have the same dtype", torch_key=False)
+    _like_torch(rours, rref, (x.double(), torch.zeros(1, B, 1, H, dtype=torch.float64)), ValueError,
+                "RNNCell: Expected hidden to be 1D or 2D, got 4D instead")
 
 
 def test_bad_nonlinearity():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):
         fused_rnn.RNN(I, H, nonlinearity="gelu")
+    ours, ref = fused_rnn.RNNCell(I, H, nonlinearity="gelu"), nn.RNNCell(I, H, nonlinearity="gelu")
+    _like_torch(ours, ref, (torch.randn(B, I),), RuntimeError, "Unknown nonlinearity: gelu")
 
 
 # ------------------------------------------------ the functional entry points (no layer checks)

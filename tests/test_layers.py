@@ -317,9 +317,10 @@ def test_proj_size_state_shapes_are_checked():
     h_p, c_h = torch.zeros(2, B, P), torch.zeros(2, B, H)
     out, (h, c) = m(x, (h_p, c_h))
     assert out.shape == (T, B, P) and h.shape == (2, B, P) and c.shape == (2, B, H)
-    with pytest.raises(ValueError, match=r"h_0.*\(2, 3, 4\)"):
+    # torch.nn's RuntimeError and message
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 3, 4\), got \[2, 3, 11\]"):
         m(x, (torch.zeros(2, B, H), c_h))  # h_0 H wide: it is P wide with a projection
-    with pytest.raises(ValueError, match=r"c_0.*\(2, 3, 11\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(2, 3, 11\), got \[2, 3, 4\]"):
         m(x, (h_p, torch.zeros(2, B, P)))  # c_0 stays H wide
 
 
