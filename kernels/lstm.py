@@ -53,6 +53,8 @@ from fused_rnn.reference import LN_EPS  # one source of truth (nn.LayerNorm's de
 from ._common import (
     DEFAULT_SM_COUNT,
     SUPPORTED_DTYPES,
+    _dsigmoid,
+    _dtanh,
     _gate_chunk_dots,
     _load_gates,
     _ln_rows,
@@ -341,8 +343,11 @@ def _lstm_bwd_kernel(
     else:
         z = c_new
     tz = _tanh(z)
-    d_o = dh * tz
-    dz = tl.where(valid & mask, dh * go * (1.0 - tz * tz), 0.0)
+    vm = valid & mask
+    # dy_o first, the gc store before the LN backward: go, gf die sooner (the LN backward at H128
+    # spilled, sm_90 compile)
+    dy_o = tl.where(vm, dh * tz * _dsigmoid(go), 0.0)
+    dz = tl.where(vm, dh * go * _dtanh(tz), 0.0)
     if LN:
         dc += _ln_rows_bwd(dz * w_c[None, :], n_c, r_c, cmask, H)
         p_h = pid_b.to(tl.int64) * H + cols
@@ -350,11 +355,10 @@ def _lstm_bwd_kernel(
         tl.store(dcb_ptr + p_h, tl.load(dcb_ptr + p_h, mask=cmask) + tl.sum(dz, axis=0), mask=cmask)
     else:
         dc += dz
-    vm = valid & mask
-    dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
-    dy_f = tl.where(vm, dc * c_prev * gf * (1.0 - gf), 0.0)
-    dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
-    dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
+    dy_i = tl.where(vm, dc * gg * _dsigmoid(gi), 0.0)
+    dy_f = tl.where(vm, dc * c_prev * _dsigmoid(gf), 0.0)
+    dy_g = tl.where(vm, dc * gi * _dtanh(gg), 0.0)
+    tl.store(gc_ptr + b_off, tl.where(valid, dc * gf, gc), mask=mask)
     if LN:
         p_g = pid_b.to(tl.int64) * G + cols
         tl.store(dgw_ptr + p_g, tl.load(dgw_ptr + p_g, mask=cmask) + tl.sum(dy_i * n_i, axis=0), mask=cmask)
@@ -373,7 +377,6 @@ def _lstm_bwd_kernel(
         dy_g = _ln_rows_bwd(dy_g * w_gg[None, :], n_g, r_g, cmask, H)
         dy_o = _ln_rows_bwd(dy_o * w_go[None, :], n_o, r_o, cmask, H)
     _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
-    tl.store(gc_ptr + b_off, tl.where(valid, dc * gf, gc), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile, pow2_block, sm_count,
+    _dsigmoid, _dtanh, _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile,
+    pow2_block, sm_count,
 )
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
@@ -722,11 +723,11 @@ def _lstm_bwd_persistent_kernel(
         tz = _tanh(c_cur)
         d_o = dh * tz
         vm = valid & mask
-        dc += tl.where(vm, dh * go * (1.0 - tz * tz), 0.0)
-        dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
-        dy_f = tl.where(vm, dc * c_prev * gf * (1.0 - gf), 0.0)
-        dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
-        dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
+        dc += tl.where(vm, dh * go * _dtanh(tz), 0.0)
+        dy_i = tl.where(vm, dc * gg * _dsigmoid(gi), 0.0)
+        dy_f = tl.where(vm, dc * c_prev * _dsigmoid(gf), 0.0)
+        dy_g = tl.where(vm, dc * gi * _dtanh(gg), 0.0)
+        dy_o = tl.where(vm, d_o * _dsigmoid(go), 0.0)
         if LL:  # first, so that the others can go on: ring slot t % 2, tag t
             r_off = (((t64 % 2) * B + rows) * G)[:, None] + cols[None, :]
             _ll_put(ring_ptr, r_off, dy_i.to(DGT).to(WT), t64, mask)
@@ -923,7 +924,7 @@ def _rnn_bwd_persistent_kernel(
         if RELU:
             dp = tl.where(h <= 0, 0.0, dh)
         else:
-            dp = dh * (1.0 - h * h)
+            dp = dh * _dtanh(h)
         dp = tl.where(valid, dp, 0.0)
         if LL:  # first, so that the others can go on: ring slot t % 2, tag t
             _ll_put(ring_ptr, (((t64 % 2) * B + rows) * H)[:, None] + cols[None, :],

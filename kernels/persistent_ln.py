@@ -191,7 +191,9 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import _gate_chunk_dots, _gate_tile_dots, _load_gates, _sigmoid, _store_gates, _tanh, _tile
+from ._common import (
+    _dsigmoid, _dtanh, _gate_chunk_dots, _gate_tile_dots, _load_gates, _sigmoid, _store_gates, _tanh, _tile,
+)
 from .persistent import (
     LAST_LAUNCH,
     _lstm_bwd_carry,
@@ -873,13 +875,13 @@ def _ln_lstm_bwd_persistent_kernel(
         r_c = _load_stat(st, 9, rl, NSTAT, BLOCK_B)
         gw_o = _param(gw_ptr, 3 * H, cols, cmask, ACC)
         cw = _param(cw_ptr, 0, cols, cmask, ACC)
-        xh_o = _norm(a_o.to(ACC), m_o, r_o, cmask)
-        go = _sigmoid(xh_o * gw_o[None, :] + _param(gb_ptr, 3 * H, cols, cmask, ACC)[None, :])
+        # this order (tz, then go) for the registers (B16 H256 spilled 16 B, sm_90 compile)
         chat = _norm(c_cur.to(ACC), m_c, r_c, cmask)
         tz = _tanh(chat * cw[None, :] + _param(cb_ptr, 0, cols, cmask, ACC)[None, :])
-        d_o = dh * tz
-        dz = tl.where(vm, dh * go * (1.0 - tz * tz), 0.0)
-        dy_o = tl.where(vm, d_o * go * (1.0 - go), 0.0)
+        xh_o = _norm(a_o.to(ACC), m_o, r_o, cmask)
+        go = _sigmoid(xh_o * gw_o[None, :] + _param(gb_ptr, 3 * H, cols, cmask, ACC)[None, :])
+        dy_o = tl.where(vm, dh * tz * _dsigmoid(go), 0.0)
+        dz = tl.where(vm, dh * go * _dtanh(tz), 0.0)
         u = dz * cw[None, :]
         v_o = dy_o * gw_o[None, :]
         _store_sums(pp, pid, 0, rl, u, chat, NQ, BLOCK_B, i64, LL)
@@ -895,9 +897,9 @@ def _ln_lstm_bwd_persistent_kernel(
             P = dc + r_c[:, None] * u
             gi, gf, gg, xh_i, xh_f, xh_g, r_i, r_f, r_g = _ifg(st, a_i, a_f, a_g, gw_ptr, gb_ptr, cols, cmask, rl,
                                                               H, ACC, NSTAT, BLOCK_B)
-            F_i = tl.where(vm, gg * gi * (1.0 - gi), 0.0)
-            F_f = tl.where(vm, c_prev.to(ACC) * gf * (1.0 - gf), 0.0)
-            F_g = tl.where(vm, gi * (1.0 - gg * gg), 0.0)
+            F_i = tl.where(vm, gg * _dsigmoid(gi), 0.0)
+            F_f = tl.where(vm, c_prev.to(ACC) * _dsigmoid(gf), 0.0)
+            F_g = tl.where(vm, gi * _dtanh(gg), 0.0)
             _merged_sums(pp, pid, 4, P, chat, F_i * _param(gw_ptr, 0, cols, cmask, ACC)[None, :], xh_i, rl,
                          NQ, BLOCK_B)
             _merged_sums(pp, pid, 10, P, chat, F_f * _param(gw_ptr, H, cols, cmask, ACC)[None, :], xh_f, rl,
@@ -983,9 +985,9 @@ def _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f
     gw_i = _param(gw_ptr, 0, cols, cmask, ACC)
     gw_f = _param(gw_ptr, H, cols, cmask, ACC)
     gw_g = _param(gw_ptr, 2 * H, cols, cmask, ACC)
-    dy_i = tl.where(vm, dc * gg * gi * (1.0 - gi), 0.0)
-    dy_f = tl.where(vm, dc * c_prev.to(ACC) * gf * (1.0 - gf), 0.0)
-    dy_g = tl.where(vm, dc * gi * (1.0 - gg * gg), 0.0)
+    dy_i = tl.where(vm, dc * gg * _dsigmoid(gi), 0.0)
+    dy_f = tl.where(vm, dc * c_prev.to(ACC) * _dsigmoid(gf), 0.0)
+    dy_g = tl.where(vm, dc * gi * _dtanh(gg), 0.0)
     gc = tl.where(valid, dc * gf, gc)
     v_i = dy_i * gw_i[None, :]
     v_f = dy_f * gw_f[None, :]

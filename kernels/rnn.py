@@ -29,7 +29,7 @@ import triton.language as tl
 from fused_rnn._buffers import grad_dtype, state_dtype
 
 from ._common import (
-    DEFAULT_SM_COUNT, SUPPORTED_DTYPES, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection,
+    DEFAULT_SM_COUNT, SUPPORTED_DTYPES, _dtanh, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection,
     pow2_block, sm_count, step_override, step_tile,
 )
 
@@ -171,7 +171,7 @@ def _rnn_bwd_kernel(
     if RELU:
         dp = tl.where(h <= 0, 0.0, dh)
     else:
-        dp = dh * (1.0 - h * h)
+        dp = dh * _dtanh(h)
     dp = tl.where(valid, dp, 0.0)
     tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
 
