@@ -215,7 +215,7 @@ def _sigmoid(x):
     else:
         ax = tl.minimum(ax, 128.0, propagate_nan=tl.PropagateNan.ALL)  # e^-128 is 0 already; inf p gave NaN
         p = ax * -1.4426950408889634  # fp32(log2 e), rounded
-        r = tl.fma(ax, -1.4426950408889634, -p)  # the product's rounding error, exact
+        r = tl.fma(ax, -1.4426950408889634, -p)  # its rounding error (0 where fma rounds twice: 3.6's interpreter)
         r = tl.fma(ax, -1.9259629911266175e-08, r)  # and fp32(log2 e)'s: log2 e - fp32(log2 e)
         tiny = p < -126.0
         z = tl.exp2(tl.where(tiny, 0.5 * p, p))
