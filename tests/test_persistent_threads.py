@@ -424,7 +424,9 @@ def test_multi_program_chunk_resident_matches_step(threaded_grid, gpu_plans, mon
         want[1] = (n, False, 1, plans[1].BLOCK_K, ll)
     assert [(pl.programs, pl.resident, pl.w_chunks, pl.BLOCK_K, pl.ll) for pl in plans] == want
     assert all(pl.row_blocks == (2 if B > 64 else 1) for pl in plans)
-    close = 1e-6 if dtype == F32 else 1e-2
+    # two fp32 accumulation orders (K in chunks of 16 against the step kernels' blocks): up to
+    # 9.8e-7 apart with the exp-form tanh, 1.2e-6 with the few-ulp one (other roundings)
+    close = 2e-6 if dtype == F32 else 1e-2
     for i, (a, b) in enumerate(zip(ours, step)):
         assert a.shape == b.shape and not torch.isnan(a).any(), f"output {i}: NaN (unwritten?)"
         assert rel_err(a, b) <= close, f"output {i}: rel err {rel_err(a, b):.2e}"
