@@ -207,7 +207,7 @@ def _sigmoid(x):
     # 1 / (1 + z) or z / (1 + z), z = e^{-|x|} in [0, 1]: no inf/inf. fp32: z = 2^p, p = fl(-|x| log2 e),
     # and the numerator's z times 1 + r ln 2 for p's rounding error r (uncorrected, sigmoid(-80) was
     # ~40 ulps off: fl(p) is 2^-18 off at p = -115); tl.exp2 is ex2.approx.ftz, so below 2^-126
-    # 2^(p/2) squared keeps denormals. sm_90: 19 SASS instructions (was 14)
+    # 2^(p/2) squared keeps denormals. sm_90: 19 SASS instructions
     ax = tl.abs(x)
     if x.dtype == tl.float64:
         z = tl.exp(-ax)
@@ -228,7 +228,7 @@ def _sigmoid(x):
 def _tanh(x):
     # tanh|x|: below 0.55 x + x^3 P(x^2) (fp32: minimax degree 4 in x^2 on [0, 0.55]; fp64: Cephes'
     # rational on [0, 0.625]), where (1 - z) / (1 + z), z = e^{-2|x|}, would cancel; above, that;
-    # then x's sign, -0 kept. sm_90: 21 SASS instructions (was 15)
+    # then x's sign, -0 kept. sm_90: 21 SASS instructions
     ax = tl.abs(x)
     s = ax * ax
     if x.dtype == tl.float64:
