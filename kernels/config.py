@@ -61,6 +61,13 @@ def ln_fused_max_h(dtype: torch.dtype) -> int:
     return LN_FUSED_MAX_H_FP64 if dtype == torch.float64 else LN_FUSED_MAX_H
 
 
+def default_fused(H: int, ln, dtype: torch.dtype) -> bool:
+    """Whether the LSTM's step path runs the fused kernels (recurrent matmul inside) by default:
+    always for the plain LSTM, up to ln_fused_max_h for the layer-norm one (ln: None or its
+    parameters)."""
+    return ln is None or H <= ln_fused_max_h(dtype)
+
+
 def zero_padding(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
     """x [T, B, ...] with the steps past each sequence's end set to 0 by a where (0 x NaN is NaN:
     no multiply by a mask), so NaN / Inf padding reaches no result or gradient. The launchers
