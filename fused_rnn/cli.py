@@ -37,11 +37,16 @@ def _csv(choices: Sequence[str], what: str):
     return parse
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str) -> int:
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (also the bench's)."""
+    v = _int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
@@ -50,8 +55,9 @@ def _positive_int(text: str) -> int:
 DEMO_OUT = os.path.join(tempfile.gettempdir(), "fused-rnn-demo")
 
 
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (float() alone takes nan, inf and negatives)."""
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (float() alone takes nan, inf and negatives);
+    also the bench's."""
     try:
         v = float(text)
     except ValueError:
@@ -62,15 +68,16 @@ def _positive_float(text: str) -> float:
 
 
 def _threads(text: str) -> int:
-    v = _positive_int(text)
+    v = positive_int(text)
     cores = os.cpu_count() or 1
     if v > cores:
         raise argparse.ArgumentTypeError(f"at most {cores} (this machine's CPU cores), got {v}")
     return v
 
 
-def _out_dir(text: str) -> str:
-    """An argparse type for --out: a folder, or a path where one can be made (no file on it)."""
+def out_dir(text: str) -> str:
+    """An argparse type for --out (the demo's and the bench's): a folder, or a path where one
+    can be made (no file on it)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty path")
     path = probe = os.path.abspath(text)
@@ -83,10 +90,7 @@ def _out_dir(text: str) -> str:
 
 
 def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    v = _int(text)
     if not 0 <= v < 2**63:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {v}")
     return v
@@ -171,22 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--quick", action="store_true",
                    help="a small model and few steps (under two minutes on a CPU)")
-    d.add_argument("--steps", type=_positive_int, default=None,
+    d.add_argument("--steps", type=positive_int, default=None,
                    help=f"training steps per model (default: {QUICK['steps']} with --quick, "
                         f"else {FULL['steps']})")
     d.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    d.add_argument("--out", type=_out_dir, default=DEMO_OUT, metavar="DIR",
+    d.add_argument("--out", type=out_dir, default=DEMO_OUT, metavar="DIR",
                    help=f"where loss.png and results.json go (default: {DEMO_OUT}, outside any checkout)")
     d.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                    help="fused_rnn backend (auto: Triton kernels on CUDA, reference path on CPU)")
-    d.add_argument("--hidden-size", type=_positive_int, default=None,
+    d.add_argument("--hidden-size", type=positive_int, default=None,
                    help=f"LSTM hidden size (default: {QUICK['hidden_size']} with --quick, "
                         f"else {FULL['hidden_size']})")
-    d.add_argument("--batch-size", type=_positive_int, default=None,
+    d.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"sequences per batch (default: {QUICK['batch_size']} with --quick, "
                         f"else {FULL['batch_size']})")
-    d.add_argument("--seq-len", type=_positive_int, default=None,
+    d.add_argument("--seq-len", type=positive_int, default=None,
                    help=f"characters per sequence (default: {QUICK['seq_len']} with --quick, "
                         f"else {FULL['seq_len']})")
     d.add_argument("--threads", type=_threads, default=None,

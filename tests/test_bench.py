@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fused_rnn import bench
+from fused_rnn.bench import cases, paths, report, targets, timing
 from conftest import INTERPRET
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,17 +80,17 @@ def test_lstm_proj_cell_rows_compute_the_same_lstm():
     included), so it, the reference row, the compiled cell's and (under the interpreter) the
     triton row compute the same outputs."""
     def problem():
-        return bench.make_problem("lstm_proj", 3, 5, 8, torch.float32, "cpu")
+        return cases.make_problem("lstm_proj", 3, 5, 8, torch.float32, "cpu")
 
     p = problem()
     assert p.h0.shape == (3, 4) and p.w_hh.shape == (32, 4) and p.w_hr.shape == (4, 8)
     assert any(t is p.w_hr for t in p.leaves())
     with torch.no_grad():
-        ref = bench.functional_path("reference")(problem())()
-        nn_out = bench._build_nn(problem())[0]()
+        ref = paths.functional_path("reference")(problem())()
+        nn_out = paths.build_nn(problem())[0]()
         outs = {"torch.nn": nn_out}
         if INTERPRET:
-            outs["triton"] = bench.functional_path("triton")(problem())()
+            outs["triton"] = paths.functional_path("triton")(problem())()
     assert ref.shape == (5, 3, 4)
     for name, o in outs.items():
         assert torch.allclose(o, ref, atol=1e-5, rtol=1e-5), name
@@ -100,7 +101,7 @@ def test_lstm_proj_runs_only_when_named(tmp_path, capsys):
                     tmp_path, capsys)
     assert rc == 0
     cells = {r["cell"] for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
-    assert cells == set(bench.DEFAULT_CELLS) and "lstm_proj" not in cells
+    assert cells == set(cases.DEFAULT_CELLS) and "lstm_proj" not in cells
     rc, out, _ = _run(["--cells", "lstm_proj", "--baselines", "reference,cudnn", "--paths", "none",
                        "--no-plot"], tmp_path, capsys)
     assert rc == 0 and "LSTM, proj H/2" in out
@@ -122,12 +123,12 @@ def test_render_rebuilds_from_json(tmp_path, capsys):
 
 
 def test_registered_path_runs_by_name(tmp_path, capsys):
-    bench.register_path("ref-as-path", bench.functional_path("reference"), doc="test only")
+    cases.register_path("ref-as-path", paths.functional_path("reference"), doc="test only")
     try:
         rc, _, err = _run(["--cells", "lstm", "--paths", "ref-as-path", "--baselines", "none",
                            "--modes", "fwd", "--no-plot"], tmp_path, capsys)
     finally:
-        del bench.PATHS["ref-as-path"]
+        del cases.PATHS["ref-as-path"]
     assert rc == 0 and "lstm B2T3H8 fp32 ref-as-path fwd ..." in err
     (rec,) = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert rec["kind"] == "fused" and rec["status"] == "ok" and rec["fwdbwd_ms"] is None
@@ -140,9 +141,9 @@ def test_fallback_to_reference_is_detected_every_time():
         _backend.warn_once("bench-test", "fused_rnn: cannot take X; using the reference path")
 
     for _ in range(2):  # warn_once dedups per process: the probe must see it each time
-        assert bench._fallback_warnings(call) == [
+        assert timing._fallback_warnings(call) == [
             "fused_rnn: cannot take X; using the reference path"]
-    assert bench._fallback_warnings(lambda: None) == []
+    assert timing._fallback_warnings(lambda: None) == []
 
 
 def test_sigterm_keeps_what_was_measured(tmp_path, capsys):
@@ -151,7 +152,7 @@ def test_sigterm_keeps_what_was_measured(tmp_path, capsys):
     calls = {"n": 0}
 
     def build(p):
-        fwd = bench.functional_path("reference")(p)
+        fwd = paths.functional_path("reference")(p)
 
         def run():
             calls["n"] += 1
@@ -162,12 +163,12 @@ def test_sigterm_keeps_what_was_measured(tmp_path, capsys):
         return run
 
     before = signal.getsignal(signal.SIGTERM)
-    bench.register_path("sigterm-test", build)
+    cases.register_path("sigterm-test", build)
     try:
         rc, out, err = _run(["--cells", "lstm,rnn", "--paths", "sigterm-test", "--baselines",
                              "none", "--slow-budget", "1e-9", "--no-plot"], tmp_path, capsys)
     finally:
-        del bench.PATHS["sigterm-test"]
+        del cases.PATHS["sigterm-test"]
     assert rc == 0 and signal.getsignal(signal.SIGTERM) == before
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["interrupted"].startswith("interrupted (signal")
@@ -195,7 +196,7 @@ def test_every_case_failed_exits_1(tmp_path, monkeypatch, capsys):
     def oom(fn, grads, s):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(bench, "measure", oom)
+    monkeypatch.setattr(timing, "measure", oom)
     rc, out, err = _run(["--cells", "lstm,rnn", "--paths", "none", "--no-plot"], tmp_path, capsys)
     assert rc == 1
     recs = json.loads((tmp_path / "bench.json").read_text())["results"]  # still written
@@ -208,11 +209,11 @@ def test_every_case_failed_exits_1(tmp_path, monkeypatch, capsys):
 
 
 def test_quick_plan_bounds_slow_methods():
-    s = bench.Settings(device=torch.device("cuda"), quick=True, warmup_ms=10, rep_ms=30,
+    s = cases.Settings(device=torch.device("cuda"), quick=True, warmup_ms=10, rep_ms=30,
                        slow_ms=50, slow_budget_s=3, time_limit_s=None, base_dtype="fp16")
-    shapes = [(n, bench.SHAPES[n]) for n in ("S1", "S2")]
-    plan = bench.make_plan(list(bench.CELLS), shapes, ["bf16"], ["triton"],
-                           list(bench.BASELINES), list(bench.MODES), s)
+    shapes = [(n, cases.SHAPES[n]) for n in ("S1", "S2")]
+    plan = cases.make_plan(list(cases.CELLS), shapes, ["bf16"], ["triton"],
+                           list(cases.BASELINES), list(cases.MODES), s)
     slow = [c for c in plan if c.kind in ("reference", "compile")]
     assert slow and all(c.shape == "S1" and c.modes == ["fwd"] for c in slow)
     # the reference loop in the sweep's dtype (T3: "in the same dtype"), torch.compile in fp32
@@ -225,15 +226,15 @@ def test_quick_plan_bounds_slow_methods():
     assert all(c.na for c in plan if c.kind == "nn" and c.cell == "lnlstm")
     # The full sweep: the reference loop everywhere, torch.compile at S2 only.
     s.quick = False
-    full = bench.make_plan(["lstm"], [(n, bench.SHAPES[n]) for n in bench.SHAPES], ["bf16"],
-                           ["triton"], list(bench.BASELINES), list(bench.MODES), s)
-    assert {c.shape for c in full if c.kind == "reference"} == set(bench.SHAPES)
+    full = cases.make_plan(["lstm"], [(n, cases.SHAPES[n]) for n in cases.SHAPES], ["bf16"],
+                           ["triton"], list(cases.BASELINES), list(cases.MODES), s)
+    assert {c.shape for c in full if c.kind == "reference"} == set(cases.SHAPES)
     assert [(c.shape, c.modes) for c in full if c.kind == "compile"] == [("S2", ["fwd", "fwd+bwd"])]
 
 
 # --------------------------------------------------------------------------- targets (synthetic)
 def _rec(cell, shape, dtype, kind, method, fwd, fb, mem=None, device="cuda"):
-    B, T, H = bench.SHAPES.get(shape, (1, 1, 1))
+    B, T, H = cases.SHAPES.get(shape, (1, 1, 1))
     return {"cell": cell, "shape": shape, "B": B, "T": T, "H": H, "dtype": dtype, "kind": kind,
             "method": method, "device": device, "status": "ok", "fwd_ms": fwd,
             "fwdbwd_ms": fb, "timer": {}, "peak_mem_bytes": mem, "notes": []}
@@ -277,7 +278,7 @@ def _status(results, tid, shape, mode, dtype=None):
 
 
 def test_targets_pass_miss_on_synthetic_numbers():
-    res = bench.evaluate_targets(_synthetic())
+    res = targets.evaluate_targets(_synthetic())
     assert _status(res, "T1", "S1", "fwd") is True  # 3/9 == 1/3: at the limit passes
     assert _status(res, "T1", "S1", "fwd+bwd") is False  # 0.4 > 1/3
     assert _status(res, "T1", "S3", "fwd") is True and _status(res, "T1", "S3", "fwd+bwd") is False
@@ -303,15 +304,15 @@ def test_targets_pass_miss_on_synthetic_numbers():
     for r in fell:
         if r["kind"] == "fused":
             r["fallback"] = True
-    assert bench.evaluate_targets(fell) == []
+    assert targets.evaluate_targets(fell) == []
 
 
 def test_targets_need_their_baseline():
     recs = [_rec("lstm", "S1", "bf16", "fused", "triton", 1.0, 1.0)]
-    assert bench.evaluate_targets(recs) == []
+    assert targets.evaluate_targets(recs) == []
     failed = _rec("lstm", "S1", "bf16", "nn", "cudnn", None, None)
     failed["status"] = "error"
-    assert bench.evaluate_targets(recs + [failed]) == []
+    assert targets.evaluate_targets(recs + [failed]) == []
 
 
 def test_gpu_table_renders_targets_and_machine_line(tmp_path):
@@ -323,9 +324,9 @@ def test_gpu_table_renders_targets_and_machine_line(tmp_path):
         "config": {"mode": "GPU quick", "base_dtype": "fp16", "warmup_ms": 10, "rep_ms": 30,
                    "slow_ms": 50.0},
         "results": recs,
-        "targets": bench.evaluate_targets(recs),
+        "targets": targets.evaluate_targets(recs),
     }
-    md = bench.render_markdown(data)
+    md = report.render_markdown(data)
     assert ("machine: NVIDIA H100 80GB HBM3 | CUDA 13.0 | cuDNN 9.19.0 | torch 2.11.0 | "
             "triton 3.6.0") in md
     assert "× cuDNN fp16 (fwd / f+b)" in md and "T1 ✗" in md and "T2 ✗" in md
@@ -333,15 +334,15 @@ def test_gpu_table_renders_targets_and_machine_line(tmp_path):
     # lstm S1 fp16 triton: cuDNN fp16 1.5 / 1.0 and 1.9 / 2.0; the reference 60 / 1, 99 / 2.
     row = next(l for l in md.splitlines() if l.startswith("| LSTM | S1 (16,1024,256) | fp16 | fused"))
     assert "1.50× / 0.95×" in row and "60.0× / 49.5×" in row and "T2 ✗" in row
-    why = bench.save_plot(data, str(tmp_path / "p.png"))
+    why = report.save_plot(data, str(tmp_path / "p.png"))
     assert why is None or "matplotlib not importable" in why
 
 
 def test_cudnn_version_format(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
-    assert bench._cudnn_version() == "9.19.0"
+    assert report._cudnn_version() == "9.19.0"
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 8902)
-    assert bench._cudnn_version() == "8.9.2"
+    assert report._cudnn_version() == "8.9.2"
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -663,8 +664,8 @@ def test_fastest_path_lines():
         _rec("lstm", "S1", "bf16", "fused", "triton", 20.0, 40.0),
         _rec("rnn", "S1", "bf16", "fused", "triton", 1.0, 2.0),
     ]
-    text = bench.render_fastest_paths({"results": recs})
+    text = report.render_fastest_paths({"results": recs})
     assert "- LSTM S1 bf16 fwd: persistent 2 ms, 2.50× faster than graph (5 ms)" in text
     assert "- LSTM S1 bf16 fwd+bwd: persistent 6 ms, 2.00× faster than graph (12 ms)" in text
     assert "tanh RNN" not in text  # one path only
-    assert bench.render_fastest_paths({"results": recs[3:]}) == ""
+    assert report.render_fastest_paths({"results": recs[3:]}) == ""
