@@ -658,12 +658,9 @@ def test_persistent_tune_script_without_a_device():
 
 def test_fastest_path_lines():
     """The per-case fastest-path lines: the ratio to the runner-up, only where two paths ran."""
-    recs = [
-        _rec("lstm", "S1", "bf16", "fused", "persistent", 2.0, 6.0),
-        _rec("lstm", "S1", "bf16", "fused", "graph", 5.0, 12.0),
-        _rec("lstm", "S1", "bf16", "fused", "triton", 20.0, 40.0),
-        _rec("rnn", "S1", "bf16", "fused", "triton", 1.0, 2.0),
-    ]
+    times = {("lstm", "persistent"): (2.0, 6.0), ("lstm", "graph"): (5.0, 12.0),
+             ("lstm", "triton"): (20.0, 40.0), ("rnn", "triton"): (1.0, 2.0)}
+    recs = [_rec(cell, "S1", "bf16", "fused", path, *t) for (cell, path), t in times.items()]
     text = report.render_fastest_paths({"results": recs})
     assert "- LSTM S1 bf16 fwd: persistent 2 ms, 2.50× faster than graph (5 ms)" in text
     assert "- LSTM S1 bf16 fwd+bwd: persistent 6 ms, 2.00× faster than graph (12 ms)" in text
