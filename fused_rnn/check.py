@@ -73,7 +73,7 @@ class Shape:
 
 # Odd sizes on purpose: T = 1, H not a power of two, B not a multiple of 16, variable lengths
 # (one sequence runs to T, and with B >= 3 one has length 0). H = 70 puts the fp64 layer-norm
-# LSTM on its unfused path (fused only up to kernels.lstm.LN_FUSED_MAX_H_FP64 = 64).
+# LSTM on its unfused path (fused only up to kernels.config.LN_FUSED_MAX_H_FP64 = 64).
 QUICK_SHAPES = (
     Shape(1, 1, 3, 5),
     Shape(7, 3, 5, 37, var_lengths=True),
@@ -81,10 +81,9 @@ QUICK_SHAPES = (
     Shape(3, 4, 6, 70, var_lengths=True),
 )
 # The full sweep adds larger sizes: several blocks in B and in H, H = 257 past the fused
-# layer-norm limit (kernels.lstm.LN_FUSED_MAX_H = 128; H = 100 and 128 below it), longer
+# layer-norm limit (kernels.config.LN_FUSED_MAX_H = 128; H = 100 and 128 below it), longer
 # sequences. The interpreter runs a program at a time in numpy, so the CPU gets medium sizes
-# (the full CPU sweep took about two minutes here; T33-B16-H100 alone took 28 s in fp64) and
-# the GPU gets the large ones too.
+# (the full CPU sweep takes about two minutes) and the GPU gets the large ones too.
 FULL_SHAPES_CPU = QUICK_SHAPES + (
     Shape(16, 16, 32, 64, var_lengths=True),
     Shape(9, 5, 40, 100, var_lengths=True),

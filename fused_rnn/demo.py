@@ -236,8 +236,8 @@ def main(args, device: torch.device, out: Optional[TextIO] = None) -> int:
                          f"need at least {need / 2**30:,.1f} GiB and {device} has "
                          f"{have / 2**30:,.1f} GiB")
     if args.threads is not None or device.type == "cpu":
-        # One thread by default on the CPU: with 2 threads on a 2-core machine that something
-        # else was using, the reference path ran 3,176 tok/s instead of 43,120 (60 --quick steps).
+        # One thread by default on the CPU: the small per-step matmuls gain nothing from more,
+        # and on a busy 2-core machine two threads ran the reference path ~14x slower.
         torch.set_num_threads(args.threads or 1)
     ran = resolve_backend(args.backend, torch.empty(0, device=device))
     if ran == "triton":
