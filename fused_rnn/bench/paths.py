@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import interpreter_broken, interpreter_on, triton_available
+from ..kernels import config
 from ..lstm import lstm_sequence
 from ..reference import lstm_cell_ref, rnn_cell_ref
 from ..rnn import rnn_sequence
@@ -33,17 +34,9 @@ def _allow_tf32(p: Problem) -> bool:
     return _allow_tf32(p.x)
 
 
-def _ln_eps() -> float:
-    from ..reference import LN_EPS
-
-    return LN_EPS
-
-
 def _default_fused(p: Problem) -> bool:
     """Whether the LSTM launchers take the fused step kernels here (the RNN's always are)."""
-    if p.cell == "rnn":
-        return True
-    return _lstm_kernels_module().default_fused(p.H, p.ln, p.dtype)
+    return p.cell == "rnn" or config.default_fused(p.H, p.ln, p.dtype)
 
 
 def _step_tiles(p: Problem, direction: str, fused: bool) -> tuple:
@@ -185,7 +178,7 @@ def _on_path(path: str) -> Build:
         from ..lstm import LSTMFunction, LSTMProjFunction
         from ..rnn import RNNFunction
 
-        allow_tf32, eps = _allow_tf32(p), _ln_eps()
+        allow_tf32, eps = _allow_tf32(p), config.LN_EPS
         if p.cell == "lstm_proj":  # step or graph (the persistent path does not list this cell)
             def fwd():
                 return LSTMProjFunction.apply(p.x, p.h0, p.c0, p.w_ih, p.w_hh, p.w_hr, p.b_ih, p.b_hh,
