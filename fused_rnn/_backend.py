@@ -24,6 +24,11 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def allow_tf32(x: torch.Tensor) -> bool:
+    """fp32 tl.dot follows torch's cuBLAS TF32 switch (CPU: the interpreter is exact anyway)."""
+    return bool(x.is_cuda and x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401  (only whether it imports)

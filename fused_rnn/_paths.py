@@ -1,42 +1,24 @@
-"""Which implementation runs a layer's time loop: the one place that chooses.
+"""Which implementation runs a layer's time loop (the one place that chooses), the CUDA graph
+cache, and the scope every op launches in.
 
-Paths (of the custom ops fused_rnn::lstm_fwd / lstm_bwd / rnn_fwd / rnn_bwd, fused_rnn/_ops.py;
-the LSTM with projections, lstm_proj_fwd / lstm_proj_bwd, has no persistent kernel)
+Paths of the custom ops (fused_rnn/lstm.py, rnn.py; lstm_proj.py has no persistent kernel):
     step        one fused Triton launch per time step, eagerly (kernels/lstm.py, kernels/rnn.py)
-    graph       the step path's whole launcher (input projection, time loop, copies) captured
-                once per shape in a torch.cuda.CUDAGraph and replayed (CUDA only)
-    persistent  one launch for all T steps (kernels/persistent.py; persistent_ln.py for the
-                layer-norm LSTM): rows in blocks of up to 64 with a barrier each, a grid that
-                fits on the SMs (kernels.persistent.plan)
-    adaptive    on CUDA tensors: persistent where its plan fits, else graph where a capture is
-                possible, else step; on the CPU: step. Silent: it asks for nothing it cannot get.
-                The candidate policy for AUTO_PATH (below), selectable now for measurements.
-    auto        the policy below
+    graph       the step path's whole launcher captured once per shape in a CUDA graph and
+                replayed (CUDA only)
+    persistent  one launch for all T steps (kernels/persistent.py's plan: a grid that fits on
+                the SMs, rows in blocks of up to 64 with a barrier each)
+    adaptive    on CUDA: persistent where its plan fits, else graph where a capture is
+                possible, else step; on the CPU: step. Silent: it asks for nothing it cannot get
+    auto        AUTO_PATH, "step" until the other paths are measured on a GPU (docs/step-kernels.md)
 
 Every path writes the same saved tensors in the same layouts, so a forward on one path pairs
-with a backward on any other. A path that cannot run a problem (persistent with a grid over the
-SM count, or the unfused plain LSTM kernels asked for; graph on CPU tensors, or inside someone else's CUDA
-graph capture) runs the step path instead; an explicit request that cannot be met warns once.
+with a backward on any other. A path that cannot run a problem runs the step path instead; an
+explicit request that cannot be met warns once.
 
-Choosing (first match wins):
-    1. the ``path`` argument of the custom ops / autograd Functions, when not "auto";
-    2. ``use_path(name)``: an override for the current thread / context (a context variable).
-       The autograd engine may run a backward on its own threads, which a context variable does
-       not reach, so the autograd Functions read the request once in forward and hand it to
-       their backward (``requested``);
-    3. the environment variable FUSED_RNN_PATH=step|graph|persistent|adaptive|auto, read at each call;
-    4. AUTO_PATH.
-
-AUTO_PATH = "step". The only GPU figures are ANCHORS.md's, for prototypes, not these kernels
-(H100, bf16 forward): a persistent forward 2.55 ms at S1 (B16 T1024 H256) and 3.1 ms at S2
-(B64 T512 H512) against 5.2 and 4.2 ms for a fused step kernel replayed from a CUDA graph; eager
-per-step launches are launch-bound (S1, addmm + pointwise: 63 ms eager, 7.0 ms graph-replayed).
-Those make "persistent where plan() fits, else graph on CUDA, else step" (the "adaptive" path)
-the expected policy, but the persistent and graph paths of this code base have never run on a
-GPU (written without one). Until a GPU session measures them (bench: --paths
-triton,graph,persistent) and the CUDA tests pass, auto stays on the step path, so that no user
-gets an unmeasured path by default. THE H100 MEASUREMENT IS OWED; then set AUTO_PATH =
-"adaptive" (or make it shape-dependent) with the numbers written here.
+Choosing (first match wins): the ``path`` argument of the ops / autograd Functions when not
+"auto"; ``use_path(name)`` (a context variable: per thread; the Functions fix the forward's
+request for their backward, which the engine may run on another thread); the environment
+variable FUSED_RNN_PATH, read at each call; AUTO_PATH.
 """
 from __future__ import annotations
 
@@ -53,9 +35,16 @@ from ._backend import interpreter_on, warn_once
 
 PATHS = ("auto", "step", "graph", "persistent", "adaptive")
 ENV_VAR = "FUSED_RNN_PATH"
-AUTO_PATH = "step"  # see the module docstring: unmeasured alternatives stay opt-in
+AUTO_PATH = "step"  # unmeasured alternatives stay opt-in
 
 _override: contextvars.ContextVar = contextvars.ContextVar("fused_rnn_path", default=None)
+
+
+def forward_request(path: str) -> str:
+    """The path the caller's thread asks for (use_path is per context), fixed in an autograd
+    Function's forward for its backward, which the engine may run on another thread. Traced
+    forwards keep "auto": the op then reads the request where it runs."""
+    return path if torch.compiler.is_compiling() else requested(path)
 
 
 def _check(name: str, what: str) -> str:
@@ -154,15 +143,45 @@ def _resolve(op, path, x, persistent_plan) -> str:
     return "step"
 
 
+# ------------------------------------------------------------------------------ launch scope
+# The Triton interpreter is not thread-safe (a launch patches triton.language for its duration):
+# ops on CPU tensors, which run through it, take turns. CUDA launches need no lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def launching(x: torch.Tensor):
+    """The scope of one op's launches: autocast off (the launchers choose every dtype), and on
+    CPU tensors the interpreter's lock."""
+    lock = contextlib.nullcontext() if x.is_cuda else _INTERPRETER_LOCK
+    with lock, torch.autocast(x.device.type, enabled=False):
+        yield
+
+
+def launch(op: str, path: str, x: torch.Tensor, persistent_plan: Callable[[], Tuple[object, str]],
+           fn: Callable, args: tuple, static_key: tuple):
+    """Run op's launcher ``fn(*args, path=...)`` on the path resolve() picks, in the launch scope;
+    the graph path replays the step path's launcher from a cached CUDA graph (``static_key``:
+    fn's other arguments)."""
+    p = resolve(op, path, x, persistent_plan)
+    with launching(x):
+        if p == "graph":
+            return graphed(op, fn, args, static_key)
+        return fn(*args, path=p)
+
+
+def or_empty(values, refs) -> tuple:
+    """Custom ops cannot return None: each absent value as an empty tensor like its ref's."""
+    return tuple(r.new_empty(0) if v is None else v for v, r in zip(values, refs))
+
+
 # ------------------------------------------------------------------------------- CUDA graphs
-# One graph per key (op name, the launcher's non-tensor arguments, the shape / dtype / device of
-# every tensor argument and which ones are None), holding static copies of the inputs, the
-# launcher's outputs (in the graph's private memory pool) and an event recorded after the last
-# replay's outputs were cloned. A call copies its tensors into the static inputs, replays, and
-# returns clones of the static outputs, so results never alias a later replay.
-#
-# Memory: each cached graph keeps its inputs, outputs and intermediates alive (at S2, an LSTM
-# forward holds hs, cs, gates, x W_ihᵀ: about 0.5 GB in fp32 state), hence the small bound.
+# One graph per key (op name, the launcher's non-tensor arguments, the options in force, the shape /
+# dtype / device of every tensor argument and which ones are None), holding static copies of the
+# inputs, the launcher's outputs (in the graph's private memory pool) and an event recorded after
+# the last replay's outputs were cloned. A call copies its tensors in, replays, and returns clones
+# of the static outputs, so results never alias a later replay. Each graph keeps its buffers
+# alive (docs/step-kernels.md), hence the small bound.
 GRAPH_CACHE_MAX = 4
 
 

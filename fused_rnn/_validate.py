@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 import torch
 
 from ._backend import BACKENDS
+from .kernels import config
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LENGTH_DTYPES = (torch.int32, torch.int64)
 NONLINEARITIES = ("tanh", "relu")
 LN_PARTS = ("gate_weight", "gate_bias", "cell_weight", "cell_bias")
@@ -37,7 +37,7 @@ def check_float(t: torch.Tensor, name: str, optional: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         what = "a torch.Tensor or None" if optional else "a torch.Tensor"
         raise TypeError(f"{name} must be {what}, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in config.SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {t.dtype}"
@@ -316,3 +316,8 @@ def check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln=None, lengths=None
         for t, n, shape in zip(ln, LN_PARTS, ((G,), (G,), (H,), (H,))):
             _expect(t, shape, f"ln {n}")
     return check_lengths(lengths, T, B, x)
+
+
+def same_dtype(x: torch.Tensor, tensors) -> bool:
+    """Every tensor of ``tensors`` that is not None has x's dtype (the kernels take one dtype)."""
+    return all(t is None or t.dtype == x.dtype for t in tensors)

@@ -415,14 +415,14 @@ def run_case(case: Case, seed: int, device: torch.device, threshold: float,
 def _unsupported_reason(case: Case, leaves) -> Optional[str]:
     """The kernels' own word on why they do not take this problem, where they offer one."""
     try:
-        from . import _ops
+        from .kernels import lstm, rnn
 
         if case.cell in LSTM_CELLS:
             ln = None
             if case.cell == "lnlstm":
                 ln = tuple(leaves[n] for n in ("ln_gate_w", "ln_gate_b", "ln_cell_w", "ln_cell_b"))
-            return _ops.lstm_kernels().unsupported(leaves["x"], leaves["w_hh"], ln)
-        return _ops.rnn_kernels().unsupported(leaves["x"], leaves["w_hh"])
+            return lstm.unsupported(leaves["x"], leaves["w_hh"], ln)
+        return rnn.unsupported(leaves["x"], leaves["w_hh"])
     except Exception:  # only a better message is lost
         return None
 

@@ -16,23 +16,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-LN_EPS = 1e-5  # nn.LayerNorm's default, as in the seed's layer-norm LSTM
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the math runs in: fp64 stays fp64, everything else runs in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def zero_padding(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [T, B, ...] with the steps past each sequence's end set to 0 by a where (0 x NaN is NaN:
-    no multiply by a mask), so that NaN / Inf padding never reaches a result or a gradient. x
-    itself without lengths; with them one copy of x."""
-    if lengths is None:
-        return x
-    valid = torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths.to(x.device).unsqueeze(0)
-    return torch.where(valid.view(valid.shape + (1,) * (x.dim() - 2)), x, x.new_zeros(()))
+from .kernels import config
+from .kernels.config import LN_EPS, zero_padding  # noqa: F401  TODO(h1b): interim, kernels/lstm.py and _common.py still import them from here
 
 
 def _input_projection(x, w_ih, b_ih, b_hh, acc):
@@ -58,7 +45,7 @@ def _layer_norm_rows(v, weight, bias, eps):
     return vhat * weight.reshape(shape) + bias.reshape(shape)
 
 
-def lstm_cell_ref(gates, c, ln=None, eps: float = LN_EPS):
+def lstm_cell_ref(gates, c, ln=None, eps: float = config.LN_EPS):
     """The LSTM pointwise update from gate pre-activations [B, 4H] and c_{t-1} [B, H].
 
     ``ln``: None, or (gate_weight [4H], gate_bias [4H], cell_weight [H], cell_bias [H]) for the
@@ -97,28 +84,18 @@ def _masked_update(t, lengths, new, old):
     return torch.where(m, new, old), torch.where(m, new, torch.zeros_like(new))
 
 
-def lstm_sequence_ref(
-    x: torch.Tensor,
-    h0: torch.Tensor,
-    c0: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    b_ih: Optional[torch.Tensor] = None,
-    b_hh: Optional[torch.Tensor] = None,
-    ln: Optional[Tuple[torch.Tensor, ...]] = None,
-    lengths: Optional[torch.Tensor] = None,
-    eps: float = LN_EPS,
-    w_hr: Optional[torch.Tensor] = None,
-):
+def lstm_sequence_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+                      b_hh: Optional[Tensor] = None, ln: Optional[Tuple[Tensor, ...]] = None,
+                      lengths: Optional[Tensor] = None, eps: float = config.LN_EPS, w_hr: Optional[Tensor] = None):
     """One LSTM layer, one direction. x [T, B, I], h0/c0 [B, H] -> (out [T, B, H], h_n, c_n).
 
     ``w_hr`` [P, H] (torch.nn.LSTM's ``proj_size`` P < H): the LSTM with projections. The state
     h_t = W_hr (o_t * tanh(c_t)) is P wide, so h0 and h_n are [B, P], w_hh is [4H, P] and out is
     [T, B, P]; c stays H wide.
     """
-    acc = compute_dtype(x.dtype)
+    acc = config.state_dtype(x.dtype)  # fp64 stays fp64, the rest runs in fp32
     T = x.shape[0]
-    xp = _input_projection(zero_padding(x, lengths), w_ih, b_ih, b_hh, acc)
+    xp = _input_projection(config.zero_padding(x, lengths), w_ih, b_ih, b_hh, acc)
     w_hh_t = w_hh.to(acc).t()
     w_hr_t = None if w_hr is None else w_hr.to(acc).t()
     ln_acc = None if ln is None else tuple(p.to(acc) for p in ln)
@@ -135,20 +112,12 @@ def lstm_sequence_ref(
     return out.to(x.dtype), h.to(x.dtype), c.to(x.dtype)
 
 
-def rnn_sequence_ref(
-    x: torch.Tensor,
-    h0: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    b_ih: Optional[torch.Tensor] = None,
-    b_hh: Optional[torch.Tensor] = None,
-    lengths: Optional[torch.Tensor] = None,
-    nonlinearity: str = "tanh",
-):
+def rnn_sequence_ref(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+                     b_hh: Optional[Tensor] = None, lengths: Optional[Tensor] = None, nonlinearity: str = "tanh"):
     """One RNN layer, one direction. x [T, B, I], h0 [B, H] -> (out [T, B, H], h_n)."""
-    acc = compute_dtype(x.dtype)
+    acc = config.state_dtype(x.dtype)  # fp64 stays fp64, the rest runs in fp32
     T = x.shape[0]
-    xp = _input_projection(zero_padding(x, lengths), w_ih, b_ih, b_hh, acc)
+    xp = _input_projection(config.zero_padding(x, lengths), w_ih, b_ih, b_hh, acc)
     w_hh_t = w_hh.to(acc).t()
     h = h0.to(acc)
     outs = []

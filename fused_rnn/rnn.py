@@ -1,34 +1,96 @@
-"""tanh (or ReLU) RNN over a whole sequence (one layer, one direction).
+"""The tanh (or ReLU) RNN over a whole sequence (one layer, one direction): the custom ops
+fused_rnn::rnn_fwd / rnn_bwd, their autograd Function and ``rnn_sequence``, the entry point the
+layers call. The ops run the launchers of fused_rnn.kernels.rnn on the path fused_rnn._paths
+resolves (step, graph, persistent), as fused_rnn/lstm.py's do.
 
-``rnn_sequence`` is the single entry point the layers call; it dispatches to the Triton
-autograd Function or to the reference path.
-
-The Triton path: ``RNNFunction`` calls the custom ops fused_rnn::rnn_fwd / rnn_bwd
-(fused_rnn/_ops.py), which run the whole-sequence launchers of fused_rnn.kernels.rnn; the path
-of their time loops (step, graph, persistent) is chosen in fused_rnn/_paths.py.
+(No ``from __future__ import annotations``: custom_op reads the real type hints.)
 """
-from __future__ import annotations
-
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
-from . import _ops
-from ._backend import double_backward_via, resolve_backend, warn_once
-from ._validate import check_nonlinearity, check_sequence_args
-from .lstm import _allow_tf32, _request, _same_dtype
+from . import _paths
+from ._backend import allow_tf32, double_backward_via, resolve_backend, warn_once
+from ._validate import check_nonlinearity, check_sequence_args, same_dtype
+from .kernels import config
 from .reference import rnn_sequence_ref
+
+
+def _kernels():
+    """fused_rnn.kernels.rnn, imported at the first launch: it imports Triton, which the
+    reference path (and a machine without Triton) must not need."""
+    from .kernels import rnn
+
+    return rnn
+
+
+@torch.library.custom_op("fused_rnn::rnn_fwd", mutates_args=())
+def _rnn_fwd_op(
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+    lengths: Optional[Tensor], nonlinearity: str, allow_tf32: bool, fused: bool, path: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> out [T,B,H], h_n [B,H] (x's dtype); hs [T+1,B,H] (state dtype)."""
+    K = _kernels()
+
+    def run(*a, path="step"):
+        return K.rnn_fwd(*a, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused, path=path)
+
+    return _paths.launch(
+        "rnn_fwd", path, x,
+        lambda: K.persistent_plan("fwd", x.shape[1], w_hh.shape[1], fused, x.dtype, x.device, allow_tf32=allow_tf32),
+        run, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths), (nonlinearity, allow_tf32, fused))
+
+
+@_rnn_fwd_op.register_fake
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused, path="auto"):
+    T, B, _I = x.shape
+    H = w_hh.shape[1]
+    sd = config.state_dtype(x.dtype)
+    return x.new_empty((T, B, H)), x.new_empty((B, H)), x.new_empty((T + 1, B, H), dtype=sd)
+
+
+@torch.library.custom_op("fused_rnn::rnn_bwd", mutates_args=())
+def _rnn_bwd_op(
+    dout: Tensor, dh_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hs: Tensor, lengths: Optional[Tensor],
+    nonlinearity: str, allow_tf32: bool, fused: bool, need_dx: bool, need_dw: bool, path: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dx [T,B,I] (or [0]), dh0 [B,H], dw_ih [H,I], dw_hh [H,H], db [H] (state dtype); the
+    weight ones [0] when not need_dw."""
+    K = _kernels()
+
+    def run(*a, path="step"):
+        return K.rnn_bwd(*a, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused, need_dx=need_dx,
+                         need_dw=need_dw, path=path)
+
+    res = _paths.launch(
+        "rnn_bwd", path, x,
+        lambda: K.persistent_plan("bwd", x.shape[1], w_hh.shape[1], fused, x.dtype, x.device, allow_tf32=allow_tf32),
+        run, (dout, dh_n, x, w_ih, w_hh, hs, lengths), (nonlinearity, allow_tf32, fused, need_dx, need_dw))
+    return _paths.or_empty(res, (x, x, w_ih, w_hh, hs))
+
+
+@_rnn_bwd_op.register_fake
+def _(dout, dh_n, x, w_ih, w_hh, hs, lengths, nonlinearity, allow_tf32, fused, need_dx, need_dw, path="auto"):
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    dx = x.new_empty((T, B, I)) if need_dx else x.new_empty(0)
+    if need_dw:
+        dw = (w_ih.new_empty((H, I)), w_hh.new_empty((H, H)), hs.new_empty((H,)))
+    else:
+        dw = (w_ih.new_empty(0), w_hh.new_empty(0), hs.new_empty(0))
+    return (dx, x.new_empty((B, H)), *dw)
 
 
 class RNNFunction(torch.autograd.Function):
     """One RNN layer, one direction, over a whole sequence, with a hand-written backward.
     Saves x, the weights and the state sequence hs [T+1, B, H] (the derivative of tanh and relu
-    comes from the output, so no pre-activation is kept), and h0 (for ``reference``, as LSTMFunction's).
-    ``path`` (optional, last): as LSTMFunction's."""
+    comes from the output, so no pre-activation is kept), and h0 (for ``reference``, as
+    LSTMFunction's). ``path`` (optional, last): as LSTMFunction's."""
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32, fused, path="auto"):
-        path = _request(path)
+        path = _paths.forward_request(path)
         out, h_n, hs = torch.ops.fused_rnn.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity,
                                                    allow_tf32, fused, path)
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, hs, h0)
@@ -54,28 +116,14 @@ class RNNFunction(torch.autograd.Function):
             dout, dh_n, x, w_ih, w_hh, hs, lengths, ctx.nonlinearity, ctx.allow_tf32, ctx.fused,
             need[0], any(need[2:6]), ctx.path,
         )
-        return (
-            dx if need[0] else None,
-            dh0 if need[1] else None,
-            dw_ih if need[2] else None,
-            dw_hh if need[3] else None,
-            db.to(b_ih.dtype) if need[4] else None,
-            db.to(b_hh.dtype) if need[5] else None,
-            None, None, None, None, None,
-        )
+        grads = (dx, dh0, dw_ih, dw_hh, db.to(x.dtype if b_ih is None else b_ih.dtype),
+                 db.to(x.dtype if b_hh is None else b_hh.dtype))
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 5
 
 
-def rnn_sequence(
-    x: torch.Tensor,
-    h0: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    b_ih: Optional[torch.Tensor] = None,
-    b_hh: Optional[torch.Tensor] = None,
-    lengths: Optional[torch.Tensor] = None,
-    nonlinearity: str = "tanh",
-    backend: str = "auto",
-):
+def rnn_sequence(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+                 b_hh: Optional[Tensor] = None, lengths: Optional[Tensor] = None, nonlinearity: str = "tanh",
+                 backend: str = "auto"):
     """x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_* [H] or None,
     lengths None or [B] -> (out [T, B, H], h_n [B, H]). ``nonlinearity``: "tanh" or "relu".
     Arguments are checked as lstm_sequence's, alike on every backend; meta tensors run the
@@ -83,11 +131,10 @@ def rnn_sequence(
     check_nonlinearity(nonlinearity)
     lengths = check_sequence_args(x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths=lengths, gates=1, backend=backend)
     if x.device.type != "meta" and resolve_backend(backend, x) == "triton":
-        kernels = _ops.rnn_kernels()
-        reason = kernels.unsupported(x, w_hh)
-        if reason is None and not _same_dtype(x, (h0, w_ih, w_hh, b_ih, b_hh)):
+        reason = _kernels().unsupported(x, w_hh)
+        if reason is None and not same_dtype(x, (h0, w_ih, w_hh, b_ih, b_hh)):
             reason = "mixed dtypes"
         if reason is None:
-            return RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, _allow_tf32(x), True)
+            return RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, allow_tf32(x), True)
         warn_once(f"rnn:{reason}", f"fused_rnn: the RNN kernels cannot take {reason}; using the reference path")
     return rnn_sequence_ref(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity)

@@ -224,7 +224,8 @@ def test_lstm_backward_writes_dG_over_saved_gates(dtype, ln, path, monkeypatch):
     op that leaves the gates alone, bit for bit. A second and a third backward of the same graph
     (retain_graph) run the forward again for the gates and return the same gradients, bit for
     bit (backward reentrant, as gradcheck demands)."""
-    from fused_rnn import _ops, _paths
+    from fused_rnn import _paths
+    from fused_rnn import lstm as ops
     from fused_rnn.kernels import lstm as K
 
     T, B, I, H = 5, 3, 4, 6
@@ -239,7 +240,7 @@ def test_lstm_backward_writes_dG_over_saved_gates(dtype, ln, path, monkeypatch):
         return real_alloc(shape, dt, device)
 
     consumed, forwards = [], []
-    real_consuming, real_fwd = _ops.lstm_bwd_consuming, K.lstm_fwd
+    real_consuming, real_fwd = ops.lstm_bwd_consuming, K.lstm_fwd
 
     def spy_consuming(*a):
         consumed.append(a[8].numel() > 0)  # gates passed (True) or to be recomputed (False)
@@ -249,7 +250,7 @@ def test_lstm_backward_writes_dG_over_saved_gates(dtype, ln, path, monkeypatch):
         forwards.append(k.get("save_gates"))
         return real_fwd(*a, **k)
 
-    monkeypatch.setattr(_ops, "lstm_bwd_consuming", spy_consuming)
+    monkeypatch.setattr(ops, "lstm_bwd_consuming", spy_consuming)
     monkeypatch.setattr(K, "lstm_fwd", spy_fwd)
     with _paths.use_path(path):
         outs = triton_lstm(True)(leaves, L)
@@ -262,7 +263,7 @@ def test_lstm_backward_writes_dG_over_saved_gates(dtype, ln, path, monkeypatch):
         third = torch.autograd.grad(loss, leaves)
     assert consumed == [True, True, True] and forwards == [True] * 3  # 1 forward, 2 re-runs
     # the op (gates left alone) on a fresh forward: identical to the first backward
-    monkeypatch.setattr(_ops, "lstm_bwd_consuming", lambda *a: torch.ops.fused_rnn.lstm_bwd(*a))
+    monkeypatch.setattr(ops, "lstm_bwd_consuming", lambda *a: torch.ops.fused_rnn.lstm_bwd(*a))
     ref_like = [t.detach().requires_grad_() for t in ins]
     with _paths.use_path(path):
         outs2 = triton_lstm(True)(ref_like, L)

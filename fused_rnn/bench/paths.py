@@ -29,9 +29,9 @@ def _lstm_kernels_module():
 
 def _allow_tf32(p: Problem) -> bool:
     """TF32 as the launchers take it (torch's matmul flag, for fp32 on CUDA)."""
-    from ..lstm import _allow_tf32
+    from .._backend import allow_tf32
 
-    return _allow_tf32(p.x)
+    return allow_tf32(p.x)
 
 
 def _default_fused(p: Problem) -> bool:
@@ -175,7 +175,8 @@ def _on_path(path: str) -> Build:
     here, not a silent step-path row."""
 
     def build(p: Problem) -> Callable[[], torch.Tensor]:
-        from ..lstm import LSTMFunction, LSTMProjFunction
+        from ..lstm import LSTMFunction
+        from ..lstm_proj import LSTMProjFunction
         from ..rnn import RNNFunction
 
         allow_tf32, eps = _allow_tf32(p), config.LN_EPS
