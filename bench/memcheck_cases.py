@@ -259,7 +259,8 @@ def cases():
     for nl in ("tanh", "relu"):
         add(f"variant rnn-{nl} fp32 unfused step", cell="rnn", nonlinearity=nl, B=3, T=5, I=19,
             H=37, dtype="fp32", variant=True, fused=False)
-    # the persistent kernels (kernels/persistent.py): on a GPU BLOCK_H = 16, so H=37 is 3 programs
+    # the persistent kernels (kernels/lstm_persistent.py, rnn_persistent.py): on a GPU BLOCK_H = 16,
+    # so H=37 is 3 programs
     # meeting at a grid barrier each step; bf16 holds W_hh resident (fp16 takes the same code),
     # fp32 (no TF32) and fp64 stream it; B=17 and B=64 are one row block of 32 and 64
     pers = dict(variant=True, fused=True, path="persistent")
@@ -286,9 +287,9 @@ def cases():
     # several row blocks of 64 rows, each with its own barrier counter (the last one partial)
     add("persistent lstm bf16 B130 T3 I8 H40 (3 row blocks x 3 programs)", cell="lstm", B=130, T=3,
         I=8, H=40, dtype="bf16", **pers)
-    # the layer-norm LSTM's persistent kernels (kernels/persistent_ln.py): partials of the row
+    # the layer-norm LSTM's persistent kernels (kernels/ln_lstm_persistent.py): partials of the row
     # statistics exchanged through global memory; B3 H37 takes the 2-barrier forward (MERGE_C), B70 H300 the
-    # 3-barrier one (kernels/persistent_ln.py: fwd_merge_c)
+    # 3-barrier one (kernels.persistent.fwd_merge_c)
     for dt in ("fp32", "bf16"):
         add(f"persistent lnlstm {dt} B3 T5 I19 H37 lengths", cell="lnlstm", B=3, T=5, I=19, H=37,
             dtype=dt, **pers)
@@ -307,7 +308,7 @@ def cases():
     add("persistent-ll lstm bf16 B130 T3 I8 H40 (3 row blocks x 3 programs)", cell="lstm", B=130, T=3, I=8,
         H=40, dtype="bf16", **ll)
     # the layer-norm LSTM's LL exchange (rows and LayerNorm partials as tagged words; B16, 16-bit:
-    # kernels/persistent_ln.py ln_ll_fits)
+    # kernels.persistent.ln_ll_fits)
     add("persistent-ll lnlstm bf16 B3 T5 I19 H37 lengths", cell="lnlstm", B=3, T=5, I=19, H=37, dtype="bf16", **ll)
     # NaN in x and dout past the ends (issue 17): every output and gradient must stay finite
     nan = dict(nan_pad=True, B=3, T=5, I=19, H=37)

@@ -19,9 +19,10 @@ the backward's GEMMs after it) under each variant:
                 is the "default" row).
                 --no-ll leaves the LL variant out (gpu_check.sh passes it when the LL smoke
                 stage failed).
-    lnlstm      the LL exchange (as above; kernels.persistent_ln.ln_lstm_fits says where: S1,
-                S4's backward); forward: kernels.persistent_ln.MERGE_C_OVERRIDE True / False (2
-                or 3 barriers a step); backward: MERGE_BWD flipped (its 2- and 3-barrier variants)
+    lnlstm      the LL exchange (as above; kernels.persistent.ln_ll_fits says where: S1,
+                S4's backward); forward: kernels.persistent.MERGE_C_OVERRIDE True / False (2
+                or 3 barriers a step); backward: kernels.ln_lstm_persistent.MERGE_BWD flipped (its
+                2- and 3-barrier variants)
 Each variant's results are compared with the default variant's (relative error of out and of
 dx; a variant that disagrees beyond 2e-2 in bf16 is marked WRONG) and timed with
 triton.testing.do_bench (median). Variants that cannot run (grid over the SM count) are listed
@@ -205,7 +206,7 @@ LATE_VARIANT = "barrier: arrive after the whole step (former order)"
 
 def variants(cell, direction, cuda, ll=True):
     """[(name, apply(), undo())]: the default first."""
-    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
     out = [("default", lambda: None, lambda: None)]
     if not cuda:
@@ -227,10 +228,10 @@ def variants(cell, direction, cuda, ll=True):
     if direction == "fwd":
         for m in (True, False):
             def apply(m=m):
-                PL.MERGE_C_OVERRIDE = m
+                P.MERGE_C_OVERRIDE = m
 
             def undo():
-                PL.MERGE_C_OVERRIDE = None
+                P.MERGE_C_OVERRIDE = None
             out.append((f"MERGE_C={m} ({2 if m else 3} barriers)", apply, undo))
     else:
         default = PL.MERGE_BWD
@@ -344,7 +345,7 @@ def _run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, 
     """One row: plan, result against the default's (st: its plan and result, set by the default),
     time, registers; a variant that raises is reported in the row. plan_fn / runners_fn: the
     persistent plans' (plan_of, runners) unless given (the step tiles')."""
-    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+    from fused_rnn.kernels import persistent as P
 
     plan_fn = plan_fn or plan_of
     runners_fn = runners_fn or (lambda c, dd, cu: runners(c, dd))
@@ -372,8 +373,7 @@ def _run_variant(cell, sname, direction, vname, apply, undo, d, st, dtype, dev, 
             row["ms"] = time_ms(fn, cuda)
             launch = {}
             if plan_fn is plan_of:  # the step launches record no registers
-                launch = (PL.LAST_LAUNCH.get(f"ln_lstm_{direction}") if cell == "lnlstm"
-                          else P.LAST_LAUNCH.get(f"{cell}_{direction}")) or {}
+                launch = P.LAST_LAUNCH.get(f"ln_lstm_{direction}" if cell == "lnlstm" else f"{cell}_{direction}") or {}
             row["regs"], row["spills"] = launch.get("n_regs"), launch.get("n_spills")
     except Exception as e:  # reported in the table, not hidden: the sweep goes on
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"

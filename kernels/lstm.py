@@ -18,7 +18,7 @@ program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates, so
 update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
 
 Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
-hand the whole loop to one launch of kernels/persistent.py, or of kernels/persistent_ln.py for
+hand the whole loop to one launch of kernels/lstm_persistent.py, or of kernels/ln_lstm_persistent.py for
 the layer-norm LSTM, instead):
     _lstm_fwd_kernel   FUSED=False: the pointwise update (plain or LN) from gate pre-activations
                        h_{t-1} W_hhᵀ computed by torch; FUSED=True: the step kernel that also
@@ -117,12 +117,12 @@ def persistent_plan(direction: str, B: int, H: int, ln, fused: bool, dtype: torc
                     limit: Optional[int] = None, allow_tf32: bool = False):
     """(kernels.persistent.Plan, "") when one persistent launch can run this layer's time loop in
     ``direction`` ("fwd" / "bwd"), else (None, why not). The layer-norm LSTM has its own kernels
-    (kernels/persistent_ln.py), whatever ``fused`` says (above LN_FUSED_MAX_H its step path is
+    (kernels/ln_lstm_persistent.py), whatever ``fused`` says (above LN_FUSED_MAX_H its step path is
     the unfused one by default, which says nothing against a persistent launch)."""
     if ln is not None:
-        from . import persistent_ln
+        from . import persistent
 
-        return persistent_ln.plan_ln(direction, B, H, dtype, device, limit, allow_tf32)
+        return persistent.plan_ln(direction, B, H, dtype, device, limit, allow_tf32)
     if not fused:
         return None, "the unfused step kernels were asked for"
     from . import persistent
@@ -540,14 +540,14 @@ def lstm_fwd(
     cs[0].copy_(c0)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None and ln is not None:
-        from . import persistent_ln
+        from . import ln_lstm_persistent
 
-        persistent_ln.ln_lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, (gw, gb, cw, cb), lengths, eps,
-                                       fma, ieee, upcast)
+        ln_lstm_persistent.ln_lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, (gw, gb, cw, cb), lengths, eps,
+                                            fma, ieee, upcast)
     elif plan is not None:
-        from . import persistent
+        from . import lstm_persistent
 
-        persistent.lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
+        lstm_persistent.lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     else:
         mm = None if fused else alloc((B, G), w_hh.dtype, dev)
         cc = alloc((2, B, H), sd, dev)  # c carried in the state dtype (cs may be 16-bit)
@@ -667,16 +667,16 @@ def lstm_bwd(
     parts = ln_partials(ln, nrb, H, sd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None and ln is not None:
-        from . import persistent_ln
+        from . import ln_lstm_persistent
 
         # LN parameter gradients into rows 0..R-1 of the step path's zeroed partial sums
         # (R = cdiv(B, 64) <= cdiv(B, BLOCK_B of the LN step kernels) rows)
-        persistent_ln.ln_lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, (gw, gb, cw, cb), lengths, eps,
-                                       parts, fma, ieee, upcast)
+        ln_lstm_persistent.ln_lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, (gw, gb, cw, cb), lengths,
+                                            eps, parts, fma, ieee, upcast)
     elif plan is not None:
-        from . import persistent
+        from . import lstm_persistent
 
-        persistent.lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast)
+        lstm_persistent.lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast)
     else:
         grid = (nrb, triton.cdiv(H, BH))
         for t in range(T - 1, -1, -1):

@@ -1,7 +1,9 @@
-"""Persistent kernels: one launch runs all T steps of one layer (plain LSTM, tanh/ReLU RNN),
-forward and backward. The layer-norm LSTM has its own, kernels/persistent_ln.py: its LayerNorms
-need statistics over whole rows, and a program here owns only a slice of the hidden units, so
-those kernels add cross-program reductions (more barriers per step) to this design.
+"""The shared machinery of the persistent kernels, which run all T steps of one layer in one launch,
+forward and backward: the plans (plan, plan_ln), the grid barrier, the LL exchange, the resident
+W_hh tiles and the launch helpers. The kernels: kernels/lstm_persistent.py (plain LSTM),
+kernels/rnn_persistent.py (tanh/ReLU RNN), kernels/ln_lstm_persistent.py (layer-norm LSTM: its
+LayerNorms need statistics over whole rows, and a program owns only a slice of the hidden units,
+so those kernels add cross-program reductions, more barriers per step, to this design).
 
 Legend
     T   time steps                 B   batch rows (row blocks of BLOCK_B <= MAX_B rows)
@@ -36,7 +38,7 @@ Design
     arrival, together with the stores no other program reads (EARLY_ARRIVE: the arrival's release
     then waits for the row the others need only).
 
-Grid barrier (_grid_barrier): a per-launch int32 counter per row block, zeroed by the launcher,
+Grid barrier (grid_barrier): a per-launch int32 counter per row block, zeroed by the launcher,
 never reused. Barrier number n (n = 1, 2, ...) waits for the counter to reach n P: a CTA barrier (every thread
 of the program has stored its part of the step), one atomic add with release semantics at GPU
 scope (Triton issues a scalar atomic from one thread), then a spin on an acquire read of the
@@ -57,9 +59,9 @@ and scope= arguments of tl.atomic_add: triton-lang/triton PR #2562 added scope, 
 NONE OF THIS HAS RUN ON A GPU YET.
 
 LL exchange (LL_SYNC / Plan.ll, plain LSTM and RNN; the layer-norm LSTM's kernels too, see
-kernels/persistent_ln.py): instead of the barrier, each element of the
+kernels/ln_lstm_persistent.py): instead of the barrier, each element of the
 row the others need goes out with its step number in one word, and readers spin on those words
-(_ll_put / _ll_get: why it is correct, and what it should save). Its programs wait for each other
+(ll_put / ll_get: why it is correct, and what it should save). Its programs wait for each other
 just the same, so the deadlock guard below applies unchanged. UNMEASURED; off by default.
 Solo plans (SOLO / Plan.solo): one program per row block owning every hidden unit, where all of
 W_hh fits on chip (SOLO_MAX_W_BYTES): nothing to exchange or wait for, the row a step produces
@@ -71,7 +73,7 @@ so residency needs only that one CTA fits on an SM, which any kernel that launch
 once the SMs are free of other work. On CUDA the kernel is also launched cooperatively
 (launch_cooperative_grid=True: Triton PR #5381, merged December 2024; present in the installed
 3.9, assumed in 3.6 from the date): the driver then refuses a grid that cannot be co-resident with
-an error instead of a hang (not while a CUDA graph is captured; see _launch_opts). Left unguarded:
+an error instead of a hang (not while a CUDA graph is captured; see launch_opts). Left unguarded:
 two persistent launches on two streams at once could each hold part of the SMs and wait for
 each other, and an MPS client limited to fewer SMs than the device reports.
 Under the Triton interpreter the programs of a grid run one after another, so only P = 1 can pass
@@ -81,17 +83,14 @@ block's); the multi-program path is tested by CUDA-only tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    _dsigmoid, _dtanh, _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile,
-    pow2_block, sm_count,
-)
+from ._common import pow2_block, sm_count
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
 # Rows per row block: BLOCK_B = next_pow2(B) in [16, MAX_B]; larger batches take cdiv(B, 64) row
@@ -122,8 +121,8 @@ RESIDENT_MAX_K = 512
 # {"BLOCK_H": 16 | 32 | 64, "num_warps": 4 | 8 | 16}. Empty: plan()'s rules. Process-wide; not
 # for use while other threads launch.
 PLAN_OVERRIDE: dict = {}
-# Flag-in-data exchange ("LL", see _ll_put) instead of the grid barrier, for the plain LSTM, the
-# RNN and the layer-norm LSTM (where persistent_ln.ln_ll_fits; its LayerNorm partials too),
+# Flag-in-data exchange ("LL", see ll_put) instead of the grid barrier, for the plain LSTM, the
+# RNN and the layer-norm LSTM (where ln_ll_fits; its LayerNorm partials too),
 # forward and backward. UNMEASURED (no GPU yet): off by default; PLAN_OVERRIDE["ll"] turns it on
 # for one variant of bench/persistent_tune.py, which times it against the barrier.
 LL_SYNC = False
@@ -161,7 +160,7 @@ CHUNKED_ROW_MAX_ELEMS = 48 * 1024
 # The grid barrier split in two (plain LSTM and RNN): arrive (CTA barrier, release add) right after
 # the stores the other programs read at the next step (h_t; dG_t / dP_t), then this step's other
 # memory traffic (the stores only the backward or the caller reads: gates, c, the RNN's output;
-# the loads of the next step's own tiles), then wait. With everything before one _grid_barrier,
+# the loads of the next step's own tiles), then wait. With everything before one grid_barrier,
 # as before, the release (MEMBAR.ALL.GPU before the REDG in the sm_90 SASS, Triton 3.9) waits for
 # all of it, the next step's loads included (x W_ih at S1: 32 MiB for the LSTM, partly out of
 # L2); now it waits for the h_t stores only, and the loads land during the wait. UNMEASURED; on
@@ -175,6 +174,17 @@ COOPERATIVE_LAUNCH = True
 # What the last launch of each kernel compiled to (GPU only: n_regs, n_spills, shared bytes),
 # for the benchmark and the GPU session; empty under the interpreter.
 LAST_LAUNCH: dict = {}
+
+# The forward's 2-barrier variant (MERGE_C) where BLOCK_B x K_pad <= this (K_pad = next_pow2(H)):
+# every program then holds whole c_t / o_t row tiles [BLOCK_B, K_pad] of its row block.
+# Chosen from sm_90 compiles (see _ln_num_warps). UNMEASURED on a GPU.
+MERGE_C_MAX_ROW_ELEMS = 4096
+# Tests (and a GPU session comparing the variants) may force the choice: True / False; None = rule.
+MERGE_C_OVERRIDE: Optional[bool] = None
+# The combine loads every program's partials of one quantity as a [BLOCK_P, BLOCK_B] tile,
+# BLOCK_P = next_pow2(P): at most this many elements (B = 64: P <= 32; B = 16: P <= 128), so
+# plan_ln takes a larger BLOCK_H where the smallest would give more programs. (UNMEASURED.)
+PART_TILE_MAX_ELEMS = 2048
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,7 @@ class Plan:
     # TTGIR its async copies sit after the barrier of the previous step.)
     num_stages: int = 3
     row_blocks: int = 1  # R: the grid is (programs, row_blocks)
-    ll: bool = False  # exchange rows through the tagged ring (_ll_put / _ll_get), no barrier
+    ll: bool = False  # exchange rows through the tagged ring (ll_put / ll_get), no barrier
     solo: bool = False  # one program per row block, all of W_hh resident, the row kept in registers
     # resident plans: the slice as w_chunks tiles of BLOCK_K per gate (1: one [K_pad, BLOCK_H]
     # tile; more: W_CHUNKED, the rows then read chunk by chunk like the streamed path's)
@@ -327,20 +337,152 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
                 nk if chunked else 1, early), ""
 
 
+
+
+def block_p(programs: int) -> int:
+    return triton.next_power_of_2(max(int(programs), 1))
+
+
+
+def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: Optional[int] = None,
+            allow_tf32: bool = False) -> Tuple[Optional[Plan], str]:
+    """(Plan, "") for a persistent layer-norm LSTM launch in ``direction`` ("fwd" / "bwd"), or
+    (None, why not). persistent.plan's rules (one program per SM at most, the deadlock guard;
+    one program per row block covering all of H on the CPU; resident or streamed W_hh; the LL
+    exchange where it takes it and, on a GPU, ln_ll_fits agrees; never a solo plan), with the
+    programs of a row block also capped at PART_TILE_MAX_ELEMS / BLOCK_B (the combine's tile).
+    num_warps: see _ln_num_warps."""
+    device = torch.device(device)
+    if limit is None:
+        limit = max_programs(device)
+    BB = max(16, min(MAX_B, triton.next_power_of_2(max(int(B), 1))))
+    R = triton.cdiv(B, BB)
+    cap = max(1, PART_TILE_MAX_ELEMS // BB)
+    lim = limit if device.type != "cuda" else min(limit, R * cap)
+    # W_hh in chunks (persistent.W_CHUNKED) where the plain plan takes them, in the forward only:
+    # sm_90 compiles at B16 H768 (bf16, lengths; Triton 3.9): forward 184-188 registers, no stack
+    # (streamed: 220-228); backward 255 + 40-56 B of stack at 8 warps (streamed: 179-231, none).
+    # Not for a MERGE_C forward either: its resident operand is a whole c row tile (with the
+    # limits as set, fwd_merge_c's rule and a chunked plan never meet; MERGE_C_OVERRIDE can).
+    merge = MERGE_C_OVERRIDE if MERGE_C_OVERRIDE is not None else BB * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
+    pl, why = plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=True,
+                          chunks=direction == "fwd" and not merge, ln=True)
+    if pl is not None and pl.ll and device.type == "cuda" and not ln_ll_fits(direction, pl, dtype):  # the barrier's
+        pl, why = plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=False,
+                              chunks=direction == "fwd" and not merge, ln=True)
+    if pl is None:
+        if lim < limit:
+            why += f" (layer-norm LSTM: at most {cap} programs per row block of {BB} rows)"
+        return None, why
+    assert pl.BLOCK_B == BB and block_p(pl.programs) * pl.BLOCK_B <= max(PART_TILE_MAX_ELEMS, pl.BLOCK_B)
+    return replace(pl, num_warps=_ln_num_warps(direction, pl, H)), ""
+
+
+def ln_ll_fits(direction: str, pl: Plan, dtype: torch.dtype) -> bool:
+    """Whether the LN kernels on a GPU take the LL exchange that persistent.plan() chose
+    (LL_SYNC): fp16 / bf16 only (32-bit words for the row; fp32 with TF32, 64-bit words, spilled
+    8 B in the S4 backward), at BLOCK_B = 16 only, the forward only with its W_hh slice whole on
+    chip (resident, one tile). sm_90 compiles with LL (bf16, lengths, 8 warps; registers + stack
+    bytes, Triton 3.9 / 3.6):
+        fwd B16 H256 resident   183 / 207, none       bwd B16 H256 resident   174 / 186, none
+        fwd B16 H128 resident   218 / 237, none       bwd B16 H128 resident   240 / 248, none
+        fwd B16 H768 chunked    236 + 24 B / -        bwd B16 H768 streamed   172 / 227, none
+            (4 warps: 252 + 8 B; streamed: 249 + 24 B)   bwd B16 H1024 streamed  172 / 227, none
+        fwd B16 H1024 streamed  249 + 24 B / -
+        fwd B64 H64 resident    171 / 231, none       bwd B64 H64 resident    252 / 255 + 40 B
+                                                      bwd B64 H512 streamed   254 + 8 B / -
+    (the row's tagged words and the LayerNorm partials' 64-bit words, BLOCK_P x BLOCK_B per
+    quantity, on top of the barrier kernels' registers). Elsewhere the barrier plan."""
+    if dtype not in (torch.float16, torch.bfloat16) or pl.BLOCK_B > 16:
+        return False
+    return direction == "bwd" or (pl.resident and pl.w_chunks == 1)
+
+
+def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
+    """num_warps of the LN kernels: the plain plan's, except 4 for the resident backward with a
+    row tile BLOCK_B x K_pad <= 4096 at BLOCK_B = 16 (8 at more rows: at 4 warps, bf16, Triton
+    3.9 / 3.6, B64 H64 spilled 32 / 400 B, B64 H32 0 / 288 B, B32 H128 8 / 0 B, B32 H64 8 / 0 B;
+    at 8 warps none), and 8 for the forward's MERGE_C variant (fwd_merge_c).
+    Chosen from sm_90 compiles of these kernels (Triton 3.9 +
+    its bundled ptxas on a CPU machine, specialised as a GPU launch is: aligned pointers, B and H
+    divisible by 16; bf16, lengths on; registers / stack bytes from cuobjdump -res-usage;
+    "fp32 | bf16" = the dtype of hs (fwd) / dG (bwd)):
+        fwd B16 H256 resident   4 warps: 255+64 B | 255+32 B   8 warps: 173 | 182, no stack
+        bwd B16 H256 resident   4 warps: 168 | 168, no stack   8 warps: 128+16 B | 128+32 B
+                                (ptxas held itself to 128 registers at 8 warps there)
+        fwd B64 H512 resident   4 warps: 255+904 B | +800 B    8 warps: 225, none | 255+8 B
+        bwd B64 H512 BK=64      4 warps: 255+192 B | +120 B    8 warps: 241 | 247, no stack
+        fwd B16 H768 BK=64      4 warps: 230 | 232, none       8 warps: 238 | 240, none
+        bwd B16 H768 BK=64      4 warps: 236 | 227, none       8 warps: 182 | 179, none
+    16 warps spilled everywhere (128 registers a thread). Two earlier versions of the kernels
+    spilled far more; what fixed them: the partials with compile-time strides (one base address
+    per thread), their addresses depending on the step (parity), the LN parameters loaded where
+    used, the backward's LN-gradient sums accumulated in memory and its statistics loaded where
+    used. The one remaining spill (fwd B64 H512 with a bf16 hs, 8 bytes of stack) went when the
+    forward stopped carrying a held h in registers (its hs[t+1] is the output, 0 past the end):
+    252 registers, no stack (Triton 3.9). Triton 3.6 (the GPU machine's) still spills 32 bytes
+    there; streaming W_hh instead (BLOCK_K = 32: 185 registers, BLOCK_K = 16: 170, no stack,
+    Triton 3.9) would re-read the program's 64 KiB W_hh slice from L2 every step, which should
+    cost more than a 32-byte spill (not measured; the GPU session should time both).
+    The forward's MERGE_C variant (2 barriers a step; same compiles; "-" = not selected there):
+        B16 H256 resident       4 warps: 255+40 B | 255+48 B   8 warps: 225 | 217, no stack
+        B16 H128 resident       4 warps: 255+24 B | 255+16 B   8 warps: 195 | 192, no stack
+        B64 H64  resident       4 warps: 255+48 B | 232, none  8 warps: 241 | 216, no stack
+        B16 H64  resident                                      8 warps: 220 | 220, no stack
+        B32 H128 resident       4 warps: 255+72 B | 255+64 B   8 warps: 255+24 B | 246, none
+        B32 H64  resident                                      8 warps: 255+40 B | 250, none
+        fp32 (TF32) B16 H256 resident, hs fp32: 8 warps 255+64 B (3-barrier: 241, none);
+        fp32 (IEEE) B16 H256 BK=32, hs fp32:    8 warps 190, none (3-barrier: 166, none)
+        - B32 H256 resident    8 warps: 255+40 B | 255+56 B   (3-barrier: 188 | 184, none)
+        - B16 H512 resident    8 warps: 255+168 B | 255+80 B  (3-barrier: 255+48 B | 239)
+        - B16 H768 BK=64       8 warps: 255+312 B | 255+320 B (3-barrier: 238 | 240, none)
+        - B64 H512 resident    8 warps: 255+984 B (bf16 hs)   (3-barrier: 255+8 B)
+    hence MERGE_C_MAX_ROW_ELEMS = 4096: every program holds whole [BLOCK_B, K_pad] c, o (and,
+    with lengths, held h) row tiles, which spill past that. (At B16 H768 a chunked variant of
+    the c statistics, tried and dropped, still spilled 16-24 B at num_stages=3.)
+    UNMEASURED on a GPU: registers are not speed."""
+    if pl.ll:
+        return pl.num_warps
+    if direction == "bwd" and pl.resident and pl.w_chunks == 1 and pl.BLOCK_B * pl.BLOCK_K <= 4096:
+        return 4 if pl.BLOCK_B <= 16 else 8
+    if direction == "fwd" and fwd_merge_c(pl, H):
+        return 8
+    return pl.num_warps
+
+
+
+
+def k_pad(H: int) -> int:
+    """The padded row width of the whole-row tiles (the resident W_hh tile's K)."""
+    return max(16, triton.next_power_of_2(int(H)))
+
+
+def fwd_merge_c(pl: Plan, H: int) -> bool:
+    """Whether the forward runs the 2-barrier variant (MERGE_C): never with the LL exchange (no
+    barrier to save), else MERGE_C_OVERRIDE if set, else the row tile rule BLOCK_B x K_pad <=
+    MERGE_C_MAX_ROW_ELEMS (see there)."""
+    if pl.ll:
+        return False
+    if MERGE_C_OVERRIDE is not None:
+        return bool(MERGE_C_OVERRIDE)
+    return pl.BLOCK_B * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
+
+
+
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# The shared @triton.jit helpers: grid barrier, LL exchange, resident W_hh tiles, row chunks
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _barrier_arrive(sync_ptr):
-    """The first half of _grid_barrier: this program's stores so far, then its arrival."""
+def barrier_arrive(sync_ptr):
+    """The first half of grid_barrier: this program's stores so far, then its arrival."""
     tl.debug_barrier()  # every thread's stores of this step precede the release below
     tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
 
 
 @triton.jit
-def _barrier_wait(sync_ptr, target):
+def barrier_wait(sync_ptr, target):
     """The second half: wait until the counter at sync_ptr reaches ``target``."""
     while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
@@ -348,29 +490,29 @@ def _barrier_wait(sync_ptr, target):
 
 
 @triton.jit
-def _grid_barrier(sync_ptr, target):
+def grid_barrier(sync_ptr, target):
     """Wait until every program has arrived: the counter at sync_ptr reaches ``target``."""
-    _barrier_arrive(sync_ptr)
-    _barrier_wait(sync_ptr, target)
+    barrier_arrive(sync_ptr)
+    barrier_wait(sync_ptr, target)
 
 
 @triton.jit
-def _barrier_finish(sync_ptr, target, EARLY: tl.constexpr):
+def barrier_finish(sync_ptr, target, EARLY: tl.constexpr):
     """The end of a step's barrier: its wait where the step arrived early (EARLY_ARRIVE: after
-    _barrier_arrive), else the whole barrier."""
+    barrier_arrive), else the whole barrier."""
     if EARLY:
-        _barrier_wait(sync_ptr, target)
+        barrier_wait(sync_ptr, target)
     else:
-        _grid_barrier(sync_ptr, target)
+        grid_barrier(sync_ptr, target)
 
 
 # Flag-in-data exchange (the "LL" protocol of NCCL's low-latency transfers, written anew here):
-# instead of storing its rows and meeting the others at _grid_barrier, a program stores each
+# instead of storing its rows and meeting the others at grid_barrier, a program stores each
 # element of the row tile the others need (h_t forward, dG_t / dP_t backward, already in the dot
 # operand's dtype WT) together with its step number in ONE 32-bit word (16-bit WT) or 64-bit word
 # (fp32), and a reader spins on plain volatile loads of the words it needs until every one
 # carries the step it waits for. A word is written by a single store (a relaxed exchange: see
-# _ll_put), so a reader that sees the tag sees the value stored with it: no fence, no counter,
+# ll_put), so a reader that sees the tag sees the value stored with it: no fence, no counter,
 # and no second read of the row after a barrier (the barrier costs a release fence, an atomic
 # add, an acquire poll and then the row load: ANCHORS 0.84 us a step with 16 programs, the row
 # load after it on top).
@@ -384,7 +526,7 @@ def _barrier_finish(sync_ptr, target, EARLY: tl.constexpr):
 # UNMEASURED: whether it beats the barrier (the reader re-reads a whole tile while waiting,
 # twice the bytes of the row itself) is for bench/persistent_tune.py to say.
 @triton.jit
-def _ll_put(ring_ptr, off, v, tag, mask):
+def ll_put(ring_ptr, off, v, tag, mask):
     """Publish tile v (16-bit or fp32) at ring_ptr + off, each element with the low 15 bits of
     step ``tag`` above it, one word per element (int32 ring: 16-bit v; int64 ring: fp32 v)."""
     tg = tag & 0x7FFF
@@ -398,7 +540,7 @@ def _ll_put(ring_ptr, off, v, tag, mask):
 
 
 @triton.jit
-def _ll_get(ring_ptr, off, mask, tag, WT: tl.constexpr):
+def ll_get(ring_ptr, off, mask, tag, WT: tl.constexpr):
     """Wait until every word of the tile ring_ptr + off under mask carries step ``tag``; return
     the tile's values as WT (0 outside mask)."""
     SH: tl.constexpr = 32 if ring_ptr.dtype.element_ty == tl.int64 else 16
@@ -416,7 +558,7 @@ def _ll_get(ring_ptr, off, mask, tag, WT: tl.constexpr):
 
 
 @triton.jit
-def _w_tiles(w_ptr, col_off, k_base, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr, TRANS: tl.constexpr):
+def w_tiles(w_ptr, col_off, k_base, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr, TRANS: tl.constexpr):
     """NK tiles [BLOCK_K, BLOCK_H] of a resident W_hh slice, loaded once, as a tuple; tile kc
     holds, for the k of chunk kc (0 from H on) at [k - kc BLOCK_K, j]: W_hh[k_base + k, col_off[j]]
     (TRANS) or element col_off[j] + k (col_off: the offsets of W_hh rows). NK = 1: one tile of
@@ -438,526 +580,52 @@ def _w_tiles(w_ptr, col_off, k_base, cmask, H, BLOCK_K: tl.constexpr, NK: tl.con
 
 
 @triton.jit
-def _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr):
-    """The forward's resident W_hh slice, loaded once: for each gate q, NK tiles (_w_tiles) of
+def w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr):
+    """The forward's resident W_hh slice, loaded once: for each gate q, NK tiles (w_tiles) of
     W_q[j, k] at [k, j] (w_q: the offsets of the rows (q H + j) H of this program's units j)."""
-    return (_w_tiles(w_ptr, w_i, 0, cmask, H, BLOCK_K, NK, False),
-            _w_tiles(w_ptr, w_f, 0, cmask, H, BLOCK_K, NK, False),
-            _w_tiles(w_ptr, w_g, 0, cmask, H, BLOCK_K, NK, False),
-            _w_tiles(w_ptr, w_o, 0, cmask, H, BLOCK_K, NK, False))
+    return (w_tiles(w_ptr, w_i, 0, cmask, H, BLOCK_K, NK, False),
+            w_tiles(w_ptr, w_f, 0, cmask, H, BLOCK_K, NK, False),
+            w_tiles(w_ptr, w_g, 0, cmask, H, BLOCK_K, NK, False),
+            w_tiles(w_ptr, w_o, 0, cmask, H, BLOCK_K, NK, False))
 
 
 @triton.jit
-def _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr):
+def w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K: tl.constexpr, NK: tl.constexpr):
     """The backward's resident W_hh slice, loaded once: one tuple of 4 NK tiles, tile q NK + kc
     holding W_q[k, j] = W_hh[q H + k, j] at [k - kc BLOCK_K, j]."""
     ws = ()
     for q in tl.static_range(4):
-        ws = ws + _w_tiles(w_ptr, cols, q * H, cmask, H, BLOCK_K, NK, True)
+        ws = ws + w_tiles(w_ptr, cols, q * H, cmask, H, BLOCK_K, NK, True)
     return ws
 
 
 @triton.jit
-def _row_chunk(ptr, row, ks, mask, ring_ptr, r_row, tag, LL: tl.constexpr, WT: tl.constexpr):
+def row_chunk(ptr, row, ks, mask, ring_ptr, r_row, tag, LL: tl.constexpr, WT: tl.constexpr):
     """Columns ks of the rows another program published this step, as WT: from the LL ring
     (r_row, waiting for step ``tag``) or, after the barrier, from the buffer (row)."""
     if LL:
-        v = _ll_get(ring_ptr, r_row[:, None] + ks[None, :], mask, tag, WT)
+        v = ll_get(ring_ptr, r_row[:, None] + ks[None, :], mask, tag, WT)
     else:
         v = tl.load(ptr + row[:, None] + ks[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(WT)
     return v
 
 
-@triton.jit
-def _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, tag, LL: tl.constexpr,
-                    ACC: tl.constexpr, RESIDENT: tl.constexpr, FMA: tl.constexpr, IEEE: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                    NK: tl.constexpr):
-    """dG_{t+1} W_hh on this program's columns: the rows dg_row of dG (every program's dG_{t+1},
-    published before the barrier; or r_row of the LL ring, tag t+1) times the resident tiles
-    ``wr`` (_w_tiles_bwd, NK per gate; None when not RESIDENT) or W_hh streamed in BLOCK_K
-    chunks of the K = 4H reduction. Both take the chunks in the same order (gate by gate), so
-    where BLOCK_K divides H they sum the same products in the same order."""
-    WT = w_ptr.dtype.element_ty
-    G = 4 * H
-    carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    if RESIDENT:
-        kr = tl.arange(0, BLOCK_K)
-        # (one base pointer for every load, moved by scalar offsets: fewer registers than one
-        # address tile per gate)
-        if LL:
-            d_off = r_row[:, None] + kr[None, :]
-        else:
-            d_ptr = dg_ptr + dg_row[:, None] + kr[None, :]
-        for q in tl.static_range(4):
-            for kc in tl.static_range(NK):
-                dm = rmask[:, None] & (kc * BLOCK_K + kr < H)[None, :]
-                if LL:
-                    v = _ll_get(ring_ptr, d_off + (q * H + kc * BLOCK_K), dm, tag, WT)
-                else:
-                    v = tl.load(d_ptr + (q * H + kc * BLOCK_K), mask=dm, other=0.0, cache_modifier=".cg").to(WT)
-                carry = _mm(v, wr[q * NK + kc], carry, FMA, IEEE, UPCAST)
-    else:
-        for k0 in range(0, G, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < G
-            dgk = _row_chunk(dg_ptr, dg_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, tag, LL, WT)
-            wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
-            carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
-    return carry
-
-
-@triton.heuristics(
-    {
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-        "STORE_GATES": lambda a: a["gates_ptr"] is not None,
-        "LL": lambda a: a["ring_ptr"] is not None,
-        # the compute dtype (c is carried in registers; the saved cs may be 16-bit)
-        "ACC": lambda a: tl.float64 if a["xp_ptr"].dtype == torch.float64 else tl.float32,
-    }
-)
-@triton.jit(do_not_specialize=["T"])
-def _lstm_fwd_persistent_kernel(
-    xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
-    w_ptr,  # [G, H] W_hh
-    hs_ptr,  # [T+1, B, H] lstm_hs_dtype: slot 0 = h0 in, slots 1..T the outputs (0 past the end)
-    cs_ptr,  # [T+1, B, H] lstm_cs_dtype: slot 0 = c0 in, slots 1..T the carried c (held past the end)
-    gates_ptr,  # [T, B, G] lstm_gates_dtype pre-activations, or None; may be xp_ptr
-    len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [row blocks] int32, zero (None with LL)
-    ring_ptr,  # [2, B, H] int32 / int64 tagged h (see _ll_put), all -1; or None: the barrier
-    T, B, H,
-    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, ACC: tl.constexpr, LL: tl.constexpr,
-    SOLO: tl.constexpr, RESIDENT: tl.constexpr,
-    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)  # the programs of this row block
-    pid_b = tl.program_id(1)  # the row block
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    if not LL and not SOLO:
-        sync_ptr += pid_b  # this row block's barrier counter
-    HT = hs_ptr.dtype.element_ty
-    WT = w_ptr.dtype.element_ty
-    G = 4 * H
-    zero64 = tl.zeros([], dtype=tl.int64)
-    # W_hh row of (gate q, unit j) starts at (q H + j) H
-    w_i = cols.to(tl.int64) * H
-    w_f = (cols + H).to(tl.int64) * H
-    w_g = (cols + 2 * H).to(tl.int64) * H
-    w_o = (cols + 3 * H).to(tl.int64) * H
-    if RESIDENT:  # the slice, once
-        kr = tl.arange(0, BLOCK_K)
-        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K, NK)
-
-    b_off = (rows * H)[:, None] + cols[None, :]
-    c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
-    if LL:  # ring slot 0: this program's columns of h0, tag 0
-        _ll_put(ring_ptr, b_off, tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(WT), zero64, mask)
-    if SOLO:  # this program owns every column: h_{t-1} whole, as the matmul operand, in registers
-        h_op = tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(WT)
-    if HAS_LENGTHS:
-        L = tl.load(len_ptr + rows, mask=rmask, other=0)
-    g_off = (rows * G)[:, None] + cols[None, :]  # step 0
-    x_i, x_f, x_g, x_o = _load_gates(xp_ptr, g_off, H, mask, xp_ptr.dtype.element_ty)
-
-    for t in range(T):
-        t64 = zero64 + t
-        h_row = (t64 * B + rows) * H  # slot t of hs: every program's h_{t-1}
-        r_row = ((t64 % 2) * B + rows) * H  # the same row in the LL ring
-        a_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        a_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        a_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        a_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        if RESIDENT:
-            for kc in tl.static_range(NK):  # (NK = 1 but for w_chunks plans; SOLO: always 1)
-                if SOLO:
-                    hk = h_op
-                else:
-                    ks = kc * BLOCK_K + kr
-                    hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
-                                    WT)
-                a_i, a_f, a_g, a_o = _gate_tile_dots(hk, wr_i[kc], wr_f[kc], wr_g[kc], wr_o[kc], a_i, a_f, a_g, a_o,
-                                                     FMA, IEEE, UPCAST)
-        else:
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < H
-                hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
-                a_i, a_f, a_g, a_o = _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask,
-                                                      a_i, a_f, a_g, a_o, FMA, IEEE, UPCAST)
-        a_i += x_i.to(ACC)
-        a_f += x_f.to(ACC)
-        a_g += x_g.to(ACC)
-        a_o += x_o.to(ACC)
-        g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-        gi = _sigmoid(a_i)
-        gf = _sigmoid(a_f)
-        gg = _tanh(a_g)
-        go = _sigmoid(a_o)
-        c_new = gf * c + gi * gg
-        h_new = go * _tanh(c_new)
-        if HAS_LENGTHS:  # past a row's end: h_t 0 (the output), c held
-            valid = (t64 < L)[:, None]
-            h_new = tl.where(valid, h_new, 0.0)
-            c = tl.where(valid, c_new, c)
-        else:
-            c = c_new
-        if LL:  # first, so that the others can go on: ring slot (t+1) % 2, tag t+1
-            _ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :], h_new.to(HT).to(WT),
-                    t64 + 1, mask)
-        if SOLO:  # what hs[t+1] holds, as the next step's operand (0 in the padding: see the RNN's)
-            h_op = tl.where(mask, h_new, 0.0).to(HT).to(WT)
-        s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
-        tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
-        if EARLY:  # arrive now: the release then waits for the h_t stores only (see EARLY_ARRIVE)
-            _barrier_arrive(sync_ptr)
-        if STORE_GATES:
-            _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
-        tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
-
-        # step t+1's input projection, before the barrier's wait (nothing at t+1 = T)
-        nmask = tl.where(t + 1 < T, mask, False)  # (mask & scalar: wrong dtype in the interpreter)
-        n_off = g_off + G * B
-        x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
-        if not LL and not SOLO:
-            _barrier_finish(sync_ptr, (t + 1) * nprog, EARLY)
-
-
-# Reverse step t (the step path's derivative, kernels/lstm.py, without LayerNorm):
-#   gh_t  = [not valid_{t+1}] gh_{t+1} + dG_{t+1} W_hh      (this program's columns j of W_hh)
-#   dh    = valid_t (dout_t + gh_t)      dc = valid_t gc_t + dz,  dz = dh o (1 - tanh² c_t)
-#   di = dc g,  df = dc c_{t-1},  dg = dc i,  do = dh tanh c_t    (times the activations' slopes)
-#   gc_{t-1} = valid_t dc f + [not valid_t] gc_t
-# gh and gc stay in registers; the final ones (gh_0, gc_{-1}) are stored for the launcher.
-@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None, "LL": lambda a: a["ring_ptr"] is not None})
-@triton.jit(do_not_specialize=["T"])
-def _lstm_bwd_persistent_kernel(
-    gates_ptr,  # [T, B, G] saved pre-activations, lstm_gates_dtype
-    w_ptr,  # [G, H] W_hh
-    cs_ptr,  # [T+1, B, H] saved c (lstm_cs_dtype)
-    dout_ptr,  # [T, B, H] storage dtype
-    dg_ptr,  # [T+1, B, G] grad_dtype: slot T zero (in), slots 0..T-1 out
-    gh_ptr,  # [B, H] in: dh_n, out: gh_0
-    gc_ptr,  # [B, H] in: dc_n, out: dc0
-    len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [row blocks] int32, zero (None with LL)
-    ring_ptr,  # [2, B, G] int32 / int64 tagged dG (see _ll_put), all -1; or None: the barrier
-    T, B, H,
-    HAS_LENGTHS: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr, RESIDENT: tl.constexpr,
-    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)  # the programs of this row block
-    pid_b = tl.program_id(1)  # the row block
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    if not LL and not SOLO:
-        sync_ptr += pid_b  # this row block's barrier counter
-    ACC = gh_ptr.dtype.element_ty
-    WT = w_ptr.dtype.element_ty
-    DGT = dg_ptr.dtype.element_ty
-    G = 4 * H
-    zero64 = tl.zeros([], dtype=tl.int64)
-    wr = None
-    if RESIDENT:  # the slice, once
-        wr = _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K, NK)
-
-    if HAS_LENGTHS:
-        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
-    else:
-        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
-    b_off = (rows * H)[:, None] + cols[None, :]
-    gh = tl.load(gh_ptr + b_off, mask=mask, other=0.0)
-    gc = tl.load(gc_ptr + b_off, mask=mask, other=0.0)
-    # step T-1's own tiles
-    t_last = zero64 + T - 1
-    g_off = ((t_last * B + rows) * G)[:, None] + cols[None, :]
-    s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
-    # step T-1's gates written out rather than through _load_gates: with the helper here ptxas
-    # gave this kernel 158 registers instead of 128 at S1 (sm_90 compile, Triton 3.9)
-    a_i = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(ACC)
-    a_f = tl.load(gates_ptr + g_off + H, mask=mask, other=0.0).to(ACC)
-    a_g = tl.load(gates_ptr + g_off + 2 * H, mask=mask, other=0.0).to(ACC)
-    a_o = tl.load(gates_ptr + g_off + 3 * H, mask=mask, other=0.0).to(ACC)
-    d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
-    c_prev = tl.load(cs_ptr + s_cur, mask=mask, other=0.0).to(ACC)  # c_{t-1} = slot t
-    c_cur = tl.load(cs_ptr + s_cur + B * H, mask=mask, other=0.0).to(ACC)  # c_t = slot t+1
-    if LL:  # ring slot T % 2: this program's columns of dG_T = 0, tag T
-        zt = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
-        r_off = ((((t_last + 1) % 2) * B + rows) * G)[:, None] + cols[None, :]
-        _ll_put(ring_ptr, r_off, zt, t_last + 1, mask)
-        _ll_put(ring_ptr, r_off + H, zt, t_last + 1, mask)
-        _ll_put(ring_ptr, r_off + 2 * H, zt, t_last + 1, mask)
-        _ll_put(ring_ptr, r_off + 3 * H, zt, t_last + 1, mask)
-    if SOLO:  # this program owns every column: dG_{t+1} whole (dG_T = 0), in registers
-        d_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
-        d_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
-        d_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
-        d_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
-
-    for i in range(T):
-        t64 = zero64 + (T - 1 - i)
-        valid = (t64 < L)[:, None]
-        nvalid = (t64 + 1 < L)[:, None]
-        dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
-        r_row = (((t64 + 1) % 2) * B + rows) * G  # the same row in the LL ring
-        if SOLO:  # (NK = 1)
-            carry = _mm(d_i, wr[0], tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC), FMA, IEEE, UPCAST)
-            carry = _mm(d_f, wr[1], carry, FMA, IEEE, UPCAST)
-            carry = _mm(d_g, wr[2], carry, FMA, IEEE, UPCAST)
-            carry = _mm(d_o, wr[3], carry, FMA, IEEE, UPCAST)
-        else:
-            carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, t64 + 1, LL,
-                                    ACC, RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K, NK)
-        gh = tl.where(nvalid, 0.0, gh) + carry
-        dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
-        dc = tl.where(valid, gc, 0.0)
-
-        gi = _sigmoid(a_i)
-        gf = _sigmoid(a_f)
-        gg = _tanh(a_g)
-        go = _sigmoid(a_o)
-        tz = _tanh(c_cur)
-        d_o = dh * tz
-        vm = valid & mask
-        dc += tl.where(vm, dh * go * _dtanh(tz), 0.0)
-        dy_i = tl.where(vm, dc * gg * _dsigmoid(gi), 0.0)
-        dy_f = tl.where(vm, dc * c_prev * _dsigmoid(gf), 0.0)
-        dy_g = tl.where(vm, dc * gi * _dtanh(gg), 0.0)
-        dy_o = tl.where(vm, d_o * _dsigmoid(go), 0.0)
-        if LL:  # first, so that the others can go on: ring slot t % 2, tag t
-            r_off = (((t64 % 2) * B + rows) * G)[:, None] + cols[None, :]
-            _ll_put(ring_ptr, r_off, dy_i.to(DGT).to(WT), t64, mask)
-            _ll_put(ring_ptr, r_off + H, dy_f.to(DGT).to(WT), t64, mask)
-            _ll_put(ring_ptr, r_off + 2 * H, dy_g.to(DGT).to(WT), t64, mask)
-            _ll_put(ring_ptr, r_off + 3 * H, dy_o.to(DGT).to(WT), t64, mask)
-        if SOLO:  # what dG[t] holds, as the next step's operand
-            d_i = dy_i.to(DGT).to(WT)
-            d_f = dy_f.to(DGT).to(WT)
-            d_g = dy_g.to(DGT).to(WT)
-            d_o = dy_o.to(DGT).to(WT)
-        g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
-        _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
-        gc = tl.where(valid, dc * gf, gc)
-        if EARLY:  # arrive now: the release then waits for the dG_t stores only (see EARLY_ARRIVE)
-            _barrier_arrive(sync_ptr)
-
-        # step t-1's own tiles, before the barrier's wait (nothing at t = 0)
-        pmask = tl.where(i + 1 < T, mask, False)
-        p_off = g_off - G * B
-        s_prv = ((t64 * B + rows) * H)[:, None] + cols[None, :] - B * H  # slot t-1
-        a_i, a_f, a_g, a_o = _load_gates(gates_ptr, p_off, H, pmask, ACC)
-        d_out = tl.load(dout_ptr + s_prv, mask=pmask, other=0.0)
-        c_cur = c_prev
-        c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0).to(ACC)
-        if not LL and not SOLO:
-            _barrier_finish(sync_ptr, (i + 1) * nprog, EARLY)
-    tl.store(gh_ptr + b_off, gh, mask=mask)
-    tl.store(gc_ptr + b_off, gc, mask=mask)
-
-
-@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None, "LL": lambda a: a["ring_ptr"] is not None})
-@triton.jit(do_not_specialize=["T"])
-def _rnn_fwd_persistent_kernel(
-    xp_ptr,  # [T, B, H] x W_ihᵀ + b_ih + b_hh, storage dtype
-    w_ptr,  # [H, H] W_hh
-    hs_ptr,  # [T+1, B, H] state dtype: slot 0 = h0 in, slots 1..T out
-    out_ptr,  # [T, B, H] storage dtype
-    len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [row blocks] int32, zero (None with LL)
-    ring_ptr,  # [2, B, H] int32 / int64 tagged h (see _ll_put), all -1; or None: the barrier
-    T, B, H,
-    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr,
-    RESIDENT: tl.constexpr,
-    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)  # the programs of this row block
-    pid_b = tl.program_id(1)  # the row block
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    if not LL and not SOLO:
-        sync_ptr += pid_b  # this row block's barrier counter
-    ACC = hs_ptr.dtype.element_ty
-    WT = w_ptr.dtype.element_ty
-    zero64 = tl.zeros([], dtype=tl.int64)
-    w_row = cols.to(tl.int64) * H  # W_hh row j
-    if RESIDENT:  # W_hh[j, k] at [k, j], NK tiles
-        kr = tl.arange(0, BLOCK_K)
-        wr = _w_tiles(w_ptr, w_row, 0, cmask, H, BLOCK_K, NK, False)
-
-    b_off = (rows * H)[:, None] + cols[None, :]
-    h_own = tl.load(hs_ptr + b_off, mask=mask, other=0.0)
-    if LL:  # ring slot 0: this program's columns of h0, tag 0
-        _ll_put(ring_ptr, b_off, h_own.to(WT), zero64, mask)
-    if HAS_LENGTHS:
-        L = tl.load(len_ptr + rows, mask=rmask, other=0)
-    x = tl.load(xp_ptr + b_off, mask=mask, other=0.0)  # step 0
-
-    for t in range(T):
-        t64 = zero64 + t
-        h_row = (t64 * B + rows) * H
-        r_row = ((t64 % 2) * B + rows) * H  # the same row in the LL ring
-        pre = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        if RESIDENT:
-            for kc in tl.static_range(NK):  # (SOLO: NK = 1)
-                if SOLO:  # this program owns every column: h_{t-1} is its own, in registers; the
-                    # padding columns as the barrier path reads them (0): an inf there would meet
-                    # W_hh's zero rows k >= H as inf x 0 = NaN in every column
-                    hk = tl.where(mask, h_own, 0.0).to(WT)
-                else:
-                    ks = kc * BLOCK_K + kr
-                    hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
-                                    WT)
-                pre = _mm(hk, wr[kc], pre, FMA, IEEE, UPCAST)
-        else:
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < H
-                hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
-                wk = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-                pre = _mm(hk, wk, pre, FMA, IEEE, UPCAST)
-        pre += x.to(ACC)
-        if RELU:
-            h_new = tl.where(pre < 0, 0.0, pre)  # not tl.maximum: NaN must propagate as in torch.relu
-        else:
-            h_new = _tanh(pre)
-        if HAS_LENGTHS:
-            valid = (t64 < L)[:, None]
-            h_own = tl.where(valid, h_new, h_own)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h_own = h_new
-            out = h_new
-        if LL:  # first, so that the others can go on: ring slot (t+1) % 2, tag t+1
-            _ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :], h_own.to(WT), t64 + 1,
-                    mask)
-        s_cur = h_row[:, None] + cols[None, :]
-        tl.store(hs_ptr + s_cur + B * H, h_own, mask=mask)
-        if EARLY:  # arrive now: the release then waits for the h_t stores only (see EARLY_ARRIVE)
-            _barrier_arrive(sync_ptr)
-        tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-        x = tl.load(xp_ptr + s_cur + B * H, mask=tl.where(t + 1 < T, mask, False), other=0.0)  # step t+1
-        if not LL and not SOLO:
-            _barrier_finish(sync_ptr, (t + 1) * nprog, EARLY)
-
-
-# Reverse step t (kernels/rnn.py): gh_t = [not valid_{t+1}] gh_{t+1} + dP_{t+1} W_hh[:, j];
-# dh = dout_t + gh_t;  dP_t = valid_t dh (1 − h_t²) (tanh) or valid_t dh [h_t > 0] (relu).
-@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None, "LL": lambda a: a["ring_ptr"] is not None})
-@triton.jit(do_not_specialize=["T"])
-def _rnn_bwd_persistent_kernel(
-    w_ptr,  # [H, H] W_hh
-    hs_ptr,  # [T+1, B, H] saved states
-    dout_ptr,  # [T, B, H] storage dtype
-    dp_ptr,  # [T+1, B, H] grad_dtype: slot T zero (in), slots 0..T-1 out
-    gh_ptr,  # [B, H] in: dh_n, out: gh_0
-    len_ptr,  # [B] int64 lengths, or None
-    sync_ptr,  # [row blocks] int32, zero (None with LL)
-    ring_ptr,  # [2, B, H] int32 / int64 tagged dP (see _ll_put), all -1; or None: the barrier
-    T, B, H,
-    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, LL: tl.constexpr, SOLO: tl.constexpr,
-    RESIDENT: tl.constexpr,
-    FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)  # the programs of this row block
-    pid_b = tl.program_id(1)  # the row block
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
-    if not LL and not SOLO:
-        sync_ptr += pid_b  # this row block's barrier counter
-    ACC = gh_ptr.dtype.element_ty
-    WT = w_ptr.dtype.element_ty
-    zero64 = tl.zeros([], dtype=tl.int64)
-    if RESIDENT:  # W_hh[k, j] at [k, j], NK tiles
-        kr = tl.arange(0, BLOCK_K)
-        wr = _w_tiles(w_ptr, cols, 0, cmask, H, BLOCK_K, NK, True)
-
-    if HAS_LENGTHS:
-        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
-    else:
-        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
-    b_off = (rows * H)[:, None] + cols[None, :]
-    gh = tl.load(gh_ptr + b_off, mask=mask, other=0.0)
-    t_last = zero64 + T - 1
-    s_cur = ((t_last * B + rows) * H)[:, None] + cols[None, :]
-    d_out = tl.load(dout_ptr + s_cur, mask=mask, other=0.0)
-    h = tl.load(hs_ptr + s_cur + B * H, mask=mask, other=0.0)  # h_t = slot t+1
-    if LL:  # ring slot T % 2: this program's columns of dP_T = 0, tag T
-        _ll_put(ring_ptr, ((((t_last + 1) % 2) * B + rows) * H)[:, None] + cols[None, :],
-                tl.zeros([BLOCK_B, BLOCK_H], dtype=WT), t_last + 1, mask)
-    if SOLO:  # this program owns every column: dP_{t+1} whole (dP_T = 0), in registers
-        dp_op = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
-
-    for i in range(T):
-        t64 = zero64 + (T - 1 - i)
-        valid = (t64 < L)[:, None]
-        nvalid = (t64 + 1 < L)[:, None]
-        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        dp_row = ((t64 + 1) * B + rows) * H
-        r_row = (((t64 + 1) % 2) * B + rows) * H  # the same row in the LL ring
-        if RESIDENT:
-            for kc in tl.static_range(NK):  # (SOLO: NK = 1)
-                if SOLO:
-                    dpk = dp_op
-                else:
-                    ks = kc * BLOCK_K + kr
-                    dpk = _row_chunk(dp_ptr, dp_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64 + 1,
-                                     LL, WT)
-                carry = _mm(dpk, wr[kc], carry, FMA, IEEE, UPCAST)
-        else:
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < H
-                dpk = _row_chunk(dp_ptr, dp_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64 + 1, LL,
-                                 WT)
-                wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                             mask=kmask[:, None] & cmask[None, :], other=0.0)
-                carry = _mm(dpk, wk, carry, FMA, IEEE, UPCAST)
-        gh = tl.where(nvalid, 0.0, gh) + carry
-        dh = d_out.to(ACC) + gh
-        if RELU:
-            dp = tl.where(h <= 0, 0.0, dh)
-        else:
-            dp = dh * _dtanh(h)
-        dp = tl.where(valid, dp, 0.0)
-        if LL:  # first, so that the others can go on: ring slot t % 2, tag t
-            _ll_put(ring_ptr, (((t64 % 2) * B + rows) * H)[:, None] + cols[None, :],
-                    dp.to(dp_ptr.dtype.element_ty).to(WT), t64, mask)
-        if SOLO:  # what dP[t] holds, as the next step's operand (0 in the padding, see the forward)
-            dp_op = tl.where(mask, dp, 0.0).to(dp_ptr.dtype.element_ty).to(WT)
-        s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
-        tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
-        if EARLY:  # arrive now: the release then waits for the dP_t stores only (see EARLY_ARRIVE)
-            _barrier_arrive(sync_ptr)
-
-        pmask = tl.where(i + 1 < T, mask, False)  # step t-1's own tiles, before the barrier's wait
-        d_out = tl.load(dout_ptr + s_cur - B * H, mask=pmask, other=0.0)
-        h = tl.load(hs_ptr + s_cur, mask=pmask, other=0.0)
-        if not LL and not SOLO:
-            _barrier_finish(sync_ptr, (i + 1) * nprog, EARLY)
-    tl.store(gh_ptr + b_off, gh, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers: the time loops of kernels/lstm.py and kernels/rnn.py, in one launch. The callers
-# allocate and own every buffer; these only check the plan and launch.
+# Launch helpers of the persistent launchers (lstm_persistent.py, rnn_persistent.py,
+# ln_lstm_persistent.py): the barrier counter, the LL ring, the launch options, the plan check.
 # ----------------------------------------------------------------------------------------------
 
 
-def _sync_counter(T: int, pl: Plan, device) -> torch.Tensor:
+def sync_counter(T: int, pl: Plan, device) -> torch.Tensor:
     # barrier n waits for n P <= T P arrivals: keep that in int32; one counter per row block
     if T * pl.programs >= 2 ** 31:
         raise ValueError(f"persistent kernels: T={T} x {pl.programs} programs overflows the int32 barrier counter")
     return torch.zeros(pl.row_blocks, dtype=torch.int32, device=device)
 
 
-def _ll_ring(pl: Plan, B: int, N: int, w_hh: torch.Tensor) -> Optional[torch.Tensor]:
+def ll_ring(pl: Plan, B: int, N: int, w_hh: torch.Tensor) -> Optional[torch.Tensor]:
     """The LL ring [2, B, N] of tagged words, every one -1 (no step), or None without LL."""
     if not pl.ll:
         return None
@@ -967,7 +635,7 @@ def _ll_ring(pl: Plan, B: int, N: int, w_hh: torch.Tensor) -> Optional[torch.Ten
     return torch.full((2, B, N), -1, dtype=word, device=w_hh.device)
 
 
-def _launch_opts(device: torch.device, pl: Plan) -> dict:
+def launch_opts(device: torch.device, pl: Plan) -> dict:
     opts = {"num_warps": pl.num_warps, "num_stages": pl.num_stages}
     # Not while a CUDA graph is being captured: whether a cooperative launch can be a graph node
     # is not something we could check here; there the one-program-per-SM bound alone guards.
@@ -976,7 +644,7 @@ def _launch_opts(device: torch.device, pl: Plan) -> dict:
     return opts
 
 
-def _record(name: str, compiled) -> None:
+def record(name: str, compiled) -> None:
     if compiled is None:  # the interpreter returns nothing
         return
     meta = getattr(compiled, "metadata", None)
@@ -988,7 +656,7 @@ def _record(name: str, compiled) -> None:
     }
 
 
-def _check_plan(pl: Plan, B: int, H: int, device) -> None:
+def check_plan(pl: Plan, B: int, H: int, device) -> None:
     # the deadlock guard, again at the launch (a Plan may come from a caller)
     assert pl.row_blocks == triton.cdiv(B, pl.BLOCK_B), "one row block per BLOCK_B batch rows"
     assert pl.programs * pl.BLOCK_H >= H and pl.programs == triton.cdiv(H, pl.BLOCK_H)
@@ -1000,63 +668,3 @@ def _check_plan(pl: Plan, B: int, H: int, device) -> None:
     if not grid_fits(needed, max_programs(device)):
         raise RuntimeError(f"persistent grid of {pl.row_blocks} x {pl.programs} programs cannot be "
                            f"co-resident on {device}")
-
-
-def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast) -> None:
-    """All T forward steps: fills hs[1:] (the outputs), cs[1:] and (if not None) gates."""
-    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-    _check_plan(pl, B, H, xp.device)
-    ring = _ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll or pl.solo else _sync_counter(T, pl, xp.device)
-    k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, cs, gates, lengths, sync, ring, T, B, H,
-        SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
-        **_launch_opts(xp.device, pl),
-    )
-    _record("lstm_fwd", k)
-
-
-def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast) -> None:
-    """All T reverse steps: fills dG[:T] (dG[T] must be zero), leaves gh_0 in gh and dc0 in gc."""
-    T, B, H = dout.shape
-    _check_plan(pl, B, H, dout.device)
-    ring = _ll_ring(pl, B, 4 * H, w_hh)
-    sync = None if pl.ll or pl.solo else _sync_counter(T, pl, dout.device)
-    k = _lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, ring, T, B, H,
-        SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
-        **_launch_opts(dout.device, pl),
-    )
-    _record("lstm_bwd", k)
-
-
-def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) -> None:
-    """All T forward steps: fills hs[1:] and out."""
-    T, B, H = out.shape
-    _check_plan(pl, B, H, xp.device)
-    ring = _ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll or pl.solo else _sync_counter(T, pl, xp.device)
-    k = _rnn_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, out, lengths, sync, ring, T, B, H,
-        RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
-        **_launch_opts(xp.device, pl),
-    )
-    _record("rnn_fwd", k)
-
-
-def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upcast) -> None:
-    """All T reverse steps: fills dP[:T] (dP[T] must be zero), leaves gh_0 in gh."""
-    T, B, H = dout.shape
-    _check_plan(pl, B, H, dout.device)
-    ring = _ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll or pl.solo else _sync_counter(T, pl, dout.device)
-    k = _rnn_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        w_hh, hs, dout, dP, gh, lengths, sync, ring, T, B, H,
-        RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
-        **_launch_opts(dout.device, pl),
-    )
-    _record("rnn_bwd", k)

@@ -9,7 +9,7 @@ Layout is time-major: x [T, B, I], out [T, B, H]. The saved state sequence hs is
 fp64 inputs. A program owns BLOCK_B batch rows x BLOCK_H hidden units.
 
 Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
-hand the whole loop to one launch of kernels/persistent.py instead):
+hand the whole loop to one launch of kernels/rnn_persistent.py instead):
     _rnn_fwd_kernel   FUSED=False: the pointwise step h_t = act(xp_t + h_{t-1} W_hhᵀ) from the
                       matmul computed by torch; FUSED=True: the step kernel that also computes
                       h_{t-1} W_hhᵀ with tl.dot.
@@ -262,9 +262,9 @@ def rnn_fwd(
     out = alloc((T, B, H), dt, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None:
-        from . import persistent
+        from . import rnn_persistent
 
-        persistent.rnn_fwd_loop(plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast)
+        rnn_persistent.rnn_fwd_loop(plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast)
     else:
         mm = None if fused else alloc((B, H), w_hh.dtype, dev)
         BB, BH, BK, nw = _blocks(B, H, "fwd", fused, dt, sm_count(dev))
@@ -319,9 +319,9 @@ def rnn_bwd(
     gh = dh_n.to(sd, copy=True).contiguous()
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None:
-        from . import persistent
+        from . import rnn_persistent
 
-        persistent.rnn_bwd_loop(plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upcast)
+        rnn_persistent.rnn_bwd_loop(plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upcast)
     else:
         carry = None if fused else alloc((B, H), w_hh.dtype, dev)
         BB, BH, BK, nw = _blocks(B, H, "bwd", fused, dt, sm_count(dev))

@@ -505,14 +505,13 @@ def test_persistent_tune_order_variants_and_best():
     assert [v[0] for v in tune.variants("lnlstm", "bwd", True)] == ["default", tune.LL_VARIANT,
                                                                     "MERGE_BWD=True (2 barriers)"]
     assert tune.LL_VARIANT not in [v[0] for v in tune.variants("lnlstm", "bwd", True, ll=False)]
-    from fused_rnn.kernels import persistent_ln as PL
+    from fused_rnn.kernels import persistent as P
 
     name, apply, undo = tune.variants("lnlstm", "bwd", True)[1]
     apply()
-    assert PL.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
+    assert P.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
     undo()
-    assert not PL.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
-    from fused_rnn.kernels import persistent as P
+    assert not P.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
 
     for name, apply, undo in tune.variants("rnn", "bwd", True)[1:]:
         apply()

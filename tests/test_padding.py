@@ -153,11 +153,12 @@ def assert_matches(cell, ins, L, ours, ref):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the persistent loops' launches (so that a test knows they really ran)."""
-    from fused_rnn.kernels import persistent, persistent_ln
+    from fused_rnn.kernels import ln_lstm_persistent, lstm_persistent, rnn_persistent
 
     calls = {}
-    for mod, fns in ((persistent, ("lstm_fwd_loop", "lstm_bwd_loop", "rnn_fwd_loop", "rnn_bwd_loop")),
-                     (persistent_ln, ("ln_lstm_fwd_loop", "ln_lstm_bwd_loop"))):
+    for mod, fns in ((lstm_persistent, ("lstm_fwd_loop", "lstm_bwd_loop")),
+                     (rnn_persistent, ("rnn_fwd_loop", "rnn_bwd_loop")),
+                     (ln_lstm_persistent, ("ln_lstm_fwd_loop", "ln_lstm_bwd_loop"))):
         for fn in fns:
             def wrapped(*a, _real=getattr(mod, fn), _name=fn, **k):
                 calls[_name] = calls.get(_name, 0) + 1

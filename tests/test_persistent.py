@@ -1,5 +1,5 @@
-"""Persistent kernels (fused_rnn.kernels.persistent: one launch for all T steps of a plain LSTM or
-tanh/ReLU RNN layer, forward and backward) and the path choice (fused_rnn._paths).
+"""Persistent kernels (fused_rnn.kernels.lstm_persistent, rnn_persistent: one launch for all T steps of a
+plain LSTM or tanh/ReLU RNN layer, forward and backward) and the path choice (fused_rnn._paths).
 
 Under the Triton interpreter (CPU) a grid's programs run one after another, so only a
 single-program grid can pass the grid barrier: there plan() gives one program covering all of H,
@@ -29,7 +29,7 @@ from fused_rnn.rnn import RNNFunction
 DEV = kernel_device()
 # kernels.persistent's LL helpers, for the @triton.jit test kernel below (a jit function sees its
 # module's globals); set by that test, which imports Triton only when it runs
-_ll_put = _ll_get = None
+ll_put = ll_get = None
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +43,12 @@ def _poison_and_fresh_warnings(request, monkeypatch):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the persistent launches (so a test knows the persistent kernels really ran)."""
-    from fused_rnn.kernels import persistent, persistent_ln
+    from fused_rnn.kernels import ln_lstm_persistent, lstm_persistent, rnn_persistent
 
     calls = {}
-    for mod, names in ((persistent, ("lstm_fwd_loop", "lstm_bwd_loop", "rnn_fwd_loop", "rnn_bwd_loop")),
-                       (persistent_ln, ("ln_lstm_fwd_loop", "ln_lstm_bwd_loop"))):
+    for mod, names in ((lstm_persistent, ("lstm_fwd_loop", "lstm_bwd_loop")),
+                       (rnn_persistent, ("rnn_fwd_loop", "rnn_bwd_loop")),
+                       (ln_lstm_persistent, ("ln_lstm_fwd_loop", "ln_lstm_bwd_loop"))):
         for name in names:
             real = getattr(mod, name)
 
@@ -183,7 +184,7 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     the barrier kernels' results bit for bit on one program (the interpreter's grid; LL's
     multi-program path: tests/test_persistent_threads.py and the CUDA tests below), and the
     launchers really take them (a ring for LL; no counter for either). fp64 takes neither."""
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import lstm_persistent, persistent, rnn_persistent
 
     if mode == "ll-streamed":
         monkeypatch.setattr(persistent, "W_RESIDENT_MAX_BYTES", 0)
@@ -191,9 +192,10 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     ins, L, ups = make_case(cell, T, B, I, H, dtype, bias, lengths)
     barrier = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
     rings, counters = [], []
-    real_ring, real_counter = persistent._ll_ring, persistent._sync_counter
-    monkeypatch.setattr(persistent, "_ll_ring", lambda *a: rings.append(real_ring(*a)) or rings[-1])
-    monkeypatch.setattr(persistent, "_sync_counter", lambda *a: counters.append(real_counter(*a)) or counters[-1])
+    launcher = lstm_persistent if cell == "lstm" else rnn_persistent  # (they call ll_ring, sync_counter)
+    real_ring, real_counter = persistent.ll_ring, persistent.sync_counter
+    monkeypatch.setattr(launcher, "ll_ring", lambda *a: rings.append(real_ring(*a)) or rings[-1])
+    monkeypatch.setattr(launcher, "sync_counter", lambda *a: counters.append(real_counter(*a)) or counters[-1])
     monkeypatch.setattr(persistent, "LL_SYNC" if mode.startswith("ll") else "SOLO", True)
     pl, _ = persistent.plan(cell, "bwd", B, H, dtype, DEV)
     assert (pl.ll, pl.solo) == (mode.startswith("ll"), mode == "solo") and pl.resident == (mode != "ll-streamed")
@@ -256,7 +258,7 @@ def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch):
 @pytest.mark.skipif(not INTERPRET or HAS_CUDA, reason="the CPU lane under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "fp16", "fp32"])
 def test_ll_words_round_trip_every_value_and_tag(dtype):
-    """_ll_put / _ll_get: every value (signed zeros, subnormals, inf, NaN payloads, random) comes
+    """ll_put / ll_get: every value (signed zeros, subnormals, inf, NaN payloads, random) comes
     back bit for bit, under step tags across the 15-bit wrap-around (the tag stored is the step's
     low 15 bits, and the reader compares the same), in 32-bit words for 16-bit values and 64-bit
     words for fp32; the masked-out words stay -1."""
@@ -265,7 +267,7 @@ def test_ll_words_round_trip_every_value_and_tag(dtype):
 
     from fused_rnn.kernels import persistent
 
-    globals().update(_ll_put=persistent._ll_put, _ll_get=persistent._ll_get, tl=tl)  # see _ll_put above
+    globals().update(ll_put=persistent.ll_put, ll_get=persistent.ll_get, tl=tl)  # see ll_put above
 
     @triton.jit
     def put_get(v_ptr, ring_ptr, out_ptr, tag, N: tl.constexpr, M: tl.constexpr):
@@ -274,8 +276,8 @@ def test_ll_words_round_trip_every_value_and_tag(dtype):
         off = r[:, None] * M + c[None, :]
         mask = (r < N - 1)[:, None] & (c >= 0)[None, :]  # the last row masked out
         v = tl.load(v_ptr + off, mask=mask, other=0.0)
-        _ll_put(ring_ptr, off, v, tag, mask)
-        got = _ll_get(ring_ptr, off, mask, tag, v_ptr.dtype.element_ty)
+        ll_put(ring_ptr, off, v, tag, mask)
+        got = ll_get(ring_ptr, off, mask, tag, v_ptr.dtype.element_ty)
         tl.store(out_ptr + off, got, mask=mask)
 
     bits = {BF16: torch.int16, F16: torch.int16, F32: torch.int32}[dtype]
@@ -681,7 +683,7 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
     that registers do not spill (beyond a few bytes, SM90_MAX_SPILL)."""
     import triton.language as tl
 
-    from fused_rnn.kernels import persistent as P
+    from fused_rnn.kernels import lstm_persistent as LP, persistent as P, rnn_persistent as RP
 
     monkeypatch.setattr(P, "LL_SYNC", sync == "ll")
     monkeypatch.setattr(P, "SOLO", sync == "solo")
@@ -707,20 +709,20 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
         scalars["sync_ptr"] = "*i32"
         blocks["ring_ptr"] = None
     if cell == "lstm" and direction == "fwd":
-        kern, sig = P._lstm_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*bf16",
+        kern, sig = LP._lstm_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*bf16",
                                                         cs_ptr="*bf16", gates_ptr="*bf16")
         blocks["STORE_GATES"] = True
         blocks["ACC"] = tl.float32
     elif cell == "lstm":
-        kern, sig = P._lstm_bwd_persistent_kernel, dict(gates_ptr="*bf16", w_ptr="*bf16", cs_ptr="*bf16",
+        kern, sig = LP._lstm_bwd_persistent_kernel, dict(gates_ptr="*bf16", w_ptr="*bf16", cs_ptr="*bf16",
                                                         dout_ptr="*bf16", dg_ptr="*bf16", gh_ptr="*fp32",
                                                         gc_ptr="*fp32")
     elif direction == "fwd":
-        kern, sig = P._rnn_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*fp32",
+        kern, sig = RP._rnn_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*fp32",
                                                        out_ptr="*bf16")
         blocks["RELU"] = False
     else:
-        kern, sig = P._rnn_bwd_persistent_kernel, dict(w_ptr="*bf16", hs_ptr="*fp32", dout_ptr="*bf16",
+        kern, sig = RP._rnn_bwd_persistent_kernel, dict(w_ptr="*bf16", hs_ptr="*fp32", dout_ptr="*bf16",
                                                        dp_ptr="*bf16", gh_ptr="*fp32")
         blocks["RELU"] = False
     sig.update(scalars)
@@ -771,7 +773,7 @@ def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, monkeypatch):
     and volatile loads, no fence, no spill."""
     import triton.language as tl
 
-    from fused_rnn.kernels import persistent as P
+    from fused_rnn.kernels import lstm_persistent as LP, persistent as P, rnn_persistent as RP
 
     monkeypatch.setattr(P, "LL_SYNC", True)
     pl, _ = P.plan(cell, direction, 16, 128, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)
@@ -782,19 +784,19 @@ def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, monkeypatch):
                   EARLY=False)
     sig = dict(len_ptr="*i64", ring_ptr="*i64", T="i32", B="i32", H="i32")
     if cell == "lstm" and direction == "fwd":
-        kern = P._lstm_fwd_persistent_kernel
+        kern = LP._lstm_fwd_persistent_kernel
         sig.update(xp_ptr="*fp32", w_ptr="*fp32", hs_ptr="*fp32", cs_ptr="*fp32", gates_ptr="*fp32")
         blocks.update(STORE_GATES=True, ACC=tl.float32)
     elif cell == "lstm":
-        kern = P._lstm_bwd_persistent_kernel
+        kern = LP._lstm_bwd_persistent_kernel
         sig.update(gates_ptr="*fp32", w_ptr="*fp32", cs_ptr="*fp32", dout_ptr="*fp32", dg_ptr="*fp32",
                    gh_ptr="*fp32", gc_ptr="*fp32")
     elif direction == "fwd":
-        kern = P._rnn_fwd_persistent_kernel
+        kern = RP._rnn_fwd_persistent_kernel
         sig.update(xp_ptr="*fp32", w_ptr="*fp32", hs_ptr="*fp32", out_ptr="*fp32")
         blocks["RELU"] = False
     else:
-        kern = P._rnn_bwd_persistent_kernel
+        kern = RP._rnn_bwd_persistent_kernel
         sig.update(w_ptr="*fp32", hs_ptr="*fp32", dout_ptr="*fp32", dp_ptr="*fp32", gh_ptr="*fp32")
         blocks["RELU"] = False
     ck = compile_sm90(kern, sig, blocks, num_warps=pl.num_warps, num_stages=pl.num_stages,

@@ -1,4 +1,4 @@
-"""Persistent layer-norm LSTM kernels (fused_rnn.kernels.persistent_ln: one launch for all T steps,
+"""Persistent layer-norm LSTM kernels (fused_rnn.kernels.ln_lstm_persistent: one launch for all T steps,
 the LayerNorm statistics combined across programs through global memory between grid barriers).
 
 Under the Triton interpreter (CPU) a grid's programs run one after another, so only one program
@@ -28,9 +28,9 @@ NAN = float("nan")
 
 
 def _mods():
-    from fused_rnn.kernels import _common, lstm as KL, persistent_ln as PL
+    from fused_rnn.kernels import _common, ln_lstm_persistent as PL, lstm as KL, persistent as P
 
-    return _common, KL, PL
+    return _common, KL, PL, P
 
 
 def make_case(T, B, I, H, dtype, lengths=None, seed=0):
@@ -53,8 +53,8 @@ def make_case(T, B, I, H, dtype, lengths=None, seed=0):
 def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=None):
     """Our forward loop on freshly NaN-filled buffers; ``like``: the step path's (hs, cs, gates)
     whose dtypes to copy (so the test follows whatever dtypes kernels.lstm chose); ``merge_c``:
-    the forward variant (None: the launcher's rule, PL.fwd_merge_c)."""
-    C, KL, PL = _mods()
+    the forward variant (None: the launcher's rule, P.fwd_merge_c)."""
+    C, KL, PL, P = _mods()
     T, B, _ = x.shape
     G, H = w_hh.shape
     sd = C.state_dtype(x.dtype)
@@ -74,7 +74,7 @@ def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=Non
 def run_bwd(pl, ups, x, w_ih, w_hh, hs, cs, gates, ln, L, dg_dtype=None, merge_bwd=None):
     """Our reverse loop, then the after-loop gradients with plain torch (so that this test does not
     depend on kernels._common.after_loop_grads): (dx, dh0, dc0, dw_ih, dw_hh, db, dln, dG)."""
-    C, KL, PL = _mods()
+    C, KL, PL, P = _mods()
     dout, dh_n, dc_n = ups
     T, B, I = x.shape
     G, H = w_hh.shape
@@ -164,12 +164,12 @@ def _cases():
 def test_ln_persistent_matches_step_and_reference(sid, dtype):
     """Forward (out, hs, cs, gates) and backward (dG, dh0, dc0, weight and LN-parameter gradients)
     of the persistent LN loops against the step path and the fp64 reference."""
-    C, KL, PL = _mods()
+    C, KL, PL, P = _mods()
     T, B, I, H, lengths = SHAPES[sid]
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, why = PL.plan_ln("fwd", B, H, dtype, DEV)
-    pb, why_b = PL.plan_ln("bwd", B, H, dtype, DEV)
+    pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
+    pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
     assert pf is not None and pb is not None, (why, why_b)
     if DEV.type == "cpu":
         assert pf.programs == 1 and pf.BLOCK_H >= H and pf.row_blocks == -(-B // pf.BLOCK_B)
@@ -216,12 +216,12 @@ def test_ln_persistent_matches_step_and_reference(sid, dtype):
 def test_ln_persistent_16bit_state_buffers():
     """hs and dG in the storage dtype (bf16) instead of fp32: the kernels cast every load to the
     compute dtype (cs's / gc's) and every store to the destination's element type."""
-    C, KL, PL = _mods()
+    C, KL, PL, P = _mods()
     T, B, I, H, lengths = SHAPES["T5-B3-H37-len"]
     ins, ln, L, ups = make_case(T, B, I, H, BF16, lengths)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, _ = PL.plan_ln("fwd", B, H, BF16, DEV)
-    pb, _ = PL.plan_ln("bwd", B, H, BF16, DEV)
+    pf, _ = P.plan_ln("fwd", B, H, BF16, DEV)
+    pb, _ = P.plan_ln("bwd", B, H, BF16, DEV)
     cs_like = torch.empty(0, dtype=F32)
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=(torch.empty(0, dtype=BF16), cs_like, cs_like))
     assert hs.dtype == BF16 and cs.dtype == F32
@@ -239,7 +239,7 @@ def test_ln_persistent_16bit_state_buffers():
 def _count_barriers(monkeypatch):
     """Spy on the launchers' barrier counters: a list of (counter tensor, barriers per step, plan)
     per launch; after a launch counter r holds the arrivals at row block r's barriers."""
-    _, _, PL = _mods()
+    _, _, PL, P = _mods()
     real = PL._ln_sync_counter
     seen = []
 
@@ -266,12 +266,12 @@ def test_ln_persistent_fwd_variants(monkeypatch, sid, dtype):
     row block (the interpreter) both take the c statistics with _ln_rows's operations (Chan's
     combine of one partial is that exactly) and the rebuilt matmul operand is what hs holds, so
     they agree bitwise; on a GPU (P > 1) to CLOSE. Each launch passes exactly its barriers."""
-    C, KL, PL = _mods()
+    C, KL, PL, P = _mods()
     T, B, I, H, lengths = SHAPES[sid]
     ins, ln, L, _ = make_case(T, B, I, H, dtype, lengths)
-    pf, why = PL.plan_ln("fwd", B, H, dtype, DEV)
+    pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
     assert pf is not None, why
-    assert PL.fwd_merge_c(pf, H)  # the rule picks MERGE_C at these sizes
+    assert P.fwd_merge_c(pf, H)  # the rule picks MERGE_C at these sizes
     step = KL.lstm_fwd(*ins, ln, L, path="step")
     seen = _count_barriers(monkeypatch)
     runs = {m: run_fwd(pf, *ins, ln, L, like=step[3:], merge_c=m) for m in (True, False)}
@@ -325,8 +325,7 @@ def test_cuda_ll_exchange_ln_matches_barrier(monkeypatch, shape):
 
 
 def _ln_ll_vs_barrier(monkeypatch, T, B, I, H, lengths, dtype):
-    C, KL, PL = _mods()
-    from fused_rnn.kernels import persistent as P
+    C, KL, PL, P = _mods()
 
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
     step = KL.lstm_fwd(*ins, ln, L, path="step")
@@ -337,8 +336,8 @@ def _ln_ll_vs_barrier(monkeypatch, T, B, I, H, lengths, dtype):
     runs, plans = {}, {}
     for ll in (False, True):
         monkeypatch.setattr(P, "LL_SYNC", ll)
-        pf, why = PL.plan_ln("fwd", B, H, dtype, DEV)
-        pb, why_b = PL.plan_ln("bwd", B, H, dtype, DEV)
+        pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
+        pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
         assert pf is not None and pb is not None, (why, why_b)
         plans[ll] = (pf, pb)
         counters.clear()
@@ -364,11 +363,11 @@ class _LNLoops(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, L):
-        _, KL, PL = _mods()
+        _, KL, PL, P = _mods()
         T, B, _ = x.shape
         H = w_hh.shape[1]
         ln = (gw, gb, cw, cb)
-        out, hs, cs, gates = run_fwd(PL.plan_ln("fwd", B, H, x.dtype, x.device)[0], x, h0, c0, w_ih, w_hh, b_ih,
+        out, hs, cs, gates = run_fwd(P.plan_ln("fwd", B, H, x.dtype, x.device)[0], x, h0, c0, w_ih, w_hh, b_ih,
                                      b_hh, ln, L)
         ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, gw, gb, cw, cb)
         ctx.L = L
@@ -376,10 +375,10 @@ class _LNLoops(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n):
-        _, _, PL = _mods()
+        _, _, PL, P = _mods()
         x, w_ih, w_hh, hs, cs, gates, gw, gb, cw, cb = ctx.saved_tensors
         B, H = x.shape[1], w_hh.shape[1]
-        pl = PL.plan_ln("bwd", B, H, x.dtype, x.device)[0]
+        pl = P.plan_ln("bwd", B, H, x.dtype, x.device)[0]
         dx, dh0, dc0, dw_ih, dw_hh, db, dln, _ = run_bwd(pl, [dout, dh_n, dc_n], x, w_ih, w_hh, hs, cs, gates,
                                                          (gw, gb, cw, cb), ctx.L)
         return (dx, dh0, dc0, dw_ih, dw_hh, db, db, *dln, None)
@@ -403,7 +402,7 @@ except ImportError:  # no Triton on this platform: the kernel tests skip (requir
     triton = None
 
 if triton is not None:
-    from fused_rnn.kernels import persistent_ln as PLK
+    from fused_rnn.kernels import ln_lstm_persistent as PLK
 
     @triton.jit
     def _chan_test_kernel(s_ptr, m2_ptr, n_ptr, mean_ptr, m2_out_ptr, H,
@@ -508,9 +507,9 @@ THREAD_CASES = [
 def test_ln_fwd_variants_threaded(threaded_grid, gpu_plans, monkeypatch, T, B, I, H, lengths, dtype, resident,
                                   merge):
     """Each forward variant with 3 concurrent programs per row block against the step path."""
-    _, KL, PL = _mods()
+    _, KL, PL, P = _mods()
     gpu_plans["resident"] = resident
-    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", merge)
+    monkeypatch.setattr(P, "MERGE_C_OVERRIDE", merge)
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
     args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
     step = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="step")
@@ -532,12 +531,12 @@ def test_ln_bwd_two_barrier_variant(monkeypatch, sid, dtype):
     """MERGE_BWD (one reduction round a step: the gates' LayerNorm sums built from local sums and
     the c LayerNorm's) against the 3-barrier backward and the fp64 reference, with its barrier
     count."""
-    C, KL, PL = _mods()
+    C, KL, PL, P = _mods()
     T, B, I, H, lengths = SHAPES[sid]
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, _ = PL.plan_ln("fwd", B, H, dtype, DEV)
-    pb, _ = PL.plan_ln("bwd", B, H, dtype, DEV)
+    pf, _ = P.plan_ln("fwd", B, H, dtype, DEV)
+    pb, _ = P.plan_ln("bwd", B, H, dtype, DEV)
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L)
     seen = _count_barriers(monkeypatch)
     res = {m: run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L, merge_bwd=m) for m in (False, True)}
@@ -563,7 +562,7 @@ def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypat
     """MERGE_BWD with 3 concurrent programs per row block against the step path's backward (the
     harness's own control, test_persistent_threads.py, shows its threads interleave; a control
     here, with these few steps, agreed by chance in 2 of 10 runs, so there is none)."""
-    _, KL, PL = _mods()
+    _, KL, PL, P = _mods()
     gpu_plans["resident"] = resident
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
     args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
@@ -588,32 +587,32 @@ def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypat
 # ---------------------------------------------------------------- the plan (no kernels run)
 def test_plan_ln():
     pytest.importorskip("triton")
-    from fused_rnn.kernels import persistent_ln as PL
+    from fused_rnn.kernels import persistent as P
 
     cuda = torch.device("cuda", 0)
-    pl, _ = PL.plan_ln("fwd", 16, 256, BF16, cuda, limit=132)
+    pl, _ = P.plan_ln("fwd", 16, 256, BF16, cuda, limit=132)
     assert (pl.programs, pl.BLOCK_H, pl.BLOCK_B, pl.row_blocks) == (16, 16, 16, 1) and pl.resident
-    pl, _ = PL.plan_ln("bwd", 16, 256, BF16, cuda, limit=132)
+    pl, _ = P.plan_ln("bwd", 16, 256, BF16, cuda, limit=132)
     assert pl.resident and pl.num_warps == 4  # 8 warps spilled (sm_90 compile; see _ln_num_warps)
-    pl, _ = PL.plan_ln("bwd", 64, 64, BF16, cuda, limit=132)
+    pl, _ = P.plan_ln("bwd", 64, 64, BF16, cuda, limit=132)
     assert pl.resident and pl.num_warps == 8  # 4 warps spilled there
-    pl, _ = PL.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)
+    pl, _ = P.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)
     assert (pl.programs, pl.BLOCK_H) == (32, 16) and pl.resident
-    pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)  # W_hh in 12 chunks; the backward streams it
+    pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)  # W_hh in 12 chunks; the backward streams it
     assert pl.programs == 48 and pl.resident and pl.w_chunks == 12
-    pl, _ = PL.plan_ln("bwd", 16, 768, BF16, cuda, limit=132)
+    pl, _ = P.plan_ln("bwd", 16, 768, BF16, cuda, limit=132)
     assert pl.programs == 48 and not pl.resident and pl.w_chunks == 1
     # the partial tile: at most PART_TILE_MAX_ELEMS / BLOCK_B programs per row block
-    pl, _ = PL.plan_ln("fwd", 64, 2048, BF16, cuda, limit=132)
-    assert pl.programs * pl.BLOCK_H >= 2048 and PL.block_p(pl.programs) * 64 <= PL.PART_TILE_MAX_ELEMS
-    pl, why = PL.plan_ln("fwd", 64, 4096, BF16, cuda, limit=132)
+    pl, _ = P.plan_ln("fwd", 64, 2048, BF16, cuda, limit=132)
+    assert pl.programs * pl.BLOCK_H >= 2048 and P.block_p(pl.programs) * 64 <= P.PART_TILE_MAX_ELEMS
+    pl, why = P.plan_ln("fwd", 64, 4096, BF16, cuda, limit=132)
     assert pl is None and "at most 32 programs per row block" in why
-    pl, why = PL.plan_ln("fwd", 16, 256, BF16, cuda, limit=3)
+    pl, why = P.plan_ln("fwd", 16, 256, BF16, cuda, limit=3)
     assert pl is None and "more than 3 programs" in why
     for H in (5, 37, 300):
-        pl, _ = PL.plan_ln("bwd", 5, H, F32, "cpu")
+        pl, _ = P.plan_ln("bwd", 5, H, F32, "cpu")
         assert pl.programs == 1 and pl.BLOCK_H >= H
-    pl, _ = PL.plan_ln("fwd", 70, 20, F32, "cpu")
+    pl, _ = P.plan_ln("fwd", 70, 20, F32, "cpu")
     assert pl.row_blocks == 2 and pl.BLOCK_B == 64
 
 
@@ -621,41 +620,41 @@ def test_plan_ln_fwd_variant(monkeypatch):
     """The forward's MERGE_C rule (BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS) and its num_warps (8:
     the sm_90 compiles spilled at 4, see _ln_num_warps), and MERGE_C_OVERRIDE."""
     pytest.importorskip("triton")
-    from fused_rnn.kernels import persistent_ln as PL
+    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
     cuda = torch.device("cuda", 0)
     for B, H, merged in ((16, 256, True), (16, 128, True), (64, 64, True), (5, 37, True), (32, 256, False),
                          (16, 512, False), (16, 768, False), (64, 512, False)):
-        pl, _ = PL.plan_ln("fwd", B, H, BF16, cuda, limit=132)
-        assert PL.fwd_merge_c(pl, H) == merged, (B, H)
+        pl, _ = P.plan_ln("fwd", B, H, BF16, cuda, limit=132)
+        assert P.fwd_merge_c(pl, H) == merged, (B, H)
         assert PL.fwd_barriers_per_step(pl, H) == (2 if merged else 3)
         if merged:
             assert pl.num_warps == 8
-    pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
+    pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
     assert pl.w_chunks == 12 and pl.num_warps == 8
-    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", True)  # a forced MERGE_C: whole tiles or streamed, no chunks
-    pl, _ = PL.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
+    monkeypatch.setattr(P, "MERGE_C_OVERRIDE", True)  # a forced MERGE_C: whole tiles or streamed, no chunks
+    pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
     assert pl.w_chunks == 1 and not pl.resident
-    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", None)
-    pl, _ = PL.plan_ln("fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: streamed W_hh
-    assert not pl.resident and PL.fwd_merge_c(pl, 256)
-    pl, _ = PL.plan_ln("fwd", 70, 20, F32, "cpu")  # the interpreter: one program of K_pad columns
-    assert PL.fwd_merge_c(pl, 20)
+    monkeypatch.setattr(P, "MERGE_C_OVERRIDE", None)
+    pl, _ = P.plan_ln("fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: streamed W_hh
+    assert not pl.resident and P.fwd_merge_c(pl, 256)
+    pl, _ = P.plan_ln("fwd", 70, 20, F32, "cpu")  # the interpreter: one program of K_pad columns
+    assert P.fwd_merge_c(pl, 20)
     try:
-        PL.MERGE_C_OVERRIDE = False
-        pl, _ = PL.plan_ln("fwd", 64, 64, BF16, cuda, limit=132)
-        assert not PL.fwd_merge_c(pl, 64) and pl.num_warps == 4  # the plain plan's
-        PL.MERGE_C_OVERRIDE = True
-        assert PL.fwd_merge_c(PL.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)[0], 512)
+        P.MERGE_C_OVERRIDE = False
+        pl, _ = P.plan_ln("fwd", 64, 64, BF16, cuda, limit=132)
+        assert not P.fwd_merge_c(pl, 64) and pl.num_warps == 4  # the plain plan's
+        P.MERGE_C_OVERRIDE = True
+        assert P.fwd_merge_c(P.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)[0], 512)
     finally:
-        PL.MERGE_C_OVERRIDE = None
+        P.MERGE_C_OVERRIDE = None
 
 
 def test_sync_counter_overflow_guard():
     pytest.importorskip("triton")
-    from fused_rnn.kernels import persistent_ln as PL
+    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
-    pl, _ = PL.plan_ln("fwd", 16, 256, BF16, torch.device("cuda", 0), limit=132)
+    pl, _ = P.plan_ln("fwd", 16, 256, BF16, torch.device("cuda", 0), limit=132)
     with pytest.raises(ValueError, match="overflows the int32 barrier counter"):
         PL._ln_sync_counter(2 ** 31 // (3 * pl.programs) + 1, pl, "cpu")
     assert PL._ln_sync_counter(1000, pl, "cpu").tolist() == [0]
@@ -701,11 +700,11 @@ def _compile_ln_sm90(direction, pl, H, st, merged, dt="bf16"):
     """The LN kernel of ``direction`` compiled for sm_90 as plan ``pl`` launches it (inputs and
     W_hh in ``dt``, lengths on; hs / dG in ``st``; MERGE_C / MERGE_BWD = ``merged``; with pl.ll
     the LL rings)."""
-    from fused_rnn.kernels import persistent_ln as PL
+    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
     nq = (PL.NQ_MERGED if direction == "fwd" else PL.NQ_BWD_MERGED) if merged else PL.NQ
     const = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                 BLOCK_K=pl.BLOCK_K, BLOCK_P=PL.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True, EARLY=pl.early,
+                 BLOCK_K=pl.BLOCK_K, BLOCK_P=P.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True, EARLY=pl.early,
                  LL=pl.ll)
     sig = dict(len_ptr="*i64", part_ptr="*i64" if pl.ll else "*fp32", T="i32", B="i32", H="i32", gw_ptr=f"*{dt}",
                gb_ptr=f"*{dt}", cw_ptr=f"*{dt}", cb_ptr=f"*{dt}")
@@ -719,7 +718,7 @@ def _compile_ln_sm90(direction, pl, H, st, merged, dt="bf16"):
         kern = PL._ln_lstm_fwd_persistent_kernel
         sig.update(xp_ptr=f"*{dt}", w_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr="*fp32",
                    gates_ptr="*fp32", eps="fp32")
-        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=PL.k_pad(H) if merged else 1, NK=pl.w_chunks)
+        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=P.k_pad(H) if merged else 1, NK=pl.w_chunks)
         if merged:
             sig["cell_ptr"] = "*fp32"
         else:
@@ -764,13 +763,13 @@ def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
     lengths on), with the grid barrier's release/acquire atomics in the PTX (one release add per
     barrier of a step: 2 for the forward's MERGE_C variant and the backward's MERGE_BWD, else 3);
     prints registers, stack (spill) bytes and shared memory, and checks the spill budget."""
-    from fused_rnn.kernels import persistent_ln as PL
+    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
     if direction == "fwd":
-        monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", merge)
-    pl, why = PL.plan_ln(direction, B, H, BF16, torch.device("cuda", 0), limit=132)
+        monkeypatch.setattr(P, "MERGE_C_OVERRIDE", merge)
+    pl, why = P.plan_ln(direction, B, H, BF16, torch.device("cuda", 0), limit=132)
     assert pl is not None, why
-    merged = PL.fwd_merge_c(pl, H) if direction == "fwd" else bool(merge)
+    merged = P.fwd_merge_c(pl, H) if direction == "fwd" else bool(merge)
     nbar = PL.fwd_barriers_per_step(pl, H) if direction == "fwd" else (2 if merged else PL.BARRIERS_PER_STEP)
     assert nbar == (PL.BARRIERS_PER_STEP_MERGED if merged else PL.BARRIERS_PER_STEP)
     if direction == "fwd" and H == 768:  # W_hh in 12 chunks of 64 rows (persistent.W_CHUNKED), the forward only
@@ -804,10 +803,10 @@ SM90_LL_CASES = [(d, 16, H, "bf16") for H in (256, 128) for d in ("fwd", "bwd")]
 @pytest.mark.parametrize("direction,B,H,dt", SM90_LL_CASES,
                          ids=[f"{d}-B{B}-H{H}-{dt}" for d, B, H, dt in SM90_LL_CASES])
 def test_ln_ll_kernels_compile_for_sm90(monkeypatch, direction, B, H, dt):
-    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
     monkeypatch.setattr(P, "LL_SYNC", True)
-    pl, why = PL.plan_ln(direction, B, H, {"bf16": BF16, "fp32": F32}[dt], torch.device("cuda", 0), limit=132,
+    pl, why = P.plan_ln(direction, B, H, {"bf16": BF16, "fp32": F32}[dt], torch.device("cuda", 0), limit=132,
                          allow_tf32=True)
     assert pl is not None, why
     assert pl.ll and not pl.early and PL.fwd_barriers_per_step(pl, H) == 0, pl
@@ -827,23 +826,23 @@ def test_ln_ll_kernels_compile_for_sm90(monkeypatch, direction, B, H, dt):
 def test_plan_ln_ll_rule(monkeypatch):
     """plan_ln takes the LL exchange only where ln_ll_fits says (its sm_90 compiles), and the
     barrier plan, with its own num_warps and early arrival, elsewhere."""
-    from fused_rnn.kernels import persistent as P, persistent_ln as PL
+    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
     cuda = torch.device("cuda", 0)
-    barrier = {(d, B, H): PL.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
+    barrier = {(d, B, H): P.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
                for d in ("fwd", "bwd") for B, H in ((16, 256), (16, 768), (64, 512), (64, 64))}
     monkeypatch.setattr(P, "LL_SYNC", True)
     for (d, B, H), plain in barrier.items():
-        pl = PL.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
+        pl = P.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
         want = B == 16 and (d == "bwd" or H == 256)
         assert pl.ll == want, (d, B, H, pl)
         if want:
             assert not pl.early and pl.num_warps == 8 and PL.fwd_barriers_per_step(pl, H) == 0
         else:
             assert pl == plain, (d, B, H)
-    assert not PL.plan_ln("bwd", 16, 768, F32, cuda, limit=132, allow_tf32=True)[0].ll  # (64-bit words)
-    assert not PL.plan_ln("fwd", 16, 256, torch.float64, cuda, limit=132)[0].ll  # no 128-bit word
-    cpu = PL.plan_ln("fwd", 3, 37, F32, "cpu")[0]  # the interpreter's one program per row block
+    assert not P.plan_ln("bwd", 16, 768, F32, cuda, limit=132, allow_tf32=True)[0].ll  # (64-bit words)
+    assert not P.plan_ln("fwd", 16, 256, torch.float64, cuda, limit=132)[0].ll  # no 128-bit word
+    cpu = P.plan_ln("fwd", 3, 37, F32, "cpu")[0]  # the interpreter's one program per row block
     assert cpu.ll and cpu.programs == 1
 
 
@@ -870,21 +869,21 @@ def test_cuda_ln_multi_program_matches_step(monkeypatch, shape, dtype, merge):
     """The multi-program LN kernels (partial statistics across programs; the forward with 2 grid
     barriers a step where the plan picks MERGE_C, else 3; ``merge`` False forces 3; "bwd2": the
     2-barrier backward) against the step path and the fp64 reference, forward and backward."""
-    C, KL, PL = _mods()
-    monkeypatch.setattr(PL, "MERGE_C_OVERRIDE", None if merge == "bwd2" else merge)
+    C, KL, PL, P = _mods()
+    monkeypatch.setattr(P, "MERGE_C_OVERRIDE", None if merge == "bwd2" else merge)
     monkeypatch.setattr(PL, "MERGE_BWD", merge == "bwd2")
     T, B, I, H, lens = shape
     lengths = None if lens is None else [T - (b % 7) for b in range(B - 1)] + [0]
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, why = PL.plan_ln("fwd", B, H, dtype, DEV)
-    pb, why_b = PL.plan_ln("bwd", B, H, dtype, DEV)
+    pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
+    pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
     assert pf is not None and pf.programs > 1 and pb is not None and pb.programs > 1, (why, why_b)
     step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, path="step")
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=step[3:])
     bwd = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L)
     torch.cuda.synchronize()
-    print(f"LN {DT_NAME[dtype]} {shape}: fwd {pf}, bwd {pb}, compiled: {PL.LAST_LAUNCH}")
+    print(f"LN {DT_NAME[dtype]} {shape}: fwd {pf}, bwd {pb}, compiled: {P.LAST_LAUNCH}")
     close = {F32: 1e-4, BF16: 2e-2}[dtype]
     for name, a, b in (("out", out, step[0]), ("hs", hs, step[3]), ("cs", cs, step[4]), ("gates", gates, step[5])):
         check(a, b, close, f"fwd {name} vs step")
@@ -901,12 +900,12 @@ def test_cuda_ln_multi_program_matches_step(monkeypatch, shape, dtype, merge):
 def test_cuda_ln_persistent_deterministic():
     """Two runs of the multi-program LN loops agree bitwise (fixed-order combines, no atomics on
     data; the barrier counters are per launch)."""
-    _, _, PL = _mods()
+    _, _, PL, P = _mods()
     T, B, I, H = 16, 16, 64, 256
     ins, ln, L, ups = make_case(T, B, I, H, BF16, None)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, _ = PL.plan_ln("fwd", B, H, BF16, DEV)
-    pb, _ = PL.plan_ln("bwd", B, H, BF16, DEV)
+    pf, _ = P.plan_ln("fwd", B, H, BF16, DEV)
+    pb, _ = P.plan_ln("bwd", B, H, BF16, DEV)
     assert pf.programs > 1 and pb.programs > 1
     runs = []
     for _ in range(2):

@@ -159,7 +159,7 @@ def gpu_plans(monkeypatch):
     """The launchers plan as for an H100 (132 SMs), and the launch-time co-residency check allows
     those grids on the CPU. ``resident=True`` asks for W_hh held on chip (tensor-core plans:
     fp32 with TF32), False for the streamed chunks."""
-    from fused_rnn.kernels import _common, persistent, persistent_ln
+    from fused_rnn.kernels import _common, persistent
 
     real = persistent.plan
     mode = {"resident": True}
@@ -167,8 +167,7 @@ def gpu_plans(monkeypatch):
     def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False, variants=True, chunks=True, ln=False):
         return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"], variants, chunks, ln)
 
-    monkeypatch.setattr(persistent, "plan", plan)
-    monkeypatch.setattr(persistent_ln, "_plain_plan", plan)
+    monkeypatch.setattr(persistent, "plan", plan)  # (plan_ln calls it too)
     monkeypatch.setattr(persistent, "max_programs", lambda device: 132)
     monkeypatch.setattr(_common, "POISON", True)
     return mode
@@ -213,11 +212,12 @@ def _worst_vs_step(cell):
 
 
 def _spy(monkeypatch):
-    from fused_rnn.kernels import persistent, persistent_ln
+    from fused_rnn.kernels import ln_lstm_persistent, lstm_persistent, rnn_persistent
 
     plans = []
-    for mod, names in ((persistent, ("lstm_fwd_loop", "lstm_bwd_loop", "rnn_fwd_loop", "rnn_bwd_loop")),
-                       (persistent_ln, ("ln_lstm_fwd_loop", "ln_lstm_bwd_loop"))):
+    for mod, names in ((lstm_persistent, ("lstm_fwd_loop", "lstm_bwd_loop")),
+                       (rnn_persistent, ("rnn_fwd_loop", "rnn_bwd_loop")),
+                       (ln_lstm_persistent, ("ln_lstm_fwd_loop", "ln_lstm_bwd_loop"))):
         for name in names:
             real = getattr(mod, name)
 
@@ -286,7 +286,7 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     barrier there are no atomics, so none of the fixture's long sleeps at a publishing one."""
     import triton
 
-    from fused_rnn.kernels import persistent, persistent_ln
+    from fused_rnn.kernels import ln_lstm_persistent, lstm_persistent, persistent, rnn_persistent
 
     _lag_program_1(monkeypatch)
 
@@ -298,12 +298,14 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     def no_arrival(sync_ptr):
         pass
 
-    # (the split barrier too, EARLY_ARRIVE: persistent._barrier_finish calls the module's own
-    # _barrier_wait and _grid_barrier, whichever module calls it)
-    monkeypatch.setattr(persistent, "_barrier_wait", no_barrier)
-    for mod in (persistent, persistent_ln):
-        monkeypatch.setattr(mod, "_grid_barrier", no_barrier)
-        monkeypatch.setattr(mod, "_barrier_arrive", no_arrival)
+    # (the split barrier too, EARLY_ARRIVE: persistent.barrier_finish calls persistent's own
+    # barrier_wait and grid_barrier, whichever module calls it; each module's kernels look the
+    # helpers up in their own module)
+    monkeypatch.setattr(persistent, "barrier_wait", no_barrier)
+    for mod in (persistent, ln_lstm_persistent):
+        monkeypatch.setattr(mod, "grid_barrier", no_barrier)
+    for mod in (persistent, lstm_persistent, rnn_persistent, ln_lstm_persistent):
+        monkeypatch.setattr(mod, "barrier_arrive", no_arrival)
     assert _worst_vs_step("lstm") > 1e-3
 
 
@@ -334,13 +336,13 @@ LL_CASES = [
                               f"{'resident' if c[8] else 'streamed'}" for c in LL_CASES])
 def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_plans, monkeypatch,
                                                           mode, cell, T, B, I, H, lengths, dtype, resident):
-    from fused_rnn.kernels import persistent, persistent_ln
+    from fused_rnn.kernels import persistent
 
     gpu_plans["resident"] = resident
     if not resident and dtype == BF16:  # (a 16-bit W_hh is always a tensor-core operand: held whole)
         monkeypatch.setattr(persistent, "RESIDENT_MAX_K", 16)
         monkeypatch.setattr(persistent, "W_CHUNKED", False)
-    monkeypatch.setattr(persistent_ln, "MERGE_C_OVERRIDE", False)
+    monkeypatch.setattr(persistent, "MERGE_C_OVERRIDE", False)
     p = _problem(cell, T, B, I, H, dtype, lengths)
     plans = _spy(monkeypatch)
     barrier = _run(cell, p, "persistent")
@@ -363,13 +365,13 @@ def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_pla
 
 @pytest.mark.parametrize("cell", ["rnn", "lnlstm"])
 def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkeypatch, cell):
-    """Control: an _ll_get that reads the ring once instead of waiting for the step's tag reads
+    """Control: an ll_get that reads the ring once instead of waiting for the step's tag reads
     rows (and, for the layer-norm LSTM, LayerNorm partials) not yet written (the rings start as
     -1, a NaN in every float type), so the results differ from the step path: the wait is what
     the test above exercises."""
     import triton
 
-    from fused_rnn.kernels import persistent, persistent_ln
+    from fused_rnn.kernels import ln_lstm_persistent, lstm_persistent, persistent
 
     @triton.jit
     def no_wait(ring_ptr, off, mask, tag, WT: tl.constexpr):
@@ -377,8 +379,8 @@ def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkey
         return (w & 0xFFFFFFFF).to(tl.uint32).to(WT, bitcast=True)
 
     monkeypatch.setattr(persistent, "LL_SYNC", True)
-    for mod in (persistent, persistent_ln):  # (each module's kernels look it up in their own)
-        monkeypatch.setattr(mod, "_ll_get", no_wait)
+    for mod in (persistent, lstm_persistent, ln_lstm_persistent):  # (each module's kernels look it up in their own)
+        monkeypatch.setattr(mod, "ll_get", no_wait)
     _lag_program_1(monkeypatch)
     plans = _spy(monkeypatch)
     assert _worst_vs_step(cell) > 1e-3
@@ -405,12 +407,12 @@ CHUNKED_CASES = [
                               for c in CHUNKED_CASES])
 def test_multi_program_chunk_resident_matches_step(threaded_grid, gpu_plans, monkeypatch,
                                                    cell, T, B, I, H, lengths, dtype, ll):
-    from fused_rnn.kernels import persistent, persistent_ln
+    from fused_rnn.kernels import persistent
 
     monkeypatch.setattr(persistent, "RESIDENT_MAX_K", 16)
     monkeypatch.setattr(persistent, "CHUNK_K", 16)
     monkeypatch.setattr(persistent, "LL_SYNC", ll)
-    monkeypatch.setattr(persistent_ln, "MERGE_C_OVERRIDE", False)  # (MERGE_C needs whole tiles)
+    monkeypatch.setattr(persistent, "MERGE_C_OVERRIDE", False)  # (MERGE_C needs whole tiles)
     gpu_plans["resident"] = True
     p = _problem(cell, T, B, I, H, dtype, lengths)
     step = _run(cell, p, "step")
@@ -418,7 +420,7 @@ def test_multi_program_chunk_resident_matches_step(threaded_grid, gpu_plans, mon
     ours = _run(cell, p, "persistent")
     n = -(-H // 16)
     want = [(n, True, n, 16, ll)] * 2
-    if cell == "lnlstm":  # its backward streams W_hh (a spill with chunks: kernels/persistent_ln.py)
+    if cell == "lnlstm":  # its backward streams W_hh (a spill with chunks: kernels/ln_lstm_persistent.py)
         want[1] = (n, False, 1, plans[1].BLOCK_K, False)
     elif cell == "lstm" and B > 16:  # so does the plain LSTM's above 16 rows (plan(): bwd_streamed)
         want[1] = (n, False, 1, plans[1].BLOCK_K, ll)

@@ -135,16 +135,16 @@ MERGE_C (barrier n = 2s+k ends phase k of step s, k = 1, 2):
 Cross-program reads (h and dG rows, partials) are made visible by the barrier's acquire (an L1
 invalidation on sm_90; see persistent.py), not by their ".cg" hint.
 
-Barriers: persistent._grid_barrier on a per-launch zeroed int32 counter per row block; barrier n
+Barriers: persistent.grid_barrier on a per-launch zeroed int32 counter per row block; barrier n
 waits for n P arrivals, so 3 T P (2 T P with MERGE_C) < 2**31 (checked). Deadlock guard and
-cooperative launch as persistent.py's (_check_plan, _launch_opts). With Plan.early
+cooperative launch as persistent.py's (check_plan, launch_opts). With Plan.early
 (persistent.EARLY_ARRIVE) a step's first barrier is split around the gates' store (only the
 backward reads them) and its last one around the stores of c (the backward's) and the loads of
 the next step's own tiles: arrive, that traffic, wait.
 
 LL exchange (persistent.LL_SYNC / Plan.ll; UNMEASURED, off by default like the plain kernels'):
 no barrier at all. The 3-barrier variants' three exchanges a step each become flag-in-data
-exchanges (persistent._ll_put / _ll_get): the partials go out as 64-bit words (the fp32 value and
+exchanges (persistent.ll_put / ll_get): the partials go out as 64-bit words (the fp32 value and
 the step's tag) into an int64 buffer of the same layout, filled with -1, and a reader waits until
 the words of the P programs carry the step (slots p >= P masked to 0: the same tile, the same
 combine, so the results are the barrier variants' bit for bit under the interpreter); h_t
@@ -152,7 +152,7 @@ combine, so the results are the barrier variants' bit for bit under the interpre
 Never with MERGE_C or MERGE_BWD (the barriers they save are gone). Reuse: the partials keep
 their step-parity halves, tag = the step (forward t, backward i); a program writes the half of
 step s + 2 only after reading every program's row of step s + 1, which each wrote after its
-reads of step s's partials ended (the same argument as the plain ring's, see _ll_put). plan_ln
+reads of step s's partials ended (the same argument as the plain ring's, see ll_put). plan_ln
 takes it where persistent.plan() does and ln_ll_fits allows (sm_90 compiles: B16 and 16-bit only,
 the forward with its W_hh tile whole: S1 both ways, S4's backward); the barrier plan elsewhere.
 What it should save: 2-3 barriers a step (~0.85 us each with 16 programs, ANCHORS), for polls
@@ -182,8 +182,7 @@ UNMEASURED on a GPU.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -194,24 +193,10 @@ from . import _common
 from ._common import (
     _dsigmoid, _dtanh, _gate_chunk_dots, _gate_tile_dots, _load_gates, _sigmoid, _store_gates, _tanh, _tile,
 )
+from .lstm_persistent import lstm_bwd_carry
 from .persistent import (
-    LAST_LAUNCH,
-    _lstm_bwd_carry,
-    _w_tiles_bwd,
-    _w_tiles_fwd,
-    Plan,
-    _check_plan,
-    _barrier_arrive,
-    _barrier_finish,
-    _grid_barrier,
-    _launch_opts,
-    _ll_get,
-    _ll_put,
-    _ll_ring,
-    _row_chunk,
-    _record,
-    max_programs,
-    plan as _plain_plan,
+    LAST_LAUNCH, Plan, barrier_arrive, barrier_finish, block_p, check_plan, fwd_merge_c, grid_barrier, k_pad,
+    launch_opts, ll_get, ll_put, ll_ring, record, row_chunk, w_tiles_bwd, w_tiles_fwd,
 )
 
 # partial slots per (program, row); statistic slots per (step, row) in the backward
@@ -220,134 +205,12 @@ NQ_MERGED = 8  # the forward with MERGE_C: no partials of c_t (slots 0..7 only)
 NSTAT = 10
 BARRIERS_PER_STEP = 3  # the backward, and the forward without MERGE_C
 BARRIERS_PER_STEP_MERGED = 2  # the forward with MERGE_C
-# The forward's 2-barrier variant (MERGE_C) where BLOCK_B x K_pad <= this (K_pad = next_pow2(H)):
-# every program then holds whole c_t / o_t row tiles [BLOCK_B, K_pad] of its row block.
-# Chosen from sm_90 compiles (see _ln_num_warps). UNMEASURED on a GPU.
-MERGE_C_MAX_ROW_ELEMS = 4096
-# Tests (and a GPU session comparing the variants) may force the choice: True / False; None = rule.
-MERGE_C_OVERRIDE: Optional[bool] = None
 # The backward's 2-barrier variant (MERGE_BWD, see the module docstring): one reduction round a
 # step instead of two, NQ_BWD_MERGED partial sums a row instead of NQ. Off until a GPU session
 # times it against the 3-barrier backward (bench/persistent_tune.py does): at B64 H512 it reads
 # 22 x 32 x 64 x 4 B = 180 KiB of partials per program and step instead of 80 KiB.
 MERGE_BWD = False
 NQ_BWD_MERGED = 22
-# The combine loads every program's partials of one quantity as a [BLOCK_P, BLOCK_B] tile,
-# BLOCK_P = next_pow2(P): at most this many elements (B = 64: P <= 32; B = 16: P <= 128), so
-# plan_ln takes a larger BLOCK_H where the smallest would give more programs. (UNMEASURED.)
-PART_TILE_MAX_ELEMS = 2048
-
-
-def block_p(programs: int) -> int:
-    return triton.next_power_of_2(max(int(programs), 1))
-
-
-def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: Optional[int] = None,
-            allow_tf32: bool = False) -> Tuple[Optional[Plan], str]:
-    """(Plan, "") for a persistent layer-norm LSTM launch in ``direction`` ("fwd" / "bwd"), or
-    (None, why not). persistent.plan's rules (one program per SM at most, the deadlock guard;
-    one program per row block covering all of H on the CPU; resident or streamed W_hh; the LL
-    exchange where it takes it and, on a GPU, ln_ll_fits agrees; never a solo plan), with the
-    programs of a row block also capped at PART_TILE_MAX_ELEMS / BLOCK_B (the combine's tile).
-    num_warps: see _ln_num_warps."""
-    from .persistent import MAX_B
-
-    device = torch.device(device)
-    if limit is None:
-        limit = max_programs(device)
-    BB = max(16, min(MAX_B, triton.next_power_of_2(max(int(B), 1))))
-    R = triton.cdiv(B, BB)
-    cap = max(1, PART_TILE_MAX_ELEMS // BB)
-    lim = limit if device.type != "cuda" else min(limit, R * cap)
-    # W_hh in chunks (persistent.W_CHUNKED) where the plain plan takes them, in the forward only:
-    # sm_90 compiles at B16 H768 (bf16, lengths; Triton 3.9): forward 184-188 registers, no stack
-    # (streamed: 220-228); backward 255 + 40-56 B of stack at 8 warps (streamed: 179-231, none).
-    # Not for a MERGE_C forward either: its resident operand is a whole c row tile (with the
-    # limits as set, fwd_merge_c's rule and a chunked plan never meet; MERGE_C_OVERRIDE can).
-    merge = MERGE_C_OVERRIDE if MERGE_C_OVERRIDE is not None else BB * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
-    pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=True,
-                          chunks=direction == "fwd" and not merge, ln=True)
-    if pl is not None and pl.ll and device.type == "cuda" and not ln_ll_fits(direction, pl, dtype):  # the barrier's
-        pl, why = _plain_plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=False,
-                              chunks=direction == "fwd" and not merge, ln=True)
-    if pl is None:
-        if lim < limit:
-            why += f" (layer-norm LSTM: at most {cap} programs per row block of {BB} rows)"
-        return None, why
-    assert pl.BLOCK_B == BB and block_p(pl.programs) * pl.BLOCK_B <= max(PART_TILE_MAX_ELEMS, pl.BLOCK_B)
-    return replace(pl, num_warps=_ln_num_warps(direction, pl, H)), ""
-
-
-def ln_ll_fits(direction: str, pl: Plan, dtype: torch.dtype) -> bool:
-    """Whether the LN kernels on a GPU take the LL exchange that persistent.plan() chose
-    (LL_SYNC): fp16 / bf16 only (32-bit words for the row; fp32 with TF32, 64-bit words, spilled
-    8 B in the S4 backward), at BLOCK_B = 16 only, the forward only with its W_hh slice whole on
-    chip (resident, one tile). sm_90 compiles with LL (bf16, lengths, 8 warps; registers + stack
-    bytes, Triton 3.9 / 3.6):
-        fwd B16 H256 resident   183 / 207, none       bwd B16 H256 resident   174 / 186, none
-        fwd B16 H128 resident   218 / 237, none       bwd B16 H128 resident   240 / 248, none
-        fwd B16 H768 chunked    236 + 24 B / -        bwd B16 H768 streamed   172 / 227, none
-            (4 warps: 252 + 8 B; streamed: 249 + 24 B)   bwd B16 H1024 streamed  172 / 227, none
-        fwd B16 H1024 streamed  249 + 24 B / -
-        fwd B64 H64 resident    171 / 231, none       bwd B64 H64 resident    252 / 255 + 40 B
-                                                      bwd B64 H512 streamed   254 + 8 B / -
-    (the row's tagged words and the LayerNorm partials' 64-bit words, BLOCK_P x BLOCK_B per
-    quantity, on top of the barrier kernels' registers). Elsewhere the barrier plan."""
-    if dtype not in (torch.float16, torch.bfloat16) or pl.BLOCK_B > 16:
-        return False
-    return direction == "bwd" or (pl.resident and pl.w_chunks == 1)
-
-
-def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
-    """num_warps of the LN kernels: the plain plan's, except 4 for the resident backward with a
-    row tile BLOCK_B x K_pad <= 4096 at BLOCK_B = 16 (8 at more rows: at 4 warps, bf16, Triton
-    3.9 / 3.6, B64 H64 spilled 32 / 400 B, B64 H32 0 / 288 B, B32 H128 8 / 0 B, B32 H64 8 / 0 B;
-    at 8 warps none), and 8 for the forward's MERGE_C variant (fwd_merge_c).
-    Chosen from sm_90 compiles of these kernels (Triton 3.9 +
-    its bundled ptxas on a CPU machine, specialised as a GPU launch is: aligned pointers, B and H
-    divisible by 16; bf16, lengths on; registers / stack bytes from cuobjdump -res-usage;
-    "fp32 | bf16" = the dtype of hs (fwd) / dG (bwd)):
-        fwd B16 H256 resident   4 warps: 255+64 B | 255+32 B   8 warps: 173 | 182, no stack
-        bwd B16 H256 resident   4 warps: 168 | 168, no stack   8 warps: 128+16 B | 128+32 B
-                                (ptxas held itself to 128 registers at 8 warps there)
-        fwd B64 H512 resident   4 warps: 255+904 B | +800 B    8 warps: 225, none | 255+8 B
-        bwd B64 H512 BK=64      4 warps: 255+192 B | +120 B    8 warps: 241 | 247, no stack
-        fwd B16 H768 BK=64      4 warps: 230 | 232, none       8 warps: 238 | 240, none
-        bwd B16 H768 BK=64      4 warps: 236 | 227, none       8 warps: 182 | 179, none
-    16 warps spilled everywhere (128 registers a thread). Two earlier versions of the kernels
-    spilled far more; what fixed them: the partials with compile-time strides (one base address
-    per thread), their addresses depending on the step (parity), the LN parameters loaded where
-    used, the backward's LN-gradient sums accumulated in memory and its statistics loaded where
-    used. The one remaining spill (fwd B64 H512 with a bf16 hs, 8 bytes of stack) went when the
-    forward stopped carrying a held h in registers (its hs[t+1] is the output, 0 past the end):
-    252 registers, no stack (Triton 3.9). Triton 3.6 (the GPU machine's) still spills 32 bytes
-    there; streaming W_hh instead (BLOCK_K = 32: 185 registers, BLOCK_K = 16: 170, no stack,
-    Triton 3.9) would re-read the program's 64 KiB W_hh slice from L2 every step, which should
-    cost more than a 32-byte spill (not measured; the GPU session should time both).
-    The forward's MERGE_C variant (2 barriers a step; same compiles; "-" = not selected there):
-        B16 H256 resident       4 warps: 255+40 B | 255+48 B   8 warps: 225 | 217, no stack
-        B16 H128 resident       4 warps: 255+24 B | 255+16 B   8 warps: 195 | 192, no stack
-        B64 H64  resident       4 warps: 255+48 B | 232, none  8 warps: 241 | 216, no stack
-        B16 H64  resident                                      8 warps: 220 | 220, no stack
-        B32 H128 resident       4 warps: 255+72 B | 255+64 B   8 warps: 255+24 B | 246, none
-        B32 H64  resident                                      8 warps: 255+40 B | 250, none
-        fp32 (TF32) B16 H256 resident, hs fp32: 8 warps 255+64 B (3-barrier: 241, none);
-        fp32 (IEEE) B16 H256 BK=32, hs fp32:    8 warps 190, none (3-barrier: 166, none)
-        - B32 H256 resident    8 warps: 255+40 B | 255+56 B   (3-barrier: 188 | 184, none)
-        - B16 H512 resident    8 warps: 255+168 B | 255+80 B  (3-barrier: 255+48 B | 239)
-        - B16 H768 BK=64       8 warps: 255+312 B | 255+320 B (3-barrier: 238 | 240, none)
-        - B64 H512 resident    8 warps: 255+984 B (bf16 hs)   (3-barrier: 255+8 B)
-    hence MERGE_C_MAX_ROW_ELEMS = 4096: every program holds whole [BLOCK_B, K_pad] c, o (and,
-    with lengths, held h) row tiles, which spill past that. (At B16 H768 a chunked variant of
-    the c statistics, tried and dropped, still spilled 16-24 B at num_stages=3.)
-    UNMEASURED on a GPU: registers are not speed."""
-    if pl.ll:
-        return pl.num_warps
-    if direction == "bwd" and pl.resident and pl.w_chunks == 1 and pl.BLOCK_B * pl.BLOCK_K <= 4096:
-        return 4 if pl.BLOCK_B <= 16 else 8
-    if direction == "fwd" and fwd_merge_c(pl, H):
-        return 8
-    return pl.num_warps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,10 +229,10 @@ def _own_stats(v, cmask, n_own):
 @triton.jit
 def _store_part(pp, pid, k, rl, val, NQ: tl.constexpr, BLOCK_B: tl.constexpr, tag=0, LL: tl.constexpr = False):
     """part[pid, k, :] = val [BLOCK_B] (padded rows included: never read for a real row). LL: as
-    a tagged 64-bit word (persistent._ll_put: the fp32 value and step ``tag``) of the int64 ring
+    a tagged 64-bit word (persistent.ll_put: the fp32 value and step ``tag``) of the int64 ring
     that replaces the buffer, for the readers' _load_parts(..., LL) to wait on."""
     if LL:
-        _ll_put(pp, (pid * NQ + k) * BLOCK_B + rl, val.to(tl.float32), tag, rl < BLOCK_B)
+        ll_put(pp, (pid * NQ + k) * BLOCK_B + rl, val.to(tl.float32), tag, rl < BLOCK_B)
     else:  # (this address form, pointer plus scalar first: fewer registers in sm_90 compiles)
         tl.store(pp + (pid * NQ + k) * BLOCK_B + rl, val.to(pp.dtype.element_ty))
 
@@ -399,11 +262,11 @@ def _load_parts(pp, k, rl, NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.
     only feed padded rows. Compile-time strides, so one base address serves every element of a
     thread (immediate offsets). Written by other programs: visible after the barrier's acquire
     (persistent.py's docstring); ".cg" is only a hint. LL: waits until the words of the nprog
-    programs carry step ``tag`` (persistent._ll_get); slots p >= nprog, never written, read as 0
+    programs carry step ``tag`` (persistent.ll_get); slots p >= nprog, never written, read as 0
     (masked), so the tile is the same as the barrier's."""
     ps = tl.arange(0, BLOCK_P)
     if LL:
-        v = _ll_get(pp, ((ps * NQ + k) * BLOCK_B)[:, None] + rl[None, :], (ps < nprog)[:, None] & (rl < BLOCK_B)[None, :],
+        v = ll_get(pp, ((ps * NQ + k) * BLOCK_B)[:, None] + rl[None, :], (ps < nprog)[:, None] & (rl < BLOCK_B)[None, :],
                     tag, tl.float32)
     else:
         v = tl.load(pp + ((ps * NQ + k) * BLOCK_B)[:, None] + rl[None, :], cache_modifier=".cg")
@@ -536,7 +399,7 @@ def _ln_lstm_fwd_persistent_kernel(
     #            (LL: int64 tagged words, all -1)
     cell_ptr,  # MERGE_C: [R, 2, 2, BLOCK_B, H] compute dtype: [r, s % 2, 0 / 1] = c_s / o_s rows; else None
     sync_ptr,  # [R] int32, zero (None with LL)
-    ring_ptr,  # LL: [2, B, H] int32 / int64 tagged h (persistent._ll_put), all -1; else None
+    ring_ptr,  # LL: [2, B, H] int32 / int64 tagged h (persistent.ll_put), all -1; else None
     T, B, H, eps,
     HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -568,12 +431,12 @@ def _ln_lstm_fwd_persistent_kernel(
     if RESIDENT:  # the slice, once
         kr = tl.arange(0, BLOCK_K)
         krm = kr < H
-        wr_i, wr_f, wr_g, wr_o = _w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K, NK)
+        wr_i, wr_f, wr_g, wr_o = w_tiles_fwd(w_ptr, w_i, w_f, w_g, w_o, cmask, H, BLOCK_K, NK)
 
     b_off = (rows * H)[:, None] + cols[None, :]
     c = tl.load(cs_ptr + b_off, mask=mask, other=0.0).to(ACC)
     if LL:  # ring slot 0: this program's columns of h0, tag 0
-        _ll_put(ring_ptr, b_off, tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(WT), zero64, mask)
+        ll_put(ring_ptr, b_off, tl.load(hs_ptr + b_off, mask=mask, other=0.0).to(WT), zero64, mask)
     if HAS_LENGTHS:
         L = tl.load(len_ptr + rows, mask=rmask, other=0)
     if MERGE_C:
@@ -615,7 +478,7 @@ def _ln_lstm_fwd_persistent_kernel(
                                     cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
                 else:
                     ks = kc * BLOCK_K + kr
-                    hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
+                    hk = row_chunk(hs_ptr, h_row, ks, rmask[:, None] & (ks < H)[None, :], ring_ptr, r_row, t64, LL,
                                     WT)
                 a_i, a_f, a_g, a_o = _gate_tile_dots(hk, wr_i[kc], wr_f[kc], wr_g[kc], wr_o[kc], a_i, a_f, a_g, a_o,
                                                      FMA, IEEE, UPCAST)
@@ -629,7 +492,7 @@ def _ln_lstm_fwd_persistent_kernel(
                     hk = _h_operand(ck, cp + BLOCK_B * H + crl, hs_ptr + h0_row, ks, kmask, fresh, first, m_c, r_c,
                                     cw_ptr, cb_ptr, ACC, hs_ptr.dtype.element_ty, WT)
                 else:
-                    hk = _row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
+                    hk = row_chunk(hs_ptr, h_row, ks, rmask[:, None] & kmask[None, :], ring_ptr, r_row, t64, LL, WT)
                 a_i, a_f, a_g, a_o = _gate_chunk_dots(hk, w_ptr, w_i, w_f, w_g, w_o, ks, kmask, cmask,
                                                       a_i, a_f, a_g, a_o, FMA, IEEE, UPCAST)
         a_i += x_i.to(ACC)
@@ -642,11 +505,11 @@ def _ln_lstm_fwd_persistent_kernel(
         _store_stats(pp, pid, 4, rl, a_g, cmask, n_own, NQ, BLOCK_B, t64, LL)
         _store_stats(pp, pid, 6, rl, a_o, cmask, n_own, NQ, BLOCK_B, t64, LL)
         if EARLY:  # arrive after the partials the others read; the gates (the backward's) after it
-            _barrier_arrive(sync_ptr)
+            barrier_arrive(sync_ptr)
         if STORE_GATES:
             _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
         if not LL:
-            _barrier_finish(sync_ptr, ((2 if MERGE_C else 3) * t + 1) * nprog, EARLY)
+            barrier_finish(sync_ptr, ((2 if MERGE_C else 3) * t + 1) * nprog, EARLY)
 
         # ---- phase 2: gate LayerNorms, the cell update; then partial statistics of c_t (3 barriers) or
         # c_t, o_t published (MERGE_C)
@@ -680,7 +543,7 @@ def _ln_lstm_fwd_persistent_kernel(
         else:
             _store_stats(pp, pid, 8, rl, c_new, cmask, n_own, NQ, BLOCK_B, t64, LL)
             if not LL:
-                _grid_barrier(sync_ptr, (3 * t + 2) * nprog)
+                grid_barrier(sync_ptr, (3 * t + 2) * nprog)
 
             # ---- phase 3: the cell LayerNorm, h_t; publish
             mean, rstd = _gate_stats(pp, 8, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P, nprog, t64, LL)
@@ -693,18 +556,18 @@ def _ln_lstm_fwd_persistent_kernel(
             else:
                 c = c_new
             if LL:  # first, so that the others can go on: ring slot (t+1) % 2, tag t+1
-                _ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :],
+                ll_put(ring_ptr, ((((t64 + 1) % 2) * B + rows) * H)[:, None] + cols[None, :],
                         h_new.to(HT).to(WT), t64 + 1, mask)
             tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
         # the step's last barrier: arrive after what the others read (MERGE_C: the c, o rows; else
         # the h_t row; see persistent.EARLY_ARRIVE), then cs[t+1] (the held c) and the next step's
         # input projection
         if EARLY:
-            _barrier_arrive(sync_ptr)
+            barrier_arrive(sync_ptr)
         tl.store(cs_ptr + s_nxt, c.to(cs_ptr.dtype.element_ty), mask=mask)
         x_i, x_f, x_g, x_o = _load_gates(xp_ptr, n_off, H, nmask, xp_ptr.dtype.element_ty)
         if not LL:
-            _barrier_finish(sync_ptr, (2 if MERGE_C else 3) * (t + 1) * nprog, EARLY)
+            barrier_finish(sync_ptr, (2 if MERGE_C else 3) * (t + 1) * nprog, EARLY)
 
     if MERGE_C:  # h_{T-1} of the own columns: hs[T] (no matmul operand to rebuild)
         t64 = zero64 + T
@@ -796,7 +659,7 @@ def _ln_lstm_bwd_persistent_kernel(
     #            (LL: int64 tagged words, all -1)
     dgw_ptr, dgb_ptr, dcw_ptr, dcb_ptr,  # [>= R, G], [>= R, G], [>= R, H], [>= R, H]: row r accumulated
     sync_ptr,  # [R] int32, zero (None with LL)
-    ring_ptr,  # LL: [2, B, G] int32 / int64 tagged dG (persistent._ll_put), all -1; else None
+    ring_ptr,  # LL: [2, B, G] int32 / int64 tagged dG (persistent.ll_put), all -1; else None
     T, B, H,
     HAS_LENGTHS: tl.constexpr, LL: tl.constexpr, RESIDENT: tl.constexpr,
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -818,7 +681,7 @@ def _ln_lstm_bwd_persistent_kernel(
     zero64 = tl.zeros([], dtype=tl.int64)
     wr = None
     if RESIDENT:  # the slice, once
-        wr = _w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K, 1)
+        wr = w_tiles_bwd(w_ptr, cols, cmask, H, BLOCK_K, 1)
     # LN parameter gradients of the own columns, summed over rows and steps: accumulated in row
     # r = pid_b of the [R', G] / [R', H] buffers, which only this program touches at these
     # columns (read-modify-write once per step, the read of the first step skipped: the old
@@ -848,7 +711,7 @@ def _ln_lstm_bwd_persistent_kernel(
         zt = tl.zeros([BLOCK_B, BLOCK_H], dtype=WT)
         r_off = ((((t_last + 1) % 2) * B + rows) * G)[:, None] + cols[None, :]
         for q in tl.static_range(4):
-            _ll_put(ring_ptr, r_off + q * H, zt, t_last + 1, mask)
+            ll_put(ring_ptr, r_off + q * H, zt, t_last + 1, mask)
     for i in range(T):
         t64 = zero64 + (T - 1 - i)
         i64 = zero64 + i  # the partials' LL tag
@@ -860,7 +723,7 @@ def _ln_lstm_bwd_persistent_kernel(
         # ---- phase 1: carried gradient, the cell LayerNorm's and the o gate's row sums
         dg_row = ((t64 + 1) * B + rows) * G  # slot t+1 of dG: every program's dG_{t+1}
         r_row = (((t64 + 1) % 2) * B + rows) * G  # the same row in the LL ring
-        carry = _lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, t64 + 1, LL, ACC,
+        carry = lstm_bwd_carry(dg_ptr, dg_row, rmask, w_ptr, wr, cols, cmask, H, ring_ptr, r_row, t64 + 1, LL, ACC,
                                 RESIDENT, FMA, IEEE, UPCAST, BLOCK_B, BLOCK_H, BLOCK_K, 1)
         gh = tl.where(nvalid, 0.0, gh) + carry
         dh = tl.where(valid, d_out.to(ACC) + gh, 0.0)
@@ -906,7 +769,7 @@ def _ln_lstm_bwd_persistent_kernel(
                          NQ, BLOCK_B)
             _merged_sums(pp, pid, 16, P, chat, F_g * _param(gw_ptr, 2 * H, cols, cmask, ACC)[None, :], xh_g, rl,
                          NQ, BLOCK_B)
-            _grid_barrier(sync_ptr, (2 * i + 1) * nprog)
+            grid_barrier(sync_ptr, (2 * i + 1) * nprog)
 
             # ---- phase 2 (MERGE_BWD): dc, then dG of all four gates; publish
             s1 = _sum_parts(pp, 0, rl, NQ, BLOCK_B, BLOCK_P)
@@ -927,14 +790,14 @@ def _ln_lstm_bwd_persistent_kernel(
             gc = tl.where(valid, dc * gf, gc)
         else:
             if not LL:
-                _grid_barrier(sync_ptr, (3 * i + 1) * nprog)
+                grid_barrier(sync_ptr, (3 * i + 1) * nprog)
             gc, g_off = _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f, a_g, c_prev,
                                          vm, valid, gc, gw_ptr, gb_ptr, pg, pgb, dg_ptr, amask, cols, cmask, mask, rows,
                                          t64, B, H, G, sync_ptr, (3 * i + 2) * nprog, ring_ptr, nprog, i64, ACC, NQ,
                                          NSTAT, BLOCK_B, BLOCK_P, LL, WT)
 
         if EARLY:  # arrive after the dG_t row the others read (see persistent.EARLY_ARRIVE)
-            _barrier_arrive(sync_ptr)
+            barrier_arrive(sync_ptr)
 
         # step t-1's own tiles, before the barrier's wait (nothing at t = 0)
         pmask = tl.where(i + 1 < T, mask, False)
@@ -945,7 +808,7 @@ def _ln_lstm_bwd_persistent_kernel(
         c_cur = c_prev
         c_prev = tl.load(cs_ptr + s_prv, mask=pmask, other=0.0)
         if not LL:
-            _barrier_finish(sync_ptr, (2 if MERGE_BWD else 3) * (i + 1) * nprog, EARLY)
+            barrier_finish(sync_ptr, (2 if MERGE_BWD else 3) * (i + 1) * nprog, EARLY)
 
     tl.store(gh_ptr + b_off, gh.to(gh_ptr.dtype.element_ty), mask=mask)
     tl.store(gc_ptr + b_off, gc.to(gc_ptr.dtype.element_ty), mask=mask)
@@ -957,7 +820,7 @@ def _put_dg(dgp, ring_ptr, r_off, v, tag, mask, LL: tl.constexpr, WT: tl.constex
     ring at r_off as tagged words (what a load of dG gives, in W_hh's dtype WT)."""
     d = v.to(dgp.dtype.element_ty)
     if LL:
-        _ll_put(ring_ptr, r_off, d.to(WT), tag, mask)
+        ll_put(ring_ptr, r_off, d.to(WT), tag, mask)
     tl.store(dgp, d, mask=mask)
 
 
@@ -1002,7 +865,7 @@ def _ln_bwd_phases23(pp, pid, rl, st, dc, u, chat, r_c, v_o, xh_o, r_o, a_i, a_f
     _acc_cols(pgb + H, tl.sum(dy_f, axis=0), amask, cmask)
     _acc_cols(pgb + 2 * H, tl.sum(dy_g, axis=0), amask, cmask)
     if not LL:
-        _grid_barrier(sync_ptr, target)
+        grid_barrier(sync_ptr, target)
 
     # ---- phase 3: dG of i, f, g; publish
     s1 = _sum_parts(pp, 4, rl, NQ, BLOCK_B, BLOCK_P, nprog, tag, LL)
@@ -1067,20 +930,6 @@ def _ln_sync_counter(T: int, pl: Plan, device, per_step: int = BARRIERS_PER_STEP
     return torch.zeros(pl.row_blocks, dtype=torch.int32, device=device)
 
 
-def k_pad(H: int) -> int:
-    """The padded row width of the whole-row tiles (the resident W_hh tile's K)."""
-    return max(16, triton.next_power_of_2(int(H)))
-
-
-def fwd_merge_c(pl: Plan, H: int) -> bool:
-    """Whether the forward runs the 2-barrier variant (MERGE_C): never with the LL exchange (no
-    barrier to save), else MERGE_C_OVERRIDE if set, else the row tile rule BLOCK_B x K_pad <=
-    MERGE_C_MAX_ROW_ELEMS (see there)."""
-    if pl.ll:
-        return False
-    if MERGE_C_OVERRIDE is not None:
-        return bool(MERGE_C_OVERRIDE)
-    return pl.BLOCK_B * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
 
 
 def fwd_barriers_per_step(pl: Plan, H: int) -> int:
@@ -1090,7 +939,7 @@ def fwd_barriers_per_step(pl: Plan, H: int) -> int:
 
 
 def _check_ln_plan(pl: Plan, B: int, H: int, device) -> int:
-    _check_plan(pl, B, H, device)  # the deadlock guard (co-residency), as persistent.py's
+    check_plan(pl, B, H, device)  # the deadlock guard (co-residency), as persistent.py's
     assert not pl.solo, "the LN kernels: no solo plan"
     bp = block_p(pl.programs)
     assert bp >= pl.programs
@@ -1122,15 +971,15 @@ def ln_lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, ln, lengths, eps, fma, i
     cell = _common.alloc((pl.row_blocks, 2, 2, pl.BLOCK_B, H), cs.dtype, xp.device) if merge else None
     nbar = 0 if pl.ll else BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
     sync = None if pl.ll else _ln_sync_counter(T, pl, xp.device, nbar)
-    ring = _ll_ring(pl, B, H, w_hh)
+    ring = ll_ring(pl, B, H, w_hh)
     k = _ln_lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         xp, w_hh, hs, cs, gates, lengths, gw, gb, cw, cb, part, cell, sync, ring, T, B, H, float(eps),
         RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, MERGE_C=merge,
         BLOCK_S=KP if merge else 1, EARLY=pl.early, NK=pl.w_chunks,
-        **_launch_opts(xp.device, pl),
+        **launch_opts(xp.device, pl),
     )
-    _record("ln_lstm_fwd", k)
+    record("ln_lstm_fwd", k)
     if k is not None and "ln_lstm_fwd" in LAST_LAUNCH:
         LAST_LAUNCH["ln_lstm_fwd"]["barriers_per_step"] = nbar
 
@@ -1182,16 +1031,16 @@ def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, e
     part = _partials(pl, gc.dtype, dout.device, nq)
     nbar = 0 if pl.ll else BARRIERS_PER_STEP_MERGED if merge else BARRIERS_PER_STEP
     sync = None if pl.ll else _ln_sync_counter(T, pl, dout.device, nbar)
-    ring = _ll_ring(pl, B, G, w_hh)
+    ring = ll_ring(pl, B, G, w_hh)
     k = _ln_lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
         gates, w_hh, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, stats, part, dgw, dgb, dcw, dcb, sync, ring,
         T, B, H, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
         BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, BLOCK_P=BP, NQ=nq, NSTAT=NSTAT,
-        MERGE_BWD=merge, EARLY=pl.early, **_launch_opts(dout.device, pl),
+        MERGE_BWD=merge, EARLY=pl.early, **launch_opts(dout.device, pl),
     )
-    _record("ln_lstm_bwd", k)
+    record("ln_lstm_bwd", k)
     if k is not None and "ln_lstm_bwd" in LAST_LAUNCH:
         LAST_LAUNCH["ln_lstm_bwd"]["barriers_per_step"] = nbar
 
 
-__all__ = ["plan_ln", "ln_lstm_fwd_loop", "ln_lstm_bwd_loop", "bwd_stats", "block_p", "LAST_LAUNCH"]
+__all__ = ["ln_lstm_fwd_loop", "ln_lstm_bwd_loop", "bwd_stats"]
