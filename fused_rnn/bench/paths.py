@@ -49,16 +49,15 @@ def _step_tiles(p: Problem, direction: str, fused: bool) -> tuple:
     return kl._blocks(p.B, p.H, direction, fused, p.ln is not None, p.dtype, n_sm)
 
 
-def _persistent_plans(p: Problem, fused: bool, allow_tf32: bool) -> list:
+def _persistent_plans(p: Problem, allow_tf32: bool) -> list:
     """[(plan or None, why not)] of the persistent path, forward and backward, as the launchers
-    plan them for this problem."""
-    from ..kernels import rnn as kr
+    plan them for this problem (the layer-norm LSTM has its own planner)."""
+    from ..kernels import persistent  # imports triton
 
-    if p.cell == "rnn":
-        return [kr.persistent_plan(d, p.B, p.H, True, p.dtype, p.device, allow_tf32=allow_tf32)
+    if p.cell == "lnlstm":
+        return [persistent.plan_ln(d, p.B, p.H, p.dtype, p.device, allow_tf32=allow_tf32)
                 for d in ("fwd", "bwd")]
-    k = _lstm_kernels_module()
-    return [k.persistent_plan(d, p.B, p.H, p.ln, fused, p.dtype, p.device, allow_tf32=allow_tf32)
+    return [persistent.plan(p.cell, d, p.B, p.H, p.dtype, p.device, allow_tf32=allow_tf32)
             for d in ("fwd", "bwd")]
 
 
@@ -128,7 +127,7 @@ def kernel_note(c: Case, p: Problem) -> Optional[str]:
         return None
     fused = _default_fused(p) if p.cell != "lstm_proj" else False
     parts = []
-    plans = _persistent_plans(p, fused, _allow_tf32(p)) if c.method == "persistent" else [None, None]
+    plans = _persistent_plans(p, _allow_tf32(p)) if c.method == "persistent" else [None, None]
     for d, planned in zip(("fwd", "bwd"), plans):
         if planned is not None:
             pl = planned[0]
@@ -187,7 +186,7 @@ def _on_path(path: str) -> Build:
             return fwd
         fused = _default_fused(p)
         if path == "persistent":
-            for d, (plan, why) in zip(("fwd", "bwd"), _persistent_plans(p, fused, allow_tf32)):
+            for d, (plan, why) in zip(("fwd", "bwd"), _persistent_plans(p, allow_tf32)):
                 if plan is None:
                     raise RuntimeError(f"persistent {d} not possible: {why}")
         if p.cell in ("lstm", "lnlstm"):
