@@ -14,7 +14,7 @@
 #             the persistent path out (bench --paths, pytest --ignore, memcheck --exclude), so one
 #             hang cannot eat the budget of every stage after it.
 #   smoke_ll  bench/persistent_smoke.py --ll: the same with the LL exchange (tagged words instead of
-#             the barrier, kernels.persistent.LL_SYNC; never run on a GPU before), LSTM, RNN and
+#             the barrier, kernels.config Options.ll_sync; never run on a GPU before), LSTM, RNN and
 #             LN-LSTM (bf16), timed against the barrier kernels; then the CUDA LL tests (pytest -k
 #             cuda_ll_exchange: several row blocks, streamed W_hh, fp32 words, the LN-LSTM's LL
 #             kernels), which the pytest

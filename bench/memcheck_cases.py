@@ -113,10 +113,11 @@ def _check_persistent(cell, d, path):
     for plan, why in plans:
         if plan is None:
             raise RuntimeError(f"the persistent kernels would not run: {why}")
-    from fused_rnn.kernels import persistent as kp
+    from fused_rnn.kernels import config
 
-    if any(p.ll != kp.LL_SYNC for p, _ in plans):  # a "persistent-ll" case must really take the LL exchange
-        raise RuntimeError(f"the plans' LL exchange is not LL_SYNC={kp.LL_SYNC}: {plans}")
+    ll = config.options().ll_sync
+    if any(p.ll != ll for p, _ in plans):  # a "persistent-ll" case must really take the LL exchange
+        raise RuntimeError(f"the plans' LL exchange is not ll_sync={ll}: {plans}")
     print(f"    persistent plan: {plans[0][0]}", flush=True)
 
 
@@ -166,9 +167,13 @@ def _rel(a, b):
 
 
 def run_case(case, device):
-    from fused_rnn.kernels import persistent as kp
+    from fused_rnn.kernels import config
 
-    kp.LL_SYNC = bool(case.get("ll"))  # the "persistent-ll" cases: tagged words, no barrier
+    with config.using(ll_sync=bool(case.get("ll"))):  # the "persistent-ll" cases: tagged words, no barrier
+        return _run_case(case, device)
+
+
+def _run_case(case, device):
     cell, B, T, I, H, dt = case["cell"], case["B"], case["T"], case["I"], case["H"], DT[case["dtype"]]
     nl = case.get("nonlinearity", "tanh")
     d = _inputs(cell, B, T, I, H, dt, device, case.get("lengths", True), case.get("bias", True),
@@ -280,7 +285,7 @@ def cases():
         dtype="fp64", bias=False, **pers)
     add("persistent rnn-tanh bf16 B64 T3 I8 H200 (13 programs)", cell="rnn", B=64, T=3, I=8,
         H=200, dtype="bf16", **pers)
-    # W_hh kept on chip in 12 chunks of 64 rows per gate (kernels.persistent.W_CHUNKED: K_pad
+    # W_hh kept on chip in 12 chunks of 64 rows per gate (kernels.config Options.w_chunked: K_pad
     # 1024 is over the whole tile's limit); the CUDA tests' and the benchmark's S4 plan
     add("persistent lstm bf16 B16 T3 I8 H768 lengths (48 programs, W_hh in 12 chunks)", cell="lstm", B=16,
         T=3, I=8, H=768, dtype="bf16", **pers)
@@ -295,7 +300,7 @@ def cases():
             dtype=dt, **pers)
     add("persistent lnlstm bf16 B70 T3 I8 H300 (2 row blocks x 19 programs)", cell="lnlstm", B=70,
         T=3, I=8, H=300, dtype="bf16", **pers)
-    # the plain kernels with the LL exchange instead of the barrier (kernels.persistent.LL_SYNC):
+    # the plain kernels with the LL exchange instead of the barrier (Options.ll_sync):
     # 32-bit words (bf16) and 64-bit words (fp32, W_hh streamed), several row blocks
     ll = dict(pers, ll=True)
     add("persistent-ll lstm bf16 B3 T5 I19 H37 lengths", cell="lstm", B=3, T=5, I=19, H=37, dtype="bf16", **ll)

@@ -9,20 +9,19 @@ and device, with the measurements that justify each choice written beside it").
 For each cell, shape and direction it times the whole-layer launcher on the persistent path
 (kernels.lstm / kernels.rnn lstm_fwd, lstm_bwd, ...: input projection, one persistent launch, and
 the backward's GEMMs after it) under each variant:
-    lstm, rnn   kernels.persistent.PLAN_OVERRIDE: the LL exchange instead of the grid barrier
-                ("ll": True, plan()'s block sizes; not where plan() keeps the barrier), a solo
-                plan ("solo": True, one program per row block holding all of W_hh: only where it
+    lstm, rnn   kernels.config.using(...): the LL exchange instead of the grid barrier
+                (ll_sync=True, plan()'s block sizes; not where plan() keeps the barrier), a solo
+                plan (solo=True, one program per row block holding all of W_hh: only where it
                 fits, SOLO_MAX_W_BYTES), W_hh streamed from L2 every step where plan() keeps it
-                on chip in chunks ("chunked": False; W_CHUNKED, S4), the barrier's arrival after
-                the step's private stores and next loads instead of before them ("early": False;
-                EARLY_ARRIVE), then BLOCK_H in 16, 32, 64 x num_warps 4, 8 (plan()'s own choice
-                is the "default" row).
+                on chip in chunks (w_chunked=False, S4), the barrier's arrival after the step's
+                private stores and next loads instead of before them (early_arrive=False), then
+                BLOCK_H in 16, 32, 64 x num_warps 4, 8 (plan_block_h, plan_num_warps; plan()'s
+                own choice is the "default" row).
                 --no-ll leaves the LL variant out (gpu_check.sh passes it when the LL smoke
                 stage failed).
     lnlstm      the LL exchange (as above; kernels.persistent.ln_ll_fits says where: S1,
-                S4's backward); forward: kernels.persistent.MERGE_C_OVERRIDE True / False (2
-                or 3 barriers a step); backward: kernels.ln_lstm_persistent.MERGE_BWD flipped (its
-                2- and 3-barrier variants)
+                S4's backward); forward: merge_c True / False (2 or 3 barriers a step);
+                backward: merge_bwd flipped (its 2- and 3-barrier variants)
 Each variant's results are compared with the default variant's (relative error of out and of
 dx; a variant that disagrees beyond 2e-2 in bf16 is marked WRONG) and timed with
 triton.testing.do_bench (median). Variants that cannot run (grid over the SM count) are listed
@@ -204,44 +203,47 @@ STREAMED_VARIANT = "W_hh streamed (not chunk-resident)"
 LATE_VARIANT = "barrier: arrive after the whole step (former order)"
 
 
+def _using(**changes):
+    """(apply(), undo()): enter kernels.config.using(**changes), and leave it."""
+    from fused_rnn.kernels import config
+
+    held = []
+
+    def apply():
+        cm = config.using(**changes)
+        cm.__enter__()
+        held.append(cm)
+
+    def undo():
+        held.pop().__exit__(None, None, None)
+    return apply, undo
+
+
 def variants(cell, direction, cuda, ll=True):
     """[(name, apply(), undo())]: the default first."""
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
+    from fused_rnn.kernels import config
 
     out = [("default", lambda: None, lambda: None)]
     if not cuda:
         return out
     if cell in ("lstm", "rnn"):
         if ll:
-            out.append((LL_VARIANT, lambda: P.PLAN_OVERRIDE.update(ll=True), P.PLAN_OVERRIDE.clear))
-        out.append((SOLO_VARIANT, lambda: P.PLAN_OVERRIDE.update(solo=True), P.PLAN_OVERRIDE.clear))
-        out.append((STREAMED_VARIANT, lambda: P.PLAN_OVERRIDE.update(chunked=False), P.PLAN_OVERRIDE.clear))
-        out.append((LATE_VARIANT, lambda: P.PLAN_OVERRIDE.update(early=False), P.PLAN_OVERRIDE.clear))
+            out.append((LL_VARIANT, *_using(ll_sync=True)))
+        out.append((SOLO_VARIANT, *_using(solo=True)))
+        out.append((STREAMED_VARIANT, *_using(w_chunked=False)))
+        out.append((LATE_VARIANT, *_using(early_arrive=False)))
         for bh in (16, 32, 64):
             for nw in (4, 8):
-                def apply(bh=bh, nw=nw):
-                    P.PLAN_OVERRIDE.update(BLOCK_H=bh, num_warps=nw)
-                out.append((f"BLOCK_H={bh} warps={nw}", apply, P.PLAN_OVERRIDE.clear))
+                out.append((f"BLOCK_H={bh} warps={nw}", *_using(plan_block_h=bh, plan_num_warps=nw)))
         return out
     if ll:  # the layer-norm LSTM: plan_ln takes LL where ln_ll_fits (else its plan is the default's)
-        out.append((LL_VARIANT, lambda: P.PLAN_OVERRIDE.update(ll=True), P.PLAN_OVERRIDE.clear))
+        out.append((LL_VARIANT, *_using(ll_sync=True)))
     if direction == "fwd":
         for m in (True, False):
-            def apply(m=m):
-                P.MERGE_C_OVERRIDE = m
-
-            def undo():
-                P.MERGE_C_OVERRIDE = None
-            out.append((f"MERGE_C={m} ({2 if m else 3} barriers)", apply, undo))
+            out.append((f"MERGE_C={m} ({2 if m else 3} barriers)", *_using(merge_c=m)))
     else:
-        default = PL.MERGE_BWD
-
-        def apply():
-            PL.MERGE_BWD = not default
-
-        def undo():
-            PL.MERGE_BWD = default
-        out.append((f"MERGE_BWD={not default} ({2 if not default else 3} barriers)", apply, undo))
+        default = config.options().merge_bwd
+        out.append((f"MERGE_BWD={not default} ({2 if not default else 3} barriers)", *_using(merge_bwd=not default)))
     return out
 
 

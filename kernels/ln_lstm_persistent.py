@@ -86,7 +86,7 @@ c statistics -> h_t, which every program needs whole for the next matmul; backwa
 -> the c LayerNorm's sums -> the gates' sums -> dG_t). The forward's MERGE_C variant merges the
 last two by having every program rebuild all of h_t from published c_t and o_t rows (two
 compute-dtype rows read per program and step instead of one h row, see the traffic below).
-The backward's MERGE_BWD variant (2 barriers; off by default, MERGE_BWD, until timed on a GPU)
+The backward's MERGE_BWD variant (2 barriers; off by default, Options.merge_bwd, until timed on a GPU)
 merges its last two by linearity: dc = P - (rstd_c / H)(S1 + ĉ S2), with P = valid gc +
 rstd_c u local and S1 = Σ u, S2 = Σ u ĉ the c LayerNorm's sums, so for each gate q in i, f, g
 (v_q = dc E_q, E_q local) Σ v_q = Σ P E_q - (rstd_c / H)(S1 Σ E_q + S2 Σ ĉ E_q), and the same
@@ -138,11 +138,11 @@ invalidation on sm_90; see persistent.py), not by their ".cg" hint.
 Barriers: persistent.grid_barrier on a per-launch zeroed int32 counter per row block; barrier n
 waits for n P arrivals, so 3 T P (2 T P with MERGE_C) < 2**31 (checked). Deadlock guard and
 cooperative launch as persistent.py's (check_plan, launch_opts). With Plan.early
-(persistent.EARLY_ARRIVE) a step's first barrier is split around the gates' store (only the
+(Options.early_arrive) a step's first barrier is split around the gates' store (only the
 backward reads them) and its last one around the stores of c (the backward's) and the loads of
 the next step's own tiles: arrive, that traffic, wait.
 
-LL exchange (persistent.LL_SYNC / Plan.ll; UNMEASURED, off by default like the plain kernels'):
+LL exchange (Options.ll_sync / Plan.ll; UNMEASURED, off by default like the plain kernels'):
 no barrier at all. The 3-barrier variants' three exchanges a step each become flag-in-data
 exchanges (persistent.ll_put / ll_get): the partials go out as 64-bit words (the fp32 value and
 the step's tag) into an int64 buffer of the same layout, filled with -1, and a reader waits until
@@ -189,7 +189,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, config
 from ._common import (
     _dsigmoid, _dtanh, _gate_chunk_dots, _gate_tile_dots, _load_gates, _sigmoid, _store_gates, _tanh, _tile,
 )
@@ -205,11 +205,10 @@ NQ_MERGED = 8  # the forward with MERGE_C: no partials of c_t (slots 0..7 only)
 NSTAT = 10
 BARRIERS_PER_STEP = 3  # the backward, and the forward without MERGE_C
 BARRIERS_PER_STEP_MERGED = 2  # the forward with MERGE_C
-# The backward's 2-barrier variant (MERGE_BWD, see the module docstring): one reduction round a
-# step instead of two, NQ_BWD_MERGED partial sums a row instead of NQ. Off until a GPU session
-# times it against the 3-barrier backward (bench/persistent_tune.py does): at B64 H512 it reads
-# 22 x 32 x 64 x 4 B = 180 KiB of partials per program and step instead of 80 KiB.
-MERGE_BWD = False
+# The backward's 2-barrier variant (MERGE_BWD, see the module docstring; Options.merge_bwd): one
+# reduction round a step instead of two, NQ_BWD_MERGED partial sums a row instead of NQ. Off until
+# a GPU session times it against the 3-barrier backward (bench/persistent_tune.py does): at B64
+# H512 it reads 22 x 32 x 64 x 4 B = 180 KiB of partials per program and step instead of 80 KiB.
 NQ_BWD_MERGED = 22
 
 
@@ -560,7 +559,7 @@ def _ln_lstm_fwd_persistent_kernel(
                         h_new.to(HT).to(WT), t64 + 1, mask)
             tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
         # the step's last barrier: arrive after what the others read (MERGE_C: the c, o rows; else
-        # the h_t row; see persistent.EARLY_ARRIVE), then cs[t+1] (the held c) and the next step's
+        # the h_t row; see Options.early_arrive), then cs[t+1] (the held c) and the next step's
         # input projection
         if EARLY:
             barrier_arrive(sync_ptr)
@@ -796,7 +795,7 @@ def _ln_lstm_bwd_persistent_kernel(
                                          t64, B, H, G, sync_ptr, (3 * i + 2) * nprog, ring_ptr, nprog, i64, ACC, NQ,
                                          NSTAT, BLOCK_B, BLOCK_P, LL, WT)
 
-        if EARLY:  # arrive after the dG_t row the others read (see persistent.EARLY_ARRIVE)
+        if EARLY:  # arrive after the dG_t row the others read (see Options.early_arrive)
             barrier_arrive(sync_ptr)
 
         # step t-1's own tiles, before the barrier's wait (nothing at t = 0)
@@ -1011,7 +1010,7 @@ def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, e
     dgb [R', G], dcw [R', H], dcb [R', H]), R' >= R = plan.row_blocks (1 for B <= 64); rows >= R
     are left as they are, so the step path's zeroed ``parts`` summed over dim 0 afterwards give
     the gradients. dG may be the compute dtype or the storage dtype. ``merge_bwd``: the 2-barrier
-    variant (True) or the 3-barrier one (False); None: MERGE_BWD."""
+    variant (True) or the 3-barrier one (False); None: Options.merge_bwd."""
     T, B, H = dout.shape
     G = 4 * H
     BP = _check_ln_plan(pl, B, H, dout.device)
@@ -1023,7 +1022,7 @@ def ln_lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, ln, lengths, e
     for buf, n in ((dgw, G), (dgb, G), (dcw, H), (dcb, H)):
         assert buf.dim() == 2 and buf.shape[1] == n and buf.shape[0] >= pl.row_blocks and buf.dtype == gc.dtype, \
             "LN gradient buffers: [>= R, n] in the compute dtype"
-    merge = (MERGE_BWD and not pl.ll) if merge_bwd is None else bool(merge_bwd)
+    merge = (config.options().merge_bwd and not pl.ll) if merge_bwd is None else bool(merge_bwd)
     assert not (merge and pl.ll), "MERGE_BWD saves a barrier: not with the LL exchange"
     assert pl.w_chunks == 1, "the LN backward: whole-tile or streamed W_hh (plan_ln)"
     nq = NQ_BWD_MERGED if merge else NQ

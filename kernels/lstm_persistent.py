@@ -159,7 +159,7 @@ def _lstm_fwd_persistent_kernel(
             h_op = tl.where(mask, h_new, 0.0).to(HT).to(WT)
         s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
         tl.store(hs_ptr + s_nxt, h_new.to(HT), mask=mask)
-        if EARLY:  # arrive now: the release then waits for the h_t stores only (see EARLY_ARRIVE)
+        if EARLY:  # arrive now: the release then waits for the h_t stores only (Plan.early)
             barrier_arrive(sync_ptr)
         if STORE_GATES:
             _store_gates(gates_ptr, g_off, H, a_i, a_f, a_g, a_o, mask)
@@ -289,7 +289,7 @@ def _lstm_bwd_persistent_kernel(
         g_off = ((t64 * B + rows) * G)[:, None] + cols[None, :]
         _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
         gc = tl.where(valid, dc * gf, gc)
-        if EARLY:  # arrive now: the release then waits for the dG_t stores only (see EARLY_ARRIVE)
+        if EARLY:  # arrive now: the release then waits for the dG_t stores only (Plan.early)
             barrier_arrive(sync_ptr)
 
         # step t-1's own tiles, before the barrier's wait (nothing at t = 0)

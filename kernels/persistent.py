@@ -26,7 +26,7 @@ Design
     W_hh slice, RESIDENT=True: loaded once, before the time loop, as one [K_pad, BLOCK_H] tile
     per gate (forward: W_q[j, k]; backward: W_q[k, j], K_pad = next_pow2(H)), so one tl.dot per
     gate and step; or, past the whole tile's limits, as NK = Plan.w_chunks tiles of BLOCK_K rows
-    per gate (a tuple, unrolled at compile time: W_CHUNKED), the row then read chunk by chunk.
+    per gate (a tuple, unrolled at compile time: Options.w_chunked), the row then read chunk by chunk.
     Triton keeps these tiles in shared memory (in the TTGIR of an sm_90 compile the local_allocs
     sit before the time loop; each step local_loads the mma operand). RESIDENT=False:
     BLOCK_K chunks re-read from global memory (L2) every step, the step kernel's loop: fp64 (an
@@ -35,7 +35,7 @@ Design
     Overlap: the next step's tiles that no other program writes (forward: x W_ihᵀ + b; backward:
     the saved gates, dout and c) are loaded before the barrier's wait (ANCHORS: 3.4 -> 2.55 ms at
     S1 for a prototype persistent forward, loading them before the barrier), and after its
-    arrival, together with the stores no other program reads (EARLY_ARRIVE: the arrival's release
+    arrival, together with the stores no other program reads (Options.early_arrive: the arrival's release
     then waits for the row the others need only).
 
 Grid barrier (grid_barrier): a per-launch int32 counter per row block, zeroed by the launcher,
@@ -58,12 +58,12 @@ and scope= arguments of tl.atomic_add: triton-lang/triton PR #2562 added scope, 
 (January 2025) describes both as existing attributes of every atomic, so Triton 3.6 has them.
 NONE OF THIS HAS RUN ON A GPU YET.
 
-LL exchange (LL_SYNC / Plan.ll, plain LSTM and RNN; the layer-norm LSTM's kernels too, see
+LL exchange (Options.ll_sync / Plan.ll, plain LSTM and RNN; the layer-norm LSTM's kernels too, see
 kernels/ln_lstm_persistent.py): instead of the barrier, each element of the
 row the others need goes out with its step number in one word, and readers spin on those words
 (ll_put / ll_get: why it is correct, and what it should save). Its programs wait for each other
 just the same, so the deadlock guard below applies unchanged. UNMEASURED; off by default.
-Solo plans (SOLO / Plan.solo): one program per row block owning every hidden unit, where all of
+Solo plans (Options.solo / Plan.solo): one program per row block owning every hidden unit, where all of
 W_hh fits on chip (SOLO_MAX_W_BYTES): nothing to exchange or wait for, the row a step produces
 is the next step's operand straight from registers. UNMEASURED; off by default.
 
@@ -90,6 +90,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config
 from ._common import pow2_block, sm_count
 
 # ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
@@ -115,17 +116,14 @@ ROW_TILE_MAX_ELEMS = 32 * 1024
 # ... and K_pad = next_pow2(H) at most 512: at H=768 (S4) the resident tile pads K to 1024 (a third
 # more work) and the RNN forward spilled (255 regs + 208 B stack at 8 warps); streaming in
 # BLOCK_K=64 chunks compiled without spills (253 regs at 8 warps). (Past these two limits W_hh
-# can still stay on chip, in chunks: W_CHUNKED below.)
+# can still stay on chip, in chunks: Options.w_chunked, below.)
 RESIDENT_MAX_K = 512
-# Overrides of plan()'s choices on CUDA, for bench/persistent_tune.py (which times each variant):
-# {"BLOCK_H": 16 | 32 | 64, "num_warps": 4 | 8 | 16}. Empty: plan()'s rules. Process-wide; not
-# for use while other threads launch.
-PLAN_OVERRIDE: dict = {}
-# Flag-in-data exchange ("LL", see ll_put) instead of the grid barrier, for the plain LSTM, the
-# RNN and the layer-norm LSTM (where ln_ll_fits; its LayerNorm partials too),
-# forward and backward. UNMEASURED (no GPU yet): off by default; PLAN_OVERRIDE["ll"] turns it on
-# for one variant of bench/persistent_tune.py, which times it against the barrier.
-LL_SYNC = False
+# The variant switches plan() reads are kernels.config.Options' fields (config.using sets them):
+# plan_block_h / plan_num_warps force plan()'s choices on CUDA (bench/persistent_tune.py's grid).
+# ll_sync: flag-in-data exchange ("LL", see ll_put) instead of the grid barrier, for the plain
+# LSTM, the RNN and the layer-norm LSTM (where ln_ll_fits; its LayerNorm partials too), forward
+# and backward. UNMEASURED (no GPU yet): off by default; a variant of bench/persistent_tune.py,
+# which times it against the barrier.
 # One program per row block holding ALL of W_hh on chip ("solo"): no other program to wait for,
 # so no barrier and no exchange; the row a step produces stays in registers as the next step's
 # matmul operand (never re-read from memory). Only where the whole W_hh fits the shared memory
@@ -135,9 +133,8 @@ LL_SYNC = False
 # 144 KiB shared; 4 warps spilled 1544 B. One SM then does the whole step (a [16, 256] x [256, 256]
 # product a step for the RNN at S1) instead of 16 SMs plus a barrier. The gate tiles (gates x
 # BLOCK_B x K_pad fp32 accumulators) are bounded at 8192 elements: the LSTM at B16 H128 (8192)
-# spilled 92 B, at B64 H64 (16384) 896 B. UNMEASURED: off by default;
-# PLAN_OVERRIDE["solo"] is a variant of bench/persistent_tune.py.
-SOLO = False
+# spilled 92 B, at B64 H64 (16384) 896 B. UNMEASURED: off by default (Options.solo); a variant
+# of bench/persistent_tune.py.
 SOLO_MAX_W_BYTES = 128 * 1024
 # W_hh slices over the whole-tile limits (K_pad > RESIDENT_MAX_K, or the row tile over
 # ROW_TILE_MAX_ELEMS) kept on chip anyway, as ceil(H / CHUNK_K) tiles of CHUNK_K rows per gate,
@@ -151,9 +148,8 @@ SOLO_MAX_W_BYTES = 128 * 1024
 # CHUNKED_ROW_MAX_ELEMS the compiler hoists the chunk loads (all issued up front) and runs out of
 # registers: a B64 H512 backward (128K elements) took 255 registers and spilled ~1 KB under
 # Triton 3.6, a B128 H1024 forward (128K) 168-1608 B. UNMEASURED on a GPU; on by default inside
-# the persistent path (itself opt-in); PLAN_OVERRIDE["chunked"] = False is the tuner's variant
+# the persistent path (itself opt-in; Options.w_chunked); w_chunked=False is the tuner's variant
 # with W_hh streamed.
-W_CHUNKED = True
 CHUNK_K = 64
 CHUNKED_W_MAX_BYTES = 96 * 1024
 CHUNKED_ROW_MAX_ELEMS = 48 * 1024
@@ -165,11 +161,9 @@ CHUNKED_ROW_MAX_ELEMS = 48 * 1024
 # all of it, the next step's loads included (x W_ih at S1: 32 MiB for the LSTM, partly out of
 # L2); now it waits for the h_t stores only, and the loads land during the wait. UNMEASURED; on
 # by default inside the persistent path (itself opt-in): the same operations, the release waiting
-# on fewer; PLAN_OVERRIDE["early"] = False is the tuner's variant with the former order.
-EARLY_ARRIVE = True
-# Cooperative launch on CUDA (see the module docstring). A switch so that a GPU session can turn
-# it off if the installed Triton rejects the option.
-COOPERATIVE_LAUNCH = True
+# on fewer (Options.early_arrive); early_arrive=False is the tuner's variant with the former order.
+# (Options.cooperative_launch: the cooperative launch on CUDA, see the module docstring; a switch
+# so that a GPU session can turn it off if the installed Triton rejects the option.)
 
 # What the last launch of each kernel compiled to (GPU only: n_regs, n_spills, shared bytes),
 # for the benchmark and the GPU session; empty under the interpreter.
@@ -179,8 +173,7 @@ LAST_LAUNCH: dict = {}
 # every program then holds whole c_t / o_t row tiles [BLOCK_B, K_pad] of its row block.
 # Chosen from sm_90 compiles (see _ln_num_warps). UNMEASURED on a GPU.
 MERGE_C_MAX_ROW_ELEMS = 4096
-# Tests (and a GPU session comparing the variants) may force the choice: True / False; None = rule.
-MERGE_C_OVERRIDE: Optional[bool] = None
+# (Options.merge_c forces the choice: True / False; None = this rule.)
 # The combine loads every program's partials of one quantity as a [BLOCK_P, BLOCK_B] tile,
 # BLOCK_P = next_pow2(P): at most this many elements (B = 64: P <= 32; B = 16: P <= 128), so
 # plan_ln takes a larger BLOCK_H where the smallest would give more programs. (UNMEASURED.)
@@ -206,10 +199,10 @@ class Plan:
     ll: bool = False  # exchange rows through the tagged ring (ll_put / ll_get), no barrier
     solo: bool = False  # one program per row block, all of W_hh resident, the row kept in registers
     # resident plans: the slice as w_chunks tiles of BLOCK_K per gate (1: one [K_pad, BLOCK_H]
-    # tile; more: W_CHUNKED, the rows then read chunk by chunk like the streamed path's)
+    # tile; more: Options.w_chunked, the rows then read chunk by chunk like the streamed path's)
     w_chunks: int = 1
     # barrier plans: arrive right after the stores the other programs read, wait after the rest
-    # of the step's memory traffic (EARLY_ARRIVE)
+    # of the step's memory traffic (Options.early_arrive)
     early: bool = True
 
     @property
@@ -250,13 +243,14 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     BB = pow2_block(B, 16, MAX_B)
     R = triton.cdiv(B, BB)
     K_pad = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))
-    solo = SOLO if cpu else PLAN_OVERRIDE.get("solo", SOLO)
+    opts = config.options()
+    solo = opts.solo
     solo = bool(solo) and variants and not ln and (cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
                            and gates * K_pad * K_pad * esize <= SOLO_MAX_W_BYTES and gates * BB * K_pad <= 8192)
     if cpu or solo:
         BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid
     else:
-        choices = (PLAN_OVERRIDE["BLOCK_H"],) if "BLOCK_H" in PLAN_OVERRIDE else BLOCK_H_CHOICES
+        choices = (opts.plan_block_h,) if opts.plan_block_h is not None else BLOCK_H_CHOICES
         BH = next((b for b in choices if grid_fits(R * triton.cdiv(H, b), limit)), None)
         if BH is None:
             return None, (f"batch {B} x hidden size {H} needs more than {limit} programs even at "
@@ -283,12 +277,12 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     if resident and not cpu and not solo and (bwd_streamed or (direction == "fwd" and K_pad >= 512 and BB < 64)):
         resident = False
     solo = solo and resident  # (on a GPU the limits above imply it; the interpreter's fp64 is not)
-    ll = PLAN_OVERRIDE.get("ll", LL_SYNC) if not cpu else LL_SYNC
+    ll = opts.ll_sync
     ll = bool(ll) and variants and not fp64 and not solo
     word_bytes = 8 if esize == 4 else 4  # an LL word (see below)
     nk = triton.cdiv(H, CHUNK_K)
     chunk_rows = (gates if direction == "bwd" else 1) * BB * nk * CHUNK_K  # row elements a step
-    chunked = PLAN_OVERRIDE.get("chunked", W_CHUNKED) if not cpu else W_CHUNKED
+    chunked = opts.w_chunked
     # (with the LL exchange the row's words: the S4 LSTM backward's 48K words spilled 1160 B under
     # Triton 3.6 (none under 3.9), its forward's and the RNN's 12K did not: LL keeps the streamed
     # W_hh there rather than give up either)
@@ -326,9 +320,9 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
         cpu or (BB * BH < 2048 and (not resident or chunked or BB * K_pad * word_bytes <= 16 * 1024)))
     if ll or (solo and not cpu):
         num_warps = 8
-    if not cpu:
-        num_warps = PLAN_OVERRIDE.get("num_warps", num_warps)
-    early = bool(PLAN_OVERRIDE.get("early", EARLY_ARRIVE) if not cpu else EARLY_ARRIVE) and not (ll or solo)
+    if not cpu and opts.plan_num_warps is not None:
+        num_warps = opts.plan_num_warps
+    early = bool(opts.early_arrive) and not (ll or solo)
     # (not the LSTM backward's 64 x 32 tiles at S3: 252 registers without a spill in the former
     # order, 16 B (Triton 3.9) / 32 B (3.6) spilled in this one; the forward there went from 254
     # to 190 registers)
@@ -359,12 +353,13 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
     R = triton.cdiv(B, BB)
     cap = max(1, PART_TILE_MAX_ELEMS // BB)
     lim = limit if device.type != "cuda" else min(limit, R * cap)
-    # W_hh in chunks (persistent.W_CHUNKED) where the plain plan takes them, in the forward only:
+    # W_hh in chunks (Options.w_chunked) where the plain plan takes them, in the forward only:
     # sm_90 compiles at B16 H768 (bf16, lengths; Triton 3.9): forward 184-188 registers, no stack
     # (streamed: 220-228); backward 255 + 40-56 B of stack at 8 warps (streamed: 179-231, none).
     # Not for a MERGE_C forward either: its resident operand is a whole c row tile (with the
-    # limits as set, fwd_merge_c's rule and a chunked plan never meet; MERGE_C_OVERRIDE can).
-    merge = MERGE_C_OVERRIDE if MERGE_C_OVERRIDE is not None else BB * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
+    # limits as set, fwd_merge_c's rule and a chunked plan never meet; Options.merge_c can).
+    forced = config.options().merge_c
+    merge = forced if forced is not None else BB * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
     pl, why = plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=True,
                           chunks=direction == "fwd" and not merge, ln=True)
     if pl is not None and pl.ll and device.type == "cuda" and not ln_ll_fits(direction, pl, dtype):  # the barrier's
@@ -380,7 +375,7 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
 
 def ln_ll_fits(direction: str, pl: Plan, dtype: torch.dtype) -> bool:
     """Whether the LN kernels on a GPU take the LL exchange that persistent.plan() chose
-    (LL_SYNC): fp16 / bf16 only (32-bit words for the row; fp32 with TF32, 64-bit words, spilled
+    (Options.ll_sync): fp16 / bf16 only (32-bit words for the row; fp32 with TF32, 64-bit words, spilled
     8 B in the S4 backward), at BLOCK_B = 16 only, the forward only with its W_hh slice whole on
     chip (resident, one tile). sm_90 compiles with LL (bf16, lengths, 8 warps; registers + stack
     bytes, Triton 3.9 / 3.6):
@@ -459,12 +454,13 @@ def k_pad(H: int) -> int:
 
 def fwd_merge_c(pl: Plan, H: int) -> bool:
     """Whether the forward runs the 2-barrier variant (MERGE_C): never with the LL exchange (no
-    barrier to save), else MERGE_C_OVERRIDE if set, else the row tile rule BLOCK_B x K_pad <=
+    barrier to save), else Options.merge_c if set, else the row tile rule BLOCK_B x K_pad <=
     MERGE_C_MAX_ROW_ELEMS (see there)."""
     if pl.ll:
         return False
-    if MERGE_C_OVERRIDE is not None:
-        return bool(MERGE_C_OVERRIDE)
+    forced = config.options().merge_c
+    if forced is not None:
+        return bool(forced)
     return pl.BLOCK_B * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
 
 
@@ -498,7 +494,7 @@ def grid_barrier(sync_ptr, target):
 
 @triton.jit
 def barrier_finish(sync_ptr, target, EARLY: tl.constexpr):
-    """The end of a step's barrier: its wait where the step arrived early (EARLY_ARRIVE: after
+    """The end of a step's barrier: its wait where the step arrived early (Options.early_arrive: after
     barrier_arrive), else the whole barrier."""
     if EARLY:
         barrier_wait(sync_ptr, target)
@@ -563,7 +559,7 @@ def w_tiles(w_ptr, col_off, k_base, cmask, H, BLOCK_K: tl.constexpr, NK: tl.cons
     holds, for the k of chunk kc (0 from H on) at [k - kc BLOCK_K, j]: W_hh[k_base + k, col_off[j]]
     (TRANS) or element col_off[j] + k (col_off: the offsets of W_hh rows). NK = 1: one tile of
     BLOCK_K = K_pad; NK > 1: Plan.w_chunks (the tuple is unrolled at compile time; Triton keeps
-    every tile in shared memory, see W_CHUNKED). (The two address forms, and the mask computed
+    every tile in shared memory, see CHUNK_K). (The two address forms, and the mask computed
     before the address, are the whole-tile kernels' own: sm_90 registers depend on them, e.g.
     the solo LSTM backward at B16 H128 spilled 184 B instead of 88 under Triton 3.6 with the
     mask after.)"""
@@ -639,7 +635,7 @@ def launch_opts(device: torch.device, pl: Plan) -> dict:
     opts = {"num_warps": pl.num_warps, "num_stages": pl.num_stages}
     # Not while a CUDA graph is being captured: whether a cooperative launch can be a graph node
     # is not something we could check here; there the one-program-per-SM bound alone guards.
-    if device.type == "cuda" and COOPERATIVE_LAUNCH and not torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and config.options().cooperative_launch and not torch.cuda.is_current_stream_capturing():
         opts["launch_cooperative_grid"] = True
     return opts
 

@@ -90,7 +90,7 @@ def _rnn_fwd_persistent_kernel(
                     mask)
         s_cur = h_row[:, None] + cols[None, :]
         tl.store(hs_ptr + s_cur + B * H, h_own, mask=mask)
-        if EARLY:  # arrive now: the release then waits for the h_t stores only (see EARLY_ARRIVE)
+        if EARLY:  # arrive now: the release then waits for the h_t stores only (Plan.early)
             barrier_arrive(sync_ptr)
         tl.store(out_ptr + s_cur, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -186,7 +186,7 @@ def _rnn_bwd_persistent_kernel(
             dp_op = tl.where(mask, dp, 0.0).to(dp_ptr.dtype.element_ty).to(WT)
         s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
         tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
-        if EARLY:  # arrive now: the release then waits for the dP_t stores only (see EARLY_ARRIVE)
+        if EARLY:  # arrive now: the release then waits for the dP_t stores only (Plan.early)
             barrier_arrive(sync_ptr)
 
         pmask = tl.where(i + 1 < T, mask, False)  # step t-1's own tiles, before the barrier's wait

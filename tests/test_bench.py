@@ -505,34 +505,38 @@ def test_persistent_tune_order_variants_and_best():
     assert [v[0] for v in tune.variants("lnlstm", "bwd", True)] == ["default", tune.LL_VARIANT,
                                                                     "MERGE_BWD=True (2 barriers)"]
     assert tune.LL_VARIANT not in [v[0] for v in tune.variants("lnlstm", "bwd", True, ll=False)]
-    from fused_rnn.kernels import persistent as P
+    from dataclasses import replace
+
+    from fused_rnn.kernels import config, persistent as P
 
     name, apply, undo = tune.variants("lnlstm", "bwd", True)[1]
     apply()
     assert P.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
     undo()
     assert not P.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
-
+    base = config.options()
     for name, apply, undo in tune.variants("rnn", "bwd", True)[1:]:
         apply()
         if name in (tune.LL_VARIANT, tune.SOLO_VARIANT):
             key = "ll" if name == tune.LL_VARIANT else "solo"
-            assert P.PLAN_OVERRIDE == {key: True}
+            assert config.options() == replace(base, **{"ll_sync" if key == "ll" else "solo": True})
             pl, _ = P.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
             assert getattr(pl, key) and (pl.programs == 1) == (key == "solo")
         elif name == tune.LATE_VARIANT:
-            assert P.PLAN_OVERRIDE == {"early": False}
+            assert config.options() == replace(base, early_arrive=False)
             pl, _ = P.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
             assert not pl.early and pl.resident
         elif name == tune.STREAMED_VARIANT:
-            assert P.PLAN_OVERRIDE == {"chunked": False}
+            assert config.options() == replace(base, w_chunked=False)
             pl, _ = P.plan("rnn", "bwd", 16, 768, torch.bfloat16, torch.device("cuda", 0), limit=132)
             assert not pl.resident and P.plan("rnn", "bwd", 16, 768, torch.bfloat16, torch.device("cuda", 0),
                                               limit=132, variants=False)[0] == pl
         else:
-            assert name == f"BLOCK_H={P.PLAN_OVERRIDE['BLOCK_H']} warps={P.PLAN_OVERRIDE['num_warps']}"
+            o = config.options()
+            assert o == replace(base, plan_block_h=o.plan_block_h, plan_num_warps=o.plan_num_warps)
+            assert name == f"BLOCK_H={o.plan_block_h} warps={o.plan_num_warps}"
         undo()
-        assert P.PLAN_OVERRIDE == {}
+        assert config.options() == base
     rows = [dict(cell="lstm", shape="S1", direction="fwd", variant="default", ok=True, ms=2.0, plan="p0"),
             dict(cell="lstm", shape="S1", direction="fwd", variant="v1", ok=True, ms=1.5, plan="p1"),
             dict(cell="lstm", shape="S1", direction="fwd", variant="v2", ok=False, ms=1.0, plan="p2"),
@@ -564,11 +568,13 @@ def test_persistent_tune_two_passes_under_a_budget(tmp_path, monkeypatch):
     BLOCK_H x warps grid) starts; a variant whose plan is the default's is not timed; a budget
     that runs out stops new variants and lists them as not run."""
     tune = _tune_on_a_fake_gpu(monkeypatch)
-    from fused_rnn.kernels import persistent as P
+    from dataclasses import replace
 
-    # the plan a variant gets: PLAN_OVERRIDE as text; the LL variant gives the default's plan
+    from fused_rnn.kernels import config
+
+    # the plan a variant gets: the options as text; the LL variant gives the default's plan
     monkeypatch.setattr(tune, "plan_of", lambda cell, direction, B, H, dtype, dev: (
-        str({k: v for k, v in P.PLAN_OVERRIDE.items() if k != "ll"}), ""))
+        str(replace(config.options(), ll_sync=False)), ""))
     monkeypatch.setattr(tune, "runners", lambda cell, d: ((lambda: (torch.ones(2), None)),) * 2 + (None,))
     clock = [0.0]
 

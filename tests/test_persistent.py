@@ -21,6 +21,7 @@ from conftest import (
     BF16, DT_NAME, F16, F32, F64, HAS_CUDA, INTERPRET, compile_sm90, kernel_device, ptxas_usage, rel_err, requires_cuda,
     requires_kernels, requires_sm90_compile, tol, triton_36,
 )
+from _persistent_helpers import use_options  # noqa: F401 (a fixture)
 from fused_rnn import _backend, _paths
 from fused_rnn.lstm import LSTMFunction
 from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
@@ -178,9 +179,9 @@ def test_persistent_streamed_weights(cell, monkeypatch, spy):
 @pytest.mark.parametrize("mode", ["ll-resident", "ll-streamed", "solo"])
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
-def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkeypatch):
-    """LL_SYNC (rows passed as tagged words: 16-bit values in 32-bit words, fp32 in 64-bit ones)
-    and SOLO (one program owning every column, the row carried in registers, no barrier) give
+def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkeypatch, use_options):
+    """Options.ll_sync (rows passed as tagged words: 16-bit values in 32-bit words, fp32 in 64-bit ones)
+    and Options.solo (one program owning every column, the row carried in registers, no barrier) give
     the barrier kernels' results bit for bit on one program (the interpreter's grid; LL's
     multi-program path: tests/test_persistent_threads.py and the CUDA tests below), and the
     launchers really take them (a ring for LL; no counter for either). fp64 takes neither."""
@@ -196,7 +197,7 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     real_ring, real_counter = persistent.ll_ring, persistent.sync_counter
     monkeypatch.setattr(launcher, "ll_ring", lambda *a: rings.append(real_ring(*a)) or rings[-1])
     monkeypatch.setattr(launcher, "sync_counter", lambda *a: counters.append(real_counter(*a)) or counters[-1])
-    monkeypatch.setattr(persistent, "LL_SYNC" if mode.startswith("ll") else "SOLO", True)
+    use_options(**{"ll_sync" if mode.startswith("ll") else "solo": True})
     pl, _ = persistent.plan(cell, "bwd", B, H, dtype, DEV)
     assert (pl.ll, pl.solo) == (mode.startswith("ll"), mode == "solo") and pl.resident == (mode != "ll-streamed")
     ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
@@ -218,9 +219,9 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
 @pytest.mark.parametrize("ll", [False, True], ids=["barrier", "ll"])
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
-def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch):
+def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch, use_options):
     """W_hh kept on chip as w_chunks tiles of BLOCK_K rows per gate, the rows read chunk by chunk
-    (W_CHUNKED plans; plan() takes them only on a GPU, so they are forced here): bit for bit the
+    (Options.w_chunked plans; plan() takes them only on a GPU, so they are forced here): bit for bit the
     streamed path with the same BLOCK_K (the same products summed in the same order: BLOCK_K = 16
     divides H = 32, so the backward's chunks of 4H never straddle two gates), with or without the
     LL exchange; and at H = 37 (a partial last chunk) close to the step path."""
@@ -237,7 +238,7 @@ def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch):
         return (replace(pl, **force) if pl is not None else pl), why
 
     monkeypatch.setattr(persistent, "plan", plan)
-    monkeypatch.setattr(persistent, "LL_SYNC", ll)
+    use_options(ll_sync=ll)
     launched = _spy_plans(monkeypatch)  # the plans each persistent launch got
     for H, lengths in ((32, [4, 2, 0]), (37, None)):
         ins, L, ups = make_case(cell, 4, 3, 5, H, dtype, True, lengths)
@@ -345,16 +346,14 @@ def test_persistent_gradcheck(cell, nl):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("mode", ["barrier", "ll", "solo"])
 @pytest.mark.parametrize("cell,nl,bad", [("lstm", "tanh", "nan"), ("rnn", "tanh", "nan"), ("rnn", "relu", "inf")])
-def test_persistent_nonfinite_like_step(cell, nl, bad, mode, monkeypatch):
+def test_persistent_nonfinite_like_step(cell, nl, bad, mode, use_options):
     """A NaN (or, through a ReLU RNN with positive weights, an inf) in x reaches the same outputs
     and gradients as on the step path, with the barrier, the LL exchange or a solo plan (where
     the plan takes them); earlier steps stay finite. H = 9 pads the columns to 16: a solo plan
     must not let a non-finite value into the padding, whose zero W_hh rows would turn it into NaN
     everywhere (inf x 0)."""
-    from fused_rnn.kernels import persistent
-
     if mode != "barrier":
-        monkeypatch.setattr(persistent, "LL_SYNC" if mode == "ll" else "SOLO", True)
+        use_options(**{"ll_sync" if mode == "ll" else "solo": True})
     ins, L, ups = make_case(cell, 4, 3, 5, 9, F32)
     if bad == "inf":
         ins = [t if t is None or i < 2 else t.abs() for i, t in enumerate(ins)]  # weights, biases > 0
@@ -492,31 +491,31 @@ def test_plan_grid_fits_the_sms():
     assert not pl.resident and pl.BLOCK_K == 8
 
 
-def test_plan_override_for_the_tuner(monkeypatch):
-    """persistent.PLAN_OVERRIDE (bench/persistent_tune.py's variants) sets BLOCK_H and num_warps
-    on CUDA, keeps the deadlock guard, and leaves the interpreter's one-program plan alone."""
-    from fused_rnn.kernels import persistent as P
+def test_plan_override_for_the_tuner():
+    """Options.plan_block_h / plan_num_warps (bench/persistent_tune.py's variants) set BLOCK_H and
+    num_warps on CUDA, keep the deadlock guard, and leave the interpreter's one-program plan alone."""
+    from fused_rnn.kernels import config
 
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(P, "PLAN_OVERRIDE", {"BLOCK_H": 64, "num_warps": 8})
-    pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
-    assert (pl.programs, pl.BLOCK_H, pl.num_warps) == (4, 64, 8)
-    pl, why = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # 4 x 16 = 64 programs fit
-    assert (pl.programs, pl.row_blocks, pl.BLOCK_H) == (16, 4, 64)
-    monkeypatch.setattr(P, "PLAN_OVERRIDE", {"BLOCK_H": 16})
-    pl, why = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # 4 x 64 > 132: no plan
-    assert pl is None and "BLOCK_H=16" in why
-    pl, _ = _plan("lstm", "fwd", 5, 37, F32, "cpu")
-    assert pl.programs == 1 and pl.BLOCK_H >= 37
+    with config.using(plan_block_h=64, plan_num_warps=8):
+        pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
+        assert (pl.programs, pl.BLOCK_H, pl.num_warps) == (4, 64, 8)
+        pl, why = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # 4 x 16 = 64 programs fit
+        assert (pl.programs, pl.row_blocks, pl.BLOCK_H) == (16, 4, 64)
+    with config.using(plan_block_h=16):
+        pl, why = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # 4 x 64 > 132: no plan
+        assert pl is None and "BLOCK_H=16" in why
+        pl, _ = _plan("lstm", "fwd", 5, 37, F32, "cpu")
+        assert pl.programs == 1 and pl.BLOCK_H >= 37
 
 
-def test_plan_chunk_resident_rules(monkeypatch):
+def test_plan_chunk_resident_rules():
     """Where the whole-tile resident path is over its limits, plan() keeps W_hh on chip in
     CHUNK_K-row tiles (w_chunks per gate) if the slice fits CHUNKED_W_MAX_BYTES and a step's rows
     CHUNKED_ROW_MAX_ELEMS; never on the CPU, with chunks=False (the LN backward, a MERGE_C LN
-    forward), without tensor cores, or where the LL exchange's words would not fit; PLAN_OVERRIDE["chunked"] = False (the
-    tuner's variant) and W_CHUNKED = False give the streamed plan."""
-    from fused_rnn.kernels import persistent as P
+    forward), without tensor cores, or where the LL exchange's words would not fit; Options.w_chunked =
+    False (the tuner's variant) gives the streamed plan."""
+    from fused_rnn.kernels import config
 
     cuda = torch.device("cuda", 0)
 
@@ -538,24 +537,21 @@ def test_plan_chunk_resident_rules(monkeypatch):
     assert chunks("lstm", "fwd", 256, 1024, BF16, cuda, limit=132) == 0  # S3: 4 x 1024 x 32 x 2 B = 256 KiB
     assert chunks("lstm", "fwd", 16, 256, BF16, cuda, limit=132) == 1  # S1: the whole tile
     assert chunks("lstm", "fwd", 16, 768, BF16, "cpu") == 0  # the interpreter's one program: streamed
-    monkeypatch.setattr(P, "LL_SYNC", True)  # the LSTM backward's 48K words: LL, W_hh streamed
-    pl, _ = _plan("lstm", "bwd", 16, 768, BF16, cuda, limit=132)
-    assert pl.ll and not pl.resident
-    pl, _ = _plan("lstm", "fwd", 16, 768, BF16, cuda, limit=132)
-    assert pl.ll and pl.w_chunks == 12
-    monkeypatch.setattr(P, "LL_SYNC", False)
-    monkeypatch.setattr(P, "PLAN_OVERRIDE", {"chunked": False})
-    assert chunks("lstm", "fwd", 16, 768, BF16, cuda, limit=132) == 0
-    monkeypatch.setattr(P, "PLAN_OVERRIDE", {})
-    monkeypatch.setattr(P, "W_CHUNKED", False)
-    assert chunks("rnn", "bwd", 16, 768, BF16, cuda, limit=132) == 0
+    with config.using(ll_sync=True):  # the LSTM backward's 48K words: LL, W_hh streamed
+        pl, _ = _plan("lstm", "bwd", 16, 768, BF16, cuda, limit=132)
+        assert pl.ll and not pl.resident
+        pl, _ = _plan("lstm", "fwd", 16, 768, BF16, cuda, limit=132)
+        assert pl.ll and pl.w_chunks == 12
+    with config.using(w_chunked=False):
+        assert chunks("lstm", "fwd", 16, 768, BF16, cuda, limit=132) == 0
+        assert chunks("rnn", "bwd", 16, 768, BF16, cuda, limit=132) == 0
 
 
-def test_plan_early_arrive(monkeypatch):
-    """Barrier plans arrive early (EARLY_ARRIVE) except the LSTM backward's S3-sized tiles (a
-    spill there); LL and solo plans have no barrier; PLAN_OVERRIDE["early"] = False (the tuner's
-    variant) and EARLY_ARRIVE = False give the former order."""
-    from fused_rnn.kernels import persistent as P
+def test_plan_early_arrive():
+    """Barrier plans arrive early (Options.early_arrive) except the LSTM backward's S3-sized tiles
+    (a spill there); LL and solo plans have no barrier; early_arrive = False (the tuner's variant)
+    gives the former order."""
+    from fused_rnn.kernels import config
 
     cuda = torch.device("cuda", 0)
     for cell in ("lstm", "rnn"):
@@ -564,15 +560,12 @@ def test_plan_early_arrive(monkeypatch):
                 pl, _ = _plan(cell, direction, B, H, BF16, cuda, limit=132)
                 assert pl.early == (not (cell == "lstm" and direction == "bwd" and B == 256)), pl
     assert _plan("rnn", "fwd", 5, 37, F32, "cpu")[0].early
-    monkeypatch.setattr(P, "LL_SYNC", True)
-    pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
-    assert pl.ll and not pl.early
-    monkeypatch.setattr(P, "LL_SYNC", False)
-    monkeypatch.setattr(P, "PLAN_OVERRIDE", {"early": False})
-    assert not _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)[0].early
-    monkeypatch.setattr(P, "PLAN_OVERRIDE", {})
-    monkeypatch.setattr(P, "EARLY_ARRIVE", False)
-    assert not _plan("rnn", "bwd", 16, 256, BF16, cuda, limit=132)[0].early
+    with config.using(ll_sync=True):
+        pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
+        assert pl.ll and not pl.early
+    with config.using(early_arrive=False):
+        assert not _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)[0].early
+        assert not _plan("rnn", "bwd", 16, 256, BF16, cuda, limit=132)[0].early
 
 
 def test_plan_cpu_is_one_program():
@@ -674,7 +667,7 @@ SM90_MAX_SPILL_SOLO = 128
 @pytest.mark.parametrize("sync", ["barrier", "ll", "solo"])
 @pytest.mark.parametrize("shape", list(SM90_SHAPES))
 @pytest.mark.parametrize("cell,direction", [("lstm", "fwd"), ("lstm", "bwd"), ("rnn", "fwd"), ("rnn", "bwd")])
-def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monkeypatch):
+def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, use_options):
     """Compile each persistent kernel for an H100 (sm_90) with the installed Triton and its
     bundled ptxas, at the plans of the benchmark shapes (bf16, the 16-bit buffers of
     fused_rnn/_buffers.py), and check the grid barrier made it into the PTX: a release add and an
@@ -685,8 +678,7 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
 
     from fused_rnn.kernels import lstm_persistent as LP, persistent as P, rnn_persistent as RP
 
-    monkeypatch.setattr(P, "LL_SYNC", sync == "ll")
-    monkeypatch.setattr(P, "SOLO", sync == "solo")
+    use_options(ll_sync=sync == "ll", solo=sync == "solo")
     B, H = SM90_SHAPES[shape]
     pl, _ = P.plan(cell, direction, B, H, BF16, torch.device("cuda", 0), limit=132)
     if sync == "ll" and not pl.ll:  # plan() keeps the barrier where the tagged tile would spill
@@ -742,7 +734,7 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
         assert ".release" not in ptx and ".acquire" not in ptx
     else:
         _check_barrier_ptx(ptx)
-        # EARLY_ARRIVE: the step's private stores and the next step's own loads sit between the
+        # Plan.early: the step's private stores and the next step's own loads sit between the
         # arrival (the release add) and the wait (the acquire); in the former order, none
         seg = ptx[ptx.index("release.add"):]
         seg = seg[:seg.index("acquire")]
@@ -755,7 +747,7 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
     n_tiles = (4 if cell == "lstm" else 1) * pl.w_chunks if pl.resident else 0
     assert ttgir[:loop].count("ttg.local_alloc") >= n_tiles, "W_hh tiles not kept in shared memory"
     assert ck.metadata.shared <= 227 * 1024, f"{ck.metadata.shared} B of shared memory (an H100 block: 227 KiB)"
-    if shape == "S4" and sync == "barrier":  # W_hh chunk-resident (W_CHUNKED) at B16 H768
+    if shape == "S4" and sync == "barrier":  # W_hh chunk-resident (Options.w_chunked) at B16 H768
         assert pl.resident and pl.w_chunks == 12 and pl.BLOCK_K == 64, pl
     usage = ptxas_usage(ck)
     if usage is not None:
@@ -767,7 +759,7 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, monke
 
 @requires_sm90_compile
 @pytest.mark.parametrize("cell,direction", [("lstm", "fwd"), ("lstm", "bwd"), ("rnn", "fwd"), ("rnn", "bwd")])
-def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, monkeypatch):
+def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, use_options):
     """The LL exchange's 64-bit words (fp32 with TF32 at B16 H128, W_hh resident; at B16 H256 the
     RNN's 64-bit row tile spilled, and plan() keeps the barrier there): 64-bit relaxed exchanges
     and volatile loads, no fence, no spill."""
@@ -775,7 +767,7 @@ def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, monkeypatch):
 
     from fused_rnn.kernels import lstm_persistent as LP, persistent as P, rnn_persistent as RP
 
-    monkeypatch.setattr(P, "LL_SYNC", True)
+    use_options(ll_sync=True)
     pl, _ = P.plan(cell, direction, 16, 128, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)
     assert pl.ll, pl
     assert not P.plan(cell, direction, 16, 256, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)[0].ll
@@ -834,7 +826,7 @@ CUDA_SHAPES = [  # (T, B, I, H, lengths): 3, 13, 32 and 48 programs at BLOCK_H =
     (5, 3, 19, 37, [5, 2, 0]),
     (9, 20, 16, 200, [9 - b % 5 for b in range(20)]),
     (12, 64, 48, 512, None),
-    (6, 16, 32, 768, [6] * 8 + [3] * 8),  # S4's plans: in 16 bits W_hh on chip in 12 chunks (W_CHUNKED)
+    (6, 16, 32, 768, [6] * 8 + [3] * 8),  # S4's plans: in 16 bits W_hh on chip in 12 chunks (w_chunks)
     (4, 130, 16, 64, [4 - b % 5 for b in range(130)]),  # 3 row blocks x 4 programs, own barriers
 ]
 
@@ -903,28 +895,28 @@ def _cuda_variant_cases(want):
 
 @requires_cuda
 @pytest.mark.parametrize("cell,dtype,shape", list(_cuda_variant_cases("ll")))
-def test_cuda_ll_exchange_matches_barrier(cell, dtype, shape, spy, monkeypatch):
-    """The persistent kernels with the LL exchange (kernels.persistent.LL_SYNC: tagged words, no
+def test_cuda_ll_exchange_matches_barrier(cell, dtype, shape, spy, use_options):
+    """The persistent kernels with the LL exchange (Options.ll_sync: tagged words, no
     barrier) against the barrier kernels and the fp64 reference; then repeated launches must
     agree bit for bit (a stale ring word would show as a difference or a hang)."""
-    _cuda_variant_vs_barrier("ll", cell, dtype, shape, spy, monkeypatch)
+    _cuda_variant_vs_barrier("ll", cell, dtype, shape, spy, use_options)
 
 
 @requires_cuda
 @pytest.mark.parametrize("cell,dtype,shape", list(_cuda_variant_cases("solo")))
-def test_cuda_solo_matches_barrier(cell, dtype, shape, spy, monkeypatch):
-    """Solo plans (SOLO: one program per row block, all of W_hh, the row in registers) against
+def test_cuda_solo_matches_barrier(cell, dtype, shape, spy, use_options):
+    """Solo plans (Options.solo: one program per row block, all of W_hh, the row in registers) against
     the barrier kernels and the fp64 reference, and repeated launches bit for bit."""
-    _cuda_variant_vs_barrier("solo", cell, dtype, shape, spy, monkeypatch)
+    _cuda_variant_vs_barrier("solo", cell, dtype, shape, spy, use_options)
 
 
-def _cuda_variant_vs_barrier(mode, cell, dtype, shape, spy, monkeypatch):
+def _cuda_variant_vs_barrier(mode, cell, dtype, shape, spy, use_options):
     from fused_rnn.kernels import persistent
 
     T, B, I, H, lengths = shape
     ins, L, ups = make_case(cell, T, B, I, H, dtype, True, lengths)
     barrier = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
-    monkeypatch.setattr(persistent, "LL_SYNC" if mode == "ll" else "SOLO", True)
+    use_options(**{"ll_sync" if mode == "ll" else "solo": True})
     for direction in ("fwd", "bwd"):
         pl, why = persistent.plan(cell, direction, B, H, dtype, DEV)
         assert pl is not None and (pl.ll if mode == "ll" else pl.solo and pl.programs == 1), (direction, pl, why)

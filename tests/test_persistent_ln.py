@@ -17,6 +17,7 @@ import tempfile
 import pytest
 import torch
 
+from _persistent_helpers import use_options  # noqa: F401 (a fixture)
 from conftest import (
     BF16, DT_NAME, F32, F64, HAS_CUDA, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels,
     requires_sm90_compile, tol, triton_36,
@@ -300,12 +301,12 @@ LL_CASES = [("T5-B3-H37-len", F32), ("T5-B3-H37-len", BF16), ("T2-B70-H5-len", F
 @requires_kernels
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA lane runs test_cuda_ll_exchange_ln_matches_barrier")
 @pytest.mark.parametrize("sid,dtype", LL_CASES, ids=[f"{c[0]}-{DT_NAME[c[1]]}" for c in LL_CASES])
-def test_ln_persistent_ll_exchange(monkeypatch, sid, dtype):
-    """The LL exchange (persistent.LL_SYNC: h_t / dG_t rows and the LayerNorm partials as tagged
+def test_ln_persistent_ll_exchange(monkeypatch, use_options, sid, dtype):
+    """The LL exchange (Options.ll_sync: h_t / dG_t rows and the LayerNorm partials as tagged
     words, no barrier) against the 3-barrier variants, forward and backward: the same operations
     on the same operands, so equal bit for bit (one program per row block in the interpreter;
     several in tests/test_persistent_threads.py). The LL launches allocate no barrier counter."""
-    _ln_ll_vs_barrier(monkeypatch, *SHAPES[sid], dtype)
+    _ln_ll_vs_barrier(monkeypatch, use_options, *SHAPES[sid], dtype)
 
 
 # (T, B, I, H, lengths): S1's plans (LL both ways), S4's (the backward only: ln_ll_fits)
@@ -314,17 +315,17 @@ CUDA_LL_SHAPES = [(64, 16, 64, 256, None), (16, 16, 48, 768, "len")]
 
 @requires_cuda
 @pytest.mark.parametrize("shape", CUDA_LL_SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[3]}" for s in CUDA_LL_SHAPES])
-def test_cuda_ll_exchange_ln_matches_barrier(monkeypatch, shape):
+def test_cuda_ll_exchange_ln_matches_barrier(monkeypatch, use_options, shape):
     """The multi-program LN kernels with the LL exchange against the 3-barrier ones (bf16), to
     CLOSE (two compiled kernels); run by bench/gpu_check.sh's smoke_ll stage (an LL hang costs
     that stage only), left out of its pytest stage."""
     T, B, I, H, lengths = shape
     if lengths == "len":
         lengths = [T - (b % 5) for b in range(B)]
-    _ln_ll_vs_barrier(monkeypatch, T, B, I, H, lengths, BF16)
+    _ln_ll_vs_barrier(monkeypatch, use_options, T, B, I, H, lengths, BF16)
 
 
-def _ln_ll_vs_barrier(monkeypatch, T, B, I, H, lengths, dtype):
+def _ln_ll_vs_barrier(monkeypatch, use_options, T, B, I, H, lengths, dtype):
     C, KL, PL, P = _mods()
 
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
@@ -335,7 +336,7 @@ def _ln_ll_vs_barrier(monkeypatch, T, B, I, H, lengths, dtype):
     monkeypatch.setattr(PL, "_ln_sync_counter", lambda *a, **k: counters.append(a) or real_counter(*a, **k))
     runs, plans = {}, {}
     for ll in (False, True):
-        monkeypatch.setattr(P, "LL_SYNC", ll)
+        use_options(ll_sync=ll)
         pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
         pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
         assert pf is not None and pb is not None, (why, why_b)
@@ -504,12 +505,12 @@ THREAD_CASES = [
 @pytest.mark.parametrize("T,B,I,H,lengths,dtype,resident,merge", THREAD_CASES,
                          ids=[f"T{c[0]}-B{c[1]}-H{c[3]}-{DT_NAME[c[5]]}-{'resident' if c[6] else 'streamed'}-"
                               f"{'merge_c' if c[7] else '3bar'}" for c in THREAD_CASES])
-def test_ln_fwd_variants_threaded(threaded_grid, gpu_plans, monkeypatch, T, B, I, H, lengths, dtype, resident,
-                                  merge):
+def test_ln_fwd_variants_threaded(threaded_grid, gpu_plans, monkeypatch, use_options, T, B, I, H, lengths, dtype,
+                                  resident, merge):
     """Each forward variant with 3 concurrent programs per row block against the step path."""
     _, KL, PL, P = _mods()
     gpu_plans["resident"] = resident
-    monkeypatch.setattr(P, "MERGE_C_OVERRIDE", merge)
+    use_options(merge_c=merge)
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
     args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
     step = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="step")
@@ -557,8 +558,8 @@ def test_ln_bwd_two_barrier_variant(monkeypatch, sid, dtype):
 @pytest.mark.parametrize("T,B,I,H,lengths,dtype,resident", [(4, 3, 5, 37, [4, 2, 0], F64, True),
                                                              (3, 3, 5, 37, [3, 1, 0], F32, False)],
                          ids=["resident-f64", "streamed-f32"])
-def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypatch, T, B, I, H, lengths, dtype,
-                                             resident):
+def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypatch, use_options, T, B, I, H,
+                                             lengths, dtype, resident):
     """MERGE_BWD with 3 concurrent programs per row block against the step path's backward (the
     harness's own control, test_persistent_threads.py, shows its threads interleave; a control
     here, with these few steps, agreed by chance in 2 of 10 runs, so there is none)."""
@@ -574,7 +575,7 @@ def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypat
         return list(b[:6]) + list(b[6])
 
     step = bwd("step")
-    monkeypatch.setattr(PL, "MERGE_BWD", True)
+    use_options(merge_bwd=True)
     seen = _count_barriers(monkeypatch)
     ours = bwd("persistent")
     assert [(per_step, pl.programs) for _, per_step, pl in seen] == [(2, 3)]
@@ -616,11 +617,11 @@ def test_plan_ln():
     assert pl.row_blocks == 2 and pl.BLOCK_B == 64
 
 
-def test_plan_ln_fwd_variant(monkeypatch):
+def test_plan_ln_fwd_variant():
     """The forward's MERGE_C rule (BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS) and its num_warps (8:
-    the sm_90 compiles spilled at 4, see _ln_num_warps), and MERGE_C_OVERRIDE."""
+    the sm_90 compiles spilled at 4, see _ln_num_warps), and Options.merge_c."""
     pytest.importorskip("triton")
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
+    from fused_rnn.kernels import config, ln_lstm_persistent as PL, persistent as P
 
     cuda = torch.device("cuda", 0)
     for B, H, merged in ((16, 256, True), (16, 128, True), (64, 64, True), (5, 37, True), (32, 256, False),
@@ -632,22 +633,18 @@ def test_plan_ln_fwd_variant(monkeypatch):
             assert pl.num_warps == 8
     pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
     assert pl.w_chunks == 12 and pl.num_warps == 8
-    monkeypatch.setattr(P, "MERGE_C_OVERRIDE", True)  # a forced MERGE_C: whole tiles or streamed, no chunks
-    pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
-    assert pl.w_chunks == 1 and not pl.resident
-    monkeypatch.setattr(P, "MERGE_C_OVERRIDE", None)
+    with config.using(merge_c=True):  # a forced MERGE_C: whole tiles or streamed, no chunks
+        pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
+        assert pl.w_chunks == 1 and not pl.resident
     pl, _ = P.plan_ln("fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: streamed W_hh
     assert not pl.resident and P.fwd_merge_c(pl, 256)
     pl, _ = P.plan_ln("fwd", 70, 20, F32, "cpu")  # the interpreter: one program of K_pad columns
     assert P.fwd_merge_c(pl, 20)
-    try:
-        P.MERGE_C_OVERRIDE = False
+    with config.using(merge_c=False):
         pl, _ = P.plan_ln("fwd", 64, 64, BF16, cuda, limit=132)
         assert not P.fwd_merge_c(pl, 64) and pl.num_warps == 4  # the plain plan's
-        P.MERGE_C_OVERRIDE = True
+    with config.using(merge_c=True):
         assert P.fwd_merge_c(P.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)[0], 512)
-    finally:
-        P.MERGE_C_OVERRIDE = None
 
 
 def test_sync_counter_overflow_guard():
@@ -758,7 +755,7 @@ SM90_SPILL_ALLOWED = ({("fwd", 64, 512, "bf16"): 32, ("bwd-2bar", 16, 256, "bf16
 @pytest.mark.parametrize("direction,B,H,st,merge", SM90_CASES,
                          ids=[f"{d}-B{B}-H{H}-{st}" + ("-3bar" if m is False else "-2bar" if m and d == "bwd" else "")
                               for d, B, H, st, m in SM90_CASES])
-def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
+def test_ln_kernels_compile_for_sm90(use_options, direction, B, H, st, merge):
     """Both persistent LN kernels compile for an H100 (sm_90) at plan_ln's plans (bf16 inputs,
     lengths on), with the grid barrier's release/acquire atomics in the PTX (one release add per
     barrier of a step: 2 for the forward's MERGE_C variant and the backward's MERGE_BWD, else 3);
@@ -766,13 +763,13 @@ def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
     from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
     if direction == "fwd":
-        monkeypatch.setattr(P, "MERGE_C_OVERRIDE", merge)
+        use_options(merge_c=merge)
     pl, why = P.plan_ln(direction, B, H, BF16, torch.device("cuda", 0), limit=132)
     assert pl is not None, why
     merged = P.fwd_merge_c(pl, H) if direction == "fwd" else bool(merge)
     nbar = PL.fwd_barriers_per_step(pl, H) if direction == "fwd" else (2 if merged else PL.BARRIERS_PER_STEP)
     assert nbar == (PL.BARRIERS_PER_STEP_MERGED if merged else PL.BARRIERS_PER_STEP)
-    if direction == "fwd" and H == 768:  # W_hh in 12 chunks of 64 rows (persistent.W_CHUNKED), the forward only
+    if direction == "fwd" and H == 768:  # W_hh in 12 chunks of 64 rows (Options.w_chunked), the forward only
         assert pl.resident and pl.w_chunks == 12 and not merged, pl
     ck = _compile_ln_sm90(direction, pl, H, st, merged)
     ptx = ck.asm["ptx"]
@@ -791,7 +788,7 @@ def test_ln_kernels_compile_for_sm90(monkeypatch, direction, B, H, st, merge):
     assert use["STACK"] <= SM90_SPILL_ALLOWED.get(key, 0), "register spills"
 
 
-# The LL exchange (persistent.LL_SYNC) where plan_ln takes it (ln_ll_fits: BLOCK_B 16; the forward
+# The LL exchange (Options.ll_sync) where plan_ln takes it (ln_ll_fits: BLOCK_B 16; the forward
 # with a whole resident W_hh tile; 16-bit): S1 both ways, S4's backward, B16 H128, bf16 (hs, dG
 # bf16); not S2, nor S4's forward, nor fp32 (they spilled: ln_ll_fits).
 # No barrier (no release, no acquire, no fence), the partials as 64-bit tagged words (relaxed
@@ -802,10 +799,10 @@ SM90_LL_CASES = [(d, 16, H, "bf16") for H in (256, 128) for d in ("fwd", "bwd")]
 @requires_sm90_compile
 @pytest.mark.parametrize("direction,B,H,dt", SM90_LL_CASES,
                          ids=[f"{d}-B{B}-H{H}-{dt}" for d, B, H, dt in SM90_LL_CASES])
-def test_ln_ll_kernels_compile_for_sm90(monkeypatch, direction, B, H, dt):
+def test_ln_ll_kernels_compile_for_sm90(use_options, direction, B, H, dt):
     from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
 
-    monkeypatch.setattr(P, "LL_SYNC", True)
+    use_options(ll_sync=True)
     pl, why = P.plan_ln(direction, B, H, {"bf16": BF16, "fp32": F32}[dt], torch.device("cuda", 0), limit=132,
                          allow_tf32=True)
     assert pl is not None, why
@@ -823,7 +820,7 @@ def test_ln_ll_kernels_compile_for_sm90(monkeypatch, direction, B, H, dt):
     assert use["STACK"] == 0, "register spills"
 
 
-def test_plan_ln_ll_rule(monkeypatch):
+def test_plan_ln_ll_rule(use_options):
     """plan_ln takes the LL exchange only where ln_ll_fits says (its sm_90 compiles), and the
     barrier plan, with its own num_warps and early arrival, elsewhere."""
     from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
@@ -831,7 +828,7 @@ def test_plan_ln_ll_rule(monkeypatch):
     cuda = torch.device("cuda", 0)
     barrier = {(d, B, H): P.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
                for d in ("fwd", "bwd") for B, H in ((16, 256), (16, 768), (64, 512), (64, 64))}
-    monkeypatch.setattr(P, "LL_SYNC", True)
+    use_options(ll_sync=True)
     for (d, B, H), plain in barrier.items():
         pl = P.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
         want = B == 16 and (d == "bwd" or H == 256)
@@ -865,13 +862,12 @@ def _cuda_cases():
 
 @requires_cuda
 @pytest.mark.parametrize("shape,dtype,merge", list(_cuda_cases()))
-def test_cuda_ln_multi_program_matches_step(monkeypatch, shape, dtype, merge):
+def test_cuda_ln_multi_program_matches_step(use_options, shape, dtype, merge):
     """The multi-program LN kernels (partial statistics across programs; the forward with 2 grid
     barriers a step where the plan picks MERGE_C, else 3; ``merge`` False forces 3; "bwd2": the
     2-barrier backward) against the step path and the fp64 reference, forward and backward."""
     C, KL, PL, P = _mods()
-    monkeypatch.setattr(P, "MERGE_C_OVERRIDE", None if merge == "bwd2" else merge)
-    monkeypatch.setattr(PL, "MERGE_BWD", merge == "bwd2")
+    use_options(merge_c=None if merge == "bwd2" else merge, merge_bwd=merge == "bwd2")
     T, B, I, H, lens = shape
     lengths = None if lens is None else [T - (b % 7) for b in range(B - 1)] + [0]
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)

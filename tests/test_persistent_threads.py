@@ -26,6 +26,7 @@ import time
 import pytest
 import torch
 
+from _persistent_helpers import use_options  # noqa: F401 (a fixture)
 from conftest import BF16, DT_NAME, F32, F64, INTERPRET, rel_err
 
 pytestmark = pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(),
@@ -71,7 +72,7 @@ def threaded_grid(monkeypatch):
             r = rmw(self, rmw_op, ptr, val, *a, **k)
         # longer after an arrival or a published word (a nonzero operand; the barrier's polls add
         # 0): the others then run ahead past their waits while this program lingers, so a store
-        # the others read that came after the arrival (persistent.EARLY_ARRIVE) shows up
+        # the others read that came after the arrival (Plan.early) shows up
         data = getattr(val, "data", None)
         publishes = data is not None and bool((data != 0).any())
         time.sleep(rng.random() * JITTER_S * (25 if publishes else 1))
@@ -298,7 +299,7 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     def no_arrival(sync_ptr):
         pass
 
-    # (the split barrier too, EARLY_ARRIVE: persistent.barrier_finish calls persistent's own
+    # (the split barrier too, Plan.early: persistent.barrier_finish calls persistent's own
     # barrier_wait and grid_barrier, whichever module calls it; each module's kernels look the
     # helpers up in their own module)
     monkeypatch.setattr(persistent, "barrier_wait", no_barrier)
@@ -309,8 +310,8 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     assert _worst_vs_step("lstm") > 1e-3
 
 
-# The LL exchange (kernels.persistent.LL_SYNC: rows passed as tagged words, no barrier) and solo
-# plans (SOLO: one program per row block, all of W_hh, no barrier) against the barrier, GPU plans:
+# The LL exchange (Options.ll_sync: rows passed as tagged words, no barrier) and solo
+# plans (Options.solo: one program per row block, all of W_hh, no barrier) against the barrier, GPU plans:
 # each program computes the same values from the same operands, so the results must be equal bit
 # for bit (the barrier path is checked against the step path above). LL: fp32 takes 64-bit words,
 # bf16 32-bit ones. The layer-norm LSTM's LL exchange also passes its LayerNorm partials as tagged
@@ -334,19 +335,19 @@ LL_CASES = [
 @pytest.mark.parametrize("mode,cell,T,B,I,H,lengths,dtype,resident", LL_CASES,
                          ids=[f"{c[0]}-{c[1]}-T{c[2]}-B{c[3]}-H{c[5]}-{DT_NAME[c[7]]}-"
                               f"{'resident' if c[8] else 'streamed'}" for c in LL_CASES])
-def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_plans, monkeypatch,
+def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_plans, monkeypatch, use_options,
                                                           mode, cell, T, B, I, H, lengths, dtype, resident):
     from fused_rnn.kernels import persistent
 
     gpu_plans["resident"] = resident
     if not resident and dtype == BF16:  # (a 16-bit W_hh is always a tensor-core operand: held whole)
         monkeypatch.setattr(persistent, "RESIDENT_MAX_K", 16)
-        monkeypatch.setattr(persistent, "W_CHUNKED", False)
-    monkeypatch.setattr(persistent, "MERGE_C_OVERRIDE", False)
+        use_options(w_chunked=False)
+    use_options(merge_c=False)
     p = _problem(cell, T, B, I, H, dtype, lengths)
     plans = _spy(monkeypatch)
     barrier = _run(cell, p, "persistent")
-    monkeypatch.setattr(persistent, "LL_SYNC" if mode == "ll" else "SOLO", True)
+    use_options(**{"ll_sync" if mode == "ll" else "solo": True})
     ours = _run(cell, p, "persistent")
     assert [(pl.ll, pl.solo) for pl in plans] == [(False, False)] * 2 + [(mode == "ll", mode == "solo")] * 2, plans
     n = -(-H // 16)  # BLOCK_H = 16: 3 programs at H 37 and 40, 2 at H 20
@@ -364,7 +365,7 @@ def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_pla
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lnlstm"])
-def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkeypatch, cell):
+def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkeypatch, use_options, cell):
     """Control: an ll_get that reads the ring once instead of waiting for the step's tag reads
     rows (and, for the layer-norm LSTM, LayerNorm partials) not yet written (the rings start as
     -1, a NaN in every float type), so the results differ from the step path: the wait is what
@@ -378,7 +379,7 @@ def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkey
         w = tl.load(ring_ptr + off, mask=mask, other=0, volatile=True)
         return (w & 0xFFFFFFFF).to(tl.uint32).to(WT, bitcast=True)
 
-    monkeypatch.setattr(persistent, "LL_SYNC", True)
+    use_options(ll_sync=True)
     for mod in (persistent, lstm_persistent, ln_lstm_persistent):  # (each module's kernels look it up in their own)
         monkeypatch.setattr(mod, "ll_get", no_wait)
     _lag_program_1(monkeypatch)
@@ -387,7 +388,7 @@ def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkey
     assert [pl.ll for pl in plans] == [True, True], plans
 
 
-# W_hh chunk-resident plans (kernels.persistent.W_CHUNKED: the slice on chip as w_chunks tiles of
+# W_hh chunk-resident plans (Options.w_chunked: the slice on chip as w_chunks tiles of
 # CHUNK_K rows per gate, each step's row read chunk by chunk), which plan() takes where the whole
 # tile is over its limits (S4 on an H100); here at small sizes by lowering those limits: whole
 # tiles only up to K_pad 16, chunks of 16 rows (3 at H 37, the last partial). With the barrier and
@@ -405,14 +406,13 @@ CHUNKED_CASES = [
 @pytest.mark.parametrize("cell,T,B,I,H,lengths,dtype,ll", CHUNKED_CASES,
                          ids=[f"{c[0]}-T{c[1]}-B{c[2]}-H{c[4]}-{DT_NAME[c[6]]}-{'ll' if c[7] else 'barrier'}"
                               for c in CHUNKED_CASES])
-def test_multi_program_chunk_resident_matches_step(threaded_grid, gpu_plans, monkeypatch,
+def test_multi_program_chunk_resident_matches_step(threaded_grid, gpu_plans, monkeypatch, use_options,
                                                    cell, T, B, I, H, lengths, dtype, ll):
     from fused_rnn.kernels import persistent
 
     monkeypatch.setattr(persistent, "RESIDENT_MAX_K", 16)
     monkeypatch.setattr(persistent, "CHUNK_K", 16)
-    monkeypatch.setattr(persistent, "LL_SYNC", ll)
-    monkeypatch.setattr(persistent, "MERGE_C_OVERRIDE", False)  # (MERGE_C needs whole tiles)
+    use_options(ll_sync=ll, merge_c=False)  # (MERGE_C needs whole tiles)
     gpu_plans["resident"] = True
     p = _problem(cell, T, B, I, H, dtype, lengths)
     step = _run(cell, p, "step")
