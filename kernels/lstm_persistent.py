@@ -7,11 +7,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _dsigmoid, _dtanh, _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh, _tile,
+    _dsigmoid, _dtanh, _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh,
 )
 from .persistent import (
-    Plan, barrier_arrive, barrier_finish, check_plan, launch_opts, ll_get, ll_put, ll_ring, record, row_chunk,
-    sync_counter, w_tiles_bwd, w_tiles_fwd,
+    Plan, barrier_arrive, barrier_finish, ll_get, ll_put, plain_launch, program_tile, record, row_chunk,
+    w_tiles_bwd, w_tiles_fwd,
 )
 
 
@@ -80,10 +80,7 @@ def _lstm_fwd_persistent_kernel(
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)  # the programs of this row block
-    pid_b = tl.program_id(1)  # the row block
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    pid, nprog, pid_b, rows, cols, rmask, cmask, mask = program_tile(B, H, BLOCK_B, BLOCK_H)
     if not LL and not SOLO:
         sync_ptr += pid_b  # this row block's barrier counter
     HT = hs_ptr.dtype.element_ty
@@ -197,10 +194,7 @@ def _lstm_bwd_persistent_kernel(
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)  # the programs of this row block
-    pid_b = tl.program_id(1)  # the row block
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    pid, nprog, pid_b, rows, cols, rmask, cmask, mask = program_tile(B, H, BLOCK_B, BLOCK_H)
     if not LL and not SOLO:
         sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
@@ -306,41 +300,25 @@ def _lstm_bwd_persistent_kernel(
     tl.store(gc_ptr + b_off, gc, mask=mask)
 
 
-
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers: the time loops of kernels/lstm.py, in one launch. The callers
 # allocate and own every buffer; these only check the plan and launch.
 # ----------------------------------------------------------------------------------------------
 
 
-
 def lstm_fwd_loop(pl: Plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast) -> None:
     """All T forward steps: fills hs[1:] (the outputs), cs[1:] and (if not None) gates."""
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-    check_plan(pl, B, H, xp.device)
-    ring = ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll or pl.solo else sync_counter(T, pl, xp.device)
+    sync, ring, opts = plain_launch(pl, T, B, H, H, w_hh, fma, ieee, upcast)
     k = _lstm_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, cs, gates, lengths, sync, ring, T, B, H,
-        SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
-        **launch_opts(xp.device, pl),
-    )
+        xp, w_hh, hs, cs, gates, lengths, sync, ring, T, B, H, **opts)
     record("lstm_fwd", k)
 
 
 def lstm_bwd_loop(pl: Plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast) -> None:
     """All T reverse steps: fills dG[:T] (dG[T] must be zero), leaves gh_0 in gh and dc0 in gc."""
     T, B, H = dout.shape
-    check_plan(pl, B, H, dout.device)
-    ring = ll_ring(pl, B, 4 * H, w_hh)
-    sync = None if pl.ll or pl.solo else sync_counter(T, pl, dout.device)
+    sync, ring, opts = plain_launch(pl, T, B, H, 4 * H, w_hh, fma, ieee, upcast)
     k = _lstm_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, ring, T, B, H,
-        SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
-        **launch_opts(dout.device, pl),
-    )
+        gates, w_hh, cs, dout, dG, gh, gc, lengths, sync, ring, T, B, H, **opts)
     record("lstm_bwd", k)

@@ -1,85 +1,25 @@
-"""The shared machinery of the persistent kernels, which run all T steps of one layer in one launch,
-forward and backward: the plans (plan, plan_ln), the grid barrier, the LL exchange, the resident
-W_hh tiles and the launch helpers. The kernels: kernels/lstm_persistent.py (plain LSTM),
-kernels/rnn_persistent.py (tanh/ReLU RNN), kernels/ln_lstm_persistent.py (layer-norm LSTM: its
-LayerNorms need statistics over whole rows, and a program owns only a slice of the hidden units,
-so those kernels add cross-program reductions, more barriers per step, to this design).
+"""The shared machinery of the persistent kernels, which run all T steps of one layer in one
+launch, forward and backward: the plans (plan, plan_ln) and their limits, the grid barrier, the LL
+exchange, the resident W_hh tiles and the launch helpers. The kernels live by cell:
+kernels/lstm_persistent.py, rnn_persistent.py, ln_lstm_persistent.py (+ ln_exchange.py).
+docs/persistent.md has the design, the barrier and exchange protocols, the plan rules and the
+sm_90 compile results behind each limit.
 
-Legend
-    T   time steps                 B   batch rows (row blocks of BLOCK_B <= MAX_B rows)
-    H   hidden units               G   = 4H gate pre-activations (LSTM; gate order i, f, g, o)
-    P   programs in the grid       K   reduction dim of the recurrent matmul
-Layouts are the step path's (kernels/lstm.py, kernels/rnn.py): the launchers there allocate the
-buffers, and call into here instead of their per-step loop, so the saved tensors (hs, cs
-[T+1, B, H], gates [T, B, G], dG / dP [T+1, B, *]) and the outputs are exactly what the step
-path writes, and a persistent forward pairs with either backward.
-
-Design
-    grid = (P, R): program (p, r) owns hidden units j in [p BLOCK_H, (p+1) BLOCK_H), all four
-    gates (LSTM), for the batch rows of row block r (BLOCK_B rows; R = cdiv(B, BLOCK_B), 1 up to
-    B = 64). Per step it needs the full previous row of its rows (forward: h_{t-1} [BLOCK_B, H];
-    backward: dG_{t+1} [BLOCK_B, G]), read from global memory, times its slice of W_hh. Rows
-    never mix, so the P programs of one row block meet at their own barrier (one counter per row
-    block) after each step, and row blocks run independently. What only the program itself
-    writes stays in registers across steps:
-    c and its own h columns (forward), the carried gradients gh, gc (backward).
-    W_hh slice, RESIDENT=True: loaded once, before the time loop, as one [K_pad, BLOCK_H] tile
-    per gate (forward: W_q[j, k]; backward: W_q[k, j], K_pad = next_pow2(H)), so one tl.dot per
-    gate and step; or, past the whole tile's limits, as NK = Plan.w_chunks tiles of BLOCK_K rows
-    per gate (a tuple, unrolled at compile time: Options.w_chunked), the row then read chunk by chunk.
-    Triton keeps these tiles in shared memory (in the TTGIR of an sm_90 compile the local_allocs
-    sit before the time loop; each step local_loads the mma operand). RESIDENT=False:
-    BLOCK_K chunks re-read from global memory (L2) every step, the step kernel's loop: fp64 (an
-    FMA product [BLOCK_B, BLOCK_K, BLOCK_H]), fp32 without TF32 on a GPU (tl.dot lowers to FMAs),
-    and slices or row tiles over the limits below.
-    Overlap: the next step's tiles that no other program writes (forward: x W_ihᵀ + b; backward:
-    the saved gates, dout and c) are loaded before the barrier's wait (ANCHORS: 3.4 -> 2.55 ms at
-    S1 for a prototype persistent forward, loading them before the barrier), and after its
-    arrival, together with the stores no other program reads (Options.early_arrive: the arrival's release
-    then waits for the row the others need only).
-
-Grid barrier (grid_barrier): a per-launch int32 counter per row block, zeroed by the launcher,
-never reused. Barrier number n (n = 1, 2, ...) waits for the counter to reach n P: a CTA barrier (every thread
-of the program has stored its part of the step), one atomic add with release semantics at GPU
-scope (Triton issues a scalar atomic from one thread), then a spin on an acquire read of the
-counter, then a CTA barrier again so that no thread reads the next step's row before the acquire.
-ANCHORS measured this pattern at 0.64 us a step with 1 program, 0.99 us with 128.
-Triton 3.9 (installed here) compiles it for sm_90 to bar.sync; red.global.gpu.release.add.u32;
-a loop of {ld.global.gpu.acquire.b32 by thread 0, broadcast through shared memory, bar.sync};
-bar.sync (read from the PTX on this CPU machine; tests/test_persistent.py checks it, and that
-there is one release add per barrier, issued by thread 0 only: the n P target counts programs).
-What makes the other programs' rows visible after a barrier is that acquire: in the SASS it is
-an LDG.E.STRONG.GPU followed by CCTL.IVALL, an invalidation of the SM's whole L1 (what
-cooperative groups' grid.sync() relies on), then BAR.SYNC. The ".cg" hint on the row loads is
-not what guarantees it: with num_stages > 1 Triton's pipeliner turns those loads into
-cp.async, and copies narrower than 16 bytes become cp.async.ca (through L1), e.g. at B16 H768
-(a review of sm_90 compiles, 2026-11-27). The sem=
-and scope= arguments of tl.atomic_add: triton-lang/triton PR #2562 added scope, and PR #5580
-(January 2025) describes both as existing attributes of every atomic, so Triton 3.6 has them.
-NONE OF THIS HAS RUN ON A GPU YET.
-
-LL exchange (Options.ll_sync / Plan.ll, plain LSTM and RNN; the layer-norm LSTM's kernels too, see
-kernels/ln_lstm_persistent.py): instead of the barrier, each element of the
-row the others need goes out with its step number in one word, and readers spin on those words
-(ll_put / ll_get: why it is correct, and what it should save). Its programs wait for each other
-just the same, so the deadlock guard below applies unchanged. UNMEASURED; off by default.
-Solo plans (Options.solo / Plan.solo): one program per row block owning every hidden unit, where all of
-W_hh fits on chip (SOLO_MAX_W_BYTES): nothing to exchange or wait for, the row a step produces
-is the next step's operand straight from registers. UNMEASURED; off by default.
-
-Deadlock guard: every program must be resident at once, or the ones spinning wait forever for
-ones that cannot start. plan() allows at most one program per SM (P R <= multi_processor_count),
-so residency needs only that one CTA fits on an SM, which any kernel that launches at all does,
-once the SMs are free of other work. On CUDA the kernel is also launched cooperatively
-(launch_cooperative_grid=True: Triton PR #5381, merged December 2024; present in the installed
-3.9, assumed in 3.6 from the date): the driver then refuses a grid that cannot be co-resident with
-an error instead of a hang (not while a CUDA graph is captured; see launch_opts). Left unguarded:
-two persistent launches on two streams at once could each hold part of the SMs and wait for
-each other, and an MPS client limited to fewer SMs than the device reports.
-Under the Triton interpreter the programs of a grid run one after another, so only P = 1 can pass
-a barrier: plan() gives CPU tensors one program per row block covering all of H (how CI tests
-these kernels, row blocks included: a row block's lone program runs all its steps, then the next
-block's); the multi-program path is tested by CUDA-only tests.
+Legend: T steps, B batch rows (row blocks of BLOCK_B <= MAX_B rows, R of them), H hidden units,
+G = 4H LSTM gate pre-activations (order i, f, g, o), P programs per row block.
+    grid = (P, R): program (p, r) owns the hidden units [p BLOCK_H, (p+1) BLOCK_H) (all gates)
+    of the rows of row block r; each step it reads the whole previous row of its rows (h_{t-1};
+    backward dG_{t+1} / dP_{t+1}) times its slice of W_hh, which stays on chip (resident, whole or
+    in w_chunks tiles) or is streamed from L2 in BLOCK_K chunks. Rows never mix: the P programs
+    of a row block meet at their own grid barrier after each step (or exchange tagged words: LL;
+    or a solo program owns every unit and waits for no one).
+Buffers are the step path's (kernels/lstm.py, rnn.py allocate them), so a persistent forward
+pairs with either backward.
+Deadlock guard: every program must be resident at once. plan() allows at most one program per
+SM; on CUDA the launch is cooperative (the driver refuses a grid that cannot be co-resident),
+except while a CUDA graph is captured. Under the Triton interpreter a grid's programs run one
+after another, so plan() gives CPU tensors one program per row block covering all of H.
+NOT RUN ON A GPU YET: written and checked under the interpreter and by sm_90 compiles only.
 """
 from __future__ import annotations
 
@@ -91,92 +31,31 @@ import triton
 import triton.language as tl
 
 from . import config
-from ._common import pow2_block, sm_count
+from ._common import _tile, pow2_block, sm_count
 
-# ---- limits and tuning knobs (UNMEASURED: no GPU this session; see each comment) ------------
-# Rows per row block: BLOCK_B = next_pow2(B) in [16, MAX_B]; larger batches take cdiv(B, 64) row
-# blocks, each with its own P programs and barrier (S3, B256 H1024: 4 row blocks x 32 programs of
-# BLOCK_H = 32 = 128 programs). UNMEASURED against the step path at large B.
+# Rows per row block: BLOCK_B = next_pow2(B) in [16, MAX_B]; larger batches take several row blocks.
 MAX_B = 64
-# Hidden units per program, tried in this order: the smallest block whose grid fits on the SMs
-# (most programs: the most SMs streaming W_hh and h; ANCHORS' barrier cost grows only from
-# 0.64 to 0.99 us between 1 and 128 programs). tl.dot needs >= 16.
+# Hidden units per program, smallest first: the most programs (SMs) whose grid fits; tl.dot needs >= 16.
 BLOCK_H_CHOICES = (16, 32, 64)
-# A W_hh slice (all gates) held on chip for the whole sequence up to this size; above it,
-# streamed from L2 each step. 64 KiB = bf16 H=512 at BLOCK_H=16 (S2). Triton 3.9 keeps the
-# resident tiles in shared memory (local_alloc hoisted out of the time loop; a local_load into the
-# mma operand layout each step), checked in the TTGIR of an sm_90 compile on this machine.
+# A W_hh slice (all gates) kept on chip (shared memory) up to this size; above it, streamed from L2.
 W_RESIDENT_MAX_BYTES = 64 * 1024
-# The resident path also loads whole rows [BLOCK_B, K_pad] each step (the LSTM backward: four,
-# one per gate block). sm_90 compiles with ptxas (Triton 3.9, no GPU; registers / stack bytes):
-#   LSTM fwd  B16 H256 bf16  1 x 16x256   188 regs, no spill;   B64 H512: 1 x 64x512  213, none
-#   LSTM bwd  B16 H256 bf16  4 x 16x256   187 regs, no spill;   B64 H256: 4 x 64x256  255 + 808 B
-# so at most 32K row elements a step.
+# The resident path's whole-row tiles [BLOCK_B, K_pad] a step (4 for the LSTM backward): more spilled.
 ROW_TILE_MAX_ELEMS = 32 * 1024
-# ... and K_pad = next_pow2(H) at most 512: at H=768 (S4) the resident tile pads K to 1024 (a third
-# more work) and the RNN forward spilled (255 regs + 208 B stack at 8 warps); streaming in
-# BLOCK_K=64 chunks compiled without spills (253 regs at 8 warps). (Past these two limits W_hh
-# can still stay on chip, in chunks: Options.w_chunked, below.)
+# ... and K_pad = next_pow2(H) at most this (H=768 pads to 1024 and spilled); past it: chunks.
 RESIDENT_MAX_K = 512
-# The variant switches plan() reads are kernels.config.Options' fields (config.using sets them):
-# plan_block_h / plan_num_warps force plan()'s choices on CUDA (bench/persistent_tune.py's grid).
-# ll_sync: flag-in-data exchange ("LL", see ll_put) instead of the grid barrier, for the plain
-# LSTM, the RNN and the layer-norm LSTM (where ln_ll_fits; its LayerNorm partials too), forward
-# and backward. UNMEASURED (no GPU yet): off by default; a variant of bench/persistent_tune.py,
-# which times it against the barrier.
-# One program per row block holding ALL of W_hh on chip ("solo"): no other program to wait for,
-# so no barrier and no exchange; the row a step produces stays in registers as the next step's
-# matmul operand (never re-read from memory). Only where the whole W_hh fits the shared memory
-# next to the rest: SOLO_MAX_W_BYTES (the tanh RNN at H=256 in bf16: 128 KiB; the LSTM at
-# H <= 128). sm_90 compile of the RNN forward at B16 H256 bf16 (Triton 3.9): 8 warps 255 registers
-# + 100 B spilled (the spills sit in the prologue's W load, 5 reloads inside the time loop),
-# 144 KiB shared; 4 warps spilled 1544 B. One SM then does the whole step (a [16, 256] x [256, 256]
-# product a step for the RNN at S1) instead of 16 SMs plus a barrier. The gate tiles (gates x
-# BLOCK_B x K_pad fp32 accumulators) are bounded at 8192 elements: the LSTM at B16 H128 (8192)
-# spilled 92 B, at B64 H64 (16384) 896 B. UNMEASURED: off by default (Options.solo); a variant
-# of bench/persistent_tune.py.
+# Solo plans (Options.solo): all of W_hh in one program per row block, where it fits this.
 SOLO_MAX_W_BYTES = 128 * 1024
-# W_hh slices over the whole-tile limits (K_pad > RESIDENT_MAX_K, or the row tile over
-# ROW_TILE_MAX_ELEMS) kept on chip anyway, as ceil(H / CHUNK_K) tiles of CHUNK_K rows per gate,
-# each step's row read chunk by chunk from L2 as on the streamed path ("w_chunks" plans). At S4
-# (B16 H768, 48 programs of BLOCK_H = 16) the streamed path re-reads each program's 96 KiB of
-# W_hh from L2 every step, next to 24 KiB (forward) or 96 KiB (backward) of rows; this keeps the
-# 96 KiB in shared memory. sm_90 compiles at S4 (bf16, 8 warps, lengths; registers, Triton 3.9 /
-# 3.6, against the streamed plan's; no spill anywhere): LSTM fwd 144 / 160 (streamed 174 / 180),
-# bwd 255 / 245 (123 / 116), RNN fwd 80 / 128 (125 / 126), bwd 99 / 128 (64 / 64); 98 KiB of
-# shared memory for the LSTM, 26-28 KiB for the RNN. Where the row elements a step exceed
-# CHUNKED_ROW_MAX_ELEMS the compiler hoists the chunk loads (all issued up front) and runs out of
-# registers: a B64 H512 backward (128K elements) took 255 registers and spilled ~1 KB under
-# Triton 3.6, a B128 H1024 forward (128K) 168-1608 B. UNMEASURED on a GPU; on by default inside
-# the persistent path (itself opt-in; Options.w_chunked); w_chunked=False is the tuner's variant
-# with W_hh streamed.
+# Chunk-resident W_hh (Options.w_chunked): CHUNK_K-row tiles per gate within these limits (else spills).
 CHUNK_K = 64
 CHUNKED_W_MAX_BYTES = 96 * 1024
 CHUNKED_ROW_MAX_ELEMS = 48 * 1024
-# The grid barrier split in two (plain LSTM and RNN): arrive (CTA barrier, release add) right after
-# the stores the other programs read at the next step (h_t; dG_t / dP_t), then this step's other
-# memory traffic (the stores only the backward or the caller reads: gates, c, the RNN's output;
-# the loads of the next step's own tiles), then wait. With everything before one grid_barrier,
-# as before, the release (MEMBAR.ALL.GPU before the REDG in the sm_90 SASS, Triton 3.9) waits for
-# all of it, the next step's loads included (x W_ih at S1: 32 MiB for the LSTM, partly out of
-# L2); now it waits for the h_t stores only, and the loads land during the wait. UNMEASURED; on
-# by default inside the persistent path (itself opt-in): the same operations, the release waiting
-# on fewer (Options.early_arrive); early_arrive=False is the tuner's variant with the former order.
-# (Options.cooperative_launch: the cooperative launch on CUDA, see the module docstring; a switch
-# so that a GPU session can turn it off if the installed Triton rejects the option.)
 
-# What the last launch of each kernel compiled to (GPU only: n_regs, n_spills, shared bytes),
-# for the benchmark and the GPU session; empty under the interpreter.
+# What the last launch of each kernel compiled to (GPU only: n_regs, n_spills, shared bytes).
 LAST_LAUNCH: dict = {}
 
-# The forward's 2-barrier variant (MERGE_C) where BLOCK_B x K_pad <= this (K_pad = next_pow2(H)):
-# every program then holds whole c_t / o_t row tiles [BLOCK_B, K_pad] of its row block.
-# Chosen from sm_90 compiles (see _ln_num_warps). UNMEASURED on a GPU.
+# The layer-norm forward's 2-barrier variant (MERGE_C) where BLOCK_B x K_pad <= this (spills past it).
 MERGE_C_MAX_ROW_ELEMS = 4096
-# (Options.merge_c forces the choice: True / False; None = this rule.)
-# The combine loads every program's partials of one quantity as a [BLOCK_P, BLOCK_B] tile,
-# BLOCK_P = next_pow2(P): at most this many elements (B = 64: P <= 32; B = 16: P <= 128), so
-# plan_ln takes a larger BLOCK_H where the smallest would give more programs. (UNMEASURED.)
+# The LN combine's [BLOCK_P, BLOCK_B] tile of partials at most this big (BLOCK_P = next_pow2(P)).
 PART_TILE_MAX_ELEMS = 2048
 
 
@@ -190,10 +69,8 @@ class Plan:
     BLOCK_K: int
     resident: bool
     num_warps: int
-    # Software pipelining only inside the streamed K loop (num_stages=3, Triton's default), so the
-    # row loads of step t+1 can never be hoisted above step t's barrier; the resident path has no
-    # inner loop and gets num_stages=1. (Triton 3.9 pipelines only the inner loop: in the sm_90
-    # TTGIR its async copies sit after the barrier of the previous step.)
+    # pipelining only inside the streamed K loop (3), so no row load of step t+1 moves above step
+    # t's barrier; the resident path has no inner loop (1)
     num_stages: int = 3
     row_blocks: int = 1  # R: the grid is (programs, row_blocks)
     ll: bool = False  # exchange rows through the tagged ring (ll_put / ll_get), no barrier
@@ -245,8 +122,9 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     K_pad = pow2_block(H, 16, max(16, triton.next_power_of_2(H)))
     opts = config.options()
     solo = opts.solo
-    solo = bool(solo) and variants and not ln and (cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
-                           and gates * K_pad * K_pad * esize <= SOLO_MAX_W_BYTES and gates * BB * K_pad <= 8192)
+    solo = bool(solo) and variants and not ln and (
+        cpu or (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
+        and gates * K_pad * K_pad * esize <= SOLO_MAX_W_BYTES and gates * BB * K_pad <= 8192)
     if cpu or solo:
         BH = K_pad  # one program covering every hidden unit: the interpreter's only safe grid
     else:
@@ -267,12 +145,7 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     mma = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and (allow_tf32 or cpu))
     resident = (mma and (w_bytes <= W_RESIDENT_MAX_BYTES or solo) and row_elems <= ROW_TILE_MAX_ELEMS
                 and (cpu or K_pad <= RESIDENT_MAX_K))
-    # Whole tiles that spilled in a sweep of the default plans (sm_90, bf16, Triton 3.6 / 3.9; not
-    # the benchmark shapes): the forward at K_pad 512 under 64 rows (B16 H512 LSTM 56 / 136 B, RNN
-    # 64 / 112 B; B32 H512 64-80 B; chunks of 64 rows: 107-169 registers, none); the LSTM backward
-    # above 16 rows with row tiles over 8K elements (B32 H128 520 / 480 B at 4 warps, B64 H64
-    # 608 / 656 B, B64 H128 128 / 136 B, B32 H256 120 / 232 B; streamed: B32 H128 0 / 24 B,
-    # B64 H64 96 / 48 B, B64 H128 0 / 0, B32 H256 8 / 8 B). Those take chunks / the streamed path.
+    # whole tiles that spilled in the sm_90 compiles take chunks / the streamed path instead
     bwd_streamed = cell == "lstm" and direction == "bwd" and BB > 16 and row_elems > 8 * 1024 and not ln
     if resident and not cpu and not solo and (bwd_streamed or (direction == "fwd" and K_pad >= 512 and BB < 64)):
         resident = False
@@ -283,11 +156,7 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     nk = triton.cdiv(H, CHUNK_K)
     chunk_rows = (gates if direction == "bwd" else 1) * BB * nk * CHUNK_K  # row elements a step
     chunked = opts.w_chunked
-    # (with the LL exchange the row's words: the S4 LSTM backward's 48K words spilled 1160 B under
-    # Triton 3.6 (none under 3.9), its forward's and the RNN's 12K did not: LL keeps the streamed
-    # W_hh there rather than give up either)
-    # (BB x CHUNK_K <= 2048: the LSTM forward at B64 H768, 12 chunks of [64, 64], spilled
-    # 2424 B under Triton 3.6 and 976 B under 3.9; streamed 207 / 182 registers, none)
+    # (the limits: chunk tiles and the LL row's words that spilled; docs/persistent.md)
     chunked = (bool(chunked) and chunks and not cpu and not resident and mma and BB * CHUNK_K <= 2048
                and not bwd_streamed
                and gates * nk * CHUNK_K * BH * esize <= CHUNKED_W_MAX_BYTES and chunk_rows <= CHUNKED_ROW_MAX_ELEMS
@@ -300,22 +169,12 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
         BK = 8  # the FMA product [BLOCK_B, BLOCK_K, BLOCK_H]
     else:
         K = gates * H if direction == "bwd" else H
-        # streamed mma chunks: 64, or 32 for a 64 x 32 tile (S3's plan, B256 H1024 bf16, 8 warps,
-        # ptxas 13.4 for sm_90: LSTM fwd BK=64 255 regs + 20 B spilled, BK=32 252 regs, none;
-        # LSTM bwd 255 regs + 32 B spilled at BK=64, + 16 B at BK=32, + 24-32 B at 16 warps; since
-        # the saved c is 16-bit, BK=32: 252 regs, none; Triton 3.6: 254 + 16 B)
+        # streamed mma chunks: 64, or 32 for a 64 x 32 tile (S3: BK=64 spilled)
         BK = pow2_block(K, 16, (32 if BB * BH >= 2048 else 64) if mma else 32)
-    # 4 warps spilled at B=64 and at H=768 (255 regs + 360-528 B stack); 8 did not (sm_90 compiles)
+    # 4 warps spilled at B=64 and at H=768, 8 did not
     num_warps = 4 if BB * K_pad <= 4096 and w_bytes <= 16 * 1024 else 8
-    # The LL exchange waits on 32-bit words (16-bit values): twice the registers of the row tile
-    # it replaces. sm_90 compiles (Triton 3.9, bf16, lengths; registers + spilled bytes, LL vs
-    # barrier): S1 LSTM fwd 208 / 210, bwd 191 / 206, none; S4 (streamed) LSTM 171 / 174 and
-    # 102 / 123, none; but a resident [64, 512] tile (S2) spilled 262-386 B, and S3's 64 x 32
-    # tiles 24 B (LSTM bwd). So only where the row tile's words take at most 16 KiB (16 x 256
-    # 32-bit words; fp32's 64-bit words: 16 x 128, the RNN in fp32 with TF32 at B16 H256 spilled
-    # 24-36 B) or are streamed, and the tile per program under 2048; fp64 never (a tagged word
-    # would take 128 bits). The RNN at S1 spilled 8-16 B at 4 warps, none at 8. (No such limit in
-    # the interpreter.)
+    # LL words take twice the registers of the row tile they replace: only where the tile's words
+    # fit 16 KiB or are streamed, and under 2048 elements a program (larger spilled); fp64 never
     ll = ll and (
         cpu or (BB * BH < 2048 and (not resident or chunked or BB * K_pad * word_bytes <= 16 * 1024)))
     if ll or (solo and not cpu):
@@ -323,9 +182,7 @@ def plan(cell: str, direction: str, B: int, H: int, dtype: torch.dtype, device,
     if not cpu and opts.plan_num_warps is not None:
         num_warps = opts.plan_num_warps
     early = bool(opts.early_arrive) and not (ll or solo)
-    # (not the LSTM backward's 64 x 32 tiles at S3: 252 registers without a spill in the former
-    # order, 16 B (Triton 3.9) / 32 B (3.6) spilled in this one; the forward there went from 254
-    # to 190 registers)
+    # (not the LSTM backward's 64 x 32 tiles at S3: they spilled in the early order)
     early = early and not (cell == "lstm" and direction == "bwd" and BB * BH >= 2048)
     return Plan(programs, BB, BH, BK, resident, num_warps, 1 if resident else 3, R, ll, solo,
                 nk if chunked else 1, early), ""
@@ -353,11 +210,8 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
     R = triton.cdiv(B, BB)
     cap = max(1, PART_TILE_MAX_ELEMS // BB)
     lim = limit if device.type != "cuda" else min(limit, R * cap)
-    # W_hh in chunks (Options.w_chunked) where the plain plan takes them, in the forward only:
-    # sm_90 compiles at B16 H768 (bf16, lengths; Triton 3.9): forward 184-188 registers, no stack
-    # (streamed: 220-228); backward 255 + 40-56 B of stack at 8 warps (streamed: 179-231, none).
-    # Not for a MERGE_C forward either: its resident operand is a whole c row tile (with the
-    # limits as set, fwd_merge_c's rule and a chunked plan never meet; Options.merge_c can).
+    # W_hh in chunks where the plain plan takes them, in the forward only (the backward spilled
+    # with them), and not for a MERGE_C forward (its resident operand is a whole c row tile)
     forced = config.options().merge_c
     merge = forced if forced is not None else BB * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
     pl, why = plan("lstm", direction, B, H, dtype, device, lim, allow_tf32, variants=True,
@@ -374,20 +228,9 @@ def plan_ln(direction: str, B: int, H: int, dtype: torch.dtype, device, limit: O
 
 
 def ln_ll_fits(direction: str, pl: Plan, dtype: torch.dtype) -> bool:
-    """Whether the LN kernels on a GPU take the LL exchange that persistent.plan() chose
-    (Options.ll_sync): fp16 / bf16 only (32-bit words for the row; fp32 with TF32, 64-bit words, spilled
-    8 B in the S4 backward), at BLOCK_B = 16 only, the forward only with its W_hh slice whole on
-    chip (resident, one tile). sm_90 compiles with LL (bf16, lengths, 8 warps; registers + stack
-    bytes, Triton 3.9 / 3.6):
-        fwd B16 H256 resident   183 / 207, none       bwd B16 H256 resident   174 / 186, none
-        fwd B16 H128 resident   218 / 237, none       bwd B16 H128 resident   240 / 248, none
-        fwd B16 H768 chunked    236 + 24 B / -        bwd B16 H768 streamed   172 / 227, none
-            (4 warps: 252 + 8 B; streamed: 249 + 24 B)   bwd B16 H1024 streamed  172 / 227, none
-        fwd B16 H1024 streamed  249 + 24 B / -
-        fwd B64 H64 resident    171 / 231, none       bwd B64 H64 resident    252 / 255 + 40 B
-                                                      bwd B64 H512 streamed   254 + 8 B / -
-    (the row's tagged words and the LayerNorm partials' 64-bit words, BLOCK_P x BLOCK_B per
-    quantity, on top of the barrier kernels' registers). Elsewhere the barrier plan."""
+    """Whether the LN kernels on a GPU take the LL exchange that plan() chose (Options.ll_sync):
+    16-bit dtypes, BLOCK_B = 16, the forward only with its W_hh slice whole on chip; elsewhere
+    the barrier plan (the LL words spilled there in the sm_90 compiles; docs/persistent.md)."""
     if dtype not in (torch.float16, torch.bfloat16) or pl.BLOCK_B > 16:
         return False
     return direction == "bwd" or (pl.resident and pl.w_chunks == 1)
@@ -395,47 +238,9 @@ def ln_ll_fits(direction: str, pl: Plan, dtype: torch.dtype) -> bool:
 
 def _ln_num_warps(direction: str, pl: Plan, H: int) -> int:
     """num_warps of the LN kernels: the plain plan's, except 4 for the resident backward with a
-    row tile BLOCK_B x K_pad <= 4096 at BLOCK_B = 16 (8 at more rows: at 4 warps, bf16, Triton
-    3.9 / 3.6, B64 H64 spilled 32 / 400 B, B64 H32 0 / 288 B, B32 H128 8 / 0 B, B32 H64 8 / 0 B;
-    at 8 warps none), and 8 for the forward's MERGE_C variant (fwd_merge_c).
-    Chosen from sm_90 compiles of these kernels (Triton 3.9 +
-    its bundled ptxas on a CPU machine, specialised as a GPU launch is: aligned pointers, B and H
-    divisible by 16; bf16, lengths on; registers / stack bytes from cuobjdump -res-usage;
-    "fp32 | bf16" = the dtype of hs (fwd) / dG (bwd)):
-        fwd B16 H256 resident   4 warps: 255+64 B | 255+32 B   8 warps: 173 | 182, no stack
-        bwd B16 H256 resident   4 warps: 168 | 168, no stack   8 warps: 128+16 B | 128+32 B
-                                (ptxas held itself to 128 registers at 8 warps there)
-        fwd B64 H512 resident   4 warps: 255+904 B | +800 B    8 warps: 225, none | 255+8 B
-        bwd B64 H512 BK=64      4 warps: 255+192 B | +120 B    8 warps: 241 | 247, no stack
-        fwd B16 H768 BK=64      4 warps: 230 | 232, none       8 warps: 238 | 240, none
-        bwd B16 H768 BK=64      4 warps: 236 | 227, none       8 warps: 182 | 179, none
-    16 warps spilled everywhere (128 registers a thread). Two earlier versions of the kernels
-    spilled far more; what fixed them: the partials with compile-time strides (one base address
-    per thread), their addresses depending on the step (parity), the LN parameters loaded where
-    used, the backward's LN-gradient sums accumulated in memory and its statistics loaded where
-    used. The one remaining spill (fwd B64 H512 with a bf16 hs, 8 bytes of stack) went when the
-    forward stopped carrying a held h in registers (its hs[t+1] is the output, 0 past the end):
-    252 registers, no stack (Triton 3.9). Triton 3.6 (the GPU machine's) still spills 32 bytes
-    there; streaming W_hh instead (BLOCK_K = 32: 185 registers, BLOCK_K = 16: 170, no stack,
-    Triton 3.9) would re-read the program's 64 KiB W_hh slice from L2 every step, which should
-    cost more than a 32-byte spill (not measured; the GPU session should time both).
-    The forward's MERGE_C variant (2 barriers a step; same compiles; "-" = not selected there):
-        B16 H256 resident       4 warps: 255+40 B | 255+48 B   8 warps: 225 | 217, no stack
-        B16 H128 resident       4 warps: 255+24 B | 255+16 B   8 warps: 195 | 192, no stack
-        B64 H64  resident       4 warps: 255+48 B | 232, none  8 warps: 241 | 216, no stack
-        B16 H64  resident                                      8 warps: 220 | 220, no stack
-        B32 H128 resident       4 warps: 255+72 B | 255+64 B   8 warps: 255+24 B | 246, none
-        B32 H64  resident                                      8 warps: 255+40 B | 250, none
-        fp32 (TF32) B16 H256 resident, hs fp32: 8 warps 255+64 B (3-barrier: 241, none);
-        fp32 (IEEE) B16 H256 BK=32, hs fp32:    8 warps 190, none (3-barrier: 166, none)
-        - B32 H256 resident    8 warps: 255+40 B | 255+56 B   (3-barrier: 188 | 184, none)
-        - B16 H512 resident    8 warps: 255+168 B | 255+80 B  (3-barrier: 255+48 B | 239)
-        - B16 H768 BK=64       8 warps: 255+312 B | 255+320 B (3-barrier: 238 | 240, none)
-        - B64 H512 resident    8 warps: 255+984 B (bf16 hs)   (3-barrier: 255+8 B)
-    hence MERGE_C_MAX_ROW_ELEMS = 4096: every program holds whole [BLOCK_B, K_pad] c, o (and,
-    with lengths, held h) row tiles, which spill past that. (At B16 H768 a chunked variant of
-    the c statistics, tried and dropped, still spilled 16-24 B at num_stages=3.)
-    UNMEASURED on a GPU: registers are not speed."""
+    row tile BLOCK_B x K_pad <= 4096 at BLOCK_B = 16 (8 at more rows), and 8 for the forward's
+    MERGE_C variant (fwd_merge_c): the counts that did not spill in the sm_90 compiles of these
+    kernels (docs/persistent.md has them)."""
     if pl.ll:
         return pl.num_warps
     if direction == "bwd" and pl.resident and pl.w_chunks == 1 and pl.BLOCK_B * pl.BLOCK_K <= 4096:
@@ -464,10 +269,20 @@ def fwd_merge_c(pl: Plan, H: int) -> bool:
     return pl.BLOCK_B * k_pad(H) <= MERGE_C_MAX_ROW_ELEMS
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The shared @triton.jit helpers: grid barrier, LL exchange, resident W_hh tiles, row chunks
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def program_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's place in the grid (P, R): its index, P (the programs of its row block), its
+    row block, and _tile's rows, cols, rmask, cmask, mask."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pid_b = tl.program_id(1)
+    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    return pid, nprog, pid_b, rows, cols, rmask, cmask, mask
 
 
 @triton.jit
@@ -502,25 +317,10 @@ def barrier_finish(sync_ptr, target, EARLY: tl.constexpr):
         grid_barrier(sync_ptr, target)
 
 
-# Flag-in-data exchange (the "LL" protocol of NCCL's low-latency transfers, written anew here):
-# instead of storing its rows and meeting the others at grid_barrier, a program stores each
-# element of the row tile the others need (h_t forward, dG_t / dP_t backward, already in the dot
-# operand's dtype WT) together with its step number in ONE 32-bit word (16-bit WT) or 64-bit word
-# (fp32), and a reader spins on plain volatile loads of the words it needs until every one
-# carries the step it waits for. A word is written by a single store (a relaxed exchange: see
-# ll_put), so a reader that sees the tag sees the value stored with it: no fence, no counter,
-# and no second read of the row after a barrier (the barrier costs a release fence, an atomic
-# add, an acquire poll and then the row load: ANCHORS 0.84 us a step with 16 programs, the row
-# load after it on top).
-# Ring of 2 slots [2, B, N]: slot s % 2 holds row slot s (hs slot s forward, dG slot s backward),
-# tag s & 0x7FFF. The launcher fills it with -1 (tag 0xFFFF: never a step), each program writes
-# its own columns of the first slot before its loop. Reuse is safe with 2 slots: a program
-# overwrites slot s % 2 with row s only after it has read every program's row s-1, which each
-# program wrote only after all its threads' reads of row s-2 (the same slot) had returned: the
-# reads end in the wait loop's CTA-wide reduction, which precedes every store of the step.
-# Volatile loads are ld.volatile (strong, not cached in L1), so no stale L1 line is read.
-# UNMEASURED: whether it beats the barrier (the reader re-reads a whole tile while waiting,
-# twice the bytes of the row itself) is for bench/persistent_tune.py to say.
+# The LL exchange (NCCL's low-latency protocol, written anew): each element of the row the others
+# need goes out with its step's tag in one word (32-bit for 16-bit values, 64-bit for fp32), and
+# readers spin on volatile loads until every word carries the step: no fence, no counter. A ring
+# of 2 slots [2, B, N], filled with -1; why 2 slots suffice: docs/persistent.md.
 @triton.jit
 def ll_put(ring_ptr, off, v, tag, mask):
     """Publish tile v (16-bit or fp32) at ring_ptr + off, each element with the low 15 bits of
@@ -559,10 +359,8 @@ def w_tiles(w_ptr, col_off, k_base, cmask, H, BLOCK_K: tl.constexpr, NK: tl.cons
     holds, for the k of chunk kc (0 from H on) at [k - kc BLOCK_K, j]: W_hh[k_base + k, col_off[j]]
     (TRANS) or element col_off[j] + k (col_off: the offsets of W_hh rows). NK = 1: one tile of
     BLOCK_K = K_pad; NK > 1: Plan.w_chunks (the tuple is unrolled at compile time; Triton keeps
-    every tile in shared memory, see CHUNK_K). (The two address forms, and the mask computed
-    before the address, are the whole-tile kernels' own: sm_90 registers depend on them, e.g.
-    the solo LSTM backward at B16 H128 spilled 184 B instead of 88 under Triton 3.6 with the
-    mask after.)"""
+    every tile in shared memory). (The two address forms, and the mask computed before the
+    address, are the whole-tile kernels' own: the registers depend on them.)"""
     ws = ()
     for kc in tl.static_range(NK):
         ks = kc * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -664,3 +462,15 @@ def check_plan(pl: Plan, B: int, H: int, device) -> None:
     if not grid_fits(needed, max_programs(device)):
         raise RuntimeError(f"persistent grid of {pl.row_blocks} x {pl.programs} programs cannot be "
                            f"co-resident on {device}")
+
+
+def plain_launch(pl: Plan, T: int, B: int, H: int, N: int, w_hh: torch.Tensor, fma, ieee, upcast):
+    """What a plain (LSTM, RNN) persistent launch passes besides its buffers, after checking the
+    plan: (the barrier counter, or None for LL and solo plans; the LL ring of rows of N, or None;
+    the kernel's plan constexprs and launch options)."""
+    check_plan(pl, B, H, w_hh.device)
+    ring = ll_ring(pl, B, N, w_hh)
+    sync = None if pl.ll or pl.solo else sync_counter(T, pl, w_hh.device)
+    return sync, ring, dict(SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
+                            BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks,
+                            EARLY=pl.early, **launch_opts(w_hh.device, pl))

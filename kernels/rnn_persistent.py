@@ -5,10 +5,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _dtanh, _mm, _tanh, _tile
+from ._common import _dtanh, _mm, _tanh
 from .persistent import (
-    Plan, barrier_arrive, barrier_finish, check_plan, launch_opts, ll_put, ll_ring, record, row_chunk, sync_counter,
-    w_tiles,
+    Plan, barrier_arrive, barrier_finish, ll_put, plain_launch, program_tile, record, row_chunk, w_tiles,
 )
 
 
@@ -28,10 +27,7 @@ def _rnn_fwd_persistent_kernel(
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)  # the programs of this row block
-    pid_b = tl.program_id(1)  # the row block
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    pid, nprog, pid_b, rows, cols, rmask, cmask, mask = program_tile(B, H, BLOCK_B, BLOCK_H)
     if not LL and not SOLO:
         sync_ptr += pid_b  # this row block's barrier counter
     ACC = hs_ptr.dtype.element_ty
@@ -118,10 +114,7 @@ def _rnn_bwd_persistent_kernel(
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, EARLY: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)  # the programs of this row block
-    pid_b = tl.program_id(1)  # the row block
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid, B, H, BLOCK_B, BLOCK_H)
+    pid, nprog, pid_b, rows, cols, rmask, cmask, mask = program_tile(B, H, BLOCK_B, BLOCK_H)
     if not LL and not SOLO:
         sync_ptr += pid_b  # this row block's barrier counter
     ACC = gh_ptr.dtype.element_ty
@@ -209,28 +202,16 @@ def _rnn_bwd_persistent_kernel(
 def rnn_fwd_loop(pl: Plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast) -> None:
     """All T forward steps: fills hs[1:] and out."""
     T, B, H = out.shape
-    check_plan(pl, B, H, xp.device)
-    ring = ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll or pl.solo else sync_counter(T, pl, xp.device)
+    sync, ring, opts = plain_launch(pl, T, B, H, H, w_hh, fma, ieee, upcast)
     k = _rnn_fwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        xp, w_hh, hs, out, lengths, sync, ring, T, B, H,
-        RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
-        **launch_opts(xp.device, pl),
-    )
+        xp, w_hh, hs, out, lengths, sync, ring, T, B, H, RELU=relu, **opts)
     record("rnn_fwd", k)
 
 
 def rnn_bwd_loop(pl: Plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upcast) -> None:
     """All T reverse steps: fills dP[:T] (dP[T] must be zero), leaves gh_0 in gh."""
     T, B, H = dout.shape
-    check_plan(pl, B, H, dout.device)
-    ring = ll_ring(pl, B, H, w_hh)
-    sync = None if pl.ll or pl.solo else sync_counter(T, pl, dout.device)
+    sync, ring, opts = plain_launch(pl, T, B, H, H, w_hh, fma, ieee, upcast)
     k = _rnn_bwd_persistent_kernel[(pl.programs, pl.row_blocks)](
-        w_hh, hs, dout, dP, gh, lengths, sync, ring, T, B, H,
-        RELU=relu, SOLO=pl.solo, RESIDENT=pl.resident, FMA=fma, IEEE=ieee, UPCAST=upcast,
-        BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, EARLY=pl.early,
-        **launch_opts(dout.device, pl),
-    )
+        w_hh, hs, dout, dP, gh, lengths, sync, ring, T, B, H, RELU=relu, **opts)
     record("rnn_bwd", k)

@@ -185,7 +185,7 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     the barrier kernels' results bit for bit on one program (the interpreter's grid; LL's
     multi-program path: tests/test_persistent_threads.py and the CUDA tests below), and the
     launchers really take them (a ring for LL; no counter for either). fp64 takes neither."""
-    from fused_rnn.kernels import lstm_persistent, persistent, rnn_persistent
+    from fused_rnn.kernels import persistent
 
     if mode == "ll-streamed":
         monkeypatch.setattr(persistent, "W_RESIDENT_MAX_BYTES", 0)
@@ -193,10 +193,9 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     ins, L, ups = make_case(cell, T, B, I, H, dtype, bias, lengths)
     barrier = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
     rings, counters = [], []
-    launcher = lstm_persistent if cell == "lstm" else rnn_persistent  # (they call ll_ring, sync_counter)
     real_ring, real_counter = persistent.ll_ring, persistent.sync_counter
-    monkeypatch.setattr(launcher, "ll_ring", lambda *a: rings.append(real_ring(*a)) or rings[-1])
-    monkeypatch.setattr(launcher, "sync_counter", lambda *a: counters.append(real_counter(*a)) or counters[-1])
+    monkeypatch.setattr(persistent, "ll_ring", lambda *a: rings.append(real_ring(*a)) or rings[-1])
+    monkeypatch.setattr(persistent, "sync_counter", lambda *a: counters.append(real_counter(*a)) or counters[-1])
     use_options(**{"ll_sync" if mode.startswith("ll") else "solo": True})
     pl, _ = persistent.plan(cell, "bwd", B, H, dtype, DEV)
     assert (pl.ll, pl.solo) == (mode.startswith("ll"), mode == "solo") and pl.resident == (mode != "ll-streamed")

@@ -403,7 +403,7 @@ except ImportError:  # no Triton on this platform: the kernel tests skip (requir
     triton = None
 
 if triton is not None:
-    from fused_rnn.kernels import ln_lstm_persistent as PLK
+    from fused_rnn.kernels import ln_exchange as LX, ln_lstm_persistent as PLK
 
     @triton.jit
     def _chan_test_kernel(s_ptr, m2_ptr, n_ptr, mean_ptr, m2_out_ptr, H,
@@ -412,7 +412,7 @@ if triton is not None:
         ps = tl.arange(0, BLOCK_P)
         rb = tl.arange(0, BLOCK_B)
         off = ps[:, None] * BLOCK_B + rb[None, :]
-        mean, m2 = PLK._chan_combine(tl.load(s_ptr + off), tl.load(m2_ptr + off), tl.load(n_ptr + ps), H)
+        mean, m2 = LX.chan_combine(tl.load(s_ptr + off), tl.load(m2_ptr + off), tl.load(n_ptr + ps), H)
         tl.store(mean_ptr + rb, mean)
         tl.store(m2_out_ptr + rb, m2)
 
@@ -427,13 +427,13 @@ if triton is not None:
             cols = p * BLOCK_H + tl.arange(0, BLOCK_H)
             cmask = cols < H
             v = tl.load(v_ptr + rl[:, None] * H + cols[None, :], mask=cmask[None, :], other=0.0)
-            PLK._store_stats(part_ptr, p, 0, rl, v, cmask, tl.minimum(H - p * BLOCK_H, BLOCK_H), NQ, BLOCK_B)
-            PLK._store_part(part_ptr, p, 2, rl, tl.sum(tl.where(cmask[None, :], v * v, 0.0), axis=1), NQ, BLOCK_B)
-        cnt = PLK._block_counts(P, H, BLOCK_H, BLOCK_P)
-        mean, rstd = PLK._gate_stats(part_ptr, 0, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
+            LX.store_stats(part_ptr, p, 0, rl, v, cmask, tl.minimum(H - p * BLOCK_H, BLOCK_H), NQ, BLOCK_B)
+            LX.store_part(part_ptr, p, 2, rl, tl.sum(tl.where(cmask[None, :], v * v, 0.0), axis=1), NQ, BLOCK_B)
+        cnt = LX.block_counts(P, H, BLOCK_H, BLOCK_P)
+        mean, rstd = LX.gate_stats(part_ptr, 0, cnt, H, eps, rl, NQ, BLOCK_B, BLOCK_P)
         tl.store(mean_ptr + rl, mean)
         tl.store(rstd_ptr + rl, rstd)
-        tl.store(sum_ptr + rl, PLK._sum_parts(part_ptr, 2, rl, NQ, BLOCK_B, BLOCK_P))
+        tl.store(sum_ptr + rl, LX.sum_parts(part_ptr, 2, rl, NQ, BLOCK_B, BLOCK_P))
 
 
 @requires_kernels

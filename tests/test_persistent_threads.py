@@ -287,7 +287,7 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     barrier there are no atomics, so none of the fixture's long sleeps at a publishing one."""
     import triton
 
-    from fused_rnn.kernels import ln_lstm_persistent, lstm_persistent, persistent, rnn_persistent
+    from fused_rnn.kernels import ln_exchange, ln_lstm_persistent, lstm_persistent, persistent, rnn_persistent
 
     _lag_program_1(monkeypatch)
 
@@ -303,7 +303,7 @@ def test_without_the_barrier_the_threads_disagree(threaded_grid, gpu_plans, monk
     # barrier_wait and grid_barrier, whichever module calls it; each module's kernels look the
     # helpers up in their own module)
     monkeypatch.setattr(persistent, "barrier_wait", no_barrier)
-    for mod in (persistent, ln_lstm_persistent):
+    for mod in (persistent, ln_lstm_persistent, ln_exchange):
         monkeypatch.setattr(mod, "grid_barrier", no_barrier)
     for mod in (persistent, lstm_persistent, rnn_persistent, ln_lstm_persistent):
         monkeypatch.setattr(mod, "barrier_arrive", no_arrival)
@@ -372,7 +372,7 @@ def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkey
     the test above exercises."""
     import triton
 
-    from fused_rnn.kernels import ln_lstm_persistent, lstm_persistent, persistent
+    from fused_rnn.kernels import ln_exchange, lstm_persistent, persistent
 
     @triton.jit
     def no_wait(ring_ptr, off, mask, tag, WT: tl.constexpr):
@@ -380,7 +380,7 @@ def test_ll_exchange_without_the_wait_disagrees(threaded_grid, gpu_plans, monkey
         return (w & 0xFFFFFFFF).to(tl.uint32).to(WT, bitcast=True)
 
     use_options(ll_sync=True)
-    for mod in (persistent, lstm_persistent, ln_lstm_persistent):  # (each module's kernels look it up in their own)
+    for mod in (persistent, lstm_persistent, ln_exchange):  # (each module's kernels look it up in their own)
         monkeypatch.setattr(mod, "ll_get", no_wait)
     _lag_program_1(monkeypatch)
     plans = _spy(monkeypatch)
