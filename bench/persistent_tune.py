@@ -32,12 +32,12 @@ the default and the structural variants (LL, solo, W_hh streamed, the barrier's 
 barrier counts), then the BLOCK_H x warps grid; no new variant starts past --budget-s, so a
 short budget still answers the structural questions at every shape it reaches.
 
---step times the step path's tiles instead (kernels._common.STEP_OVERRIDE; kernels.lstm._blocks
-and kernels.rnn._blocks choose them from sm_90 compiles and an estimate of L2 traffic, untimed):
+--step times the step path's tiles instead (config.using(step_tiles=...); kernels/tiles.py's
+lstm_blocks and rnn_blocks choose them from sm_90 compiles and an estimate of L2 traffic, untimed):
 the fused LSTM and RNN step launchers, each captured once per variant in a CUDA graph and
 replayed (what the graph path runs), at S3 and S2 first (where 64-row blocks and 16-row blocks
 compete), under: the four tiles of 16 or 64 rows (4 or 8 warps) x 16 or 32 units (the ones
-kernels._common.step_tile chooses from), BLOCK_K 64 with 8 warps (the forward; BLOCK_K 32 for
+kernels.tiles.step_tile chooses from), BLOCK_K 64 with 8 warps (the forward; BLOCK_K 32 for
 the backward), BLOCK_H 64 with 8 warps, and the unfused kernels (the recurrent product by torch.mm, i.e. cuBLAS, then the pointwise kernel: at
 S3 cuBLAS may tile the [256, 4096] x [4096, 1024] backward product with less L2 traffic than the
 fused kernel's 64 x 32 tiles). The "plan" column then shows the tile (BLOCK_B, BLOCK_H, BLOCK_K,
@@ -97,25 +97,35 @@ def runners(cell, d, path="persistent", fused=None):
     (consume_gates off: every call reads the same gates)."""
     from fused_rnn.kernels import lstm as KL, rnn as KR
 
+    B, H, dtype, dev = d["x"].shape[1], d["w_hh"].shape[1], d["x"].dtype, d["x"].device
+    f = True if fused is None else fused
+
+    def plan(direction):  # the launchers take the persistent plan (None: the step loop)
+        if path == "step":
+            return None
+        if cell == "rnn":
+            return KR.persistent_plan(direction, B, H, f, dtype, dev)[0]
+        return KL.persistent_plan(direction, B, H, d["ln"], f, dtype, dev)[0]
+
     if cell == "rnn":
         def fwd():
-            return KR.rnn_fwd(d["x"], d["h0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], None, path=path,
-                              fused=True if fused is None else fused)
+            return KR.rnn_fwd(d["x"], d["h0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], None, fused=f,
+                              plan=plan("fwd"))
         saved = fwd()
 
         def bwd():
-            return KR.rnn_bwd(d["dout"], d["dh"], d["x"], d["w_ih"], d["w_hh"], saved[2], None, path=path,
-                              fused=True if fused is None else fused)
+            return KR.rnn_bwd(d["dout"], d["dh"], d["x"], d["w_ih"], d["w_hh"], saved[2], None, fused=f,
+                              plan=plan("bwd"))
         return fwd, bwd, saved
 
     def fwd():
         return KL.lstm_fwd(d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["ln"], None,
-                           path=path, fused=fused)
+                           fused=fused, plan=plan("fwd"))
     saved = fwd()
 
     def bwd():
         return KL.lstm_bwd(d["dout"], d["dh"], d["dc"], d["x"], d["w_ih"], d["w_hh"], saved[3], saved[4], saved[5],
-                           d["b_ih"], d["b_hh"], d["ln"], None, path=path, fused=fused)
+                           d["b_ih"], d["b_hh"], d["ln"], None, fused=fused, plan=plan("bwd"))
     return fwd, bwd, saved
 
 
@@ -157,16 +167,14 @@ def _graphed(fn):
 
 
 def step_variants(cell, direction, cuda):
-    """[(name, apply(), undo())] of step tiles (kernels._common.STEP_OVERRIDE): the default first."""
-    from fused_rnn.kernels import _common as C
-
+    """[(name, apply(), undo())] of step tiles (config.using(step_tiles=...)): the default first."""
     out = [("default", lambda: None, lambda: None)]
     if not cuda:
         return out
 
     def tile(**kw):
-        return (lambda: C.STEP_OVERRIDE.update(kw)), C.STEP_OVERRIDE.clear
-    for bb, bh in ((16, 32), (16, 16), (64, 32), (64, 16)):  # kernels._common.step_tile's choices
+        return _using(step_tiles=kw)
+    for bb, bh in ((16, 32), (16, 16), (64, 32), (64, 16)):  # kernels.tiles.step_tile's choices
         nw = 4 if bb == 16 else 8
         out.append((f"tile {bb}x{bh} warps={nw}", *tile(BLOCK_B=bb, BLOCK_H=bh, num_warps=nw)))
     if direction == "fwd":
@@ -185,15 +193,15 @@ def step_variants(cell, direction, cuda):
 
 
 def tile_of(cell, direction, B, H, dtype, dev):
-    """The step kernels' tile (BLOCK_B, BLOCK_H, BLOCK_K, warps) as text, STEP_OVERRIDE applied."""
-    from fused_rnn.kernels import _common as C, lstm as KL, rnn as KR
+    """The step kernels' tile (BLOCK_B, BLOCK_H, BLOCK_K, warps) as text, options().step_tiles applied."""
+    from fused_rnn.kernels import tiles
 
-    n_sm = C.sm_count(dev)
+    n_sm = tiles.sm_count(dev)
     fused = STEP_OPTS["fused"] is not False
     if cell == "rnn":
-        t = KR._blocks(B, H, direction, fused, dtype, n_sm)
+        t = tiles.rnn_blocks(B, H, direction, fused, dtype, n_sm)
     else:
-        t = KL._blocks(B, H, direction, fused, False, dtype, n_sm)
+        t = tiles.lstm_blocks(B, H, direction, fused, False, dtype, n_sm)
     return ("" if fused else "unfused, pointwise ") + "tile %dx%dx%d w%d" % t, ""
 
 

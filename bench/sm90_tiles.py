@@ -7,9 +7,9 @@ compiled for sm_90 on a machine without a GPU (the installed Triton and its bund
 
 One line per distinct (kernel, direction, dtype, tile): registers, spilled bytes, the first shape
 that chose it. tests/test_sm90_compile.py asserts no spill for a subset in CI; this sweeps the
-whole grid after a change to kernels.lstm._blocks / kernels.rnn._blocks (it takes a few minutes:
+whole grid after a change to kernels/tiles.py (lstm_blocks, rnn_blocks) (it takes a few minutes:
 each tile is one compile). Exit status 1 if a tile spills, other than the unfused layer-norm
-backward of a 4096-unit row (BLOCK_H 4096), which spills at any warp count (kernels.lstm._blocks).
+backward of a 4096-unit row (BLOCK_H 4096), which spills at any warp count (kernels.tiles.lstm_blocks).
 """
 import argparse
 import os
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
     from conftest import compile_sm90, ptxas_usage
     from test_sm90_compile import _case
-    from fused_rnn.kernels.lstm import ln_fused_max_h
+    from fused_rnn.kernels.config import ln_fused_max_h
 
     print(f"sm90_tiles: Triton {triton.__version__}, torch {torch.__version__}", flush=True)
     seen, bad = set(), []

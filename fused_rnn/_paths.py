@@ -18,12 +18,14 @@ explicit request that cannot be met warns once.
 Choosing (first match wins): the ``path`` argument of the ops / autograd Functions when not
 "auto"; ``use_path(name)`` (a context variable: per thread; the Functions fix the forward's
 request for their backward, which the engine may run on another thread); the environment
-variable FUSED_RNN_PATH, read at each call; AUTO_PATH.
+variable FUSED_RNN_PATH, read at each call; AUTO_PATH. resolve() decides once per call, the
+persistent plan included, and the launchers take that plan.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -32,6 +34,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ._backend import interpreter_on, warn_once
+from .kernels import config
 
 PATHS = ("auto", "step", "graph", "persistent", "adaptive")
 ENV_VAR = "FUSED_RNN_PATH"
@@ -107,40 +110,41 @@ def record_resolutions():
 
 
 def resolve(op: str, path: str, x: torch.Tensor,
-            persistent_plan: Callable[[], Tuple[object, str]]) -> str:
-    """The path that will run op ("lstm_fwd", ...) for input x: "step", "graph" or "persistent".
-    ``persistent_plan()`` returns (plan or None, why not) for this problem."""
-    got = _resolve(op, path, x, persistent_plan)
+            persistent_plan: Callable[[], Tuple[object, str]]) -> Tuple[str, object]:
+    """(the path that will run op ("lstm_fwd", ...) for input x: "step", "graph" or "persistent",
+    the persistent plan: not None exactly on the persistent path). ``persistent_plan()`` returns
+    (plan or None, why not) for this problem; it is called at most once."""
+    got, plan = _resolve(op, path, x, persistent_plan)
     for log in _resolution_logs:
         log.append((op, got))
-    return got
+    return got, plan
 
 
-def _resolve(op, path, x, persistent_plan) -> str:
+def _resolve(op, path, x, persistent_plan):
     req = requested(path)
     if req == "auto":
         req = AUTO_PATH
     if req == "adaptive":
         if not x.is_cuda or interpreter_on():
-            return "step"
-        if persistent_plan()[0] is not None:
-            return "persistent"
-        return "graph" if graph_unavailable(x)[0] is None else "step"
+            return "step", None
+        plan = persistent_plan()[0]
+        if plan is not None:
+            return "persistent", plan
+        return ("graph" if graph_unavailable(x)[0] is None else "step"), None
     if req == "graph":
         why, warn = graph_unavailable(x)
         if why is None:
-            return "graph"
+            return "graph", None
         if warn:
             warn_once(f"path:graph:{why}", f"fused_rnn: graph path not possible ({why}); using the step kernels")
-        return "step"
+        return "step", None
     if req == "persistent":
         plan, why = persistent_plan()
         if plan is not None:
-            return "persistent"
+            return "persistent", plan
         warn_once(f"path:persistent:{op}:{why}",
                   f"fused_rnn: persistent path not possible for {op} ({why}); using the step kernels")
-        return "step"
-    return "step"
+    return "step", None
 
 
 # ------------------------------------------------------------------------------ launch scope
@@ -160,14 +164,14 @@ def launching(x: torch.Tensor):
 
 def launch(op: str, path: str, x: torch.Tensor, persistent_plan: Callable[[], Tuple[object, str]],
            fn: Callable, args: tuple, static_key: tuple):
-    """Run op's launcher ``fn(*args, path=...)`` on the path resolve() picks, in the launch scope;
-    the graph path replays the step path's launcher from a cached CUDA graph (``static_key``:
-    fn's other arguments)."""
-    p = resolve(op, path, x, persistent_plan)
+    """Run op's launcher ``fn(*args, plan=...)`` on the path resolve() picks, in the launch scope:
+    with the persistent plan, or None for the step loop; the graph path replays the step loop's
+    launcher from a cached CUDA graph (``static_key``: fn's other arguments)."""
+    p, plan = resolve(op, path, x, persistent_plan)
     with launching(x):
         if p == "graph":
-            return graphed(op, fn, args, static_key)
-        return fn(*args, path=p)
+            return graphed(op, functools.partial(fn, plan=None), args, static_key)
+        return fn(*args, plan=plan)
 
 
 def or_empty(values, refs) -> tuple:
@@ -270,13 +274,10 @@ def clear_graphs() -> None:
 def graphed(op: str, fn: Callable, args: tuple, static_key: tuple):
     """fn(*args) through a cached CUDA graph. ``args``: tensors, None or tuples of them (all on
     one CUDA device); ``static_key``: every other argument fn depends on (hashable)."""
-    from .kernels import _common
-
     dev = next(a for a in args if isinstance(a, torch.Tensor)).device
-    # the launcher's tiles may be forced (STEP_OVERRIDE: tests, the tuner): part of the key, so a
-    # graph captured with other tiles is never replayed for them
-    tiles = tuple(sorted(_common.STEP_OVERRIDE.items()))
-    key = (op, static_key, _common.POISON, tiles, tuple(_arg_key(a) for a in args))
+    # the options in force (forced tiles, poison...) are part of the key: a graph captured under
+    # other options is never replayed
+    key = (op, static_key, config.options(), tuple(_arg_key(a) for a in args))
     with _graphs_lock, torch.cuda.device(dev):
         if key not in _graphs:
             static_in = tuple(_static_copy(a) for a in args)

@@ -9,7 +9,7 @@ gradients of x, h0, c0, the weights, both biases and the LayerNorm parameters, d
 are covered) are compared as ``‖a − b‖ / ‖b‖`` against a per-dtype threshold.
 
 Poisoning: while the kernel path runs (forward and backward), the kernels' own debug switch
-``fused_rnn.kernels._common.POISON`` is on, so the launchers allocate every buffer a kernel must
+``fused_rnn.kernels.config.using(poison=True)`` is on, so the launchers allocate every buffer a kernel must
 fill with NaN; and, for any buffer allocated elsewhere, every tensor PyTorch allocates without
 initialising it (``torch.empty`` and friends) is NaN too, through PyTorch's own switch
 (``torch.use_deterministic_algorithms(True, warn_only=True)`` with
@@ -284,23 +284,22 @@ def _kernel_common():
 
 @contextlib.contextmanager
 def poisoned_allocations():
-    """NaN in every buffer a kernel should fill: the kernels' POISON switch, and every
+    """NaN in every buffer a kernel should fill: the kernels' poison option, and every
     uninitialised torch allocation (torch.empty, new_empty, empty_like) for the rest."""
     import torch.utils.deterministic as det
 
-    common = _kernel_common()
-    prev_poison = getattr(common, "POISON", None)
+    from .kernels import config
+
+    poison = config.using(poison=True) if _kernel_common() is not None else contextlib.nullcontext()
     prev = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         det.fill_uninitialized_memory,
     )
-    if prev_poison is not None:
-        common.POISON = True
     torch.use_deterministic_algorithms(True, warn_only=True)
     det.fill_uninitialized_memory = True
     try:
-        with warnings.catch_warnings():
+        with poison, warnings.catch_warnings():
             # warn_only mode warns about ops (cuBLAS, scatter_add, ...) with no deterministic
             # implementation; only the NaN fill is wanted here.
             warnings.filterwarnings("ignore", message=".*deterministic.*", category=UserWarning)
@@ -308,8 +307,6 @@ def poisoned_allocations():
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
         det.fill_uninitialized_memory = prev[2]
-        if prev_poison is not None:
-            common.POISON = prev_poison
 
 
 @contextlib.contextmanager
@@ -554,7 +551,7 @@ def main(cells: Sequence[str], dtypes: Sequence[str], quick: bool, seed: int,
                      else " (fp32 in IEEE fp32: allow_tf32 is off)")
     print("thresholds, ‖kernel − ref‖/‖ref‖ against the reference path in fp64: "
           + ", ".join(f"{d} {th[d]:.0e}" for d in dtypes) + tf32_note, file=out)
-    hook = "the kernels' POISON switch + " if hasattr(_kernel_common(), "POISON") else ""
+    hook = "the kernels' poison option + " if _kernel_common() is not None else ""
     print(f"poison: buffers the kernels fill start as NaN ({hook}torch "
           "fill_uninitialized_memory), so an unwritten element fails", file=out)
     print("columns: rel. error of out, h_n, c_n and of the gradients of x, h0, c0, "

@@ -50,8 +50,8 @@ def _lstm_fwd_op(
     K = _kernels()
     ln = _ln(ln_gw, ln_gb, ln_cw, ln_cb)
 
-    def run(*a, path="step"):  # the launcher without its out (= hs[1:])
-        return K.lstm_fwd(*a, eps=eps, allow_tf32=allow_tf32, fused=fused, save_gates=save_gates, path=path)[1:]
+    def run(*a, plan=None):  # the launcher without its out (= hs[1:])
+        return K.lstm_fwd(*a, eps=eps, allow_tf32=allow_tf32, fused=fused, save_gates=save_gates, plan=plan)[1:]
 
     return _paths.launch(
         "lstm_fwd", path, x,
@@ -107,9 +107,9 @@ def _lstm_bwd(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw,
     K = _kernels()
     ln = _ln(ln_gw, ln_gb, ln_cw, ln_cb)
 
-    def run(*a, path="step"):  # on the graph path, the graph consumes its own static copy of gates
+    def run(*a, plan=None):  # on the graph path, the graph consumes its own static copy of gates
         return K.lstm_bwd(*a, eps=eps, allow_tf32=allow_tf32, fused=fused, need_dx=need_dx, need_dw=need_dw,
-                          consume_gates=consume_gates, path=path)
+                          consume_gates=consume_gates, plan=plan)
 
     dx, dh0, dc0, dw_ih, dw_hh, db, dln = _paths.launch(
         "lstm_bwd", path, x,
@@ -243,8 +243,7 @@ def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     a copy where autograd records it, so that in-place ops work as on nn.LSTM's."""
     lengths = check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, w_hr, backend=backend)
     if x.device.type != "meta" and resolve_backend(backend, x) == "triton":
-        K = _kernels()
-        reason = K.unsupported(x, w_hh, ln)
+        reason = _kernels().unsupported(x, w_hh, ln)
         if reason is None and not same_dtype(x, (h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh) + tuple(ln or ())):
             reason = "mixed dtypes"
         if reason is None:
@@ -257,7 +256,7 @@ def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                 t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh) + tuple(ln or ()))
             return _own_output(copy_output, *LSTMFunction.apply(
                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, lengths, config.LN_EPS, allow_tf32(x),
-                K.default_fused(w_hh.shape[1], ln, x.dtype), K.SAVE_GATES and grad,
+                config.default_fused(w_hh.shape[1], ln, x.dtype), config.options().save_gates and grad,
             ))
         warn_once(f"lstm:{reason}", f"fused_rnn: the LSTM kernels cannot take {reason}; using the reference path")
     return lstm_sequence_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, config.LN_EPS, w_hr)

@@ -44,7 +44,7 @@ def _lstm_proj_fwd_op(
     [T+1,B,4H] (kernels/lstm_proj.py). The output sequence is the view hp[1:]."""
     K = _kernels()
 
-    def run(*a, path="step"):  # the launcher without its out (= hp[1:])
+    def run(*a, plan=None):  # the launcher without its out (= hp[1:])
         return K.lstm_proj_fwd(*a, eps=eps, allow_tf32=allow_tf32)[1:]
 
     return _paths.launch("lstm_proj_fwd", path, x, _no_persistent_plan, run,
@@ -80,7 +80,7 @@ def _lstm_proj_bwd_op(
     when not need_dw, the LN ones [0] without LN. Reads its inputs, writes none of them."""
     K = _kernels()
 
-    def run(*a, path="step"):
+    def run(*a, plan=None):
         return K.lstm_proj_bwd(*a, eps=eps, allow_tf32=allow_tf32, need_dx=need_dx, need_dw=need_dw)
 
     dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db, dln = _paths.launch(

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import config
-from .kernels.config import LN_EPS, zero_padding  # noqa: F401  TODO(h1b): interim, kernels/lstm.py and _common.py still import them from here
 
 
 def _input_projection(x, w_ih, b_ih, b_hh, acc):

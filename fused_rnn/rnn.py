@@ -33,8 +33,8 @@ def _rnn_fwd_op(
     """-> out [T,B,H], h_n [B,H] (x's dtype); hs [T+1,B,H] (state dtype)."""
     K = _kernels()
 
-    def run(*a, path="step"):
-        return K.rnn_fwd(*a, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused, path=path)
+    def run(*a, plan=None):
+        return K.rnn_fwd(*a, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused, plan=plan)
 
     return _paths.launch(
         "rnn_fwd", path, x,
@@ -59,9 +59,9 @@ def _rnn_bwd_op(
     weight ones [0] when not need_dw."""
     K = _kernels()
 
-    def run(*a, path="step"):
+    def run(*a, plan=None):
         return K.rnn_bwd(*a, nonlinearity=nonlinearity, allow_tf32=allow_tf32, fused=fused, need_dx=need_dx,
-                         need_dw=need_dw, path=path)
+                         need_dw=need_dw, plan=plan)
 
     res = _paths.launch(
         "rnn_bwd", path, x,

@@ -1,5 +1,6 @@
-"""Helpers shared by the fused_rnn kernels: numerics-safe activations, the block matmul, and
-the launchers' small utilities (buffer allocation, dot precision, block sizes).
+"""Helpers shared by the fused_rnn kernels: numerics-safe activations, the block matmul, the
+tile indexing, and the launchers' small utilities (buffer allocation, dot precision, the input
+projection and the GEMMs after a backward loop).
 
 Legend: B batch rows, H hidden units, K the reduction dimension of a block matmul.
 """
@@ -9,16 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_rnn._buffers import state_dtype
-from fused_rnn.reference import zero_padding
-
-# Debug switch for the tests: when True the launchers allocate every buffer a kernel is meant to
-# fill with NaN (torch.full) instead of torch.empty, so an element a kernel forgets to write
-# shows up as NaN in the results. Off by default (it costs a fill per buffer).
-POISON = False
-
-# The dtypes the kernels take (inputs, weights and states share one of them).
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from . import config
 
 
 @triton.jit
@@ -33,8 +25,9 @@ def interpreter_probe_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 
 def alloc(shape, dtype, device) -> torch.Tensor:
-    """A buffer a kernel will fill completely: empty, or NaN-filled when POISON is on."""
-    if POISON:
+    """A buffer a kernel will fill completely: empty, or NaN-filled under options().poison (tests:
+    an element a kernel forgets to write shows up as NaN)."""
+    if config.options().poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -57,101 +50,15 @@ def dot_flags(dtype: torch.dtype, allow_tf32: bool, device: torch.device):
     return fma, ieee, upcast
 
 
-def tf32_enabled() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
-def pow2_block(n: int, lo: int, hi: int) -> int:
-    """next_pow2(n) clamped to [lo, hi] (lo, hi powers of two)."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-# ---- the step kernels' block sizes (kernels/lstm.py, kernels/rnn.py _blocks) ----
-# Which tiles the fused step kernels (plain LSTM, tanh/ReLU RNN; 16-bit and fp32) get was chosen
-# from sm_90 compiles made without a GPU (Triton 3.9 and 3.6, bundled ptxas, registers and spill
-# bytes from ``ptxas -v``; tests/test_sm90_compile.py keeps them spill-free), NOT from timings:
-# the GPU session's tuner (bench/persistent_tune.py --step) times the alternatives.
-# Tests and the tuner may force a tile: keys BLOCK_B, BLOCK_H, BLOCK_K, num_warps (whatever is
-# given replaces the rule's choice, for every step kernel launched while it is set).
-STEP_OVERRIDE: dict = {}
-# The tile of the fused step kernels: 16 or 64 rows x 16 or 32 hidden units. Every program reads
-# its slice of W_hh and its rows of the step's matmul operand (h_{t-1} forward, dG_{t+1} / dP_{t+1}
-# backward) from L2 each step, so W_hh is read cdiv(B, BLOCK_B) times a step: at B256 H1024 (S3)
-# a forward step of the LSTM reads 144 MiB with 16-row blocks, 48 MiB with 64-row blocks; and a
-# 64-row tl.dot compiles to Hopper's warpgroup MMA (wgmma), a 16-row one to mma.sync. But larger
-# tiles make fewer programs: at B16 (S1, S4) 32 hidden units a program leave all but H / 32 SMs
-# idle, each streaming twice the W_hh bytes that 16 units would. step_tile() takes the tile with
-# the least estimate of a step's time: the total bytes over the L2's bandwidth, or each SM's
-# share (its programs, in waves of one program per SM: their bytes over one SM's bandwidth, or
-# their dots over one SM's rate, whichever is longer), whichever is longer. The rates are rough
-# H100 SXM figures, an ESTIMATE, not a measurement of these kernels.
-L2_BYTES_PER_US = 5.5e6  # ~5.5 TB/s from L2 to all SMs
-SM_BYTES_PER_US = 0.112e6  # ~64 B a clock at ~1.75 GHz into one SM
-# one SM's dot rate: half the dense tensor-core peak (989 TFLOP/s bf16 / 132 SMs) for 16-bit
-# operands; fp32 at the FMA rate (67 TFLOP/s / 132: torch's default, allow_tf32 off, runs fp32
-# dots in full precision, off the tensor cores)
-SM_FLOP_PER_US = {2: 3.75e6, 4: 0.51e6}
-DEFAULT_SM_COUNT = 132  # an H100 SXM: what the estimate assumes off CUDA (the interpreter)
-_SM_COUNT: dict = {}
-
-
-def sm_count(device) -> int:
-    """The SM count of a CUDA device (cached); DEFAULT_SM_COUNT for any other device."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return DEFAULT_SM_COUNT
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = int(torch.cuda.get_device_properties(idx).multi_processor_count)
-    return _SM_COUNT[idx]
-
-
-def step_time_us(B: int, H: int, K: int, gates: int, BB: int, BH: int, w_elt: int, row_elt: int,
-                 n_sm: int) -> float:
-    """The estimated µs of one fused step (see SM_FLOP_PER_US): cdiv(B, BB) x cdiv(H, BH)
-    programs, each reading a W_hh slice of gates x BH x H elements of w_elt bytes (the same
-    bytes forward and backward) and min(BB, B) operand rows of K elements of row_elt bytes, and
-    multiplying BB rows by gates x BH columns over K."""
-    nrb, ncb = triton.cdiv(B, BB), triton.cdiv(H, BH)
-    w_slice = gates * BH * H * w_elt
-    total = nrb * ncb * w_slice + ncb * B * K * row_elt
-    per_program = max((w_slice + min(BB, B) * K * row_elt) / SM_BYTES_PER_US,
-                      2 * BB * gates * BH * K / SM_FLOP_PER_US[w_elt])
-    waves = triton.cdiv(nrb * ncb, n_sm)
-    return max(total / L2_BYTES_PER_US, waves * per_program)
-
-
-def step_tile(B: int, H: int, K: int, gates: int, w_elt: int, row_elt: int, n_sm: int):
-    """(BLOCK_B, BLOCK_H, num_warps): 4 warps for 16 rows, 8 for 64; 16 or 64 rows (64 only for B >= 64) x 16 or 32 units (32 only for
-    H > 16), the one step_time_us() estimates fastest; on a tie the earlier of 16 x 32, 16 x 16,
-    64 x 32, 64 x 16. Estimates in µs for the bf16 LSTM (forward / backward): S1 (B16 H256)
-    16 x 16: 0.37 / 0.59 against 16 x 32: 0.66 / 1.12; S4 (B16 H768) 1.10 / 1.76 against 1.97 /
-    3.36; S2 (B64 H512) forward 64 x 16: 1.17 against 1.72, backward 16 x 32: 2.29 against 3.05
-    (16 x 16) and 4.47 (64 x 16); S3 (B256 H1024) 64 x 32: 9.2 / 18.3 against 27.5 / 36.6
-    (16 x 32). fp32 (its dots at the FMA rate): S3 forward 64 x 32, 32.9 against 54.9, backward
-    132 for every tile (the dots), so 16 x 32."""
-    tiles = [(16, 32), (16, 16), (64, 32), (64, 16)]
-    tiles = [(bb, bh) for bb, bh in tiles if (bb == 16 or B >= 64) and (bh == 16 or H > 16)]
-    est = [step_time_us(B, H, K, gates, bb, bh, w_elt, row_elt, n_sm) for bb, bh in tiles]
-    BB, BH = tiles[est.index(min(est))]
-    return BB, BH, 8 if BB == 64 else 4
-
-
-def step_override(BB: int, BH: int, BK: int, nw: int):
-    """The tile with STEP_OVERRIDE applied."""
-    o = STEP_OVERRIDE
-    return (o.get("BLOCK_B", BB), o.get("BLOCK_H", BH), o.get("BLOCK_K", BK), o.get("num_warps", nw))
-
-
 def input_projection(x, w_ih, b_ih, b_hh, out=None, lengths=None):
     """x W_ihᵀ + b_ih + b_hh for all T steps in one GEMM, in the storage dtype: [T, B, G]
     (G = 4H for the LSTM, H for the RNN). ``out``: a contiguous [T, B, G] buffer to write it into
     (a view of a larger one: the LSTM's gates buffer has a spare slot T), else a new tensor.
     ``lengths``: x's rows past each sequence's end count as 0, so that NaN / Inf there never
     reaches the gates (saved for backward, where 0 x NaN would be NaN) and no kernel has to mask
-    them; the cost, a [T, B, I] copy of x (zero_padding), only with lengths."""
+    them; the cost, a [T, B, I] copy of x (config.zero_padding), only with lengths."""
     T, B, I = x.shape
-    x2 = zero_padding(x, lengths).reshape(T * B, I)
+    x2 = config.zero_padding(x, lengths).reshape(T * B, I)
     bias = None
     if b_ih is not None:
         bias = b_ih
@@ -167,7 +74,7 @@ def input_projection(x, w_ih, b_ih, b_hh, out=None, lengths=None):
 
 def after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw):
     """The backward's large GEMMs over all T·B rows, from the pre-activation gradients dP
-    [T+1, B, G] (fused_rnn._buffers.grad_dtype; slot T unused) that the reverse loop wrote.
+    [T+1, B, G] (config.grad_dtype; slot T unused) that the reverse loop wrote.
 
     The GEMMs run in dP's dtype: bf16 / fp16 on tensor cores for 16-bit inputs (fp32
     accumulation inside cuBLAS; the operands are the values the recurrent tl.dot used already),
@@ -179,7 +86,7 @@ def after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw):
     T, B, I = x.shape
     H = hs.shape[-1]
     gd = dP.dtype
-    sd = state_dtype(x.dtype)
+    sd = config.state_dtype(x.dtype)
     dP2 = dP[:T].reshape(T * B, dP.shape[-1])
     dh0 = torch.mm(dP[0], w_hh.to(gd)).to(sd)
     if lengths is not None:  # a zero-length sequence passes dh_n straight through to h0
@@ -190,7 +97,7 @@ def after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw):
         dw_hh = torch.mm(dP2.t(), hs[:T].reshape(T * B, H).to(gd)).to(w_hh.dtype)
         # dP is 0 past the ends but 0 x NaN is NaN: x's padding zeroed (one [T, B, I] copy, only
         # with lengths)
-        dw_ih = torch.mm(dP2.t(), zero_padding(x, lengths).reshape(T * B, I).to(gd)).to(w_ih.dtype)
+        dw_ih = torch.mm(dP2.t(), config.zero_padding(x, lengths).reshape(T * B, I).to(gd)).to(w_ih.dtype)
         db = dP2.sum(0, dtype=sd)
     return dx, dh0, dw_ih, dw_hh, db
 

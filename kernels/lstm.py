@@ -1,43 +1,24 @@
-"""LSTM and layer-norm LSTM: Triton kernels and their whole-sequence launchers.
+"""LSTM and layer-norm LSTM: the step kernels and their whole-sequence launchers.
 
-Legend
-    T   time steps                 B   batch rows
-    I   input features             H   hidden units
-    G   = 4H gate pre-activations, gate order i, f, g, o, 4H contiguous per row
-    K   reduction dim of the recurrent matmul (H forward, G backward)
-Layout is time-major: x [T, B, I], out [T, B, H]. Saved state sequences hs, cs are [T+1, B, H]:
-slot 0 = h0 / c0; slot t+1 of hs = the output of step t (0 past a sequence's end; out is the
-view hs[1:]), slot t+1 of cs = the carried c after step t (held past the end). hs in the operand
-dtype = x's dtype (the storage dtype for fp16 / bf16: h_t is only ever read as a matmul operand,
-rounded to that dtype anyway); cs too for the plain LSTM (only the backward reads it; the
-kernels carry c in the state dtype: in registers, or in the step path's [2, B, H] buffer cc),
-in the state dtype (fp32, or fp64 for fp64 inputs) for the layer-norm LSTM; see
-fused_rnn/_buffers.py. The recurrent matmul of step t reads hs[t]: h_{t-1} on every row still
-running, which is all it needs (a finished row's results are masked). A
-program owns BLOCK_B batch rows x BLOCK_H hidden units j, for all four gates, so the pointwise
-update is local to it; the layer-norm variants need whole rows (BLOCK_H >= H).
+Legend: T time steps, B batch rows, I input features, H hidden units, G = 4H gate
+pre-activations (order i, f, g, o; 4H contiguous per row), K the recurrent matmul's reduction
+dim (H forward, G backward). Time-major: x [T, B, I], out [T, B, H]. The saved sequences hs, cs
+are [T+1, B, H]: slot 0 = h0 / c0, slot t+1 of hs the output of step t (0 past a sequence's
+end; out is the view hs[1:]), slot t+1 of cs the carried c after step t (held past the end), in
+kernels.config's dtypes (the kernels carry c in the state dtype: registers, or the step path's
+[2, B, H] buffer cc). The recurrent matmul of step t reads hs[t]: h_{t-1} on every row still
+running, all it needs (a finished row's results are masked). A program owns BLOCK_B rows x
+BLOCK_H units of all four gates, so the pointwise update is local to it; the layer-norm
+variants hold whole rows (BLOCK_H >= H).
 
-Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
-hand the whole loop to one launch of kernels/lstm_persistent.py, or of kernels/ln_lstm_persistent.py for
-the layer-norm LSTM, instead):
-    _lstm_fwd_kernel   FUSED=False: the pointwise update (plain or LN) from gate pre-activations
-                       h_{t-1} W_hhᵀ computed by torch; FUSED=True: the step kernel that also
-                       computes h_{t-1} W_hhᵀ with tl.dot, so no gates tensor goes through memory
-                       between the matmul and the gate math.
-    _lstm_bwd_kernel   the reverse step; FUSED=True fuses the carried dh = dG_{t+1} W_hh.
-
-Save or recompute: forward stores the pre-activation gates [T, B, G] (before any LayerNorm; the
-operand dtype for the plain LSTM, written over the input projection xp in place, which no one
-reads again; the state dtype for the layer-norm LSTM) in a [T+1, B, G] buffer whose slot T is
-zero, so that the backward can write dG [T+1, B, G] over it (lstm_bwd's consume_gates), and
-backward reads them; the activations
-and LN statistics are recomputed from them in the backward step (cheap, pointwise). The alternatives: (a) save_gates=False recomputes the gates
-before the reverse loop as one GEMM, gates = x W_ihᵀ + b + hs[:T] W_hhᵀ, which materialises the
-same [T, B, G] tensor and re-runs the input projection, so it only adds work (its gain: a smaller
-peak memory between forward and backward); (b) recomputing h_{t-1} W_hhᵀ inside each backward
-step would double the matmul on the serial critical path. So: stored by default (SAVE_GATES).
-This is reasoned, NOT MEASURED: no GPU was available when it was written; bench/ should time
-lstm_fwd/lstm_bwd with save_gates True and False and record the numbers here.
+Kernels, one launch a time step (given a persistent plan, lstm_persistent.py or
+ln_lstm_persistent.py runs the whole loop in one launch instead):
+    lstm_fwd_kernel  FUSED: the step, h_{t-1} W_hhᵀ included (tl.dot: no gates tensor through
+                     memory between the matmul and the gate math); else the pointwise update
+                     from torch's matmul. Plain or layer-norm.
+    lstm_bwd_kernel  the reverse step; FUSED fuses the carried dh = dG_{t+1} W_hh.
+The forward saves the gate pre-activations (options().save_gates; docs/step-kernels.md says why
+rather than recompute them) and the backward writes dG over them.
 """
 from __future__ import annotations
 
@@ -47,12 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_rnn._buffers import grad_dtype, lstm_cs_dtype, lstm_gates_dtype, lstm_hs_dtype, state_dtype
-from fused_rnn.reference import LN_EPS  # one source of truth (nn.LayerNorm's default)
-
+from . import config, persistent
 from ._common import (
-    DEFAULT_SM_COUNT,
-    SUPPORTED_DTYPES,
     _dsigmoid,
     _dtanh,
     _gate_chunk_dots,
@@ -68,71 +45,34 @@ from ._common import (
     alloc,
     dot_flags,
     input_projection,
-    pow2_block,
-    sm_count,
-    step_override,
-    step_tile,
 )
-
-
-# ---- size limits: the one place they live; fused_rnn.lstm reads them through unsupported() ----
-# The fused layer-norm step holds whole 4H rows: 4 fp32 accumulators of BLOCK_B(16) x next_pow2(H).
-# At H 256 it spilled at sm_90 at 8 and at 16 warps (backward 1228-1392 B at 8, 632-1256 B at
-# 16; forward 24-268 B), so above 128 the GEMM plus the pointwise kernel (none spilled) run.
-LN_FUSED_MAX_H = 128
-# fp64 multiplies with a broadcast product [BLOCK_B, BLOCK_K, next_pow2(H)]: keep it small.
-LN_FUSED_MAX_H_FP64 = 64
-# The unfused layer-norm pointwise kernels hold whole rows of next_pow2(H) per program.
-LN_MAX_H = 4096
-# Default for save_gates (see the module docstring).
-SAVE_GATES = True
-
-
-def ln_fused_max_h(dtype: torch.dtype) -> int:
-    return LN_FUSED_MAX_H_FP64 if dtype == torch.float64 else LN_FUSED_MAX_H
+from .tiles import lstm_blocks, sm_count
 
 
 def unsupported(x: torch.Tensor, w_hh: torch.Tensor, ln) -> Optional[str]:
     """Why the kernels cannot take this problem (the caller falls back to the reference), or None."""
-    if x.dtype not in SUPPORTED_DTYPES:
+    if x.dtype not in config.SUPPORTED_DTYPES:
         return f"dtype {x.dtype}"
     T, B = x.shape[0], x.shape[1]
     H = w_hh.shape[0] // 4  # w_hh [4H, H], or [4H, P] with projections
     if T == 0 or B == 0 or H == 0:
         return f"an empty problem (T={T}, B={B}, H={H})"
-    if ln is not None and H > LN_MAX_H:
-        return f"layer-norm LSTM with hidden size {H} > {LN_MAX_H}"
+    if ln is not None and H > config.LN_MAX_H:
+        return f"layer-norm LSTM with hidden size {H} > {config.LN_MAX_H}"
     return None
-
-
-def default_fused(H: int, ln, dtype: torch.dtype) -> bool:
-    """The fused step kernels take any size for the plain LSTM; the LN one up to a limit."""
-    return ln is None or H <= ln_fused_max_h(dtype)
-
-
-LAUNCHER_PATHS = ("step", "persistent")
 
 
 def persistent_plan(direction: str, B: int, H: int, ln, fused: bool, dtype: torch.dtype, device,
                     limit: Optional[int] = None, allow_tf32: bool = False):
-    """(kernels.persistent.Plan, "") when one persistent launch can run this layer's time loop in
+    """(persistent.Plan, "") when one persistent launch can run this layer's time loop in
     ``direction`` ("fwd" / "bwd"), else (None, why not). The layer-norm LSTM has its own kernels
-    (kernels/ln_lstm_persistent.py), whatever ``fused`` says (above LN_FUSED_MAX_H its step path is
-    the unfused one by default, which says nothing against a persistent launch)."""
+    whatever ``fused`` says (its unfused step path above LN_FUSED_MAX_H says nothing against a
+    persistent launch)."""
     if ln is not None:
-        from . import persistent
-
         return persistent.plan_ln(direction, B, H, dtype, device, limit, allow_tf32)
     if not fused:
         return None, "the unfused step kernels were asked for"
-    from . import persistent
-
     return persistent.plan("lstm", direction, B, H, dtype, device, limit, allow_tf32)
-
-
-def _check_path(path: str) -> None:
-    if path not in LAUNCHER_PATHS:
-        raise ValueError(f"path must be one of {LAUNCHER_PATHS}, got {path!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +89,7 @@ def _check_path(path: str) -> None:
     }
 )
 @triton.jit(do_not_specialize=["t"])
-def _lstm_fwd_kernel(
+def lstm_fwd_kernel(
     xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
     w_ptr,  # [G, H] W_hh (FUSED) or None
     mm_ptr,  # [B, G] h_{t-1} W_hhᵀ computed by torch (not FUSED) or None
@@ -259,7 +199,7 @@ def _lstm_fwd_kernel(
     }
 )
 @triton.jit(do_not_specialize=["t", "T"])
-def _lstm_bwd_kernel(
+def lstm_bwd_kernel(
     gates_ptr,  # [T, B, G] saved pre-activations, lstm_gates_dtype
     w_ptr,  # [G, H] W_hh (FUSED) or None
     carry_ptr,  # [B, H] dG_{t+1} W_hh computed by torch (not FUSED) or None
@@ -379,71 +319,14 @@ def _lstm_bwd_kernel(
     _store_gates(dg_ptr, g_off, H, dy_i, dy_f, dy_g, dy_o, mask)
 
 
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(B: int, H: int, direction: str, fused: bool, ln: bool, dtype: torch.dtype,
-            n_sm: int = DEFAULT_SM_COUNT):
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels in ``direction`` ("fwd": the
-    recurrent matmul's K is H; "bwd": 4H). tl.dot needs every block dim >= 16 on GPU.
-
-    Chosen so that no kernel spills at sm_90 (bf16, fp16, fp32 with and without TF32; Triton 3.9
-    and 3.6; registers / spilled bytes from ptxas -v; see kernels/_common.py STEP_OVERRIDE), not
-    timed. The former one-size rule (BLOCK_K up to 64, 4 warps below a 4096-element tile) spilled:
-    the plain LSTM forward at BLOCK_H 32, BLOCK_K 64 (bf16 16 / 24 B, fp32 356 / 352 B, TF32
-    376 / 408 B: 3.9 / 3.6), the fused LN kernels at H 128 (fwd 736 B, bwd 1016 B) and H 256
-    (fwd 24-208 B, bwd 1228-1392 B; at 16 warps too), the unfused LN backward (192-4520 B).
-      plain LSTM, fused: 16 or 64 rows x 16 or 32 units (step_tile); forward BLOCK_K 32 (16 x 32,
-          4 warps: bf16 168 registers, fp32 200, TF32 192; 16 x 16: 142, 120-152; 64 rows, 8
-          warps, wgmma: 64 x 32: 168, 212, 192; 64 x 16: 97, 124), backward BLOCK_K 64 (16 x 32:
-          96, 88, 90; 16 x 16: 72, 72; 64 x 32: 161, 151, 195; 64 x 16: 128, 155).
-      layer-norm LSTM, fused (H <= LN_FUSED_MAX_H = 128): 16 rows, the whole row of
-          next_pow2(H) units: BLOCK_H <= 32: forward BLOCK_K 32, backward 64, 4 warps (bf16
-          168 / 151); 64: 32 / 64, 8 warps (128 / 156); 128: 16 / 16, 8 warps (186 / 254), the
-          fp32 forward 16 warps (8: 255 + 8 B spilled under 3.9; 16: 124, none).
-      layer-norm LSTM, unfused (the pointwise kernel after a GEMM): whole rows, BLOCK_B x
-          BLOCK_H <= 1024 elements where a row allows, 4 warps up to 512 elements, else 8:
-          <= 4 per thread. The backward keeps ~16 such tiles live: 8 per thread sat at 206-255
-          registers, 16 spilled (the former B16 H128: 720-1088 B). H 2048: one row, 8 per
-          thread, 232-245 registers, none.
-          H > 2048 (BLOCK_H 4096, one row a program) still spills in the backward: 32 warps
-          (1024 threads, 64 registers each) 152-288 B; 16 warps 500-1808 B, 8 warps 532-784 B.
-      fp64 (the gradcheck dtype; its speed is no goal): the former rule, which spills in places
-          (the fused LN backward at H 64: 1192 B).
-    """
-    K = H if direction == "fwd" else 4 * H
-    # the layer-norm kernels hold whole rows
-    BH = pow2_block(H, 16, max(16, triton.next_power_of_2(H))) if ln else pow2_block(H, 16, 32)
-    if dtype == torch.float64:
-        if fused:
-            BB = 16
-        else:
-            BB = pow2_block(B, 1, max(1, min(16, 2048 // BH)) if ln else 16)
-        return step_override(BB, BH, 8, 8 if BB * BH >= 4096 else 4)
-    if ln:
-        if fused:
-            BB = 16
-            if BH <= 32:
-                BK, nw = (32 if direction == "fwd" else 64), 4
-            elif BH == 64:
-                BK, nw = (32 if direction == "fwd" else 64), 8
-            else:  # 128 (LN_FUSED_MAX_H)
-                BK = 16
-                nw = 16 if direction == "fwd" and dtype == torch.float32 else 8
-            return step_override(BB, BH, pow2_block(K, 16, BK), nw)
-        BB = pow2_block(B, 1, max(1, min(16, 1024 // BH)))
-        nw = 4 if BB * BH <= 512 else (8 if BB * BH <= 2048 else 32)
-        return step_override(BB, BH, 16, nw)
-    if not fused:
-        return step_override(pow2_block(B, 1, 16), BH, 16, 4)
-    e = dtype.itemsize  # W_hh, h (lstm_hs_dtype) and dG (grad_dtype) all in the operand dtype
-    BB, BH, nw = step_tile(B, H, K, 4, e, e, n_sm)
-    return step_override(BB, BH, pow2_block(K, 16, 32 if direction == "fwd" else 64), nw)
-
-
-def _ln_args(ln, H: int):
+def ln_args(ln, H: int):
     if ln is None:
         return (None, None, None, None)
     gw, gb, cw, cb = (p.contiguous() for p in ln)
@@ -466,7 +349,7 @@ def gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates: bool, lengths=None
     G = w_ih.shape[0]
     gates_buf = gates = None
     if save_gates:
-        gates_buf = alloc((T + 1, B, G), lstm_gates_dtype(x.dtype, ln is not None), x.device)
+        gates_buf = alloc((T + 1, B, G), config.lstm_gates_dtype(x.dtype, ln is not None), x.device)
         gates_buf[T].zero_()
         gates = gates_buf[:T]
     share = gates is not None and gates.dtype == x.dtype
@@ -487,57 +370,49 @@ def ln_grads(parts, ln_args):
     return tuple(p.sum(0).to(q.dtype) for p, q in zip(parts, ln_args))
 
 
+def forward_buffers(x, c0, w_ih, b_ih, b_hh, ln, lengths, save_gates: bool):
+    """The LSTM forwards' common start (kernels/lstm.py, lstm_proj.py): (x, lengths made
+    contiguous, the LN parameters (ln_args), gates_buf, gates, xp (gates_and_projection), cs
+    [T+1, B, H] with c0 in slot 0)."""
+    T, B, _ = x.shape
+    x, w_ih = x.contiguous(), w_ih.contiguous()
+    lengths = None if lengths is None else lengths.contiguous()
+    gates_buf, gates, xp = gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates, lengths)
+    cs = alloc((T + 1, B, c0.shape[1]), config.lstm_cs_dtype(x.dtype, ln is not None), x.device)
+    cs[0].copy_(c0)
+    return x, lengths, ln_args(ln, c0.shape[1]), gates_buf, gates, xp, cs
+
+
 @torch.no_grad()
-def lstm_fwd(
-    x: torch.Tensor,
-    h0: torch.Tensor,
-    c0: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    b_ih: Optional[torch.Tensor] = None,
-    b_hh: Optional[torch.Tensor] = None,
-    ln: Optional[Sequence[torch.Tensor]] = None,
-    lengths: Optional[torch.Tensor] = None,
-    eps: float = LN_EPS,
-    allow_tf32: bool = False,
-    fused: Optional[bool] = None,
-    save_gates: Optional[bool] = None,
-    path: str = "step",
-):
+def lstm_fwd(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+             b_ih: Optional[torch.Tensor] = None, b_hh: Optional[torch.Tensor] = None,
+             ln: Optional[Sequence[torch.Tensor]] = None, lengths: Optional[torch.Tensor] = None,
+             eps: float = config.LN_EPS, allow_tf32: bool = False, fused: Optional[bool] = None,
+             save_gates: Optional[bool] = None, plan: Optional[persistent.Plan] = None):
     """Whole-sequence forward of one LSTM layer, one direction.
 
     x [T, B, I], h0/c0 [B, H], w_ih [G, I], w_hh [G, H], b_* [G] or None, ln None or
     (gate_w [G], gate_b [G], cell_w [H], cell_b [H]), lengths None or int [B].
     Returns (out [T, B, H], h_n [B, H], c_n [B, H]) in x's dtype and, for backward,
-    (hs, cs [T+1, B, H], gates [T+1, B, G] or an empty tensor) in the dtypes of
-    fused_rnn._buffers. ``out`` is hs[1:], a view: hs holds h0 and then the outputs (0 past a
-    sequence's end; the LSTM's hs dtype is x's), so the saved h_t cost no buffer of their own.
-    cs holds c0 and the carried c (held past the end, so c_n = cs[T]); h_n is gathered from hs at
-    each sequence's last step.
-    path: "step" (one launch per step) or "persistent" (one launch for all steps, when
-    persistent_plan() allows it; otherwise the step loop). Same buffers and results either way.
+    (hs, cs [T+1, B, H], gates [T+1, B, G] or an empty tensor) in kernels.config's dtypes.
+    ``out`` is hs[1:], a view (the LSTM's hs dtype is x's): the saved h_t cost no buffer of
+    their own. c_n = cs[T]; h_n is gathered from hs at each sequence's last step.
+    plan: persistent_plan()'s, for one launch for all steps; None: one launch per step. Same
+    buffers and results either way. fused, save_gates None: config's defaults.
     """
-    _check_path(path)
     T, B, I = x.shape
     G, H = w_hh.shape
-    dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
+    dt, sd, dev = x.dtype, config.state_dtype(x.dtype), x.device
     if fused is None:
-        fused = default_fused(H, ln, dt)
+        fused = config.default_fused(H, ln, dt)
     if save_gates is None:
-        save_gates = SAVE_GATES
-    plan = None
-    if path == "persistent":
-        plan = persistent_plan("fwd", B, H, ln, fused, dt, dev, allow_tf32=allow_tf32)[0]
-    x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
-    gw, gb, cw, cb = _ln_args(ln, H)
-    lengths = None if lengths is None else lengths.contiguous()
-
-    gates_buf, gates, xp = gates_and_projection(x, w_ih, b_ih, b_hh, ln, save_gates, lengths)
-    hs = alloc((T + 1, B, H), lstm_hs_dtype(dt), dev)
-    assert hs.dtype == dt, "out is a view of hs: the LSTM's hs dtype must be x's (fused_rnn._buffers)"
-    cs = alloc((T + 1, B, H), lstm_cs_dtype(dt, ln is not None), dev)
+        save_gates = config.options().save_gates
+    w_hh = w_hh.contiguous()
+    x, lengths, (gw, gb, cw, cb), gates_buf, gates, xp, cs = forward_buffers(x, c0, w_ih, b_ih, b_hh, ln, lengths,
+                                                                             save_gates)
+    hs = alloc((T + 1, B, H), config.lstm_hs_dtype(dt), dev)
+    assert hs.dtype == dt, "out is a view of hs: the LSTM's hs dtype must be x's (kernels.config)"
     hs[0].copy_(h0)
-    cs[0].copy_(c0)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None and ln is not None:
         from . import ln_lstm_persistent
@@ -552,12 +427,12 @@ def lstm_fwd(
         mm = None if fused else alloc((B, G), w_hh.dtype, dev)
         cc = alloc((2, B, H), sd, dev)  # c carried in the state dtype (cs may be 16-bit)
         cc[0].copy_(c0)
-        BB, BH, BK, nw = _blocks(B, H, "fwd", fused, ln is not None, dt, sm_count(dev))
+        BB, BH, BK, nw = lstm_blocks(B, H, "fwd", fused, ln is not None, dt, sm_count(dev))
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
         for t in range(T):
             if not fused:
                 torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
-            _lstm_fwd_kernel[grid](
+            lstm_fwd_kernel[grid](
                 xp, w_hh if fused else None, mm, hs, cs, cc, gates, lengths, gw, gb, cw, cb,
                 t, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
             )
@@ -580,62 +455,43 @@ def last_h(hs: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lstm_bwd(
-    dout: torch.Tensor,
-    dh_n: torch.Tensor,
-    dc_n: torch.Tensor,
-    x: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    hs: torch.Tensor,
-    cs: torch.Tensor,
-    gates: torch.Tensor,
-    b_ih: Optional[torch.Tensor] = None,
-    b_hh: Optional[torch.Tensor] = None,
-    ln: Optional[Sequence[torch.Tensor]] = None,
-    lengths: Optional[torch.Tensor] = None,
-    eps: float = LN_EPS,
-    allow_tf32: bool = False,
-    fused: Optional[bool] = None,
-    need_dx: bool = True,
-    need_dw: bool = True,
-    path: str = "step",
-    consume_gates: bool = False,
-):
+def lstm_bwd(dout: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor,
+             w_hh: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor, gates: torch.Tensor,
+             b_ih: Optional[torch.Tensor] = None, b_hh: Optional[torch.Tensor] = None,
+             ln: Optional[Sequence[torch.Tensor]] = None, lengths: Optional[torch.Tensor] = None,
+             eps: float = config.LN_EPS, allow_tf32: bool = False, fused: Optional[bool] = None,
+             need_dx: bool = True, need_dw: bool = True, plan: Optional[persistent.Plan] = None,
+             consume_gates: bool = False):
     """Whole-sequence backward matching lstm_fwd: reverse recurrence with the fused kernels,
     then the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
 
     gates: lstm_fwd's [T+1, B, G] buffer (a [T, B, G] tensor is taken too), or an empty tensor
     (recomputed here). The gate gradients dG [T+1, B, G] are written over the gates buffer in
-    place when it has the spare slot T, dG's dtype (fused_rnn._buffers.grad_dtype) and either
-    was recomputed here or ``consume_gates`` is True: step t reads gates[t] and writes dG[t], the
+    place when it has the spare slot T, dG's dtype (config.grad_dtype) and either was
+    recomputed here or ``consume_gates`` is True: step t reads gates[t] and writes dG[t], the
     same tile of the same program, and every other reader of dG reads slots > t, already
-    overwritten. That saves a [T+1, B, G] buffer (134 MB at S2 in bf16) and leaves the caller's
-    gates holding dG: only a caller that will not read them again may pass consume_gates
-    (LSTMFunction's first eager backward; fused_rnn/lstm.py).
+    overwritten. That saves a [T+1, B, G] buffer and leaves the caller's gates holding dG: only
+    a caller that will not read them again may pass consume_gates (LSTMFunction's first eager
+    backward).
 
     Returns (dx [T, B, I] or None, dh0, dc0 [B, H], dw_ih [G, I], dw_hh [G, H], db [G]
     (state dtype; the gradient of both b_ih and b_hh), dln = (dgw, dgb, dcw, dcb) or None);
-    weight gradients are None when not need_dw. path: as lstm_fwd's (the reverse loop only; the
+    weight gradients are None when not need_dw. plan: as lstm_fwd's (the reverse loop only; the
     GEMMs after it are the same).
     """
-    _check_path(path)
     T, B, I = x.shape
     G, H = w_hh.shape
-    dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
+    dt, sd, dev = x.dtype, config.state_dtype(x.dtype), x.device
     if fused is None:
-        fused = default_fused(H, ln, dt)
-    plan = None
-    if path == "persistent":
-        plan = persistent_plan("bwd", B, H, ln, fused, dt, dev, allow_tf32=allow_tf32)[0]
+        fused = config.default_fused(H, ln, dt)
     w_hh = w_hh.contiguous()
     dout = dout.contiguous()
-    gw, gb, cw, cb = _ln_args(ln, H)
+    gw, gb, cw, cb = ln_args(ln, H)
     lengths = None if lengths is None else lengths.contiguous()
     if gates is None or gates.numel() == 0:
         # recompute the pre-activations in one GEMM (same operands as forward's: h in w's dtype),
         # in the dtype forward would have saved them in, into a buffer of our own (consumable)
-        gd = lstm_gates_dtype(dt, ln is not None)
+        gd = config.lstm_gates_dtype(dt, ln is not None)
         xp = input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh, lengths=lengths)
         hprev = hs[:T].reshape(T * B, H).to(w_hh.dtype).to(gd)
         gates = alloc((T + 1, B, G), gd, dev)
@@ -645,11 +501,9 @@ def lstm_bwd(
     assert gates.shape[1:] == (B, G) and gates.shape[0] in (T, T + 1) and gates.is_contiguous(), \
         f"gates: expected [T(+1)={T}(+1), B={B}, G={G}], contiguous; got {tuple(gates.shape)}"
 
-    # dG (the gate pre-activation gradients) in grad_dtype: bf16 / fp16 for 16-bit inputs. Its
-    # readers are the recurrent tl.dot, which rounds it to W_hh's dtype anyway, and the GEMMs
-    # after the loop, which then run on tensor cores (fused_rnn/_buffers.py).
-    # Slot T stays zero: the carried gradient into the last step is dh_n alone.
-    gd = grad_dtype(dt)
+    # dG in grad_dtype (16 bits for 16-bit inputs: its readers are the recurrent tl.dot and the
+    # GEMMs after the loop). Slot T stays zero: the carried gradient into the last step is dh_n.
+    gd = config.grad_dtype(dt)
     if consume_gates and gates.shape[0] == T + 1 and gates.dtype == gd:
         # slot T: zero since lstm_fwd (no kernel writes it), and not zeroed again here: a torch
         # in-place op would bump the saved tensor's version counter, and a later backward of the
@@ -662,7 +516,7 @@ def lstm_bwd(
     gh = dh_n.to(sd, copy=True).contiguous()
     gc = dc_n.to(sd, copy=True).contiguous()
     carry = None if fused or plan is not None else alloc((B, H), w_hh.dtype, dev)
-    BB, BH, BK, nw = _blocks(B, H, "bwd", fused, ln is not None, dt, sm_count(dev))
+    BB, BH, BK, nw = lstm_blocks(B, H, "bwd", fused, ln is not None, dt, sm_count(dev))
     nrb = triton.cdiv(B, BB)
     parts = ln_partials(ln, nrb, H, sd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
@@ -682,7 +536,7 @@ def lstm_bwd(
         for t in range(T - 1, -1, -1):
             if not fused:
                 torch.mm(dG[t + 1].to(w_hh.dtype), w_hh, out=carry)
-            _lstm_bwd_kernel[grid](
+            lstm_bwd_kernel[grid](
                 gates, w_hh if fused else None, carry, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, *parts,
                 t, T, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
                 num_warps=nw,

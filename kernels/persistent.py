@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from . import config
-from ._common import _tile, pow2_block, sm_count
+from ._common import _tile
+from .tiles import pow2_block, sm_count
 
 # Rows per row block: BLOCK_B = next_pow2(B) in [16, MAX_B]; larger batches take several row blocks.
 MAX_B = 64

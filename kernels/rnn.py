@@ -1,22 +1,18 @@
-"""Elman RNN (tanh or ReLU): Triton kernels and their whole-sequence launchers.
+"""Elman RNN (tanh or ReLU): the step kernels and their whole-sequence launchers.
 
-Legend
-    T   time steps                 B   batch rows
-    I   input features             H   hidden units (also the width of a pre-activation row)
-    K   reduction dim of the recurrent matmul (H, forward and backward)
-Layout is time-major: x [T, B, I], out [T, B, H]. The saved state sequence hs is [T+1, B, H]
-(slot 0 = h0, slot t+1 = the carried state after step t) in the state dtype: fp32, or fp64 for
-fp64 inputs. A program owns BLOCK_B batch rows x BLOCK_H hidden units.
+Legend: T time steps, B batch rows, I input features, H hidden units (also the width of a
+pre-activation row), K the recurrent matmul's reduction dim (H, forward and backward).
+Time-major: x [T, B, I], out [T, B, H]. The saved state sequence hs is [T+1, B, H] (slot 0 =
+h0, slot t+1 the carried state after step t) in the state dtype. A program owns BLOCK_B rows x
+BLOCK_H hidden units.
 
-Kernels (one launch per time step; the launchers own the time loops, and with path="persistent"
-hand the whole loop to one launch of kernels/rnn_persistent.py instead):
-    _rnn_fwd_kernel   FUSED=False: the pointwise step h_t = act(xp_t + h_{t-1} W_hhᵀ) from the
-                      matmul computed by torch; FUSED=True: the step kernel that also computes
-                      h_{t-1} W_hhᵀ with tl.dot.
-    _rnn_bwd_kernel   the reverse step; FUSED=True fuses the carried dh = dP_{t+1} W_hh.
-
-Save or recompute: nothing beyond hs is saved; both derivatives come from the output,
-tanh' = 1 − h², relu' = [h > 0], so there is no pre-activation to store or recompute.
+Kernels, one launch a time step (given a persistent plan, rnn_persistent.py runs the whole loop
+in one launch instead):
+    rnn_fwd_kernel  FUSED: the step h_t = act(xp_t + h_{t-1} W_hhᵀ), the matmul included
+                    (tl.dot); else the pointwise step from torch's matmul.
+    rnn_bwd_kernel  the reverse step; FUSED fuses the carried dh = dP_{t+1} W_hh.
+Nothing beyond hs is saved: both derivatives come from the output (tanh' = 1 − h²,
+relu' = [h > 0]).
 """
 from __future__ import annotations
 
@@ -26,12 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_rnn._buffers import grad_dtype, state_dtype
-
-from ._common import (
-    DEFAULT_SM_COUNT, SUPPORTED_DTYPES, _dtanh, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection,
-    pow2_block, sm_count, step_override, step_tile,
-)
+from . import config, persistent
+from ._common import _dtanh, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection
+from .tiles import rnn_blocks, sm_count
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -39,7 +32,7 @@ NONLINEARITIES = ("tanh", "relu")
 def unsupported(x: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
     """Why the kernels cannot take this problem (the caller falls back to the reference), or None.
     The RNN kernels tile H and K, so there is no size limit besides empty problems."""
-    if x.dtype not in SUPPORTED_DTYPES:
+    if x.dtype not in config.SUPPORTED_DTYPES:
         return f"dtype {x.dtype}"
     T, B = x.shape[0], x.shape[1]
     H = w_hh.shape[1]
@@ -60,7 +53,7 @@ def unsupported(x: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
     }
 )
 @triton.jit(do_not_specialize=["t"])
-def _rnn_fwd_kernel(
+def rnn_fwd_kernel(
     xp_ptr,  # [T, B, H] x W_ihᵀ + b_ih + b_hh, storage dtype
     w_ptr,  # [H, H] W_hh (FUSED) or None
     mm_ptr,  # [B, H] h_{t-1} W_hhᵀ computed by torch (not FUSED) or None
@@ -72,9 +65,7 @@ def _rnn_fwd_kernel(
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    rows, cols, rmask, cmask, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     ACC = hs_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
 
@@ -122,7 +113,7 @@ def _rnn_fwd_kernel(
     }
 )
 @triton.jit(do_not_specialize=["t", "T"])
-def _rnn_bwd_kernel(
+def rnn_bwd_kernel(
     w_ptr,  # [H, H] W_hh (FUSED) or None
     carry_ptr,  # [B, H] dP_{t+1} W_hh computed by torch (not FUSED) or None
     hs_ptr,  # [T+1, B, H] saved states
@@ -135,9 +126,7 @@ def _rnn_bwd_kernel(
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    rows, cols, rmask, cmask, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     ACC = gh_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
 
@@ -176,83 +165,43 @@ def _rnn_bwd_kernel(
     tl.store(dp_ptr + s_cur, dp.to(dp_ptr.dtype.element_ty), mask=mask)
 
 
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(B: int, H: int, direction: str, fused: bool, dtype: torch.dtype, n_sm: int = DEFAULT_SM_COUNT):
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels. tl.dot needs every block dim
-    >= 16 on GPU. BLOCK_K 64; fused and not fp64: 16 or 64 rows x 16 or 32 units, whichever
-    kernels._common.step_tile estimates fastest, 4 warps for 16 rows, 8 for 64; else 16 x 32.
-    From sm_90 compiles (Triton 3.9 / 3.6), not timed: none spills (16 x 32, 4 warps: forward
-    bf16 140 registers, fp32 158-168, TF32 147-150, backward 96, 80, 80; 16 x 16: forward 112,
-    114-116, backward 72, 72; 64 x 32, 8 warps: forward 134, 150-158, 128-141, backward 128-134,
-    157-160, 146-147; 64 x 16: forward 108-110, 128-154, backward 122-127, 155-159; wgmma)."""
-    BK = 8 if dtype == torch.float64 else pow2_block(H, 16, 64)
-    if not fused or dtype == torch.float64:
-        return step_override(16 if fused else pow2_block(B, 1, 16), pow2_block(H, 16, 32), BK, 4)
-    # W_hh in the operand dtype; the forward's operand h_{t-1} is the fp32 hs (its backward needs
-    # the precision: fused_rnn/_buffers.py), the backward's dP_{t+1} the operand dtype
-    row_elt = state_dtype(dtype).itemsize if direction == "fwd" else grad_dtype(dtype).itemsize
-    BB, BH, nw = step_tile(B, H, H, 1, dtype.itemsize, row_elt, n_sm)
-    return step_override(BB, BH, BK, nw)
-
-
-LAUNCHER_PATHS = ("step", "persistent")
-
-
 def persistent_plan(direction: str, B: int, H: int, fused: bool, dtype: torch.dtype, device,
                     limit: Optional[int] = None, allow_tf32: bool = False):
-    """(kernels.persistent.Plan, "") when one persistent launch can run this layer's time loop in
-    ``direction`` ("fwd" / "bwd"), else (None, why not)."""
+    """(persistent.Plan, "") when one persistent launch can run this layer's time loop in
+    ``direction``, else (None, why not): kernels.lstm.persistent_plan's, for the RNN."""
     if not fused:
         return None, "the unfused step kernels were asked for"
-    from . import persistent
-
     return persistent.plan("rnn", direction, B, H, dtype, device, limit, allow_tf32)
 
 
-def _check_path(path: str) -> None:
-    if path not in LAUNCHER_PATHS:
-        raise ValueError(f"path must be one of {LAUNCHER_PATHS}, got {path!r}")
-
-
-def _check_nonlinearity(nonlinearity: str) -> bool:
+def _relu(nonlinearity: str) -> bool:
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     return nonlinearity == "relu"
 
 
 @torch.no_grad()
-def rnn_fwd(
-    x: torch.Tensor,
-    h0: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    b_ih: Optional[torch.Tensor] = None,
-    b_hh: Optional[torch.Tensor] = None,
-    lengths: Optional[torch.Tensor] = None,
-    nonlinearity: str = "tanh",
-    allow_tf32: bool = False,
-    fused: bool = True,
-    path: str = "step",
-):
+def rnn_fwd(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih=None, b_hh=None,
+            lengths=None, nonlinearity: str = "tanh", allow_tf32: bool = False, fused: bool = True,
+            plan: Optional[persistent.Plan] = None):
     """Whole-sequence forward of one RNN layer, one direction.
 
     x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_* [H] or None, lengths None or int [B].
     Returns (out [T, B, H], h_n [B, H]) in x's dtype and, for backward, hs [T+1, B, H] in the
-    state dtype. path: "step" (one launch per step) or "persistent" (one launch for all steps,
-    when persistent_plan() allows it; otherwise the step loop). Same buffers and results.
+    state dtype. plan: persistent_plan()'s, for one launch for all steps; None: one launch per
+    step. Same buffers and results.
     """
-    relu = _check_nonlinearity(nonlinearity)
-    _check_path(path)
+    relu = _relu(nonlinearity)
     T, B, I = x.shape
     H = w_hh.shape[1]
-    dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
-    plan = None
-    if path == "persistent":
-        plan = persistent_plan("fwd", B, H, fused, dt, dev, allow_tf32=allow_tf32)[0]
+    dt, sd, dev = x.dtype, config.state_dtype(x.dtype), x.device
     x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
     lengths = None if lengths is None else lengths.contiguous()
 
@@ -267,12 +216,12 @@ def rnn_fwd(
         rnn_persistent.rnn_fwd_loop(plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast)
     else:
         mm = None if fused else alloc((B, H), w_hh.dtype, dev)
-        BB, BH, BK, nw = _blocks(B, H, "fwd", fused, dt, sm_count(dev))
+        BB, BH, BK, nw = rnn_blocks(B, H, "fwd", fused, dt, sm_count(dev))
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
         for t in range(T):
             if not fused:
                 torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
-            _rnn_fwd_kernel[grid](
+            rnn_fwd_kernel[grid](
                 xp, w_hh if fused else None, mm, hs, out, lengths, t, B, H,
                 RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
             )
@@ -280,41 +229,25 @@ def rnn_fwd(
 
 
 @torch.no_grad()
-def rnn_bwd(
-    dout: torch.Tensor,
-    dh_n: torch.Tensor,
-    x: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    hs: torch.Tensor,
-    lengths: Optional[torch.Tensor] = None,
-    nonlinearity: str = "tanh",
-    allow_tf32: bool = False,
-    fused: bool = True,
-    need_dx: bool = True,
-    need_dw: bool = True,
-    path: str = "step",
-):
+def rnn_bwd(dout: torch.Tensor, dh_n: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+            hs: torch.Tensor, lengths=None, nonlinearity: str = "tanh", allow_tf32: bool = False, fused: bool = True,
+            need_dx: bool = True, need_dw: bool = True, plan: Optional[persistent.Plan] = None):
     """Whole-sequence backward matching rnn_fwd: reverse recurrence with the fused kernels, then
     the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
 
     Returns (dx [T, B, I] or None, dh0 [B, H], dw_ih [H, I], dw_hh [H, H], db [H] (state dtype;
     the gradient of both b_ih and b_hh)); weight gradients are None when not need_dw.
-    path: as rnn_fwd's (the reverse loop only; the GEMMs after it are the same).
+    plan: as rnn_fwd's (the reverse loop only; the GEMMs after it are the same).
     """
-    relu = _check_nonlinearity(nonlinearity)
-    _check_path(path)
+    relu = _relu(nonlinearity)
     T, B, I = x.shape
     H = w_hh.shape[1]
-    dt, sd, dev = x.dtype, state_dtype(x.dtype), x.device
-    plan = None
-    if path == "persistent":
-        plan = persistent_plan("bwd", B, H, fused, dt, dev, allow_tf32=allow_tf32)[0]
+    dt, sd, dev = x.dtype, config.state_dtype(x.dtype), x.device
     w_hh = w_hh.contiguous()
     dout = dout.contiguous()
     lengths = None if lengths is None else lengths.contiguous()
 
-    dP = alloc((T + 1, B, H), grad_dtype(dt), dev)  # 16 bits for 16-bit inputs: fused_rnn/_buffers.py
+    dP = alloc((T + 1, B, H), config.grad_dtype(dt), dev)  # 16 bits for 16-bit inputs
     dP[T].zero_()
     gh = dh_n.to(sd, copy=True).contiguous()
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
@@ -324,12 +257,12 @@ def rnn_bwd(
         rnn_persistent.rnn_bwd_loop(plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upcast)
     else:
         carry = None if fused else alloc((B, H), w_hh.dtype, dev)
-        BB, BH, BK, nw = _blocks(B, H, "bwd", fused, dt, sm_count(dev))
+        BB, BH, BK, nw = rnn_blocks(B, H, "bwd", fused, dt, sm_count(dev))
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
         for t in range(T - 1, -1, -1):
             if not fused:
                 torch.mm(dP[t + 1].to(w_hh.dtype), w_hh, out=carry)
-            _rnn_bwd_kernel[grid](
+            rnn_bwd_kernel[grid](
                 w_hh if fused else None, carry, hs, dout, dP, gh, lengths, t, T, B, H,
                 RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
             )

@@ -4,6 +4,7 @@ Kernel tests run on whatever device can run Triton here: a CUDA GPU, or the CPU 
 Triton interpreter (TRITON_INTERPRET=1, set before Python starts, as .ci/run does). Where neither
 is available they are skipped, and the reference-path tests still run.
 """
+import contextlib
 import os
 
 import pytest
@@ -67,25 +68,40 @@ def tol(dtype):
 
 
 @pytest.fixture
-def poison(monkeypatch):
-    """Kernel launchers allocate every buffer they must fill as NaN (kernels._common.POISON),
-    so an element a kernel leaves unwritten fails the comparison."""
-    from fused_rnn.kernels import _common
+def poison():
+    """Kernel launchers allocate every buffer they must fill as NaN (options().poison), so an
+    element a kernel leaves unwritten fails the comparison."""
+    from fused_rnn.kernels import config
 
-    monkeypatch.setattr(_common, "POISON", True)
+    with config.using(poison=True):
+        yield
 
 
+@contextlib.contextmanager
 def force_step_tile(monkeypatch, kernels_module, **tile):
-    """For the rest of the test, the step kernels take ``tile`` (kernels._common.STEP_OVERRIDE's
-    keys: BLOCK_B, BLOCK_H, BLOCK_K, num_warps), and kernels_module._blocks (kernels.lstm or
-    kernels.rnn) is spied on: returns the list its calls append their tiles to."""
-    from fused_rnn.kernels import _common
+    """Inside the block the step kernels take ``tile`` (options().step_tiles: BLOCK_B, BLOCK_H,
+    BLOCK_K, num_warps), and kernels_module's tile rule (kernels.lstm's lstm_blocks or
+    kernels.rnn's rnn_blocks) is spied on: yields the list its calls append their tiles to."""
+    from fused_rnn.kernels import config
 
-    for k, v in tile.items():
-        monkeypatch.setitem(_common.STEP_OVERRIDE, k, v)
-    tiles, blocks = [], kernels_module._blocks
-    monkeypatch.setattr(kernels_module, "_blocks", lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
-    return tiles
+    name = "lstm_blocks" if hasattr(kernels_module, "lstm_blocks") else "rnn_blocks"
+    tiles, blocks = [], getattr(kernels_module, name)
+    monkeypatch.setattr(kernels_module, name, lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
+    with config.using(step_tiles=tile):
+        yield tiles
+
+
+def launch_plan(path, direction, x, w_hh, ln=None, fused=True):
+    """The ``plan`` a kernels launcher takes for ``path``, as the ops resolve it: None on "step",
+    else this problem's persistent plan (None where it cannot run: the step loop)."""
+    if path == "step":
+        return None
+    from fused_rnn.kernels import lstm, rnn
+
+    B, H = x.shape[1], w_hh.shape[1]
+    if w_hh.shape[0] == 4 * H:
+        return lstm.persistent_plan(direction, B, H, ln, fused, x.dtype, x.device)[0]
+    return rnn.persistent_plan(direction, B, H, fused, x.dtype, x.device)[0]
 
 
 def rel_err(a, b):

@@ -620,22 +620,23 @@ def test_persistent_tune_step_mode_runs_on_the_interpreter(tmp_path):
 
 def test_persistent_tune_step_mode_schedule(tmp_path, monkeypatch):
     """--step with the GPU faked (runs and times stubbed, the tiles real): S3 first, then S2; the
-    variants set kernels._common.STEP_OVERRIDE (or ask for the unfused kernels) and clear it; a
-    variant whose tile is the default's (S3's 64 rows, S2's 16) is not timed."""
+    variants set options().step_tiles (or ask for the unfused kernels) and clear it; a variant
+    whose tile is the default's (S3's 64 rows, S2's 16) is not timed."""
     tune = _tune_on_a_fake_gpu(monkeypatch)
-    from fused_rnn.kernels import _common as C
+    from fused_rnn.kernels import config, tiles
 
-    monkeypatch.setattr(C, "sm_count", lambda dev: 132)
+    monkeypatch.setattr(tiles, "sm_count", lambda dev: 132)
     seen = []
 
     def runners(cell, d, cuda):
-        seen.append(dict(C.STEP_OVERRIDE, **({"unfused": True} if tune.STEP_OPTS["fused"] is False else {})))
+        seen.append(dict(config.options().step_tiles,
+                         **({"unfused": True} if tune.STEP_OPTS["fused"] is False else {})))
         return ((lambda: (torch.ones(2), None)),) * 2 + (None,)
 
     monkeypatch.setattr(tune, "step_runners", runners)
     monkeypatch.setattr(tune, "time_ms", lambda fn, cuda: 1.0)
     rc = tune.main(["--step", "--out", str(tmp_path), "--shapes", "S2,S3", "--cells", "lstm,rnn"])
-    assert rc == 0 and C.STEP_OVERRIDE == {}
+    assert rc == 0 and config.options().step_tiles == ()
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
     assert [(r["cell"], r["shape"]) for r in rows if r["variant"] == "default"][::2] == [
         ("lstm", "S3"), ("rnn", "S3"), ("lstm", "S2"), ("rnn", "S2")]

@@ -13,7 +13,8 @@ import torch
 
 from conftest import rel_err, requires_cuda
 from fused_rnn.lstm import LSTMFunction
-from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
+from fused_rnn.kernels import config
+from fused_rnn.reference import lstm_sequence_ref, rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction
 
 pytestmark = requires_cuda
@@ -67,7 +68,7 @@ def test_lstm_int64_offsets(cell, fused):
     L[::3] = T - 2  # some sequences end inside the checked tail
     xg = x.clone().requires_grad_()
     lnp = ln if ln is not None else (None,) * 4
-    out, h_n, c_n = LSTMFunction.apply(xg, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, LN_EPS, False, fused, True)
+    out, h_n, c_n = LSTMFunction.apply(xg, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, config.LN_EPS, False, fused, True)
     dout = torch.zeros_like(out)
     dout[T - K:] = r(K, B, H)
     dh_n, dc_n = r(B, H), r(B, H)

@@ -3,7 +3,7 @@ against the reference path.
 
 Runs where the kernels can run: a CUDA GPU, or the CPU under TRITON_INTERPRET=1 (tiny shapes:
 the interpreter is slow). Every launcher buffer a kernel must fill is NaN-poisoned
-(kernels._common.POISON), so an element a kernel leaves unwritten fails the comparison.
+(options().poison), so an element a kernel leaves unwritten fails the comparison.
 Tolerances are relative to an fp64 reference, ‖ours − ref‖ / ‖ref‖.
 """
 import warnings
@@ -18,7 +18,8 @@ from conftest import (
 )
 from fused_rnn import _backend
 from fused_rnn.lstm import LSTMFunction, lstm_sequence
-from fused_rnn.reference import LN_EPS, lstm_sequence_ref
+from fused_rnn.kernels import config
+from fused_rnn.reference import lstm_sequence_ref
 
 pytestmark = [requires_kernels, pytest.mark.usefixtures("poison")]
 DEV = kernel_device()
@@ -44,13 +45,11 @@ def make_case(T, B, I, H, dtype, ln, bias=True, lengths=None, seed=0):
 
 def triton_lstm(fused=None, save_gates=True):
     """fn(ins, lengths) -> (out, h_n, c_n) through LSTMFunction with a chosen kernel variant."""
-    from fused_rnn.kernels import lstm as K
-
     def fn(ins, L):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
-        f = K.default_fused(w_hh.shape[1], ln or None, x.dtype) if fused is None else fused
+        f = config.default_fused(w_hh.shape[1], ln or None, x.dtype) if fused is None else fused
         lnp = ln if ln else [None] * 4
-        return LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, LN_EPS, False, f, save_gates)
+        return LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, config.LN_EPS, False, f, save_gates)
 
     return fn
 
@@ -73,7 +72,7 @@ SHAPES = [
 ]
 if DEV is not None and DEV.type == "cuda":
     # H 100: the fused layer-norm kernel's widest tile (128 units); B192 H384: 64-row tiles
-    # (kernels._common.step_tile: the plain LSTM in 16 bits, 64 x 16)
+    # (kernels.tiles.step_tile: the plain LSTM in 16 bits, 64 x 16)
     SHAPES += [("B64-T33-H200-len", 33, 64, 48, 200, [33 - b % 7 for b in range(64)], True),
                ("B20-T9-H100", 9, 20, 16, 100, None, True),
                ("B192-T6-H384-len", 6, 192, 32, 384, [6 - b % 4 for b in range(192)], True)]
@@ -85,9 +84,7 @@ else:
 def _ln_fused_max_h(dtype):
     if DEV is None:  # no kernels here (maybe no Triton either): the tests are skipped anyway
         return 1 << 30
-    from fused_rnn.kernels.lstm import ln_fused_max_h
-
-    return ln_fused_max_h(dtype)
+    return config.ln_fused_max_h(dtype)
 
 
 def _cases():
@@ -139,18 +136,16 @@ def test_lstm_sequence_dispatch():
 
 def test_lstm_ln_above_fused_limit_runs_unfused(monkeypatch):
     """Above LN_FUSED_MAX_H (lowered here) the LN-LSTM takes the unfused kernels, same results."""
-    from fused_rnn.kernels import lstm as K
-
-    monkeypatch.setattr(K, "LN_FUSED_MAX_H", 8)
+    monkeypatch.setattr(config, "LN_FUSED_MAX_H", 8)
     ins, L, _ = make_case(3, 3, 5, 9, F32, True, True, [3, 1, 2])
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
-    assert not K.default_fused(9, tuple(ln), F32)
+    assert not config.default_fused(9, tuple(ln), F32)
     ours = lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln), L, backend="triton")
     ref = reference_lstm([t.double() for t in ins], L)
     assert_close(ours, ref, tol(F32), OUT_NAMES)
 
 
-# the fused step kernels' tiles (kernels._common.step_tile) besides the 16 x 16 that small shapes take
+# the fused step kernels' tiles (kernels.tiles.step_tile) besides the 16 x 16 that small shapes take
 STEP_TILES = [pytest.param(64, 16, 8, id="64x16"), pytest.param(64, 32, 8, id="64x32"),
               pytest.param(16, 32, 4, id="16x32")]
 
@@ -159,15 +154,15 @@ STEP_TILES = [pytest.param(64, 16, 8, id="64x16"), pytest.param(64, 32, 8, id="6
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
 def test_lstm_step_tiles(dtype, BB, BH, nw, monkeypatch):
     """The fused step kernels at the other tiles the launchers take (64 rows at a large batch,
-    32 units where the estimate prefers them), forced through kernels._common.STEP_OVERRIDE at
+    32 units where the estimate prefers them), forced through options().step_tiles at
     B70 H20 (a partial row block: 6 rows and 58 masked ones with 64-row blocks; partial unit
     blocks); forward and backward against the reference."""
     from fused_rnn.kernels import lstm as K
 
     T, B, H = 3, 70, 20
     ins, L, ups = make_case(T, B, 6, H, dtype, False, True, [3 - b % 4 for b in range(B)])
-    tiles = force_step_tile(monkeypatch, K, BLOCK_B=BB, BLOCK_H=BH, num_warps=nw)
-    outs, grads = fwd_bwd(triton_lstm(True), ins, L, ups)
+    with force_step_tile(monkeypatch, K, BLOCK_B=BB, BLOCK_H=BH, num_warps=nw) as tiles:
+        outs, grads = fwd_bwd(triton_lstm(True), ins, L, ups)
     assert len(tiles) == 2 and all(t[:2] == (BB, BH) for t in tiles), tiles  # both launches took it
     r_outs, r_grads = fwd_bwd(reference_lstm, ins, L, ups, dtype=F64)
     assert_close(outs, r_outs, tol(dtype), OUT_NAMES)
@@ -175,34 +170,33 @@ def test_lstm_step_tiles(dtype, BB, BH, nw, monkeypatch):
 
 
 def test_step_blocks_rule():
-    """kernels.lstm._blocks: the fused plain LSTM's tile where step_tile's estimate puts it
+    """kernels.tiles.lstm_blocks: the fused plain LSTM's tile where step_tile's estimate puts it
     (S3 in bf16: 64 x 32; S1, S4: 16 x 16; S2: 64 x 16 forward, 16 x 32 backward; never 64 rows
-    below B64); the layer-norm tiles keep whole rows; STEP_OVERRIDE replaces what it names."""
-    from fused_rnn.kernels import _common, lstm as K
+    below B64); the layer-norm tiles keep whole rows; options().step_tiles replaces what it names."""
+    from fused_rnn.kernels import config
+    from fused_rnn.kernels.tiles import lstm_blocks, step_time_us
 
-    assert K._blocks(256, 1024, "fwd", True, False, BF16) == (64, 32, 32, 8)
-    assert K._blocks(256, 1024, "bwd", True, False, BF16) == (64, 32, 64, 8)
+    assert lstm_blocks(256, 1024, "fwd", True, False, BF16) == (64, 32, 32, 8)
+    assert lstm_blocks(256, 1024, "bwd", True, False, BF16) == (64, 32, 64, 8)
     for B, H in ((16, 256), (16, 768)):
-        assert K._blocks(B, H, "fwd", True, False, BF16) == (16, 16, 32, 4)
-        assert K._blocks(B, H, "bwd", True, False, BF16) == (16, 16, 64, 4)
-    assert K._blocks(64, 512, "fwd", True, False, BF16) == (64, 16, 32, 8)
-    assert K._blocks(64, 512, "bwd", True, False, BF16) == (16, 32, 64, 4)
-    assert K._blocks(63, 4096, "fwd", True, False, BF16)[0] == 16
-    assert K._blocks(16, 256, "fwd", True, False, F32)[2:] == (32, 4)  # BLOCK_K 64 spilled
-    assert K._blocks(16, 128, "fwd", True, True, F32) == (16, 128, 16, 16)
-    assert K._blocks(16, 100, "bwd", True, True, BF16) == (16, 128, 16, 8)
-    assert K._blocks(16, 256, "bwd", False, True, BF16) == (4, 256, 16, 8)
-    assert K._blocks(3, 2048, "bwd", False, True, BF16) == (1, 2048, 16, 8)
-    assert not K.default_fused(256, (), BF16) and K.default_fused(128, (), BF16)
-    # the estimate behind the choice (kernels/_common.py): S3's bf16 forward step
-    t16 = _common.step_time_us(256, 1024, 1024, 4, 16, 32, 2, 2, 132)
-    t64 = _common.step_time_us(256, 1024, 1024, 4, 64, 32, 2, 2, 132)
+        assert lstm_blocks(B, H, "fwd", True, False, BF16) == (16, 16, 32, 4)
+        assert lstm_blocks(B, H, "bwd", True, False, BF16) == (16, 16, 64, 4)
+    assert lstm_blocks(64, 512, "fwd", True, False, BF16) == (64, 16, 32, 8)
+    assert lstm_blocks(64, 512, "bwd", True, False, BF16) == (16, 32, 64, 4)
+    assert lstm_blocks(63, 4096, "fwd", True, False, BF16)[0] == 16
+    assert lstm_blocks(16, 256, "fwd", True, False, F32)[2:] == (32, 4)  # BLOCK_K 64 spilled
+    assert lstm_blocks(16, 128, "fwd", True, True, F32) == (16, 128, 16, 16)
+    assert lstm_blocks(16, 100, "bwd", True, True, BF16) == (16, 128, 16, 8)
+    assert lstm_blocks(16, 256, "bwd", False, True, BF16) == (4, 256, 16, 8)
+    assert lstm_blocks(3, 2048, "bwd", False, True, BF16) == (1, 2048, 16, 8)
+    assert not config.default_fused(256, (), BF16) and config.default_fused(128, (), BF16)
+    # the estimate behind the choice (kernels/tiles.py): S3's bf16 forward step
+    t16 = step_time_us(256, 1024, 1024, 4, 16, 32, 2, 2, 132)
+    t64 = step_time_us(256, 1024, 1024, 4, 64, 32, 2, 2, 132)
     assert 25 < t16 < 30 and 8 < t64 < 10
-    _common.STEP_OVERRIDE.update(BLOCK_K=16)
-    try:
-        assert K._blocks(256, 1024, "fwd", True, False, BF16) == (64, 32, 16, 8)
-    finally:
-        _common.STEP_OVERRIDE.clear()
+    with config.using(step_tiles={"BLOCK_K": 16}):
+        assert lstm_blocks(256, 1024, "fwd", True, False, BF16) == (64, 32, 16, 8)
+    assert lstm_blocks(256, 1024, "fwd", True, False, BF16) == (64, 32, 32, 8)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "lnlstm"])
@@ -328,9 +322,7 @@ def test_lstm_nonfinite_propagates(cell, bad):
 def test_lstm_fallback_warns_once(monkeypatch):
     """A size the kernels cannot take (LN with H above the limit, lowered here) runs the reference
     with one warning, never an error."""
-    from fused_rnn.kernels import lstm as K
-
-    monkeypatch.setattr(K, "LN_MAX_H", 8)
+    monkeypatch.setattr(config, "LN_MAX_H", 8)
     monkeypatch.setattr(_backend, "_warned", OrderedDict())
     ins, L, _ = make_case(3, 2, 3, 9, F32, True, True, None)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = ins
@@ -361,17 +353,17 @@ def test_lstm_custom_ops_opcheck(dtype, ln):
     ins, L, ups = make_case(2, 3, 4, 5, dtype, ln, True, [2, 1, 0])
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp = ins
     lnp = lnp or [None] * 4
-    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, LN_EPS, False, True, True)
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, *lnp, L, config.LN_EPS, False, True, True)
     torch.library.opcheck(torch.ops.fused_rnn.lstm_fwd.default, args)
     h_n, c_n, hs, cs, gates = torch.ops.fused_rnn.lstm_fwd(*args)
-    bargs = (*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, *lnp, L, LN_EPS, False, True, True, True)
+    bargs = (*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, *lnp, L, config.LN_EPS, False, True, True, True)
     torch.library.opcheck(torch.ops.fused_rnn.lstm_bwd.default, bargs)
 
 
 @pytest.mark.parametrize("ln", [False, True], ids=["plain", "ln"])
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=DT_NAME.get)
 def test_lstm_buffer_dtypes(dtype, ln, monkeypatch):
-    """fused_rnn/_buffers.py: h_t, the plain LSTM's gates, saved c and dG in 16 bits for 16-bit
+    """kernels.config's buffer dtypes: h_t, the plain LSTM's gates, saved c and dG in 16 bits for 16-bit
     inputs (the gates written over the input projection), the LN-LSTM's gates and c in fp32."""
     from fused_rnn.kernels import lstm as K
 
@@ -411,7 +403,7 @@ def test_lstm_fp32_tf32_switch(allow_tf32, monkeypatch):
 
 def test_lstm_inference_does_not_store_gates(monkeypatch):
     """Under no_grad (or with nothing requiring grad) the forward stores no gates: nothing will
-    read them. With grad it does (the default, kernels.lstm.SAVE_GATES)."""
+    read them. With grad it does (the default, options().save_gates)."""
     from fused_rnn.kernels import lstm as K
 
     seen = []

@@ -1,8 +1,8 @@
 """The LSTM with projections (nn.LSTM's proj_size) through its kernels (fused_rnn.kernels.lstm_proj
-via fused_rnn.lstm.LSTMProjFunction) against the reference path.
+via fused_rnn.lstm_proj.LSTMProjFunction) against the reference path.
 
 Where the kernels can run: a CUDA GPU, or the CPU under TRITON_INTERPRET=1. Launcher buffers are
-NaN-poisoned (kernels._common.POISON), so an element a kernel or a product leaves unwritten fails
+NaN-poisoned (options().poison), so an element a kernel or a product leaves unwritten fails
 the comparison. Tolerances are relative to an fp64 reference (conftest.tol).
 """
 from collections import OrderedDict
@@ -16,8 +16,10 @@ from conftest import (
 )
 from fused_rnn import _backend, _paths
 from fused_rnn import lstm as lstm_mod
-from fused_rnn.lstm import LSTMProjFunction, lstm_sequence
-from fused_rnn.reference import LN_EPS, lstm_sequence_ref
+from fused_rnn.lstm import lstm_sequence
+from fused_rnn.lstm_proj import LSTMProjFunction
+from fused_rnn.kernels import config
+from fused_rnn.reference import lstm_sequence_ref
 
 pytestmark = [requires_kernels, pytest.mark.usefixtures("poison")]
 DEV = kernel_device()
@@ -46,7 +48,7 @@ def kernels_fn(path="auto"):
     def fn(ins, L):
         x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, *ln = ins
         lnp = ln if ln else [None] * 4
-        return LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, *lnp, L, LN_EPS, False, path)
+        return LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, *lnp, L, config.LN_EPS, False, path)
 
     return fn
 
@@ -163,10 +165,10 @@ def test_lstm_proj_custom_ops_opcheck(dtype, ln):
     ins, L, ups = make_case(2, 3, 4, 5, 2, dtype, ln, True, [2, 1, 0])
     x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, *lnp = ins
     lnp = lnp or [None] * 4
-    args = (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, *lnp, L, LN_EPS, False)
+    args = (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, *lnp, L, config.LN_EPS, False)
     torch.library.opcheck(torch.ops.fused_rnn.lstm_proj_fwd.default, args)
     h_n, c_n, hp, hs, cs, gates = torch.ops.fused_rnn.lstm_proj_fwd(*args)
-    bargs = (*ups, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh, *lnp, L, LN_EPS, False, True, True)
+    bargs = (*ups, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh, *lnp, L, config.LN_EPS, False, True, True)
     torch.library.opcheck(torch.ops.fused_rnn.lstm_proj_bwd.default, bargs)
 
 

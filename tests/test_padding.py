@@ -180,13 +180,13 @@ def _cases():
 
 def _no_persistent_plan(cell):
     """Why the persistent kernels would not take this problem on DEV (None: they would)."""
-    from fused_rnn.kernels import lstm as KL, rnn as KR
+    from fused_rnn.kernels import config, lstm as KL, rnn as KR
 
     lstm, ln, _, _ = CELLS[cell]
     for d in ("fwd", "bwd"):
         if lstm:
             lnp = (None,) * 4 if ln else None
-            plan, why = KL.persistent_plan(d, B, H, lnp, KL.default_fused(H, lnp, F64), F64, DEV)
+            plan, why = KL.persistent_plan(d, B, H, lnp, config.default_fused(H, lnp, F64), F64, DEV)
         else:
             plan, why = KR.persistent_plan(d, B, H, True, F64, DEV)
         if plan is None:

@@ -6,7 +6,7 @@ single-program grid can pass the grid barrier: there plan() gives one program co
 and these tests compare that single-program path with the fp64 reference and with the step path.
 The multi-program path (one program per BLOCK_H hidden units, the programs meeting at a global
 barrier each step) runs only on a GPU: the CUDA tests at the end compare it with the step path.
-Buffers are NaN-poisoned (kernels._common.POISON), so an element a kernel leaves unwritten fails.
+Buffers are NaN-poisoned (options().poison), so an element a kernel leaves unwritten fails.
 """
 import os
 import re
@@ -18,13 +18,14 @@ import torch
 
 import conftest
 from conftest import (
-    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, INTERPRET, compile_sm90, kernel_device, ptxas_usage, rel_err, requires_cuda,
-    requires_kernels, requires_sm90_compile, tol, triton_36,
+    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, INTERPRET, compile_sm90, kernel_device, launch_plan, ptxas_usage, rel_err,
+    requires_cuda, requires_kernels, requires_sm90_compile, tol, triton_36,
 )
 from _persistent_helpers import use_options  # noqa: F401 (a fixture)
 from fused_rnn import _backend, _paths
 from fused_rnn.lstm import LSTMFunction
-from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
+from fused_rnn.kernels.config import LN_EPS
+from fused_rnn.reference import lstm_sequence_ref, rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction
 
 DEV = kernel_device()
@@ -308,20 +309,23 @@ def test_persistent_saved_tensors_pair_with_either_backward(cell):
     ins, L, ups = make_case(cell, T, B, I, H, F64, bias, lengths)
     if cell == "lstm":
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-        fwd = {p: KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, L, path=p) for p in ("step", "persistent")}
+        fwd = {p: KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, L, plan=launch_plan(p, "fwd", x, w_hh))
+               for p in ("step", "persistent")}
         for a, b in zip(fwd["persistent"], fwd["step"]):  # out, h_n, c_n, hs, cs, gates
             assert torch.equal(a, b)
         res = {}
         for pf in ("step", "persistent"):
             out, h_n, c_n, hs, cs, gates = fwd[pf]
             for pb in ("step", "persistent"):
-                res[pf, pb] = KL.lstm_bwd(*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, L, path=pb)[:6]
+                res[pf, pb] = KL.lstm_bwd(*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, L,
+                                          plan=launch_plan(pb, "bwd", x, w_hh))[:6]
     else:
         x, h0, w_ih, w_hh, b_ih, b_hh = ins
-        fwd = {p: KR.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, L, path=p) for p in ("step", "persistent")}
+        fwd = {p: KR.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, L, plan=launch_plan(p, "fwd", x, w_hh))
+               for p in ("step", "persistent")}
         for a, b in zip(fwd["persistent"], fwd["step"]):  # out, h_n, hs
             assert torch.equal(a, b)
-        res = {(pf, pb): KR.rnn_bwd(*ups, x, w_ih, w_hh, fwd[pf][2], L, path=pb)
+        res = {(pf, pb): KR.rnn_bwd(*ups, x, w_ih, w_hh, fwd[pf][2], L, plan=launch_plan(pb, "bwd", x, w_hh))
                for pf in ("step", "persistent") for pb in ("step", "persistent")}
     base = res["step", "step"]
     for k, v in res.items():
@@ -591,7 +595,7 @@ def test_plan_ln_and_unfused():
     assert KL.persistent_plan("fwd", 2, 5, None, False, F32, "cpu")[0] is None
     assert KL.persistent_plan("fwd", 2, 5, None, True, F32, "cpu")[0] is not None
     assert KR.persistent_plan("bwd", 2, 5, False, F32, "cpu")[0] is None
-    with pytest.raises(ValueError, match="path must be one of"):
+    with pytest.raises(TypeError, match="path"):  # the launchers take a resolved plan, never a path
         KL.lstm_fwd(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(4, 1),
                     torch.zeros(4, 1), path="graph")
 
@@ -618,13 +622,14 @@ def test_requested_path(monkeypatch):
 
 def test_resolve_policy():
     x = torch.zeros(2, 2, 2)
-    assert _paths.resolve("op", "auto", x, lambda: (object(), "")) == _paths.AUTO_PATH
-    assert _paths.resolve("op", "persistent", x, lambda: (object(), "")) == "persistent"
+    assert _paths.resolve("op", "auto", x, lambda: (object(), ""))[0] == _paths.AUTO_PATH
+    plan = object()
+    assert _paths.resolve("op", "persistent", x, lambda: (plan, "")) == ("persistent", plan)
     with pytest.warns(RuntimeWarning, match=r"persistent path not possible for op \(no room\)"):
-        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == "step"
+        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == ("step", None)
     with warnings.catch_warnings():  # once per reason
         warnings.simplefilter("error")
-        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == "step"
+        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == ("step", None)
 
 
 def test_resolve_adaptive(monkeypatch):
@@ -635,17 +640,17 @@ def test_resolve_adaptive(monkeypatch):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _paths.resolve("op", "adaptive", torch.zeros(2, 2, 2), no_call) == "step"
+        assert _paths.resolve("op", "adaptive", torch.zeros(2, 2, 2), no_call) == ("step", None)
         x = torch.zeros(2, 2, 2)
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
         monkeypatch.setattr(_paths, "interpreter_on", lambda: False)
         monkeypatch.setattr(_paths, "graph_unavailable", lambda x: (None, False))
-        assert _paths.resolve("op", "adaptive", x, lambda: (object(), "")) == "persistent"
-        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == "graph"
+        assert _paths.resolve("op", "adaptive", x, lambda: (object(), ""))[0] == "persistent"
+        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == ("graph", None)
         monkeypatch.setattr(_paths, "graph_unavailable", lambda x: ("capturing", False))
-        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == "step"
+        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == ("step", None)
         monkeypatch.setattr(_paths, "AUTO_PATH", "adaptive")
-        assert _paths.resolve("op", "auto", x, lambda: (object(), "")) == "persistent"
+        assert _paths.resolve("op", "auto", x, lambda: (object(), ""))[0] == "persistent"
 
 
 # ------------------------------------------------------------- sm_90 compile (no GPU needed)
@@ -669,7 +674,7 @@ SM90_MAX_SPILL_SOLO = 128
 def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, use_options):
     """Compile each persistent kernel for an H100 (sm_90) with the installed Triton and its
     bundled ptxas, at the plans of the benchmark shapes (bf16, the 16-bit buffers of
-    fused_rnn/_buffers.py), and check the grid barrier made it into the PTX: a release add and an
+    kernels.config), and check the grid barrier made it into the PTX: a release add and an
     acquire read of the counter at GPU scope, CTA barriers; with the LL exchange instead
     (sync="ll"), no atomic and no release at all, and volatile loads of the tagged ring; and
     that registers do not spill (beyond a few bytes, SM90_MAX_SPILL)."""

@@ -3,7 +3,7 @@ against the reference path.
 
 Runs where the kernels can run: a CUDA GPU, or the CPU under TRITON_INTERPRET=1 (tiny shapes:
 the interpreter is slow). Every launcher buffer a kernel must fill is NaN-poisoned
-(kernels._common.POISON), so an element a kernel leaves unwritten fails the comparison.
+(options().poison), so an element a kernel leaves unwritten fails the comparison.
 Tolerances are relative to an fp64 reference, ‖ours − ref‖ / ‖ref‖.
 """
 import warnings
@@ -108,17 +108,18 @@ def test_rnn_gradcheck(nl, fused):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
 def test_rnn_step_tiles(dtype, BB, BH, nw, monkeypatch):
     """The fused step kernels at the other tiles the launchers take (64 rows at a large batch:
-    S3; 32 units), forced through kernels._common.STEP_OVERRIDE at B70 H20 (partial row and
-    unit blocks), against the reference; and the rule that picks them (kernels.rnn._blocks)."""
+    S3; 32 units), forced through options().step_tiles at B70 H20 (partial row and unit blocks),
+    against the reference; and the rule that picks them (kernels.tiles.rnn_blocks)."""
     from fused_rnn.kernels import rnn as K
+    from fused_rnn.kernels.tiles import rnn_blocks
 
-    assert K._blocks(256, 1024, "fwd", True, BF16) == (64, 32, 64, 8)
-    assert K._blocks(64, 512, "fwd", True, BF16) == (16, 32, 64, 4)
-    assert K._blocks(16, 256, "bwd", True, BF16) == (16, 16, 64, 4)
+    assert rnn_blocks(256, 1024, "fwd", True, BF16) == (64, 32, 64, 8)
+    assert rnn_blocks(64, 512, "fwd", True, BF16) == (16, 32, 64, 4)
+    assert rnn_blocks(16, 256, "bwd", True, BF16) == (16, 16, 64, 4)
     T, B, H = 3, 70, 20
     ins, L, ups = make_case(T, B, 6, H, dtype, True, [3 - b % 4 for b in range(B)])
-    tiles = force_step_tile(monkeypatch, K, BLOCK_B=BB, BLOCK_H=BH, num_warps=nw)
-    outs, grads = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
+    with force_step_tile(monkeypatch, K, BLOCK_B=BB, BLOCK_H=BH, num_warps=nw) as tiles:
+        outs, grads = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
     assert len(tiles) == 2 and all(t[:2] == (BB, BH) for t in tiles), tiles  # both launches took it
     r_outs, r_grads = fwd_bwd(reference_rnn("tanh"), ins, L, ups, dtype=F64)
     for a, b in zip(outs + grads, r_outs + r_grads):

@@ -3,8 +3,8 @@
 The interpreter lane runs the kernels' Python, not their compiled form; this lane runs Triton's
 real compiler and the bundled ptxas for sm_90 on every step-kernel variant the launchers pick
 (fused and unfused, plain and layer-norm LSTM, tanh and ReLU RNN, lengths or none) in each
-storage dtype, with the launchers' buffer dtypes (fused_rnn/_buffers.py) and at the block sizes
-the launchers choose (kernels.lstm._blocks, kernels.rnn._blocks), so a kernel that cannot compile
+storage dtype, with the launchers' buffer dtypes (kernels.config) and at the block sizes the
+launchers choose (kernels.tiles.lstm_blocks, rnn_blocks), so a kernel that cannot compile
 for the GPU (a dot of the wrong shape, a dtype mix the backend rejects) fails in CI, not on the
 scarce GPU machine. ``ptxas -v`` then says how many registers each uses and whether it spills:
 none may, except where a test names the exception (fp64, the gradcheck dtype, is not checked for
@@ -26,24 +26,24 @@ def _flags(dtype, tf32=False):
 
 
 def _lstm_case(direction, dtype, H, fused, ln, lengths, batch=B, tf32=False):
-    from fused_rnn import _buffers as buf
-    from fused_rnn.kernels import lstm as K
+    from fused_rnn.kernels import config, lstm as K
+    from fused_rnn.kernels.tiles import lstm_blocks
 
-    st, dt = TY[buf.state_dtype(dtype)], TY[dtype]
-    hs, gates = TY[buf.lstm_hs_dtype(dtype)], TY[buf.lstm_gates_dtype(dtype, ln)]
-    cs, dg = TY[buf.lstm_cs_dtype(dtype, ln)], TY[buf.grad_dtype(dtype)]
-    BB, BH, BK, nw = K._blocks(batch, H, direction, fused, ln, dtype)
+    st, dt = TY[config.state_dtype(dtype)], TY[dtype]
+    hs, gates = TY[config.lstm_hs_dtype(dtype)], TY[config.lstm_gates_dtype(dtype, ln)]
+    cs, dg = TY[config.lstm_cs_dtype(dtype, ln)], TY[config.grad_dtype(dtype)]
+    BB, BH, BK, nw = lstm_blocks(batch, H, direction, fused, ln, dtype)
     const = dict(FUSED=fused, LN=ln, HAS_LENGTHS=lengths, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, **_flags(dtype, tf32))
     ln_ptrs = ("gw_ptr", "gb_ptr", "cw_ptr", "cb_ptr")
     if direction == "fwd":
         sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{hs}", cs_ptr=f"*{cs}", cc_ptr=f"*{st}",
                    gates_ptr=f"*{gates}", t="i32", B="i32", H="i32", eps="fp32")
         const["STORE_GATES"] = True
-        kern = K._lstm_fwd_kernel
+        kern = K.lstm_fwd_kernel
     else:
         sig = dict(gates_ptr=f"*{gates}", cs_ptr=f"*{cs}", dout_ptr=f"*{dt}", dg_ptr=f"*{dg}", gh_ptr=f"*{st}",
                    gc_ptr=f"*{st}", t="i32", T="i32", B="i32", H="i32", eps="fp32")
-        kern = K._lstm_bwd_kernel
+        kern = K.lstm_bwd_kernel
         ln_ptrs += ("dgw_ptr", "dgb_ptr", "dcw_ptr", "dcb_ptr")
     # the unfused kernels read torch's matmul result, in W_hh's dtype
     if fused:
@@ -63,23 +63,23 @@ def _lstm_case(direction, dtype, H, fused, ln, lengths, batch=B, tf32=False):
 
 
 def _rnn_case(direction, dtype, H, fused, lengths, batch=B, tf32=False):
-    from fused_rnn import _buffers as buf
-    from fused_rnn.kernels import rnn as K
+    from fused_rnn.kernels import config, rnn as K
+    from fused_rnn.kernels.tiles import rnn_blocks
 
     st = "fp64" if dtype == F64 else "fp32"
     dt = TY[dtype]
-    dp = TY[buf.grad_dtype(dtype)]
-    BB, BH, BK, nw = K._blocks(batch, H, direction, fused, dtype)
+    dp = TY[config.grad_dtype(dtype)]
+    BB, BH, BK, nw = rnn_blocks(batch, H, direction, fused, dtype)
     const = dict(FUSED=fused, HAS_LENGTHS=lengths, RELU=False, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
                  **_flags(dtype, tf32))
-    # the RNN's hs stays in the state dtype (fused_rnn/_buffers.py)
+    # the RNN's hs stays in the state dtype (kernels.config)
     if direction == "fwd":
         sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", out_ptr=f"*{dt}", t="i32", B="i32", H="i32")
-        kern, other = K._rnn_fwd_kernel, "mm_ptr"
+        kern, other = K.rnn_fwd_kernel, "mm_ptr"
     else:
         sig = dict(hs_ptr=f"*{st}", dout_ptr=f"*{dt}", dp_ptr=f"*{dp}", gh_ptr=f"*{st}", t="i32", T="i32",
                    B="i32", H="i32")
-        kern, other = K._rnn_bwd_kernel, "carry_ptr"
+        kern, other = K.rnn_bwd_kernel, "carry_ptr"
         const["RELU"] = True
     if fused:
         sig["w_ptr"], const[other] = f"*{dt}", None
@@ -99,7 +99,7 @@ def _case(cell, direction, dtype, H, fused, ln, lengths, batch=B, tf32=False):
 
 
 def _ln_fused_max_h(dtype):
-    from fused_rnn.kernels.lstm import ln_fused_max_h
+    from fused_rnn.kernels.config import ln_fused_max_h
 
     return ln_fused_max_h(dtype)
 
@@ -142,7 +142,7 @@ def test_step_kernel_compiles_for_sm90(cell, direction, dtype, H, fused, ln, len
 
 
 # The other tiles the launchers choose (the B16 cases above take 16 x 16): 64 x 32 at a large
-# batch (kernels._common.step_tile: B256 H1024, S3), 64 x 16 and 16 x 32 (S2, B64 H512), the fused
+# batch (kernels.tiles.step_tile: B256 H1024, S3), 64 x 16 and 16 x 32 (S2, B64 H512), the fused
 # layer-norm kernel's narrower rows, the unfused one's row blocks from 4 x 256 to 1 x 2048, and
 # fp32 with TF32 where the dot changes (the forward's tensor-core dots).
 def _tile_cases():
@@ -188,10 +188,10 @@ def test_step_tiles_compile_without_spilling(cell, direction, dtype, batch, H, f
 def test_lstm_proj_backward_compiles_without_spilling(dtype, ln, H):
     """The LSTM with projections (kernels/lstm_proj.py) runs the unfused backward with its dout
     (du_t = dĥ_t W_hr) in the state dtype, not the storage dtype: a kernel of its own."""
-    from fused_rnn import _buffers as buf
+    from fused_rnn.kernels import config
 
     kern, sig, const, nw = _case("lstm", "bwd", dtype, H, False, ln, True)
-    sig["dout_ptr"] = f"*{TY[buf.state_dtype(dtype)]}"
+    sig["dout_ptr"] = f"*{TY[config.state_dtype(dtype)]}"
     _no_spill(compile_sm90(kern, sig, const, num_warps=nw),
               f"proj bwd {TY[dtype]} ln={ln} H{H} tile {const['BLOCK_B']}x{const['BLOCK_H']} {nw} warps")
 
@@ -199,13 +199,10 @@ def test_lstm_proj_backward_compiles_without_spilling(dtype, ln, H):
 def test_the_former_step_tiles_spilled():
     """The control: the former plain LSTM forward tile (16 x 32, BLOCK_K 64, 4 warps) spills in
     fp32, so the check above can fail."""
-    from fused_rnn.kernels import _common
+    from fused_rnn.kernels import config
 
-    _common.STEP_OVERRIDE.update(BLOCK_B=16, BLOCK_H=32, BLOCK_K=64, num_warps=4)
-    try:
+    with config.using(step_tiles=dict(BLOCK_B=16, BLOCK_H=32, BLOCK_K=64, num_warps=4)):
         kern, sig, const, nw = _case("lstm", "fwd", F32, 256, True, False, True)
-    finally:
-        _common.STEP_OVERRIDE.clear()
     usage = ptxas_usage(compile_sm90(kern, sig, const, num_warps=nw))
     if usage is None:
         pytest.skip("this Triton does not expose its ptxas")

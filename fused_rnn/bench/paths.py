@@ -41,12 +41,12 @@ def _default_fused(p: Problem) -> bool:
 
 def _step_tiles(p: Problem, direction: str, fused: bool) -> tuple:
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels, as the launchers choose them."""
-    from ..kernels import _common, lstm as kl, rnn as kr
+    from ..kernels import tiles  # imports triton
 
-    n_sm = _common.sm_count(p.device)
+    n_sm = tiles.sm_count(p.device)
     if p.cell == "rnn":
-        return kr._blocks(p.B, p.H, direction, True, p.dtype, n_sm)
-    return kl._blocks(p.B, p.H, direction, fused, p.ln is not None, p.dtype, n_sm)
+        return tiles.rnn_blocks(p.B, p.H, direction, True, p.dtype, n_sm)
+    return tiles.lstm_blocks(p.B, p.H, direction, fused, p.ln is not None, p.dtype, n_sm)
 
 
 def _persistent_plans(p: Problem, allow_tf32: bool) -> list:
@@ -62,29 +62,22 @@ def _persistent_plans(p: Problem, allow_tf32: bool) -> list:
 
 
 def _save_gates_switch() -> Optional[str]:
-    """None where the LSTM kernels have the SAVE_GATES switch, else why not."""
+    """None where the LSTM kernels import (their save_gates switch is kernels.config's), else why not."""
     try:
-        k = _lstm_kernels_module()
+        _lstm_kernels_module()
     except Exception as e:
         return f"fused_rnn.kernels.lstm does not import ({short_error(e)})"
-    if not isinstance(getattr(k, "SAVE_GATES", None), bool):
-        return "fused_rnn.kernels.lstm has no SAVE_GATES switch"
     return None
 
 
 def _save_gates() -> bool:
-    return _lstm_kernels_module().SAVE_GATES
+    return config.options().save_gates
 
 
 def _without_saved_gates(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``fn()`` with SAVE_GATES off: backward recomputes the gate pre-activations."""
-    k = _lstm_kernels_module()
-    saved = k.SAVE_GATES
-    k.SAVE_GATES = False
-    try:
+    """``fn()`` with options().save_gates off: backward recomputes the gate pre-activations."""
+    with config.using(save_gates=False):
         return fn()
-    finally:
-        k.SAVE_GATES = saved
 
 
 # ---------------------------------------------------------------------------- paths (fused_rnn)
@@ -163,7 +156,7 @@ def _recompute_build(p: Problem) -> Callable[[], torch.Tensor]:
 
 
 register_path("triton-recompute", _recompute_build, _recompute_ready,
-              "the triton path with kernels.lstm.SAVE_GATES=False (gates recomputed in backward)",
+              "the triton path with config.using(save_gates=False) (gates recomputed in backward)",
               cells=("lstm", "lnlstm"), default=False)  # the projection path always saves them
 
 
