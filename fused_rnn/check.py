@@ -8,8 +8,8 @@ gradients of x, h0, c0, the weights, both biases and the LayerNorm parameters, d
 ``(out·dout).sum() + (h_n·dh_n).sum() + (c_n·dc_n).sum()`` so the initial- and final-state paths
 are covered) are compared as ``‖a − b‖ / ‖b‖`` against a per-dtype threshold.
 
-Poisoning: while the kernel path runs (forward and backward), the kernels' own debug switch
-``fused_rnn.kernels.config.using(poison=True)`` is on, so the launchers allocate every buffer a kernel must
+Poisoning: while the kernel path runs (forward and backward), the kernels' poison option is
+on (``kernels.config.using(poison=True)``), so the launchers allocate every buffer a kernel must
 fill with NaN; and, for any buffer allocated elsewhere, every tensor PyTorch allocates without
 initialising it (``torch.empty`` and friends) is NaN too, through PyTorch's own switch
 (``torch.use_deterministic_algorithms(True, warn_only=True)`` with
@@ -273,15 +273,6 @@ def reference_path(cell, p, lengths):
     return run_path(cell, p, lengths, "reference")
 
 
-def _kernel_common():
-    """fused_rnn.kernels._common (imports triton), or None where it is missing."""
-    try:
-        from .kernels import _common
-    except ImportError:
-        return None
-    return _common
-
-
 @contextlib.contextmanager
 def poisoned_allocations():
     """NaN in every buffer a kernel should fill: the kernels' poison option, and every
@@ -290,7 +281,6 @@ def poisoned_allocations():
 
     from .kernels import config
 
-    poison = config.using(poison=True) if _kernel_common() is not None else contextlib.nullcontext()
     prev = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -299,7 +289,7 @@ def poisoned_allocations():
     torch.use_deterministic_algorithms(True, warn_only=True)
     det.fill_uninitialized_memory = True
     try:
-        with poison, warnings.catch_warnings():
+        with config.using(poison=True), warnings.catch_warnings():
             # warn_only mode warns about ops (cuBLAS, scatter_add, ...) with no deterministic
             # implementation; only the NaN fill is wanted here.
             warnings.filterwarnings("ignore", message=".*deterministic.*", category=UserWarning)
@@ -551,8 +541,7 @@ def main(cells: Sequence[str], dtypes: Sequence[str], quick: bool, seed: int,
                      else " (fp32 in IEEE fp32: allow_tf32 is off)")
     print("thresholds, ‖kernel − ref‖/‖ref‖ against the reference path in fp64: "
           + ", ".join(f"{d} {th[d]:.0e}" for d in dtypes) + tf32_note, file=out)
-    hook = "the kernels' poison option + " if _kernel_common() is not None else ""
-    print(f"poison: buffers the kernels fill start as NaN ({hook}torch "
+    print("poison: buffers the kernels fill start as NaN (the kernels' poison option + torch "
           "fill_uninitialized_memory), so an unwritten element fails", file=out)
     print("columns: rel. error of out, h_n, c_n and of the gradients of x, h0, c0, "
           "W_ih/W_hh/W_hr (dW), b_ih/b_hh (db), LayerNorm params (dLN); '-' = not in this cell",

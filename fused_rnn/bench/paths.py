@@ -17,16 +17,10 @@ from ..kernels import config
 from ..lstm import lstm_sequence
 from ..reference import lstm_cell_ref, rnn_cell_ref
 from ..rnn import rnn_sequence
-from .cases import LSTM_CELLS, Build, Case, Problem, proj_size, register_path, short_error
+from .cases import LSTM_CELLS, Build, Case, Problem, proj_size, register_path
 
 
 # ------------------------------------------------- kernel internals (each in one small function)
-def _lstm_kernels_module():
-    from ..kernels import lstm as k  # imports triton
-
-    return k
-
-
 def _allow_tf32(p: Problem) -> bool:
     """TF32 as the launchers take it (torch's matmul flag, for fp32 on CUDA)."""
     from .._backend import allow_tf32
@@ -59,15 +53,6 @@ def _persistent_plans(p: Problem, allow_tf32: bool) -> list:
                 for d in ("fwd", "bwd")]
     return [persistent.plan(p.cell, d, p.B, p.H, p.dtype, p.device, allow_tf32=allow_tf32)
             for d in ("fwd", "bwd")]
-
-
-def _save_gates_switch() -> Optional[str]:
-    """None where the LSTM kernels import (their save_gates switch is kernels.config's), else why not."""
-    try:
-        _lstm_kernels_module()
-    except Exception as e:
-        return f"fused_rnn.kernels.lstm does not import ({short_error(e)})"
-    return None
 
 
 def _save_gates() -> bool:
@@ -140,10 +125,6 @@ def kernel_note(c: Case, p: Problem) -> Optional[str]:
     return f"{what}: " + ", ".join(parts)
 
 
-def _recompute_ready(device: torch.device) -> Optional[str]:
-    return _triton_ready(device) or _save_gates_switch()
-
-
 def _recompute_build(p: Problem) -> Callable[[], torch.Tensor]:
     """The triton path with the gates not saved by the forward call: backward recomputes the
     gate pre-activations instead of reading the saved [T, B, 4H] (timed against the default)."""
@@ -155,7 +136,7 @@ def _recompute_build(p: Problem) -> Callable[[], torch.Tensor]:
     return fwd
 
 
-register_path("triton-recompute", _recompute_build, _recompute_ready,
+register_path("triton-recompute", _recompute_build, _triton_ready,
               "the triton path with config.using(save_gates=False) (gates recomputed in backward)",
               cells=("lstm", "lnlstm"), default=False)  # the projection path always saves them
 
