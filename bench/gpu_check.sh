@@ -245,7 +245,7 @@ elif [ "$PERSISTENT_OK" != 1 ]; then
 else
     DESC="persistent_smoke.py --ll && pytest -k cuda_ll_exchange" stage smoke_ll "$T_SMOKE_LL" \
         "$OUT/bench_log.txt" env -u TRITON_INTERPRET PY="$PY" bash -c \
-        '"$PY" bench/persistent_smoke.py --ll && "$PY" -m pytest -q -x -p no:cacheprovider tests/test_persistent.py tests/test_persistent_ln.py -k cuda_ll_exchange'
+        '"$PY" bench/persistent_smoke.py --ll && "$PY" -m pytest -q -x -p no:cacheprovider tests/test_lstm_rnn_persistent.py tests/test_ln_lstm_persistent.py -k cuda_ll_exchange'
     ST=$(status_of "$RC")
     if [ "$RC" -ne 0 ]; then
         LL_OK=0
@@ -283,10 +283,10 @@ fi
 PYTEST_FILES=()
 add_test_file() {
     case " ${PYTEST_FILES[*]} " in *" $1 "*) return;; esac
-    case "$1" in tests/test_persistent.py|tests/test_persistent_ln.py) [ "$PERSISTENT_OK" = 1 ] || return;; esac
+    case "$1" in tests/test_lstm_rnn_persistent.py|tests/test_ln_lstm_persistent.py) [ "$PERSISTENT_OK" = 1 ] || return;; esac
     [ -f "$1" ] && PYTEST_FILES+=("$1")
 }
-for f in graphs persistent persistent_ln activations padding lstm rnn lstm_proj kernels_safety layers compile; do
+for f in graphs lstm_rnn_persistent ln_lstm_persistent activations padding lstm rnn lstm_proj kernels_safety layers compile; do
     add_test_file "tests/test_$f.py"
 done
 for f in tests/test_*.py; do add_test_file "$f"; done

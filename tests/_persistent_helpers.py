@@ -1,5 +1,6 @@
 """Helpers shared by the persistent kernels' tests."""
 import contextlib
+from collections import OrderedDict
 
 import pytest
 
@@ -12,3 +13,16 @@ def use_options():
 
     with contextlib.ExitStack() as stack:
         yield lambda **changes: stack.enter_context(config.using(**changes))
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_fresh_warnings(request, monkeypatch):
+    """Where kernels run, NaN-poisoned buffers (conftest's poison); fresh once-only warnings, and no
+    FUSED_RNN_PATH: for every test of a module that imports it."""
+    from conftest import kernel_device
+    from fused_rnn import _backend, _paths
+
+    if kernel_device() is not None:
+        request.getfixturevalue("poison")
+    monkeypatch.setattr(_backend, "_warned", OrderedDict())
+    monkeypatch.delenv(_paths.ENV_VAR, raising=False)

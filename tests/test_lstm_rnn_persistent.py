@@ -1,45 +1,32 @@
-"""Persistent kernels (fused_rnn.kernels.lstm_persistent, rnn_persistent: one launch for all T steps of a
-plain LSTM or tanh/ReLU RNN layer, forward and backward) and the path choice (fused_rnn._paths).
+"""Persistent kernels of the plain LSTM and the tanh/ReLU RNN (fused_rnn.kernels.lstm_persistent,
+rnn_persistent: one launch for all T steps of a layer, forward and backward), through the path
+choice (fused_rnn._paths). Their plans and the path policy: tests/test_persistent_plan.py; their
+sm_90 compiles: tests/test_persistent_machinery.py.
 
 Under the Triton interpreter (CPU) a grid's programs run one after another, so only a
 single-program grid can pass the grid barrier: there plan() gives one program covering all of H,
 and these tests compare that single-program path with the fp64 reference and with the step path.
 The multi-program path (one program per BLOCK_H hidden units, the programs meeting at a global
 barrier each step) runs only on a GPU: the CUDA tests at the end compare it with the step path.
-Buffers are NaN-poisoned (options().poison), so an element a kernel leaves unwritten fails.
+Buffers are NaN-poisoned (kernels._common.POISON), so an element a kernel leaves unwritten fails.
 """
 import os
-import re
-import warnings
-from collections import OrderedDict
 
 import pytest
 import torch
 
+from _persistent_helpers import _poison_and_fresh_warnings, use_options  # noqa: F401 (fixtures)
 import conftest
 from conftest import (
-    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, INTERPRET, compile_sm90, kernel_device, launch_plan, ptxas_usage, rel_err,
-    requires_cuda, requires_kernels, requires_sm90_compile, tol, triton_36,
+    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, kernel_device, rel_err, requires_cuda, requires_kernels, tol,
 )
-from _persistent_helpers import use_options  # noqa: F401 (a fixture)
-from fused_rnn import _backend, _paths
+from fused_rnn import _paths
 from fused_rnn.lstm import LSTMFunction
-from fused_rnn.kernels.config import LN_EPS
-from fused_rnn.reference import lstm_sequence_ref, rnn_sequence_ref
+from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction
 
+
 DEV = kernel_device()
-# kernels.persistent's LL helpers, for the @triton.jit test kernel below (a jit function sees its
-# module's globals); set by that test, which imports Triton only when it runs
-ll_put = ll_get = None
-
-
-@pytest.fixture(autouse=True)
-def _poison_and_fresh_warnings(request, monkeypatch):
-    if DEV is not None:
-        request.getfixturevalue("poison")
-    monkeypatch.setattr(_backend, "_warned", OrderedDict())
-    monkeypatch.delenv(_paths.ENV_VAR, raising=False)
 
 
 @pytest.fixture
@@ -256,48 +243,6 @@ def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch, use_opt
             assert_close(chunked, step, 1e-6 if dtype == F32 else 1e-2, f"H {H} vs step path")
 
 
-@pytest.mark.skipif(not INTERPRET or HAS_CUDA, reason="the CPU lane under TRITON_INTERPRET=1")
-@pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "fp16", "fp32"])
-def test_ll_words_round_trip_every_value_and_tag(dtype):
-    """ll_put / ll_get: every value (signed zeros, subnormals, inf, NaN payloads, random) comes
-    back bit for bit, under step tags across the 15-bit wrap-around (the tag stored is the step's
-    low 15 bits, and the reader compares the same), in 32-bit words for 16-bit values and 64-bit
-    words for fp32; the masked-out words stay -1."""
-    import triton
-    import triton.language as tl
-
-    from fused_rnn.kernels import persistent
-
-    globals().update(ll_put=persistent.ll_put, ll_get=persistent.ll_get, tl=tl)  # see ll_put above
-
-    @triton.jit
-    def put_get(v_ptr, ring_ptr, out_ptr, tag, N: tl.constexpr, M: tl.constexpr):
-        r = tl.arange(0, N)
-        c = tl.arange(0, M)
-        off = r[:, None] * M + c[None, :]
-        mask = (r < N - 1)[:, None] & (c >= 0)[None, :]  # the last row masked out
-        v = tl.load(v_ptr + off, mask=mask, other=0.0)
-        ll_put(ring_ptr, off, v, tag, mask)
-        got = ll_get(ring_ptr, off, mask, tag, v_ptr.dtype.element_ty)
-        tl.store(out_ptr + off, got, mask=mask)
-
-    bits = {BF16: torch.int16, F16: torch.int16, F32: torch.int32}[dtype]
-    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-42, 5.9e-8, 1.0, -2.5],
-                           dtype=torch.float32).to(dtype)
-    vals = torch.cat([special, torch.randn(64 - special.numel()).to(dtype)]).view(8, 8)
-    vals.view(bits)[7, :3] = torch.tensor([0x7FC1, -0x10, 0x7E01], dtype=bits)  # NaN payloads (and a row masked out)
-    vals.view(bits)[6, :2] = torch.tensor([-1, 0x7C01 if dtype == F16 else 0x7FA0], dtype=bits)  # all ones, a NaN
-    word = torch.int64 if dtype == F32 else torch.int32
-    for tag in (0, 1, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 3 * 0x8000 + 5, 2 ** 31 - 1):
-        ring = torch.full((8, 8), -1, dtype=word)
-        out = torch.zeros_like(vals)
-        put_get[(1,)](vals, ring, out, tag, N=8, M=8)
-        assert torch.equal(out[:7].view(bits), vals[:7].view(bits)), tag
-        shift = 32 if dtype == F32 else 16
-        assert ((ring[:7] >> shift) & 0xFFFF == tag & 0x7FFF).all(), tag
-        assert (ring[7] == -1).all()  # masked out: never written
-
-
 @requires_kernels
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_persistent_saved_tensors_pair_with_either_backward(cell):
@@ -309,23 +254,20 @@ def test_persistent_saved_tensors_pair_with_either_backward(cell):
     ins, L, ups = make_case(cell, T, B, I, H, F64, bias, lengths)
     if cell == "lstm":
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-        fwd = {p: KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, L, plan=launch_plan(p, "fwd", x, w_hh))
-               for p in ("step", "persistent")}
+        fwd = {p: KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, L, path=p) for p in ("step", "persistent")}
         for a, b in zip(fwd["persistent"], fwd["step"]):  # out, h_n, c_n, hs, cs, gates
             assert torch.equal(a, b)
         res = {}
         for pf in ("step", "persistent"):
             out, h_n, c_n, hs, cs, gates = fwd[pf]
             for pb in ("step", "persistent"):
-                res[pf, pb] = KL.lstm_bwd(*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, L,
-                                          plan=launch_plan(pb, "bwd", x, w_hh))[:6]
+                res[pf, pb] = KL.lstm_bwd(*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, L, path=pb)[:6]
     else:
         x, h0, w_ih, w_hh, b_ih, b_hh = ins
-        fwd = {p: KR.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, L, plan=launch_plan(p, "fwd", x, w_hh))
-               for p in ("step", "persistent")}
+        fwd = {p: KR.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, L, path=p) for p in ("step", "persistent")}
         for a, b in zip(fwd["persistent"], fwd["step"]):  # out, h_n, hs
             assert torch.equal(a, b)
-        res = {(pf, pb): KR.rnn_bwd(*ups, x, w_ih, w_hh, fwd[pf][2], L, plan=launch_plan(pb, "bwd", x, w_hh))
+        res = {(pf, pb): KR.rnn_bwd(*ups, x, w_ih, w_hh, fwd[pf][2], L, path=pb)
                for pf in ("step", "persistent") for pb in ("step", "persistent")}
     base = res["step", "step"]
     for k, v in res.items():
@@ -454,375 +396,6 @@ def test_graph_path_on_cpu_runs_step_kernels():
     step = fwd_bwd(runner("lstm", "step"), ins, L, ups)
     for a, b in zip(ours, step):
         assert torch.equal(a, b)
-
-
-# ------------------------------------------------------------------ the decision (no kernels run)
-def _plan(*a, **k):
-    pytest.importorskip("triton")
-    from fused_rnn.kernels import persistent
-
-    return persistent.plan(*a, **k)
-
-
-def test_plan_grid_fits_the_sms():
-    """On CUDA the grid is at most one program per SM (a fake SM count here): BLOCK_H grows until
-    it fits, and no plan when even the largest block does not."""
-    cuda = torch.device("cuda", 0)
-    pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
-    assert (pl.programs, pl.BLOCK_H, pl.BLOCK_B) == (16, 16, 16) and pl.resident
-    pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=8)
-    assert (pl.programs, pl.BLOCK_H) == (8, 32)
-    pl, why = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=3)
-    assert pl is None and "more than 3 programs" in why
-    pl, _ = _plan("rnn", "bwd", 65, 64, BF16, cuda, limit=132)  # 2 row blocks x 4 programs
-    assert (pl.row_blocks, pl.BLOCK_B, pl.programs, pl.total) == (2, 64, 4, 8)
-    pl, _ = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # S3: 4 x 64 > 132; 4 x 32 fits
-    assert (pl.row_blocks, pl.BLOCK_H, pl.programs, pl.total) == (4, 32, 32, 128) and not pl.resident
-    pl, why = _plan("rnn", "fwd", 64 * 133, 16, BF16, cuda, limit=132)  # one program per row block
-    assert pl is None and "133 row blocks" in why
-    pl, _ = _plan("lstm", "fwd", 64, 512, BF16, cuda, limit=132)  # S2: W slice 64 KiB, resident
-    assert pl.resident and pl.programs == 32
-    pl, _ = _plan("lstm", "bwd", 64, 512, BF16, cuda, limit=132)  # 4 x 64 x 512 row elements: streamed
-    assert not pl.resident and pl.BLOCK_K == 64
-    pl, _ = _plan("lstm", "fwd", 16, 768, BF16, cuda, limit=132)  # S4: K_pad 1024 > 512: chunks of W_hh
-    assert pl.resident and (pl.BLOCK_K, pl.w_chunks) == (64, 12)
-    pl, _ = _plan("lstm", "fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: FMA dots
-    assert not pl.resident
-    pl, _ = _plan("lstm", "fwd", 16, 256, F32, cuda, limit=132, allow_tf32=True)
-    assert pl.resident
-    pl, _ = _plan("lstm", "fwd", 16, 256, F64, cuda, limit=132)
-    assert not pl.resident and pl.BLOCK_K == 8
-
-
-def test_plan_override_for_the_tuner():
-    """Options.plan_block_h / plan_num_warps (bench/persistent_tune.py's variants) set BLOCK_H and
-    num_warps on CUDA, keep the deadlock guard, and leave the interpreter's one-program plan alone."""
-    from fused_rnn.kernels import config
-
-    cuda = torch.device("cuda", 0)
-    with config.using(plan_block_h=64, plan_num_warps=8):
-        pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
-        assert (pl.programs, pl.BLOCK_H, pl.num_warps) == (4, 64, 8)
-        pl, why = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # 4 x 16 = 64 programs fit
-        assert (pl.programs, pl.row_blocks, pl.BLOCK_H) == (16, 4, 64)
-    with config.using(plan_block_h=16):
-        pl, why = _plan("lstm", "fwd", 256, 1024, BF16, cuda, limit=132)  # 4 x 64 > 132: no plan
-        assert pl is None and "BLOCK_H=16" in why
-        pl, _ = _plan("lstm", "fwd", 5, 37, F32, "cpu")
-        assert pl.programs == 1 and pl.BLOCK_H >= 37
-
-
-def test_plan_chunk_resident_rules():
-    """Where the whole-tile resident path is over its limits, plan() keeps W_hh on chip in
-    CHUNK_K-row tiles (w_chunks per gate) if the slice fits CHUNKED_W_MAX_BYTES and a step's rows
-    CHUNKED_ROW_MAX_ELEMS; never on the CPU, with chunks=False (the LN backward, a MERGE_C LN
-    forward), without tensor cores, or where the LL exchange's words would not fit; Options.w_chunked =
-    False (the tuner's variant) gives the streamed plan."""
-    from fused_rnn.kernels import config
-
-    cuda = torch.device("cuda", 0)
-
-    def chunks(*a, **k):
-        pl, _ = _plan(*a, **k)
-        return pl.w_chunks if pl.resident else 0
-
-    for cell in ("lstm", "rnn"):  # S4, both directions: 768 = 12 x 64, 96 KiB (LSTM) of W_hh
-        assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132) == 12
-        assert chunks(cell, "bwd", 16, 768, BF16, cuda, limit=132) == 12
-        assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132, variants=False) == 12  # (no LL, no solo)
-        assert chunks(cell, "fwd", 16, 768, BF16, cuda, limit=132, chunks=False) == 0
-        assert chunks(cell, "fwd", 16, 768, F32, cuda, limit=132) == 0  # fp32 IEEE: FMA dots, streamed
-    assert chunks("rnn", "fwd", 16, 768, F32, cuda, limit=132, allow_tf32=True) == 12  # 48 KiB
-    assert chunks("lstm", "fwd", 16, 768, F32, cuda, limit=132, allow_tf32=True) == 0  # 192 KiB
-    assert chunks("lstm", "bwd", 64, 512, BF16, cuda, limit=132) == 0  # 4 x 64 x 512 row elements
-    assert chunks("lstm", "fwd", 32, 768, BF16, cuda, limit=132) == 12  # 32 x 768 row elements
-    assert chunks("lstm", "bwd", 32, 768, BF16, cuda, limit=132) == 0  # 4 x 32 x 768
-    assert chunks("lstm", "fwd", 256, 1024, BF16, cuda, limit=132) == 0  # S3: 4 x 1024 x 32 x 2 B = 256 KiB
-    assert chunks("lstm", "fwd", 16, 256, BF16, cuda, limit=132) == 1  # S1: the whole tile
-    assert chunks("lstm", "fwd", 16, 768, BF16, "cpu") == 0  # the interpreter's one program: streamed
-    with config.using(ll_sync=True):  # the LSTM backward's 48K words: LL, W_hh streamed
-        pl, _ = _plan("lstm", "bwd", 16, 768, BF16, cuda, limit=132)
-        assert pl.ll and not pl.resident
-        pl, _ = _plan("lstm", "fwd", 16, 768, BF16, cuda, limit=132)
-        assert pl.ll and pl.w_chunks == 12
-    with config.using(w_chunked=False):
-        assert chunks("lstm", "fwd", 16, 768, BF16, cuda, limit=132) == 0
-        assert chunks("rnn", "bwd", 16, 768, BF16, cuda, limit=132) == 0
-
-
-def test_plan_early_arrive():
-    """Barrier plans arrive early (Options.early_arrive) except the LSTM backward's S3-sized tiles
-    (a spill there); LL and solo plans have no barrier; early_arrive = False (the tuner's variant)
-    gives the former order."""
-    from fused_rnn.kernels import config
-
-    cuda = torch.device("cuda", 0)
-    for cell in ("lstm", "rnn"):
-        for direction in ("fwd", "bwd"):
-            for B, H in ((16, 256), (64, 512), (16, 768), (256, 1024)):
-                pl, _ = _plan(cell, direction, B, H, BF16, cuda, limit=132)
-                assert pl.early == (not (cell == "lstm" and direction == "bwd" and B == 256)), pl
-    assert _plan("rnn", "fwd", 5, 37, F32, "cpu")[0].early
-    with config.using(ll_sync=True):
-        pl, _ = _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)
-        assert pl.ll and not pl.early
-    with config.using(early_arrive=False):
-        assert not _plan("lstm", "fwd", 16, 256, BF16, cuda, limit=132)[0].early
-        assert not _plan("rnn", "bwd", 16, 256, BF16, cuda, limit=132)[0].early
-
-
-def test_plan_cpu_is_one_program():
-    """Under the interpreter programs run one after another: one program covering all of H per
-    row block (row blocks never wait for each other)."""
-    for H in (7, 37, 300):
-        pl, _ = _plan("lstm", "bwd", 5, H, F32, "cpu")
-        assert pl.programs == 1 and pl.BLOCK_H >= H and pl.BLOCK_B >= 5 and pl.row_blocks == 1
-    pl, _ = _plan("lstm", "fwd", 200, 37, F32, "cpu")
-    assert (pl.programs, pl.row_blocks, pl.BLOCK_B) == (1, 4, 64)
-    pl, why = _plan("lstm", "fwd", 5, 37, F32, "cpu", limit=0)
-    assert pl is None and "co-resident" in why
-
-
-def test_plan_ln_and_unfused():
-    """The layer-norm LSTM plans its own persistent kernels (fused or not: that flag picks between
-    step kernels); an explicit request for the unfused plain step kernels keeps the step path."""
-    pytest.importorskip("triton")
-    from fused_rnn.kernels import lstm as KL, rnn as KR
-
-    ln = (torch.ones(20), torch.zeros(20), torch.ones(5), torch.zeros(5))
-    assert KL.persistent_plan("fwd", 2, 5, ln, True, F32, "cpu")[0] is not None
-    assert KL.persistent_plan("bwd", 2, 5, ln, False, F32, "cpu")[0] is not None
-    assert KL.persistent_plan("fwd", 2, 5, None, False, F32, "cpu")[0] is None
-    assert KL.persistent_plan("fwd", 2, 5, None, True, F32, "cpu")[0] is not None
-    assert KR.persistent_plan("bwd", 2, 5, False, F32, "cpu")[0] is None
-    with pytest.raises(TypeError, match="path"):  # the launchers take a resolved plan, never a path
-        KL.lstm_fwd(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(4, 1),
-                    torch.zeros(4, 1), path="graph")
-
-
-def test_requested_path(monkeypatch):
-    assert _paths.requested() == "auto"
-    assert _paths.requested("step") == "step"
-    monkeypatch.setenv(_paths.ENV_VAR, "Persistent")
-    assert _paths.requested() == "persistent"
-    assert _paths.requested("graph") == "graph"  # an explicit argument beats the environment
-    with _paths.use_path("graph"):
-        assert _paths.requested() == "graph"
-        with _paths.use_path("step"):
-            assert _paths.requested() == "step"
-        assert _paths.requested() == "graph"
-    assert _paths.requested() == "persistent"
-    monkeypatch.setenv(_paths.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match=_paths.ENV_VAR):
-        _paths.requested()
-    with pytest.raises(ValueError):
-        with _paths.use_path("fastest"):
-            pass
-
-
-def test_resolve_policy():
-    x = torch.zeros(2, 2, 2)
-    assert _paths.resolve("op", "auto", x, lambda: (object(), ""))[0] == _paths.AUTO_PATH
-    plan = object()
-    assert _paths.resolve("op", "persistent", x, lambda: (plan, "")) == ("persistent", plan)
-    with pytest.warns(RuntimeWarning, match=r"persistent path not possible for op \(no room\)"):
-        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == ("step", None)
-    with warnings.catch_warnings():  # once per reason
-        warnings.simplefilter("error")
-        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == ("step", None)
-
-
-def test_resolve_adaptive(monkeypatch):
-    """"adaptive": on CUDA tensors persistent where the plan fits, else graph where a capture is
-    possible, else step, silently; on the CPU the step path (the plan is not even asked for)."""
-    def no_call():
-        raise AssertionError("adaptive asked the CPU for a persistent plan")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert _paths.resolve("op", "adaptive", torch.zeros(2, 2, 2), no_call) == ("step", None)
-        x = torch.zeros(2, 2, 2)
-        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-        monkeypatch.setattr(_paths, "interpreter_on", lambda: False)
-        monkeypatch.setattr(_paths, "graph_unavailable", lambda x: (None, False))
-        assert _paths.resolve("op", "adaptive", x, lambda: (object(), ""))[0] == "persistent"
-        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == ("graph", None)
-        monkeypatch.setattr(_paths, "graph_unavailable", lambda x: ("capturing", False))
-        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == ("step", None)
-        monkeypatch.setattr(_paths, "AUTO_PATH", "adaptive")
-        assert _paths.resolve("op", "auto", x, lambda: (object(), ""))[0] == "persistent"
-
-
-# ------------------------------------------------------------- sm_90 compile (no GPU needed)
-# the four benchmark shapes' (B, H): S1 resident W_hh, S2 resident forward / streamed LSTM
-# backward, S3 four row blocks, S4 K_pad 1024 streamed
-SM90_SHAPES = {"S1": (16, 256), "S2": (64, 512), "S3": (256, 1024), "S4": (16, 768), "B16-H128": (16, 128)}
-# ptxas 13.4 (Triton 3.9) spill stores in bytes at these plans, bf16 with lengths: 0 everywhere
-# (the LSTM backward at S3 spilled 32 bytes until the saved c went to 16 bits). Triton 3.6 (the GPU
-# machine's; checked on the CPU, 2026-11-27) still spills 16 bytes there (40 before). A
-# regression guard per compiler, not a correctness bound.
-SM90_MAX_SPILL = 16 if triton_36() else 0
-# Solo plans (all of W_hh in one program) spill while loading W_hh before the time loop: the RNN
-# at B16 H256 spilled 100 B under Triton 3.9 (5 reloads inside the loop, the rest in the prologue)
-SM90_MAX_SPILL_SOLO = 128
-
-
-@requires_sm90_compile
-@pytest.mark.parametrize("sync", ["barrier", "ll", "solo"])
-@pytest.mark.parametrize("shape", list(SM90_SHAPES))
-@pytest.mark.parametrize("cell,direction", [("lstm", "fwd"), ("lstm", "bwd"), ("rnn", "fwd"), ("rnn", "bwd")])
-def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, use_options):
-    """Compile each persistent kernel for an H100 (sm_90) with the installed Triton and its
-    bundled ptxas, at the plans of the benchmark shapes (bf16, the 16-bit buffers of
-    kernels.config), and check the grid barrier made it into the PTX: a release add and an
-    acquire read of the counter at GPU scope, CTA barriers; with the LL exchange instead
-    (sync="ll"), no atomic and no release at all, and volatile loads of the tagged ring; and
-    that registers do not spill (beyond a few bytes, SM90_MAX_SPILL)."""
-    import triton.language as tl
-
-    from fused_rnn.kernels import lstm_persistent as LP, persistent as P, rnn_persistent as RP
-
-    use_options(ll_sync=sync == "ll", solo=sync == "solo")
-    B, H = SM90_SHAPES[shape]
-    pl, _ = P.plan(cell, direction, B, H, BF16, torch.device("cuda", 0), limit=132)
-    if sync == "ll" and not pl.ll:  # plan() keeps the barrier where the tagged tile would spill
-        assert (pl.resident and pl.BLOCK_B * pl.BLOCK_K > 4096) or pl.BLOCK_B * pl.BLOCK_H >= 2048, pl
-        pytest.skip(f"no LL exchange at {shape} {cell} {direction}: {pl}")
-    if sync == "solo" and not pl.solo:  # W_hh over SOLO_MAX_W_BYTES
-        assert (4 if cell == "lstm" else 1) * 2 * triton_next_pow2(H) ** 2 > P.SOLO_MAX_W_BYTES, pl
-        pytest.skip(f"no solo plan at {shape} {cell} {direction}: {pl}")
-    assert (pl.ll, pl.solo) == (sync == "ll", sync == "solo")
-    blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B,
-                  BLOCK_H=pl.BLOCK_H, BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=pl.ll, SOLO=pl.solo,
-                  EARLY=pl.early and not pl.ll and not pl.solo)
-    scalars = dict(len_ptr="*i64", T="i32", B="i32", H="i32")
-    if pl.ll:
-        scalars["ring_ptr"] = "*i32"
-        blocks["sync_ptr"] = None
-    elif pl.solo:
-        blocks["ring_ptr"] = blocks["sync_ptr"] = None
-    else:
-        scalars["sync_ptr"] = "*i32"
-        blocks["ring_ptr"] = None
-    if cell == "lstm" and direction == "fwd":
-        kern, sig = LP._lstm_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*bf16",
-                                                        cs_ptr="*bf16", gates_ptr="*bf16")
-        blocks["STORE_GATES"] = True
-        blocks["ACC"] = tl.float32
-    elif cell == "lstm":
-        kern, sig = LP._lstm_bwd_persistent_kernel, dict(gates_ptr="*bf16", w_ptr="*bf16", cs_ptr="*bf16",
-                                                        dout_ptr="*bf16", dg_ptr="*bf16", gh_ptr="*fp32",
-                                                        gc_ptr="*fp32")
-    elif direction == "fwd":
-        kern, sig = RP._rnn_fwd_persistent_kernel, dict(xp_ptr="*bf16", w_ptr="*bf16", hs_ptr="*fp32",
-                                                       out_ptr="*bf16")
-        blocks["RELU"] = False
-    else:
-        kern, sig = RP._rnn_bwd_persistent_kernel, dict(w_ptr="*bf16", hs_ptr="*fp32", dout_ptr="*bf16",
-                                                       dp_ptr="*bf16", gh_ptr="*fp32")
-        blocks["RELU"] = False
-    sig.update(scalars)
-    ck = compile_sm90(kern, sig, blocks, num_warps=pl.num_warps, num_stages=pl.num_stages,
-                      launch_cooperative_grid=True, enable_fp_fusion=True)
-    ptx = ck.asm["ptx"]
-    assert "mma" in ptx  # the recurrent matmul on tensor cores
-    if pl.ll:
-        # no counter, no fence: the only atomics are the ring's relaxed exchanges (strong stores)
-        atomics = re.findall(r"\b(?:red|atom)\.[a-z0-9.]+", ptx)
-        assert atomics and all(a.startswith("atom.global.gpu.relaxed.exch.b32") for a in atomics), atomics
-        assert ".release" not in ptx and ".acquire" not in ptx
-        assert not re.search(r"\bmembar\.|\bfence\.(sc|acq_rel)", ptx)  # (wgmma's fence.proxy.async is not one)
-        assert re.search(r"ld\.volatile\.global", ptx), "no volatile load of the ring"
-    elif pl.solo:  # nothing to wait for: no atomic, no fence, no volatile load
-        assert not re.search(r"\b(?:red|atom)\.", ptx) and "ld.volatile" not in ptx
-        assert ".release" not in ptx and ".acquire" not in ptx
-    else:
-        _check_barrier_ptx(ptx)
-        # Plan.early: the step's private stores and the next step's own loads sit between the
-        # arrival (the release add) and the wait (the acquire); in the former order, none
-        seg = ptx[ptx.index("release.add"):]
-        seg = seg[:seg.index("acquire")]
-        traffic = [ln for ln in seg.splitlines() if re.search(r"\b(ld|st)\.global\.(?!gpu\.)", ln)]  # (not the acquire)
-        assert bool(traffic) == pl.early, (pl, traffic)
-    # a resident slice stays in shared memory: its tiles (gates x w_chunks of them) are allocated
-    # there once, before the time loop (the first scf.for; static_range loops are unrolled)
-    ttgir = ck.asm["ttgir"]
-    loop = ttgir.index("scf.for")
-    n_tiles = (4 if cell == "lstm" else 1) * pl.w_chunks if pl.resident else 0
-    assert ttgir[:loop].count("ttg.local_alloc") >= n_tiles, "W_hh tiles not kept in shared memory"
-    assert ck.metadata.shared <= 227 * 1024, f"{ck.metadata.shared} B of shared memory (an H100 block: 227 KiB)"
-    if shape == "S4" and sync == "barrier":  # W_hh chunk-resident (Options.w_chunked) at B16 H768
-        assert pl.resident and pl.w_chunks == 12 and pl.BLOCK_K == 64, pl
-    usage = ptxas_usage(ck)
-    if usage is not None:
-        regs, spill = usage
-        print(f"{cell} {direction} {shape} {pl}: {regs} registers, {spill} bytes spilled, "
-              f"{ck.metadata.shared} B shared")
-        assert spill <= (SM90_MAX_SPILL_SOLO if pl.solo else SM90_MAX_SPILL), f"{spill} bytes of registers spilled"
-
-
-@requires_sm90_compile
-@pytest.mark.parametrize("cell,direction", [("lstm", "fwd"), ("lstm", "bwd"), ("rnn", "fwd"), ("rnn", "bwd")])
-def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, use_options):
-    """The LL exchange's 64-bit words (fp32 with TF32 at B16 H128, W_hh resident; at B16 H256 the
-    RNN's 64-bit row tile spilled, and plan() keeps the barrier there): 64-bit relaxed exchanges
-    and volatile loads, no fence, no spill."""
-    import triton.language as tl
-
-    from fused_rnn.kernels import lstm_persistent as LP, persistent as P, rnn_persistent as RP
-
-    use_options(ll_sync=True)
-    pl, _ = P.plan(cell, direction, 16, 128, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)
-    assert pl.ll, pl
-    assert not P.plan(cell, direction, 16, 256, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)[0].ll
-    blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                  BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=True, SOLO=False, sync_ptr=None,
-                  EARLY=False)
-    sig = dict(len_ptr="*i64", ring_ptr="*i64", T="i32", B="i32", H="i32")
-    if cell == "lstm" and direction == "fwd":
-        kern = LP._lstm_fwd_persistent_kernel
-        sig.update(xp_ptr="*fp32", w_ptr="*fp32", hs_ptr="*fp32", cs_ptr="*fp32", gates_ptr="*fp32")
-        blocks.update(STORE_GATES=True, ACC=tl.float32)
-    elif cell == "lstm":
-        kern = LP._lstm_bwd_persistent_kernel
-        sig.update(gates_ptr="*fp32", w_ptr="*fp32", cs_ptr="*fp32", dout_ptr="*fp32", dg_ptr="*fp32",
-                   gh_ptr="*fp32", gc_ptr="*fp32")
-    elif direction == "fwd":
-        kern = RP._rnn_fwd_persistent_kernel
-        sig.update(xp_ptr="*fp32", w_ptr="*fp32", hs_ptr="*fp32", out_ptr="*fp32")
-        blocks["RELU"] = False
-    else:
-        kern = RP._rnn_bwd_persistent_kernel
-        sig.update(w_ptr="*fp32", hs_ptr="*fp32", dout_ptr="*fp32", dp_ptr="*fp32", gh_ptr="*fp32")
-        blocks["RELU"] = False
-    ck = compile_sm90(kern, sig, blocks, num_warps=pl.num_warps, num_stages=pl.num_stages,
-                      launch_cooperative_grid=True, enable_fp_fusion=True)
-    ptx = ck.asm["ptx"]
-    atomics = re.findall(r"\b(?:red|atom)\.[a-z0-9.]+", ptx)
-    assert atomics and all(a.startswith("atom.global.gpu.relaxed.exch.b64") for a in atomics), atomics
-    assert re.search(r"ld\.volatile\.global(\.v2)?\.[bu]64", ptx), "no 64-bit volatile load of the ring"
-    assert ".release" not in ptx and ".acquire" not in ptx and not re.search(r"\bmembar\.|\bfence\.(sc|acq_rel)", ptx)
-    usage = ptxas_usage(ck)
-    if usage is not None:
-        print(f"{cell} {direction} fp32 LL {pl}: {usage[0]} registers, {usage[1]} bytes spilled")
-        assert usage[1] <= SM90_MAX_SPILL, usage
-
-
-def triton_next_pow2(n):
-    import triton
-
-    return triton.next_power_of_2(n)
-
-
-def _check_barrier_ptx(ptx):
-    assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
-    assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire read at GPU scope"
-    assert "bar.sync" in ptx
-    # one arrival per program and barrier (the n P targets count programs): a single release add
-    # in the kernel, predicated (on thread 0 of the CTA: a setp.eq of a %tid.x-derived register
-    # with 0 in every compile read so far, too varied in form to match here)
-    adds = re.findall(r"@(%p\d+) (?:red|atom)\.global\.gpu\.release\.add", ptx)
-    assert len(adds) == 1 and len(re.findall(r"\.global\.gpu\.release", ptx)) == 1, adds
 
 
 # ---------------------------------------------------------------- CUDA: the multi-program path

@@ -3,29 +3,25 @@ the LayerNorm statistics combined across programs through global memory between 
 
 Under the Triton interpreter (CPU) a grid's programs run one after another, so only one program
 per row block can pass a barrier: plan_ln() gives one program covering all of H there, and these
-tests compare that path with the step path (kernels.lstm with ln and no plan) and with an fp64
+tests compare that path with the step path (kernels.lstm with ln and path="step") and with an fp64
 reference. The cross-program combine (Chan's formula over P > 1 partials, the plain sums of the
 backward) is driven directly with P > 1 through small single-program test kernels: the only P > 1
 logic CI runs. The multi-program kernels themselves run only in the CUDA tests at the end.
 Buffers the kernels must fill are NaN-filled first, so an element left unwritten fails.
 """
-import os
-import re
-import subprocess
-import tempfile
-
 import pytest
 import torch
 
-from _persistent_helpers import use_options  # noqa: F401 (a fixture)
+from _persistent_helpers import use_options  # noqa: F401 (fixtures)
 from conftest import (
-    BF16, DT_NAME, F32, F64, HAS_CUDA, INTERPRET, kernel_device, launch_plan, rel_err, requires_cuda, requires_kernels,
-    requires_sm90_compile, tol, triton_36,
+    BF16, DT_NAME, F32, F64, HAS_CUDA, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels, tol,
 )
-from fused_rnn.kernels.config import LN_EPS, state_dtype, zero_padding
-from fused_rnn.reference import lstm_cell_ref, lstm_sequence_ref
+from fused_rnn.reference import LN_EPS, lstm_cell_ref, lstm_sequence_ref, zero_padding
+
 
 DEV = kernel_device()
+
+
 NAN = float("nan")
 
 
@@ -59,7 +55,7 @@ def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=Non
     C, KL, PL, P = _mods()
     T, B, _ = x.shape
     G, H = w_hh.shape
-    sd = state_dtype(x.dtype)
+    sd = C.state_dtype(x.dtype)
     hdt, cdt, gdt = (sd, sd, sd) if like is None else (like[0].dtype, like[1].dtype, like[2].dtype)
     xp = C.input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh, lengths=L)  # padding as 0, as lstm_fwd
     hs = torch.full((T + 1, B, H), NAN, dtype=hdt, device=x.device)
@@ -147,6 +143,8 @@ SHAPES = {
     "T1-B5-H16": (1, 5, 3, 16, None),
     "T2-B70-H5-len": (2, 70, 2, 5, [2, 1, 0] * 23 + [2]),
 }
+
+
 # vs the step path: the same math, only summation orders differ (the step path's statistics of the
 # backward come from its kernel, ours from torch.var_mean)
 CLOSE = {F64: 1e-12, F32: 2e-6, BF16: 1e-2}
@@ -176,7 +174,7 @@ def test_ln_persistent_matches_step_and_reference(sid, dtype):
     if DEV.type == "cpu":
         assert pf.programs == 1 and pf.BLOCK_H >= H and pf.row_blocks == -(-B // pf.BLOCK_B)
 
-    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L)  # the step path: out, h_n, c_n, hs, cs, gates
+    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, path="step")  # out, h_n, c_n, hs, cs, gates
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=step[3:])
     ref_fwd, ref_grads = reference(ins, ln, L, ups)
     close = CLOSE[dtype]
@@ -197,7 +195,7 @@ def test_ln_persistent_matches_step_and_reference(sid, dtype):
         check(ref_fwd[0], ref_seq[0], 1e-13, "reference loop vs lstm_sequence_ref")
 
     dx, dh0, dc0, dw_ih, dw_hh, db, dln, dG = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L)
-    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L)
+    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L, path="step")
     ours = [dx, dh0, dc0, dw_ih, dw_hh, db, *dln]
     theirs = [*step_b[:6], *step_b[6]]
     names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db", "dgw", "dgb", "dcw", "dcb"]
@@ -274,7 +272,7 @@ def test_ln_persistent_fwd_variants(monkeypatch, sid, dtype):
     pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
     assert pf is not None, why
     assert P.fwd_merge_c(pf, H)  # the rule picks MERGE_C at these sizes
-    step = KL.lstm_fwd(*ins, ln, L)
+    step = KL.lstm_fwd(*ins, ln, L, path="step")
     seen = _count_barriers(monkeypatch)
     runs = {m: run_fwd(pf, *ins, ln, L, like=step[3:], merge_c=m) for m in (True, False)}
     assert [per_step for _, per_step, _ in seen] == [2, 3]
@@ -330,7 +328,7 @@ def _ln_ll_vs_barrier(monkeypatch, use_options, T, B, I, H, lengths, dtype):
     C, KL, PL, P = _mods()
 
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
-    step = KL.lstm_fwd(*ins, ln, L)
+    step = KL.lstm_fwd(*ins, ln, L, path="step")
     x, _, _, w_ih, w_hh = ins[:5]
     counters = []
     real_counter = PL._ln_sync_counter
@@ -402,6 +400,7 @@ try:
     import triton.language as tl
 except ImportError:  # no Triton on this platform: the kernel tests skip (requires_kernels)
     triton = None
+
 
 if triton is not None:
     from fused_rnn.kernels import ln_exchange as LX, ln_lstm_persistent as PLK
@@ -494,6 +493,7 @@ def test_partials_layout_multi_program(H, BH):
 if triton is not None and INTERPRET:
     from test_persistent_threads import _problem, gpu_plans, threaded_grid  # noqa: F401 (fixtures)
 
+
 # (T, B, I, H, lengths, dtype, resident W_hh, MERGE_C): H = 37 is 3 programs of 16 columns
 THREAD_CASES = [
     (4, 3, 5, 37, [4, 2, 0], F32, True, False),
@@ -514,10 +514,9 @@ def test_ln_fwd_variants_threaded(threaded_grid, gpu_plans, monkeypatch, use_opt
     use_options(merge_c=merge)
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
     args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
-    step = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"])
+    step = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="step")
     seen = _count_barriers(monkeypatch)
-    ours = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"],
-                       plan=launch_plan("persistent", "fwd", p["x"], p["w_hh"], p["ln"]))
+    ours = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="persistent")
     assert len(seen) == 1
     sync, per_step, pl = seen[0]
     assert pl.programs == 3 and pl.resident == resident and per_step == (2 if merge else 3)
@@ -569,12 +568,11 @@ def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypat
     gpu_plans["resident"] = resident
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
     args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
-    f = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"])
+    f = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="step")
 
     def bwd(path):
         b = KL.lstm_bwd(p["dout"], p["dh"], p["dc"], p["x"], p["w_ih"], p["w_hh"], f[3], f[4], f[5], p["b_ih"],
-                        p["b_hh"], ln=p["ln"], lengths=p["L"],
-                        plan=launch_plan(path, "bwd", p["x"], p["w_hh"], p["ln"]))
+                        p["b_hh"], ln=p["ln"], lengths=p["L"], path=path)
         return list(b[:6]) + list(b[6])
 
     step = bwd("step")
@@ -586,264 +584,6 @@ def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypat
     close = 1e-12 if dtype == F64 else 1e-5
     for i, (a, b) in enumerate(zip(ours, step)):
         assert not torch.isnan(a).any() and rel_err(a, b) <= close, f"output {i}: rel err {rel_err(a, b):.2e}"
-
-
-# ---------------------------------------------------------------- the plan (no kernels run)
-def test_plan_ln():
-    pytest.importorskip("triton")
-    from fused_rnn.kernels import persistent as P
-
-    cuda = torch.device("cuda", 0)
-    pl, _ = P.plan_ln("fwd", 16, 256, BF16, cuda, limit=132)
-    assert (pl.programs, pl.BLOCK_H, pl.BLOCK_B, pl.row_blocks) == (16, 16, 16, 1) and pl.resident
-    pl, _ = P.plan_ln("bwd", 16, 256, BF16, cuda, limit=132)
-    assert pl.resident and pl.num_warps == 4  # 8 warps spilled (sm_90 compile; see _ln_num_warps)
-    pl, _ = P.plan_ln("bwd", 64, 64, BF16, cuda, limit=132)
-    assert pl.resident and pl.num_warps == 8  # 4 warps spilled there
-    pl, _ = P.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)
-    assert (pl.programs, pl.BLOCK_H) == (32, 16) and pl.resident
-    pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)  # W_hh in 12 chunks; the backward streams it
-    assert pl.programs == 48 and pl.resident and pl.w_chunks == 12
-    pl, _ = P.plan_ln("bwd", 16, 768, BF16, cuda, limit=132)
-    assert pl.programs == 48 and not pl.resident and pl.w_chunks == 1
-    # the partial tile: at most PART_TILE_MAX_ELEMS / BLOCK_B programs per row block
-    pl, _ = P.plan_ln("fwd", 64, 2048, BF16, cuda, limit=132)
-    assert pl.programs * pl.BLOCK_H >= 2048 and P.block_p(pl.programs) * 64 <= P.PART_TILE_MAX_ELEMS
-    pl, why = P.plan_ln("fwd", 64, 4096, BF16, cuda, limit=132)
-    assert pl is None and "at most 32 programs per row block" in why
-    pl, why = P.plan_ln("fwd", 16, 256, BF16, cuda, limit=3)
-    assert pl is None and "more than 3 programs" in why
-    for H in (5, 37, 300):
-        pl, _ = P.plan_ln("bwd", 5, H, F32, "cpu")
-        assert pl.programs == 1 and pl.BLOCK_H >= H
-    pl, _ = P.plan_ln("fwd", 70, 20, F32, "cpu")
-    assert pl.row_blocks == 2 and pl.BLOCK_B == 64
-
-
-def test_plan_ln_fwd_variant():
-    """The forward's MERGE_C rule (BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS) and its num_warps (8:
-    the sm_90 compiles spilled at 4, see _ln_num_warps), and Options.merge_c."""
-    pytest.importorskip("triton")
-    from fused_rnn.kernels import config, ln_lstm_persistent as PL, persistent as P
-
-    cuda = torch.device("cuda", 0)
-    for B, H, merged in ((16, 256, True), (16, 128, True), (64, 64, True), (5, 37, True), (32, 256, False),
-                         (16, 512, False), (16, 768, False), (64, 512, False)):
-        pl, _ = P.plan_ln("fwd", B, H, BF16, cuda, limit=132)
-        assert P.fwd_merge_c(pl, H) == merged, (B, H)
-        assert PL.fwd_barriers_per_step(pl, H) == (2 if merged else 3)
-        if merged:
-            assert pl.num_warps == 8
-    pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
-    assert pl.w_chunks == 12 and pl.num_warps == 8
-    with config.using(merge_c=True):  # a forced MERGE_C: whole tiles or streamed, no chunks
-        pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
-        assert pl.w_chunks == 1 and not pl.resident
-    pl, _ = P.plan_ln("fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: streamed W_hh
-    assert not pl.resident and P.fwd_merge_c(pl, 256)
-    pl, _ = P.plan_ln("fwd", 70, 20, F32, "cpu")  # the interpreter: one program of K_pad columns
-    assert P.fwd_merge_c(pl, 20)
-    with config.using(merge_c=False):
-        pl, _ = P.plan_ln("fwd", 64, 64, BF16, cuda, limit=132)
-        assert not P.fwd_merge_c(pl, 64) and pl.num_warps == 4  # the plain plan's
-    with config.using(merge_c=True):
-        assert P.fwd_merge_c(P.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)[0], 512)
-
-
-def test_sync_counter_overflow_guard():
-    pytest.importorskip("triton")
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
-
-    pl, _ = P.plan_ln("fwd", 16, 256, BF16, torch.device("cuda", 0), limit=132)
-    with pytest.raises(ValueError, match="overflows the int32 barrier counter"):
-        PL._ln_sync_counter(2 ** 31 // (3 * pl.programs) + 1, pl, "cpu")
-    assert PL._ln_sync_counter(1000, pl, "cpu").tolist() == [0]
-    # MERGE_C: 2 barriers a step
-    T2 = 2 ** 31 // (3 * pl.programs) + 1  # too many steps at 3 barriers, not at 2
-    assert PL._ln_sync_counter(T2, pl, "cpu", 2).tolist() == [0]
-    with pytest.raises(ValueError, match="overflows the int32 barrier counter"):
-        PL._ln_sync_counter(2 ** 31 // (2 * pl.programs) + 1, pl, "cpu", 2)
-
-
-# ------------------------------------------------------------- sm_90 compile (no GPU needed)
-def _compile_sm90_specialized(kernel, signature, constexprs, **options):
-    """conftest.compile_sm90 plus the specialization a launch on a GPU gets (pointers 16-byte
-    aligned, B and H divisible by 16: vectorised accesses, which change register counts)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    sig = dict(signature)
-    sig.update({k: "constexpr" for k in constexprs})
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-             for k, v in signature.items() if v.startswith("*") or k in ("B", "H")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def _res_usage(cubin: bytes) -> dict:
-    """REG / STACK / SHARED of a cubin from the cuobjdump bundled with Triton (no GPU needed)."""
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", text)}
-
-
-def _compile_ln_sm90(direction, pl, H, st, merged, dt="bf16"):
-    """The LN kernel of ``direction`` compiled for sm_90 as plan ``pl`` launches it (inputs and
-    W_hh in ``dt``, lengths on; hs / dG in ``st``; MERGE_C / MERGE_BWD = ``merged``; with pl.ll
-    the LL rings)."""
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
-
-    nq = (PL.NQ_MERGED if direction == "fwd" else PL.NQ_BWD_MERGED) if merged else PL.NQ
-    const = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                 BLOCK_K=pl.BLOCK_K, BLOCK_P=P.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True, EARLY=pl.early,
-                 LL=pl.ll)
-    sig = dict(len_ptr="*i64", part_ptr="*i64" if pl.ll else "*fp32", T="i32", B="i32", H="i32", gw_ptr=f"*{dt}",
-               gb_ptr=f"*{dt}", cw_ptr=f"*{dt}", cb_ptr=f"*{dt}")
-    if pl.ll:
-        sig["ring_ptr"] = "*i64" if dt == "fp32" else "*i32"  # a tagged word: 64 / 32 bits
-        const["sync_ptr"] = None
-    else:
-        sig["sync_ptr"] = "*i32"
-        const["ring_ptr"] = None
-    if direction == "fwd":
-        kern = PL._ln_lstm_fwd_persistent_kernel
-        sig.update(xp_ptr=f"*{dt}", w_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr="*fp32",
-                   gates_ptr="*fp32", eps="fp32")
-        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=P.k_pad(H) if merged else 1, NK=pl.w_chunks)
-        if merged:
-            sig["cell_ptr"] = "*fp32"
-        else:
-            const["cell_ptr"] = None
-    else:
-        kern = PL._ln_lstm_bwd_persistent_kernel
-        sig.update(gates_ptr="*fp32", w_ptr=f"*{dt}", cs_ptr="*fp32", dout_ptr=f"*{dt}", dg_ptr=f"*{st}",
-                   gh_ptr="*fp32", gc_ptr="*fp32", stat_ptr="*fp32", dgw_ptr="*fp32", dgb_ptr="*fp32",
-                   dcw_ptr="*fp32", dcb_ptr="*fp32")
-        const.update(NSTAT=PL.NSTAT, MERGE_BWD=merged)
-        assert pl.w_chunks == 1, pl
-    return _compile_sm90_specialized(kern, sig, const, num_warps=pl.num_warps, num_stages=pl.num_stages,
-                                     launch_cooperative_grid=True)
-
-
-# (direction, shape, hs / dG dtype, forward variant): every kernel at S1/S2/S4's plans with fp32
-# state buffers (kernels.lstm's layout at the time of writing) and with bf16 ones (the
-# storage-dtype layout being introduced). Variant None: the plan's (fwd_merge_c: MERGE_C at
-# B16 H256, B16 H128, B64 H64); False: the 3-barrier forward forced where the plan picks MERGE_C.
-# Spill bytes allowed: 0, except under Triton 3.6 (the GPU machine's; checked on the CPU
-# 2026-11-27): the forward at B64 H512 with a bf16 hs, 32 B of stack (Triton 3.9: 0 since the
-# forward stopped carrying a held h, 16 B before), and the 2-barrier backward at B16 H256, 24 B
-# (3.9: 0). Triton 3.9: the backward at B64 H512 with an fp32 dG, 8 B, since the few-ulp tanh and
-# sigmoid (kernels/_common.py: ~5 more instructions each; 0 B before). A regression guard per
-# compiler, not a correctness bound.
-SM90_CASES = ([(d, B, H, st, None) for (B, H) in ((16, 256), (64, 512), (16, 768)) for d in ("fwd", "bwd")
-               for st in ("fp32", "bf16")]
-              + [("fwd", 16, 256, st, False) for st in ("fp32", "bf16")]
-              + [("fwd", B, H, st, None) for (B, H) in ((16, 128), (64, 64)) for st in ("fp32", "bf16")]
-              + [("bwd", 64, 64, "bf16", None)]  # (8 warps: _ln_num_warps)
-              + [("bwd", B, H, "bf16", True) for (B, H) in ((16, 256), (64, 512), (16, 768))])  # MERGE_BWD
-SM90_SPILL_ALLOWED = ({("fwd", 64, 512, "bf16"): 32, ("bwd-2bar", 16, 256, "bf16"): 24} if triton_36()
-                      else {("bwd", 64, 512, "fp32"): 8})
-
-
-@requires_sm90_compile
-@pytest.mark.parametrize("direction,B,H,st,merge", SM90_CASES,
-                         ids=[f"{d}-B{B}-H{H}-{st}" + ("-3bar" if m is False else "-2bar" if m and d == "bwd" else "")
-                              for d, B, H, st, m in SM90_CASES])
-def test_ln_kernels_compile_for_sm90(use_options, direction, B, H, st, merge):
-    """Both persistent LN kernels compile for an H100 (sm_90) at plan_ln's plans (bf16 inputs,
-    lengths on), with the grid barrier's release/acquire atomics in the PTX (one release add per
-    barrier of a step: 2 for the forward's MERGE_C variant and the backward's MERGE_BWD, else 3);
-    prints registers, stack (spill) bytes and shared memory, and checks the spill budget."""
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
-
-    if direction == "fwd":
-        use_options(merge_c=merge)
-    pl, why = P.plan_ln(direction, B, H, BF16, torch.device("cuda", 0), limit=132)
-    assert pl is not None, why
-    merged = P.fwd_merge_c(pl, H) if direction == "fwd" else bool(merge)
-    nbar = PL.fwd_barriers_per_step(pl, H) if direction == "fwd" else (2 if merged else PL.BARRIERS_PER_STEP)
-    assert nbar == (PL.BARRIERS_PER_STEP_MERGED if merged else PL.BARRIERS_PER_STEP)
-    if direction == "fwd" and H == 768:  # W_hh in 12 chunks of 64 rows (Options.w_chunked), the forward only
-        assert pl.resident and pl.w_chunks == 12 and not merged, pl
-    ck = _compile_ln_sm90(direction, pl, H, st, merged)
-    ptx = ck.asm["ptx"]
-    assert ".target sm_90" in ptx
-    assert re.search(r"(red|atom)\.global\.gpu\.release\.add", ptx), "no release add at GPU scope"
-    assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire read at GPU scope"
-    # one predicated release add per barrier of a step (nbar), no other release
-    adds = re.findall(r"@%p\d+ (?:red|atom)\.global\.gpu\.release\.add", ptx)
-    assert len(adds) == nbar == len(re.findall(r"\.global\.gpu\.release", ptx)), adds
-    assert "mma" in ptx  # the recurrent matmul on tensor cores
-    use = _res_usage(ck.asm["cubin"])
-    print(f"\nLN {direction} B{B} H{H} hs/dG={st} barriers/step={nbar}: P={pl.programs} BLOCK_H={pl.BLOCK_H} "
-          f"BLOCK_K={pl.BLOCK_K} resident={pl.resident} num_warps={pl.num_warps}: regs={use['REG']} "
-          f"stack={use['STACK']} B shared={ck.metadata.shared} B")
-    key = (direction + ("-2bar" if direction == "bwd" and merged else ""), B, H, st)
-    assert use["STACK"] <= SM90_SPILL_ALLOWED.get(key, 0), "register spills"
-
-
-# The LL exchange (Options.ll_sync) where plan_ln takes it (ln_ll_fits: BLOCK_B 16; the forward
-# with a whole resident W_hh tile; 16-bit): S1 both ways, S4's backward, B16 H128, bf16 (hs, dG
-# bf16); not S2, nor S4's forward, nor fp32 (they spilled: ln_ll_fits).
-# No barrier (no release, no acquire, no fence), the partials as 64-bit tagged words (relaxed
-# exchanges, volatile loads), and no spill.
-SM90_LL_CASES = [(d, 16, H, "bf16") for H in (256, 128) for d in ("fwd", "bwd")] + [("bwd", 16, 768, "bf16")]
-
-
-@requires_sm90_compile
-@pytest.mark.parametrize("direction,B,H,dt", SM90_LL_CASES,
-                         ids=[f"{d}-B{B}-H{H}-{dt}" for d, B, H, dt in SM90_LL_CASES])
-def test_ln_ll_kernels_compile_for_sm90(use_options, direction, B, H, dt):
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
-
-    use_options(ll_sync=True)
-    pl, why = P.plan_ln(direction, B, H, {"bf16": BF16, "fp32": F32}[dt], torch.device("cuda", 0), limit=132,
-                         allow_tf32=True)
-    assert pl is not None, why
-    assert pl.ll and not pl.early and PL.fwd_barriers_per_step(pl, H) == 0, pl
-    ck = _compile_ln_sm90(direction, pl, H, dt, False, dt)
-    ptx = ck.asm["ptx"]
-    assert ".target sm_90" in ptx and "mma" in ptx
-    assert not re.search(r"\.(release|acquire)|membar|fence", ptx), "a fence or an ordered atomic with LL"
-    assert re.search(r"atom\.global\.(relaxed\.)?gpu\.(relaxed\.)?exch\.b64", ptx), "no 64-bit word published"
-    assert re.search(r"ld\.volatile\.global", ptx), "no volatile read of the words"
-    use = _res_usage(ck.asm["cubin"])
-    print(f"\nLN LL {direction} B{B} H{H} {dt}: P={pl.programs} BLOCK_H={pl.BLOCK_H} BLOCK_K={pl.BLOCK_K} "
-          f"resident={pl.resident} num_warps={pl.num_warps}: regs={use['REG']} stack={use['STACK']} B "
-          f"shared={ck.metadata.shared} B")
-    assert use["STACK"] == 0, "register spills"
-
-
-def test_plan_ln_ll_rule(use_options):
-    """plan_ln takes the LL exchange only where ln_ll_fits says (its sm_90 compiles), and the
-    barrier plan, with its own num_warps and early arrival, elsewhere."""
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
-
-    cuda = torch.device("cuda", 0)
-    barrier = {(d, B, H): P.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
-               for d in ("fwd", "bwd") for B, H in ((16, 256), (16, 768), (64, 512), (64, 64))}
-    use_options(ll_sync=True)
-    for (d, B, H), plain in barrier.items():
-        pl = P.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
-        want = B == 16 and (d == "bwd" or H == 256)
-        assert pl.ll == want, (d, B, H, pl)
-        if want:
-            assert not pl.early and pl.num_warps == 8 and PL.fwd_barriers_per_step(pl, H) == 0
-        else:
-            assert pl == plain, (d, B, H)
-    assert not P.plan_ln("bwd", 16, 768, F32, cuda, limit=132, allow_tf32=True)[0].ll  # (64-bit words)
-    assert not P.plan_ln("fwd", 16, 256, torch.float64, cuda, limit=132)[0].ll  # no 128-bit word
-    cpu = P.plan_ln("fwd", 3, 37, F32, "cpu")[0]  # the interpreter's one program per row block
-    assert cpu.ll and cpu.programs == 1
 
 
 # ---------------------------------------------------------------- CUDA: the multi-program path
@@ -878,7 +618,7 @@ def test_cuda_ln_multi_program_matches_step(use_options, shape, dtype, merge):
     pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
     pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
     assert pf is not None and pf.programs > 1 and pb is not None and pb.programs > 1, (why, why_b)
-    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L)
+    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, path="step")
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=step[3:])
     bwd = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L)
     torch.cuda.synchronize()
@@ -886,7 +626,7 @@ def test_cuda_ln_multi_program_matches_step(use_options, shape, dtype, merge):
     close = {F32: 1e-4, BF16: 2e-2}[dtype]
     for name, a, b in (("out", out, step[0]), ("hs", hs, step[3]), ("cs", cs, step[4]), ("gates", gates, step[5])):
         check(a, b, close, f"fwd {name} vs step")
-    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L)
+    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L, path="step")
     names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db", "dgw", "dgb", "dcw", "dcb"]
     for n, a, b in zip(names, [*bwd[:6], *bwd[6]], [*step_b[:6], *step_b[6]]):
         check(a, b.to(a.dtype), close, f"bwd {n} vs step")
