@@ -14,7 +14,7 @@ import torch
 from conftest import HAS_CUDA, INTERPRET, rel_err, requires_cuda
 from fused_rnn import _backend, _paths
 from fused_rnn.lstm import LSTMFunction
-from fused_rnn.reference import LN_EPS
+from fused_rnn.kernels import config
 from fused_rnn.rnn import RNNFunction
 
 DEV = torch.device("cuda")
@@ -26,11 +26,9 @@ def _fresh(monkeypatch):
     monkeypatch.setattr(_backend, "_warned", OrderedDict())
     monkeypatch.delenv(_paths.ENV_VAR, raising=False)
     if HAS_CUDA:
-        from fused_rnn.kernels import _common
-
-        monkeypatch.setattr(_common, "POISON", True)
         _paths.clear_graphs()
-    yield
+    with config.using(poison=HAS_CUDA):
+        yield
     if HAS_CUDA:
         _paths.clear_graphs()
 
@@ -197,7 +195,7 @@ def _cpu_case(cell, seed, T=4, B=3, I=5, H=6, P=3):
 
 
 def _cpu_run(cell, path, ins, extra, L, ups):
-    from fused_rnn.lstm import LSTMProjFunction
+    from fused_rnn.lstm_proj import LSTMProjFunction
 
     leaves = [t.detach().requires_grad_() for t in ins + list(extra.get("ln", [])) + (
         [extra["w_hr"]] if "w_hr" in extra else [])]
@@ -205,12 +203,12 @@ def _cpu_run(cell, path, ins, extra, L, ups):
         outs = RNNFunction.apply(*leaves, L, "tanh", False, True, path)
     elif cell == "lstm_proj":
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = leaves
-        outs = LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, None, None, None, None, L, LN_EPS,
+        outs = LSTMProjFunction.apply(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, None, None, None, None, L, config.LN_EPS,
                                       False, path)
     else:
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln = leaves
         ln = ln or [None] * 4
-        outs = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, LN_EPS, False, True, True, path)
+        outs = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, config.LN_EPS, False, True, True, path)
     loss = sum((o * u).sum() for o, u in zip(outs, ups))
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
@@ -239,7 +237,7 @@ def run(cell, path, ins, lnp, L, ups):
     if cell == "lstm":
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
         ln = lnp if lnp is not None else [None] * 4
-        outs = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, LN_EPS, False, True, True, path)
+        outs = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln, L, config.LN_EPS, False, True, True, path)
     else:
         outs = RNNFunction.apply(*leaves, L, "tanh", False, True, path)
     loss = sum((o * u).sum() for o, u in zip(outs, ups))

@@ -3,7 +3,7 @@ the LayerNorm statistics combined across programs through global memory between 
 
 Under the Triton interpreter (CPU) a grid's programs run one after another, so only one program
 per row block can pass a barrier: plan_ln() gives one program covering all of H there, and these
-tests compare that path with the step path (kernels.lstm with ln and path="step") and with an fp64
+tests compare that path with the step path (kernels.lstm with ln and no plan) and with an fp64
 reference. The cross-program combine (Chan's formula over P > 1 partials, the plain sums of the
 backward) is driven directly with P > 1 through small single-program test kernels: the only P > 1
 logic CI runs. The multi-program kernels themselves run only in the CUDA tests at the end.
@@ -14,9 +14,11 @@ import torch
 
 from _persistent_helpers import use_options  # noqa: F401 (fixtures)
 from conftest import (
-    BF16, DT_NAME, F32, F64, HAS_CUDA, INTERPRET, kernel_device, rel_err, requires_cuda, requires_kernels, tol,
+    BF16, DT_NAME, F32, F64, HAS_CUDA, INTERPRET, kernel_device, launch_plan, rel_err, requires_cuda,
+    requires_kernels, tol,
 )
-from fused_rnn.reference import LN_EPS, lstm_cell_ref, lstm_sequence_ref, zero_padding
+from fused_rnn.kernels.config import LN_EPS, state_dtype, zero_padding
+from fused_rnn.reference import lstm_cell_ref, lstm_sequence_ref
 
 
 DEV = kernel_device()
@@ -55,7 +57,7 @@ def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=Non
     C, KL, PL, P = _mods()
     T, B, _ = x.shape
     G, H = w_hh.shape
-    sd = C.state_dtype(x.dtype)
+    sd = state_dtype(x.dtype)
     hdt, cdt, gdt = (sd, sd, sd) if like is None else (like[0].dtype, like[1].dtype, like[2].dtype)
     xp = C.input_projection(x.contiguous(), w_ih.contiguous(), b_ih, b_hh, lengths=L)  # padding as 0, as lstm_fwd
     hs = torch.full((T + 1, B, H), NAN, dtype=hdt, device=x.device)
@@ -174,7 +176,7 @@ def test_ln_persistent_matches_step_and_reference(sid, dtype):
     if DEV.type == "cpu":
         assert pf.programs == 1 and pf.BLOCK_H >= H and pf.row_blocks == -(-B // pf.BLOCK_B)
 
-    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, path="step")  # out, h_n, c_n, hs, cs, gates
+    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L)  # the step path: out, h_n, c_n, hs, cs, gates
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=step[3:])
     ref_fwd, ref_grads = reference(ins, ln, L, ups)
     close = CLOSE[dtype]
@@ -195,7 +197,7 @@ def test_ln_persistent_matches_step_and_reference(sid, dtype):
         check(ref_fwd[0], ref_seq[0], 1e-13, "reference loop vs lstm_sequence_ref")
 
     dx, dh0, dc0, dw_ih, dw_hh, db, dln, dG = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L)
-    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L, path="step")
+    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L)
     ours = [dx, dh0, dc0, dw_ih, dw_hh, db, *dln]
     theirs = [*step_b[:6], *step_b[6]]
     names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db", "dgw", "dgb", "dcw", "dcb"]
@@ -272,7 +274,7 @@ def test_ln_persistent_fwd_variants(monkeypatch, sid, dtype):
     pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
     assert pf is not None, why
     assert P.fwd_merge_c(pf, H)  # the rule picks MERGE_C at these sizes
-    step = KL.lstm_fwd(*ins, ln, L, path="step")
+    step = KL.lstm_fwd(*ins, ln, L)
     seen = _count_barriers(monkeypatch)
     runs = {m: run_fwd(pf, *ins, ln, L, like=step[3:], merge_c=m) for m in (True, False)}
     assert [per_step for _, per_step, _ in seen] == [2, 3]
@@ -328,7 +330,7 @@ def _ln_ll_vs_barrier(monkeypatch, use_options, T, B, I, H, lengths, dtype):
     C, KL, PL, P = _mods()
 
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
-    step = KL.lstm_fwd(*ins, ln, L, path="step")
+    step = KL.lstm_fwd(*ins, ln, L)
     x, _, _, w_ih, w_hh = ins[:5]
     counters = []
     real_counter = PL._ln_sync_counter
@@ -514,9 +516,10 @@ def test_ln_fwd_variants_threaded(threaded_grid, gpu_plans, monkeypatch, use_opt
     use_options(merge_c=merge)
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
     args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
-    step = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="step")
+    step = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"])
     seen = _count_barriers(monkeypatch)
-    ours = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="persistent")
+    ours = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"],
+                       plan=launch_plan("persistent", "fwd", p["x"], p["w_hh"], p["ln"]))
     assert len(seen) == 1
     sync, per_step, pl = seen[0]
     assert pl.programs == 3 and pl.resident == resident and per_step == (2 if merge else 3)
@@ -568,11 +571,12 @@ def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypat
     gpu_plans["resident"] = resident
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
     args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
-    f = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"], path="step")
+    f = KL.lstm_fwd(*args, ln=p["ln"], lengths=p["L"])
 
     def bwd(path):
         b = KL.lstm_bwd(p["dout"], p["dh"], p["dc"], p["x"], p["w_ih"], p["w_hh"], f[3], f[4], f[5], p["b_ih"],
-                        p["b_hh"], ln=p["ln"], lengths=p["L"], path=path)
+                        p["b_hh"], ln=p["ln"], lengths=p["L"],
+                        plan=launch_plan(path, "bwd", p["x"], p["w_hh"], p["ln"]))
         return list(b[:6]) + list(b[6])
 
     step = bwd("step")
@@ -618,7 +622,7 @@ def test_cuda_ln_multi_program_matches_step(use_options, shape, dtype, merge):
     pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
     pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
     assert pf is not None and pf.programs > 1 and pb is not None and pb.programs > 1, (why, why_b)
-    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, path="step")
+    step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L)
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=step[3:])
     bwd = run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L)
     torch.cuda.synchronize()
@@ -626,7 +630,7 @@ def test_cuda_ln_multi_program_matches_step(use_options, shape, dtype, merge):
     close = {F32: 1e-4, BF16: 2e-2}[dtype]
     for name, a, b in (("out", out, step[0]), ("hs", hs, step[3]), ("cs", cs, step[4]), ("gates", gates, step[5])):
         check(a, b, close, f"fwd {name} vs step")
-    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L, path="step")
+    step_b = KL.lstm_bwd(*ups, x, w_ih, w_hh, step[3], step[4], step[5], b_ih, b_hh, ln, L)
     names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db", "dgw", "dgb", "dcw", "dcb"]
     for n, a, b in zip(names, [*bwd[:6], *bwd[6]], [*step_b[:6], *step_b[6]]):
         check(a, b.to(a.dtype), close, f"bwd {n} vs step")

@@ -8,7 +8,7 @@ single-program grid can pass the grid barrier: there plan() gives one program co
 and these tests compare that single-program path with the fp64 reference and with the step path.
 The multi-program path (one program per BLOCK_H hidden units, the programs meeting at a global
 barrier each step) runs only on a GPU: the CUDA tests at the end compare it with the step path.
-Buffers are NaN-poisoned (kernels._common.POISON), so an element a kernel leaves unwritten fails.
+Buffers are NaN-poisoned (options().poison), so an element a kernel leaves unwritten fails.
 """
 import os
 
@@ -18,11 +18,13 @@ import torch
 from _persistent_helpers import _poison_and_fresh_warnings, use_options  # noqa: F401 (fixtures)
 import conftest
 from conftest import (
-    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, kernel_device, rel_err, requires_cuda, requires_kernels, tol,
+    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, kernel_device, launch_plan, rel_err, requires_cuda, requires_kernels,
+    tol,
 )
 from fused_rnn import _paths
+from fused_rnn.kernels.config import LN_EPS
 from fused_rnn.lstm import LSTMFunction
-from fused_rnn.reference import LN_EPS, lstm_sequence_ref, rnn_sequence_ref
+from fused_rnn.reference import lstm_sequence_ref, rnn_sequence_ref
 from fused_rnn.rnn import RNNFunction
 
 
@@ -254,20 +256,23 @@ def test_persistent_saved_tensors_pair_with_either_backward(cell):
     ins, L, ups = make_case(cell, T, B, I, H, F64, bias, lengths)
     if cell == "lstm":
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-        fwd = {p: KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, L, path=p) for p in ("step", "persistent")}
+        fwd = {p: KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, L, plan=launch_plan(p, "fwd", x, w_hh))
+               for p in ("step", "persistent")}
         for a, b in zip(fwd["persistent"], fwd["step"]):  # out, h_n, c_n, hs, cs, gates
             assert torch.equal(a, b)
         res = {}
         for pf in ("step", "persistent"):
             out, h_n, c_n, hs, cs, gates = fwd[pf]
             for pb in ("step", "persistent"):
-                res[pf, pb] = KL.lstm_bwd(*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, L, path=pb)[:6]
+                res[pf, pb] = KL.lstm_bwd(*ups, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, None, L,
+                                          plan=launch_plan(pb, "bwd", x, w_hh))[:6]
     else:
         x, h0, w_ih, w_hh, b_ih, b_hh = ins
-        fwd = {p: KR.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, L, path=p) for p in ("step", "persistent")}
+        fwd = {p: KR.rnn_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, L, plan=launch_plan(p, "fwd", x, w_hh))
+               for p in ("step", "persistent")}
         for a, b in zip(fwd["persistent"], fwd["step"]):  # out, h_n, hs
             assert torch.equal(a, b)
-        res = {(pf, pb): KR.rnn_bwd(*ups, x, w_ih, w_hh, fwd[pf][2], L, path=pb)
+        res = {(pf, pb): KR.rnn_bwd(*ups, x, w_ih, w_hh, fwd[pf][2], L, plan=launch_plan(pb, "bwd", x, w_hh))
                for pf in ("step", "persistent") for pb in ("step", "persistent")}
     base = res["step", "step"]
     for k, v in res.items():

@@ -87,7 +87,7 @@ SM90_MAX_SPILL_SOLO = 128
 def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, use_options):
     """Compile each persistent kernel for an H100 (sm_90) with the installed Triton and its
     bundled ptxas, at the plans of the benchmark shapes (bf16, the 16-bit buffers of
-    fused_rnn/_buffers.py), and check the grid barrier made it into the PTX: a release add and an
+    kernels.config), and check the grid barrier made it into the PTX: a release add and an
     acquire read of the counter at GPU scope, CTA barriers; with the LL exchange instead
     (sync="ll"), no atomic and no release at all, and volatile loads of the tagged ring; and
     that registers do not spill (beyond a few bytes, SM90_MAX_SPILL)."""

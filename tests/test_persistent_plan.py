@@ -150,7 +150,7 @@ def test_plan_ln_and_unfused():
     assert KL.persistent_plan("fwd", 2, 5, None, False, F32, "cpu")[0] is None
     assert KL.persistent_plan("fwd", 2, 5, None, True, F32, "cpu")[0] is not None
     assert KR.persistent_plan("bwd", 2, 5, False, F32, "cpu")[0] is None
-    with pytest.raises(ValueError, match="path must be one of"):
+    with pytest.raises(TypeError, match="path"):  # the launchers take a resolved plan, never a path
         KL.lstm_fwd(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(4, 1),
                     torch.zeros(4, 1), path="graph")
 
@@ -277,13 +277,14 @@ def test_requested_path(monkeypatch):
 
 def test_resolve_policy():
     x = torch.zeros(2, 2, 2)
-    assert _paths.resolve("op", "auto", x, lambda: (object(), "")) == _paths.AUTO_PATH
-    assert _paths.resolve("op", "persistent", x, lambda: (object(), "")) == "persistent"
+    assert _paths.resolve("op", "auto", x, lambda: (object(), ""))[0] == _paths.AUTO_PATH
+    plan = object()
+    assert _paths.resolve("op", "persistent", x, lambda: (plan, "")) == ("persistent", plan)
     with pytest.warns(RuntimeWarning, match=r"persistent path not possible for op \(no room\)"):
-        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == "step"
+        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == ("step", None)
     with warnings.catch_warnings():  # once per reason
         warnings.simplefilter("error")
-        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == "step"
+        assert _paths.resolve("op", "persistent", x, lambda: (None, "no room")) == ("step", None)
 
 
 def test_resolve_adaptive(monkeypatch):
@@ -294,14 +295,14 @@ def test_resolve_adaptive(monkeypatch):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _paths.resolve("op", "adaptive", torch.zeros(2, 2, 2), no_call) == "step"
+        assert _paths.resolve("op", "adaptive", torch.zeros(2, 2, 2), no_call) == ("step", None)
         x = torch.zeros(2, 2, 2)
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
         monkeypatch.setattr(_paths, "interpreter_on", lambda: False)
         monkeypatch.setattr(_paths, "graph_unavailable", lambda x: (None, False))
-        assert _paths.resolve("op", "adaptive", x, lambda: (object(), "")) == "persistent"
-        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == "graph"
+        assert _paths.resolve("op", "adaptive", x, lambda: (object(), ""))[0] == "persistent"
+        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == ("graph", None)
         monkeypatch.setattr(_paths, "graph_unavailable", lambda x: ("capturing", False))
-        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == "step"
+        assert _paths.resolve("op", "adaptive", x, lambda: (None, "no room")) == ("step", None)
         monkeypatch.setattr(_paths, "AUTO_PATH", "adaptive")
-        assert _paths.resolve("op", "auto", x, lambda: (object(), "")) == "persistent"
+        assert _paths.resolve("op", "auto", x, lambda: (object(), ""))[0] == "persistent"

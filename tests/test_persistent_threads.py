@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from _persistent_helpers import use_options  # noqa: F401 (a fixture)
-from conftest import BF16, DT_NAME, F32, F64, INTERPRET, rel_err
+from conftest import BF16, DT_NAME, F32, F64, INTERPRET, launch_plan, rel_err
 
 pytestmark = pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(),
                                 reason="the CPU lane under TRITON_INTERPRET=1")
@@ -160,7 +160,7 @@ def gpu_plans(monkeypatch):
     """The launchers plan as for an H100 (132 SMs), and the launch-time co-residency check allows
     those grids on the CPU. ``resident=True`` asks for W_hh held on chip (tensor-core plans:
     fp32 with TF32), False for the streamed chunks."""
-    from fused_rnn.kernels import _common, persistent
+    from fused_rnn.kernels import config, persistent
 
     real = persistent.plan
     mode = {"resident": True}
@@ -170,8 +170,8 @@ def gpu_plans(monkeypatch):
 
     monkeypatch.setattr(persistent, "plan", plan)  # (plan_ln calls it too)
     monkeypatch.setattr(persistent, "max_programs", lambda device: 132)
-    monkeypatch.setattr(_common, "POISON", True)
-    return mode
+    with config.using(poison=True):
+        yield mode
 
 
 def _problem(cell, T, B, I, H, dtype, lengths, seed=0):
@@ -193,13 +193,16 @@ def _run(cell, p, path):
     from fused_rnn.kernels import lstm as KL, rnn as KR
 
     if cell == "rnn":
-        f = KR.rnn_fwd(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], lengths=p["L"], path=path)
-        b = KR.rnn_bwd(p["dout"], p["dh"], p["x"], p["w_ih"], p["w_hh"], f[2], lengths=p["L"], path=path)
+        f = KR.rnn_fwd(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], lengths=p["L"],
+                       plan=launch_plan(path, "fwd", p["x"], p["w_hh"]))
+        b = KR.rnn_bwd(p["dout"], p["dh"], p["x"], p["w_ih"], p["w_hh"], f[2], lengths=p["L"],
+                       plan=launch_plan(path, "bwd", p["x"], p["w_hh"]))
         return list(f) + list(b)
     f = KL.lstm_fwd(p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], ln=p["ln"],
-                    lengths=p["L"], path=path)
+                    lengths=p["L"], plan=launch_plan(path, "fwd", p["x"], p["w_hh"], p["ln"]))
     b = KL.lstm_bwd(p["dout"], p["dh"], p["dc"], p["x"], p["w_ih"], p["w_hh"], f[3], f[4], f[5], p["b_ih"],
-                    p["b_hh"], ln=p["ln"], lengths=p["L"], path=path)
+                    p["b_hh"], ln=p["ln"], lengths=p["L"],
+                    plan=launch_plan(path, "bwd", p["x"], p["w_hh"], p["ln"]))
     return list(f) + [t for t in b[:6]] + list(b[6] or ())
 
 
