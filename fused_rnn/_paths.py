@@ -179,6 +179,16 @@ def or_empty(values, refs) -> tuple:
     return tuple(r.new_empty(0) if v is None else v for v, r in zip(values, refs))
 
 
+def fake_grads(x, need_dx: bool, need_dw: bool, weights, ln=(None,) * 4):
+    """A backward op's fake dx, weight gradients, db [G] (state dtype) and LN parameter gradients:
+    each its input's shape, or [0] where not asked for (or without LN)."""
+    dx = x.new_empty(x.shape if need_dx else 0)
+    dw = tuple(w.new_empty(w.shape if need_dw else 0) for w in weights)
+    db = x.new_empty(weights[0].shape[0] if need_dw else 0, dtype=config.state_dtype(x.dtype))
+    with_ln = need_dw and ln[0] is not None
+    return dx, dw, db, tuple(p.new_empty(p.shape) if with_ln else x.new_empty(0) for p in ln)
+
+
 # ------------------------------------------------------------------------------- CUDA graphs
 # One graph per key (op name, the launcher's non-tensor arguments, the options in force, the shape /
 # dtype / device of every tensor argument and which ones are None), holding static copies of the

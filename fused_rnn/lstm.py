@@ -55,7 +55,8 @@ def _lstm_fwd_op(
 
     return _paths.launch(
         "lstm_fwd", path, x,
-        lambda: K.persistent_plan("fwd", x.shape[1], w_hh.shape[1], ln, fused, x.dtype, x.device, allow_tf32=allow_tf32),
+        lambda: K.persistent_plan("fwd", x.shape[1], w_hh.shape[1], ln, fused, x.dtype, x.device,
+                                  allow_tf32=allow_tf32),
         run, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths), (eps, allow_tf32, fused, save_gates))
 
 
@@ -113,7 +114,8 @@ def _lstm_bwd(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw,
 
     dx, dh0, dc0, dw_ih, dw_hh, db, dln = _paths.launch(
         "lstm_bwd", path, x,
-        lambda: K.persistent_plan("bwd", x.shape[1], w_hh.shape[1], ln, fused, x.dtype, x.device, allow_tf32=allow_tf32),
+        lambda: K.persistent_plan("bwd", x.shape[1], w_hh.shape[1], ln, fused, x.dtype, x.device,
+                                  allow_tf32=allow_tf32),
         run, (dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln, lengths),
         (eps, allow_tf32, fused, need_dx, need_dw, consume_gates))
     sd = x.new_empty(0, dtype=config.state_dtype(x.dtype))
@@ -124,19 +126,9 @@ def _lstm_bwd(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw,
 @_lstm_bwd_op.register_fake
 def _(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths,
       eps, allow_tf32, fused, need_dx, need_dw, path="auto"):
-    T, B, I = x.shape
-    G, H = w_hh.shape
-    sd = config.state_dtype(x.dtype)
-    dx = x.new_empty((T, B, I)) if need_dx else x.new_empty(0)
-    if need_dw:
-        dw = (w_ih.new_empty((G, I)), w_hh.new_empty((G, H)), x.new_empty((G,), dtype=sd))
-    else:
-        dw = (w_ih.new_empty(0), w_hh.new_empty(0), x.new_empty(0, dtype=sd))
-    if need_dw and ln_gw is not None:
-        dln = (ln_gw.new_empty((G,)), ln_gb.new_empty((G,)), ln_cw.new_empty((H,)), ln_cb.new_empty((H,)))
-    else:
-        dln = tuple(x.new_empty(0) for _ in range(4))
-    return (dx, x.new_empty((B, H)), x.new_empty((B, H)), *dw, *dln)
+    dx, dw, db, dln = _paths.fake_grads(x, need_dx, need_dw, (w_ih, w_hh), (ln_gw, ln_gb, ln_cw, ln_cb))
+    B, H = x.shape[1], w_hh.shape[1]
+    return (dx, x.new_empty((B, H)), x.new_empty((B, H)), *dw, db, *dln)
 
 
 class LSTMFunction(torch.autograd.Function):

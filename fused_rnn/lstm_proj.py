@@ -95,20 +95,9 @@ def _lstm_proj_bwd_op(
 @_lstm_proj_bwd_op.register_fake
 def _(dout, dh_n, dc_n, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh, ln_gw, ln_gb, ln_cw, ln_cb, lengths,
       eps, allow_tf32, need_dx, need_dw, path="auto"):
-    T, B, I = x.shape
-    G, P = w_hh.shape
-    H = G // 4
-    sd = config.state_dtype(x.dtype)
-    dx = x.new_empty((T, B, I)) if need_dx else x.new_empty(0)
-    if need_dw:
-        dw = (w_ih.new_empty((G, I)), w_hh.new_empty((G, P)), w_hr.new_empty((P, H)), x.new_empty((G,), dtype=sd))
-    else:
-        dw = (w_ih.new_empty(0), w_hh.new_empty(0), w_hr.new_empty(0), x.new_empty(0, dtype=sd))
-    if need_dw and ln_gw is not None:
-        dln = (ln_gw.new_empty((G,)), ln_gb.new_empty((G,)), ln_cw.new_empty((H,)), ln_cb.new_empty((H,)))
-    else:
-        dln = tuple(x.new_empty(0) for _ in range(4))
-    return (dx, x.new_empty((B, P)), x.new_empty((B, H)), *dw, *dln)
+    dx, dw, db, dln = _paths.fake_grads(x, need_dx, need_dw, (w_ih, w_hh, w_hr), (ln_gw, ln_gb, ln_cw, ln_cb))
+    B, P, H = x.shape[1], w_hh.shape[1], w_hr.shape[1]
+    return (dx, x.new_empty((B, P)), x.new_empty((B, H)), *dw, db, *dln)
 
 
 class LSTMProjFunction(torch.autograd.Function):

@@ -72,14 +72,8 @@ def _rnn_bwd_op(
 
 @_rnn_bwd_op.register_fake
 def _(dout, dh_n, x, w_ih, w_hh, hs, lengths, nonlinearity, allow_tf32, fused, need_dx, need_dw, path="auto"):
-    T, B, I = x.shape
-    H = w_hh.shape[1]
-    dx = x.new_empty((T, B, I)) if need_dx else x.new_empty(0)
-    if need_dw:
-        dw = (w_ih.new_empty((H, I)), w_hh.new_empty((H, H)), hs.new_empty((H,)))
-    else:
-        dw = (w_ih.new_empty(0), w_hh.new_empty(0), hs.new_empty(0))
-    return (dx, x.new_empty((B, H)), *dw)
+    dx, dw, db, _ = _paths.fake_grads(x, need_dx, need_dw, (w_ih, w_hh))
+    return (dx, x.new_empty((x.shape[1], w_hh.shape[1])), *dw, db)
 
 
 class RNNFunction(torch.autograd.Function):

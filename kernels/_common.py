@@ -32,6 +32,11 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def given(**flags):
+    """@triton.heuristics values: each constexpr flag True where its pointer argument is not None."""
+    return {flag: (lambda args, name=name: args[name] is not None) for flag, name in flags.items()}
+
+
 def dot_flags(dtype: torch.dtype, allow_tf32: bool, device: torch.device):
     """(FMA, IEEE, UPCAST) constexpr flags of _mm for operands of ``dtype``.
 
@@ -106,7 +111,7 @@ def after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw):
 # A few ulps of relative error over the whole range, fp32 and fp64 (the gradcheck dtype): tiny |x|
 # (no cancellation), large |x| (exactly ±1 / 1 / 0, never inf/inf), ±inf; NaN only from NaN
 # (tests/test_activations.py measures it). fp32 runs on ex2.approx and div.full (each within 2 ulp
-# on the GPU), fp64 on exp and IEEE division. SASS counts: sm_90, Triton 3.9 and 3.6 alike.
+# on the GPU), fp64 on exp and IEEE division. Their cost: docs/design.md.
 
 
 @triton.jit
@@ -114,7 +119,7 @@ def _sigmoid(x):
     # 1 / (1 + z) or z / (1 + z), z = e^{-|x|} in [0, 1]: no inf/inf. fp32: z = 2^p, p = fl(-|x| log2 e),
     # and the numerator's z times 1 + r ln 2 for p's rounding error r (uncorrected, sigmoid(-80) was
     # ~40 ulps off: fl(p) is 2^-18 off at p = -115); tl.exp2 is ex2.approx.ftz, so below 2^-126
-    # 2^(p/2) squared keeps denormals. sm_90: 19 SASS instructions
+    # 2^(p/2) squared keeps denormals.
     ax = tl.abs(x)
     if x.dtype == tl.float64:
         z = tl.exp(-ax)
@@ -135,7 +140,7 @@ def _sigmoid(x):
 def _tanh(x):
     # tanh|x|: below 0.55 x + x^3 P(x^2) (fp32: minimax degree 4 in x^2 on [0, 0.55]; fp64: Cephes'
     # rational on [0, 0.625]), where (1 - z) / (1 + z), z = e^{-2|x|}, would cancel; above, that;
-    # then x's sign, -0 kept. sm_90: 21 SASS instructions
+    # then x's sign, -0 kept.
     ax = tl.abs(x)
     s = ax * ax
     if x.dtype == tl.float64:
@@ -184,6 +189,17 @@ def _tile(pid_b, pid_h, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def _reverse_step_masks(len_ptr, rows, rmask, t64, T, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(valid_t, valid_{t+1}) [BLOCK_B, 1] of reverse step t for these rows: t < length (T
+    without lengths)."""
+    if HAS_LENGTHS:
+        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
+    return (t64 < L)[:, None], (t64 + 1 < L)[:, None]
+
+
+@triton.jit
 def _mm(a, b, acc, FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b for blocks a [M, K], b [K, N] (M, N, K >= 16 on the tl.dot paths)."""
     if UPCAST:
@@ -196,6 +212,24 @@ def _mm(a, b, acc, FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def _carry_dot(d_ptr, w_ptr, rows, rmask, cols, cmask, t64, B, H, K, ACC: tl.constexpr, FMA: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The reverse step's carried gradient d_{t+1} W_hh for these rows and W_hh's columns cols:
+    d [T+1, B, K] (dG or dP, slot t+1), W_hh [K, H] row-major; in BLOCK_K chunks of K."""
+    carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+    d_row = ((t64 + 1) * B + rows) * K
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        dk = tl.load(d_ptr + d_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :], mask=kmask[:, None] & cmask[None, :],
+                     other=0.0)
+        carry = _mm(dk.to(w_ptr.dtype.element_ty), wk, carry, FMA, IEEE, UPCAST)
+    return carry
 
 
 @triton.jit

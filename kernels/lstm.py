@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import config, persistent
 from ._common import (
+    _carry_dot,
     _dsigmoid,
     _dtanh,
     _gate_chunk_dots,
@@ -37,6 +38,7 @@ from ._common import (
     _ln_rows,
     _ln_rows_bwd,
     _mm,
+    _reverse_step_masks,
     _sigmoid,
     _store_gates,
     _tanh,
@@ -44,6 +46,7 @@ from ._common import (
     after_loop_grads,
     alloc,
     dot_flags,
+    given,
     input_projection,
 )
 from .tiles import lstm_blocks, sm_count
@@ -80,14 +83,7 @@ def persistent_plan(direction: str, B: int, H: int, ln, fused: bool, dtype: torc
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.heuristics(
-    {
-        "FUSED": lambda a: a["w_ptr"] is not None,
-        "LN": lambda a: a["gw_ptr"] is not None,
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-        "STORE_GATES": lambda a: a["gates_ptr"] is not None,
-    }
-)
+@triton.heuristics(given(FUSED="w_ptr", LN="gw_ptr", HAS_LENGTHS="len_ptr", STORE_GATES="gates_ptr"))
 @triton.jit(do_not_specialize=["t"])
 def lstm_fwd_kernel(
     xp_ptr,  # [T, B, G] x W_ihᵀ + b_ih + b_hh, storage dtype
@@ -104,9 +100,7 @@ def lstm_fwd_kernel(
     FMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows, cols, rmask, cmask, mask = _tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    rows, cols, rmask, cmask, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     ACC = cc_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
     G = 4 * H
@@ -191,13 +185,7 @@ def lstm_fwd_kernel(
 # LN parameter gradients are summed over this program's rows and added to its own row of the
 # partial-sum buffers each step (fixed order: deterministic, no atomics); summed over row blocks
 # after the loop.
-@triton.heuristics(
-    {
-        "FUSED": lambda a: a["w_ptr"] is not None,
-        "LN": lambda a: a["gw_ptr"] is not None,
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-    }
-)
+@triton.heuristics(given(FUSED="w_ptr", LN="gw_ptr", HAS_LENGTHS="len_ptr"))
 @triton.jit(do_not_specialize=["t", "T"])
 def lstm_bwd_kernel(
     gates_ptr,  # [T, B, G] saved pre-activations, lstm_gates_dtype
@@ -223,12 +211,7 @@ def lstm_bwd_kernel(
     t64 = t.to(tl.int64)
     G = 4 * H
 
-    if HAS_LENGTHS:
-        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
-    else:
-        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
-    valid = (t64 < L)[:, None]
-    nvalid = (t64 + 1 < L)[:, None]
+    valid, nvalid = _reverse_step_masks(len_ptr, rows, rmask, t64, T, HAS_LENGTHS, BLOCK_B)
 
     s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
     s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
@@ -236,16 +219,8 @@ def lstm_bwd_kernel(
     b_off = (rows * H)[:, None] + cols[None, :]
 
     if FUSED:
-        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        dg_row = ((t64 + 1) * B + rows) * G
-        for k0 in range(0, G, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < G
-            dgk = tl.load(dg_ptr + dg_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            dgk = dgk.to(w_ptr.dtype.element_ty)
-            wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
-            carry = _mm(dgk, wk, carry, FMA, IEEE, UPCAST)
+        carry = _carry_dot(dg_ptr, w_ptr, rows, rmask, cols, cmask, t64, B, H, G, ACC, FMA, IEEE, UPCAST,
+                           BLOCK_B, BLOCK_H, BLOCK_K)
     else:
         carry = tl.load(carry_ptr + b_off, mask=mask, other=0.0).to(ACC)
     gh = tl.where(nvalid, 0.0, tl.load(gh_ptr + b_off, mask=mask, other=0.0)) + carry

@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from . import config, persistent
-from ._common import _dtanh, _mm, _tanh, _tile, after_loop_grads, alloc, dot_flags, input_projection
+from ._common import (
+    _carry_dot, _dtanh, _mm, _reverse_step_masks, _tanh, _tile, after_loop_grads, alloc, dot_flags, given, input_projection,
+)
 from .tiles import rnn_blocks, sm_count
 
 NONLINEARITIES = ("tanh", "relu")
@@ -46,12 +48,7 @@ def unsupported(x: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.heuristics(
-    {
-        "FUSED": lambda a: a["w_ptr"] is not None,
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-    }
-)
+@triton.heuristics(given(FUSED="w_ptr", HAS_LENGTHS="len_ptr"))
 @triton.jit(do_not_specialize=["t"])
 def rnn_fwd_kernel(
     xp_ptr,  # [T, B, H] x W_ihᵀ + b_ih + b_hh, storage dtype
@@ -106,12 +103,7 @@ def rnn_fwd_kernel(
 #   gh_t = [not valid_{t+1}] gh_{t+1} + dP_{t+1} W_hh          (FUSED: tl.dot over K = H)
 #   dh   = valid_t (dout_t + gh_t)
 #   dP_t = dh (1 − h_t²)   (tanh)      or   dh [h_t > 0]   (relu, as torch's threshold_backward)
-@triton.heuristics(
-    {
-        "FUSED": lambda a: a["w_ptr"] is not None,
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-    }
-)
+@triton.heuristics(given(FUSED="w_ptr", HAS_LENGTHS="len_ptr"))
 @triton.jit(do_not_specialize=["t", "T"])
 def rnn_bwd_kernel(
     w_ptr,  # [H, H] W_hh (FUSED) or None
@@ -130,27 +122,15 @@ def rnn_bwd_kernel(
     ACC = gh_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
 
-    if HAS_LENGTHS:
-        L = tl.minimum(tl.load(len_ptr + rows, mask=rmask, other=0), T)
-    else:
-        L = tl.zeros([BLOCK_B], dtype=tl.int64) + T
-    valid = (t64 < L)[:, None]
-    nvalid = (t64 + 1 < L)[:, None]
+    valid, nvalid = _reverse_step_masks(len_ptr, rows, rmask, t64, T, HAS_LENGTHS, BLOCK_B)
 
     s_cur = ((t64 * B + rows) * H)[:, None] + cols[None, :]
     s_nxt = (((t64 + 1) * B + rows) * H)[:, None] + cols[None, :]
     b_off = (rows * H)[:, None] + cols[None, :]
 
     if FUSED:
-        carry = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        dp_row = ((t64 + 1) * B + rows) * H
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < H
-            dpk = tl.load(dp_ptr + dp_row[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wk = tl.load(w_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
-            carry = _mm(dpk.to(w_ptr.dtype.element_ty), wk, carry, FMA, IEEE, UPCAST)
+        carry = _carry_dot(dp_ptr, w_ptr, rows, rmask, cols, cmask, t64, B, H, H, ACC, FMA, IEEE, UPCAST,
+                           BLOCK_B, BLOCK_H, BLOCK_K)
     else:
         carry = tl.load(carry_ptr + b_off, mask=mask, other=0.0).to(ACC)
     gh = tl.where(nvalid, 0.0, tl.load(gh_ptr + b_off, mask=mask, other=0.0)) + carry

@@ -54,6 +54,17 @@ F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat1
 DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
 
 
+# The kernel tests' shapes (test_lstm, test_rnn): (id, T, B, I, H, lengths, bias). H not a power
+# of two, B not a multiple of 16 (B=17 spans two row blocks), T = 1, a zero length, a length > T
+# (runs to the end), no bias.
+STEP_SHAPES = (
+    ("B3-T7-H37-len", 7, 3, 5, 37, [7, 3, 0], True),
+    ("B17-T3-H20-len", 3, 17, 4, 20, [3, 1, 2, 3, 0, 1, 2, 3, 3, 2, 1, 5, 2, 2, 1, 3, 1], True),
+    ("B5-T1-H16", 1, 5, 5, 16, None, True),
+    ("B2-T4-H7-nobias", 4, 2, 3, 7, None, False),
+)
+
+
 def tol(dtype):
     """Relative-error bound of a kernel against the fp64 reference, per dtype: fp64 1e-10;
     fp32 1e-5 under the interpreter, 1e-4 on a GPU (5e-3 with TF32 on); fp16 / bf16 2e-2."""
@@ -89,6 +100,13 @@ def force_step_tile(monkeypatch, kernels_module, **tile):
     monkeypatch.setattr(kernels_module, name, lambda *a, **k: tiles.append(blocks(*a, **k)) or tiles[-1])
     with config.using(step_tiles=tile):
         yield tiles
+
+
+def assert_deterministic(fn, ins, lengths, ups):
+    """Two identical calls of fn: bitwise-identical outputs and gradients (fwd_bwd's)."""
+    first, second = fwd_bwd(fn, ins, lengths, ups), fwd_bwd(fn, ins, lengths, ups)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
 
 
 def launch_plan(path, direction, x, w_hh, ln=None, fused=True):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import (
-    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, assert_close, assert_matches_reference, force_step_tile, fwd_bwd,
-    kernel_device, rel_err, requires_kernels, tol,
+    BF16, DT_NAME, F16, F32, F64, HAS_CUDA, assert_close, assert_deterministic, assert_matches_reference,
+    force_step_tile, fwd_bwd, kernel_device, rel_err, requires_kernels, STEP_SHAPES, tol,
 )
 from fused_rnn import _backend
 from fused_rnn.lstm import LSTMFunction, lstm_sequence
@@ -62,14 +62,7 @@ def reference_lstm(ins, L):
 NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "ln_gw", "ln_gb", "ln_cw", "ln_cb"]
 OUT_NAMES = ["out", "h_n", "c_n"]
 
-# (id, T, B, I, H, lengths, bias): H not a power of two, B not a multiple of 16 (B=17 spans two
-# row blocks), T = 1, a zero length, a length > T (runs to the end), no bias.
-SHAPES = [
-    ("B3-T7-H37-len", 7, 3, 5, 37, [7, 3, 0], True),
-    ("B17-T3-H20-len", 3, 17, 4, 20, [3, 1, 2, 3, 0, 1, 2, 3, 3, 2, 1, 5, 2, 2, 1, 3, 1], True),
-    ("B5-T1-H16", 1, 5, 5, 16, None, True),
-    ("B2-T4-H7-nobias", 4, 2, 3, 7, None, False),
-]
+SHAPES = list(STEP_SHAPES)  # (id, T, B, I, H, lengths, bias)
 if DEV is not None and DEV.type == "cuda":
     # H 100: the fused layer-norm kernel's widest tile (128 units); B192 H384: 64-row tiles
     # (kernels.tiles.step_tile: the plain LSTM in 16 bits, 64 x 16)
@@ -294,10 +287,7 @@ def test_lstm_deterministic():
     """Two identical calls: bitwise-identical outputs and gradients (LN partial sums over two row
     blocks included)."""
     ins, L, ups = make_case(3, 17, 4, 20, F32, True, True, [3, 1, 2] * 5 + [0, 3])
-    first = fwd_bwd(triton_lstm(True), ins, L, ups)
-    second = fwd_bwd(triton_lstm(True), ins, L, ups)
-    for a, b in zip(first[0] + first[1], second[0] + second[1]):
-        assert torch.equal(a, b)
+    assert_deterministic(triton_lstm(True), ins, L, ups)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter

@@ -1,11 +1,6 @@
 """Elman RNN kernels (tanh and ReLU; fused_rnn.kernels.rnn through fused_rnn.rnn.RNNFunction)
-against the reference path.
-
-Runs where the kernels can run: a CUDA GPU, or the CPU under TRITON_INTERPRET=1 (tiny shapes:
-the interpreter is slow). Every launcher buffer a kernel must fill is NaN-poisoned
-(options().poison), so an element a kernel leaves unwritten fails the comparison.
-Tolerances are relative to an fp64 reference, ‖ours − ref‖ / ‖ref‖.
-"""
+against the reference path, as tests/test_lstm.py tests the LSTM's: on a CUDA GPU or under
+TRITON_INTERPRET=1, launcher buffers NaN-poisoned, errors relative to an fp64 reference."""
 import warnings
 from collections import OrderedDict
 
@@ -13,8 +8,8 @@ import pytest
 import torch
 
 from conftest import (
-    BF16, DT_NAME, F16, F32, F64, assert_close, assert_matches_reference, force_step_tile, fwd_bwd, kernel_device,
-    rel_err, requires_kernels, tol,
+    BF16, DT_NAME, F16, F32, F64, assert_close, assert_deterministic, assert_matches_reference, force_step_tile,
+    fwd_bwd, kernel_device, rel_err, requires_kernels, STEP_SHAPES, tol,
 )
 from fused_rnn import _backend
 from fused_rnn.reference import rnn_sequence_ref
@@ -55,14 +50,7 @@ def reference_rnn(nonlinearity):
 NAMES = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
 OUT_NAMES = ["out", "h_n"]
 
-# (id, T, B, I, H, lengths, bias): H not a power of two, B not a multiple of 16 (B=17 spans two
-# row blocks), T = 1, a zero length, a length > T (runs to the end), no bias.
-SHAPES = [
-    ("B3-T7-H37-len", 7, 3, 5, 37, [7, 3, 0], True),
-    ("B17-T3-H20-len", 3, 17, 4, 20, [3, 1, 2, 3, 0, 1, 2, 3, 3, 2, 1, 5, 2, 2, 1, 3, 1], True),
-    ("B5-T1-H16", 1, 5, 5, 16, None, True),
-    ("B2-T4-H7-nobias", 4, 2, 3, 7, None, False),
-]
+SHAPES = list(STEP_SHAPES)  # (id, T, B, I, H, lengths, bias)
 if DEV is not None and DEV.type == "cuda":
     SHAPES += [("B64-T33-H200", 33, 64, 48, 200, None, True), ("B20-T9-H300-len", 9, 20, 16, 300,
                                                                 [9 - b % 5 for b in range(20)], True),
@@ -138,10 +126,7 @@ def test_rnn_sequence_dispatch():
 def test_rnn_deterministic():
     """Two identical calls: bitwise-identical outputs and gradients."""
     ins, L, ups = make_case(3, 17, 4, 20, F32, True, [3, 1, 2] * 5 + [0, 3])
-    first = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
-    second = fwd_bwd(triton_rnn("tanh"), ins, L, ups)
-    for a, b in zip(first[0] + first[1], second[0] + second[1]):
-        assert torch.equal(a, b)
+    assert_deterministic(triton_rnn("tanh"), ins, L, ups)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
