@@ -14,7 +14,7 @@ the autograd Functions directly to reach the kernels the entry points do not cho
 sizes (the unfused step kernels, the recompute-gates backward, the persistent kernels with
 path="persistent": several programs and a grid barrier per step on a GPU, W_hh resident or
 streamed). A variant whose internal signature no longer matches is reported as SKIP (API), not
-run; a persistent case whose problem kernels.persistent.plan refuses is a failure.
+run; a persistent case whose problem kernels.tiles.plan refuses is a failure.
 
 Each case runs the forward, then backward of (out·dout).sum() + (h_n·dh_n).sum() [+ (c_n·dc_n)]
 with h0 / c0 requiring grad, so every gradient output is written ("nan-pad" cases: NaN in x and
@@ -294,7 +294,7 @@ def cases():
         I=8, H=40, dtype="bf16", **pers)
     # the layer-norm LSTM's persistent kernels (kernels/ln_lstm_persistent.py): partials of the row
     # statistics exchanged through global memory; B3 H37 takes the 2-barrier forward (MERGE_C), B70 H300 the
-    # 3-barrier one (kernels.persistent.fwd_merge_c)
+    # 3-barrier one (kernels.tiles.fwd_merge_c)
     for dt in ("fp32", "bf16"):
         add(f"persistent lnlstm {dt} B3 T5 I19 H37 lengths", cell="lnlstm", B=3, T=5, I=19, H=37,
             dtype=dt, **pers)
@@ -313,7 +313,7 @@ def cases():
     add("persistent-ll lstm bf16 B130 T3 I8 H40 (3 row blocks x 3 programs)", cell="lstm", B=130, T=3, I=8,
         H=40, dtype="bf16", **ll)
     # the layer-norm LSTM's LL exchange (rows and LayerNorm partials as tagged words; B16, 16-bit:
-    # kernels.persistent.ln_ll_fits)
+    # kernels.tiles.ln_ll_fits)
     add("persistent-ll lnlstm bf16 B3 T5 I19 H37 lengths", cell="lnlstm", B=3, T=5, I=19, H=37, dtype="bf16", **ll)
     # NaN in x and dout past the ends (issue 17): every output and gradient must stay finite
     nan = dict(nan_pad=True, B=3, T=5, I=19, H=37)

@@ -21,7 +21,7 @@ too); it prints the errors, the persistent plans, what the kernels compiled to
 (registers, spills, shared memory) and median times of a few fwd+bwd calls on each path.
 --ll: the same cells with the LL exchange (programs spin on tagged words instead of meeting at a
 barrier: a protocol that has never run on a GPU, so it gets its own stage and timeout in
-gpu_check.sh; the layer-norm LSTM in bf16 only on a GPU, where kernels.persistent.ln_ll_fits
+gpu_check.sh; the layer-norm LSTM in bf16 only on a GPU, where kernels.tiles.ln_ll_fits
 keeps fp32 on the barrier); the timing line then compares the LL kernels with the barrier kernels
 (the plans' default variants otherwise) instead of with the step path.
 Exit status: 0 all agree, 1 a case failed, 3 no CUDA GPU.

@@ -19,7 +19,7 @@ the backward's GEMMs after it) under each variant:
                 own choice is the "default" row).
                 --no-ll leaves the LL variant out (gpu_check.sh passes it when the LL smoke
                 stage failed).
-    lnlstm      the LL exchange (as above; kernels.persistent.ln_ll_fits says where: S1,
+    lnlstm      the LL exchange (as above; kernels.tiles.ln_ll_fits says where: S1,
                 S4's backward); forward: merge_c True / False (2 or 3 barriers a step);
                 backward: merge_bwd flipped (its 2- and 3-barrier variants)
 Each variant's results are compared with the default variant's (relative error of out and of

@@ -5,7 +5,7 @@ Paths of the custom ops (fused_rnn/lstm.py, rnn.py; lstm_proj.py has no persiste
     step        one fused Triton launch per time step, eagerly (kernels/lstm.py, kernels/rnn.py)
     graph       the step path's whole launcher captured once per shape in a CUDA graph and
                 replayed (CUDA only)
-    persistent  one launch for all T steps (kernels/persistent.py's plan: a grid that fits on
+    persistent  one launch for all T steps (kernels/tiles.py's plan: a grid that fits on
                 the SMs, rows in blocks of up to 64 with a barrier each)
     adaptive    on CUDA: persistent where its plan fits, else graph where a capture is
                 possible, else step; on the CPU: step. Silent: it asks for nothing it cannot get

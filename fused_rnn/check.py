@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
+from .kernels import config
+
 CELLS = ("lstm", "lnlstm", "lstm_proj", "rnn_tanh", "rnn_relu")
 LSTM_CELLS = ("lstm", "lnlstm", "lstm_proj")
 CELL_HELP = {
@@ -278,8 +280,6 @@ def poisoned_allocations():
     """NaN in every buffer a kernel should fill: the kernels' poison option, and every
     uninitialised torch allocation (torch.empty, new_empty, empty_like) for the rest."""
     import torch.utils.deterministic as det
-
-    from .kernels import config
 
     prev = (
         torch.are_deterministic_algorithms_enabled(),

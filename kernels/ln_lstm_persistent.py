@@ -20,13 +20,11 @@ the last two rounds' sums at once, by linearity. The LN parameter gradients are 
 block into the caller's buffers. The LL exchange (Plan.ll) replaces each barrier by tagged words.
 Buffers are kernels/lstm.py's; the compute dtype is cs's (forward) / gc's (backward).
 docs/persistent.md has the phases in full, the hazards, the traffic and the sm_90 compiles.
-NOT RUN ON A GPU YET: the multi-program path has run only as threads under the interpreter.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -41,9 +39,10 @@ from .ln_exchange import (
 )
 from .lstm_persistent import lstm_bwd_carry
 from .persistent import (
-    LAST_LAUNCH, Plan, barrier_arrive, barrier_finish, block_p, check_plan, fwd_merge_c, grid_barrier, k_pad,
-    launch_opts, ll_put, ll_ring, program_tile, record, row_chunk, w_tiles_bwd, w_tiles_fwd,
+    LAST_LAUNCH, barrier_arrive, barrier_finish, check_plan, grid_barrier, launch_opts, ll_put, ll_ring, program_tile,
+    record, row_chunk, w_tiles_bwd, w_tiles_fwd,
 )
+from .tiles import Plan, block_p, fwd_merge_c, k_pad
 
 # partial slots per (program, row); statistic slots per (step, row) in the backward
 NQ = 10
@@ -437,7 +436,7 @@ def kernel_eps(eps: float, device) -> float:
     interpreter (CPU) keeps the Python float. The backward statistics computed with torch use the
     same number as the forward kernel did."""
     if torch.device(device).type == "cuda":
-        return float(np.float32(eps))
+        return torch.tensor(eps, dtype=torch.float32).item()
     return float(eps)
 
 

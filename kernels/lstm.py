@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config, persistent
+from . import config, ln_lstm_persistent, lstm_persistent, tiles
 from ._common import (
     _carry_dot,
     _dsigmoid,
@@ -36,8 +36,7 @@ from ._common import (
     _gate_chunk_dots,
     _load_gates,
     _ln_rows,
-    _ln_rows_bwd,
-    _mm,
+    _ln_rows_bwd, 
     _reverse_step_masks,
     _sigmoid,
     _store_gates,
@@ -67,15 +66,15 @@ def unsupported(x: torch.Tensor, w_hh: torch.Tensor, ln) -> Optional[str]:
 
 def persistent_plan(direction: str, B: int, H: int, ln, fused: bool, dtype: torch.dtype, device,
                     limit: Optional[int] = None, allow_tf32: bool = False):
-    """(persistent.Plan, "") when one persistent launch can run this layer's time loop in
+    """(tiles.Plan, "") when one persistent launch can run this layer's time loop in
     ``direction`` ("fwd" / "bwd"), else (None, why not). The layer-norm LSTM has its own kernels
     whatever ``fused`` says (its unfused step path above LN_FUSED_MAX_H says nothing against a
     persistent launch)."""
     if ln is not None:
-        return persistent.plan_ln(direction, B, H, dtype, device, limit, allow_tf32)
+        return tiles.plan_ln(direction, B, H, dtype, device, limit, allow_tf32)
     if not fused:
         return None, "the unfused step kernels were asked for"
-    return persistent.plan("lstm", direction, B, H, dtype, device, limit, allow_tf32)
+    return tiles.plan("lstm", direction, B, H, dtype, device, limit, allow_tf32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +362,7 @@ def lstm_fwd(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Te
              b_ih: Optional[torch.Tensor] = None, b_hh: Optional[torch.Tensor] = None,
              ln: Optional[Sequence[torch.Tensor]] = None, lengths: Optional[torch.Tensor] = None,
              eps: float = config.LN_EPS, allow_tf32: bool = False, fused: Optional[bool] = None,
-             save_gates: Optional[bool] = None, plan: Optional[persistent.Plan] = None):
+             save_gates: Optional[bool] = None, plan: Optional[tiles.Plan] = None):
     """Whole-sequence forward of one LSTM layer, one direction.
 
     x [T, B, I], h0/c0 [B, H], w_ih [G, I], w_hh [G, H], b_* [G] or None, ln None or
@@ -390,13 +389,9 @@ def lstm_fwd(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Te
     hs[0].copy_(h0)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None and ln is not None:
-        from . import ln_lstm_persistent
-
         ln_lstm_persistent.ln_lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, (gw, gb, cw, cb), lengths, eps,
                                             fma, ieee, upcast)
     elif plan is not None:
-        from . import lstm_persistent
-
         lstm_persistent.lstm_fwd_loop(plan, xp, w_hh, hs, cs, gates, lengths, fma, ieee, upcast)
     else:
         mm = None if fused else alloc((B, G), w_hh.dtype, dev)
@@ -435,7 +430,7 @@ def lstm_bwd(dout: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torc
              b_ih: Optional[torch.Tensor] = None, b_hh: Optional[torch.Tensor] = None,
              ln: Optional[Sequence[torch.Tensor]] = None, lengths: Optional[torch.Tensor] = None,
              eps: float = config.LN_EPS, allow_tf32: bool = False, fused: Optional[bool] = None,
-             need_dx: bool = True, need_dw: bool = True, plan: Optional[persistent.Plan] = None,
+             need_dx: bool = True, need_dw: bool = True, plan: Optional[tiles.Plan] = None,
              consume_gates: bool = False):
     """Whole-sequence backward matching lstm_fwd: reverse recurrence with the fused kernels,
     then the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
@@ -496,15 +491,11 @@ def lstm_bwd(dout: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torc
     parts = ln_partials(ln, nrb, H, sd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None and ln is not None:
-        from . import ln_lstm_persistent
-
         # LN parameter gradients into rows 0..R-1 of the step path's zeroed partial sums
         # (R = cdiv(B, 64) <= cdiv(B, BLOCK_B of the LN step kernels) rows)
         ln_lstm_persistent.ln_lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, (gw, gb, cw, cb), lengths,
                                             eps, parts, fma, ieee, upcast)
     elif plan is not None:
-        from . import lstm_persistent
-
         lstm_persistent.lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast)
     else:
         grid = (nrb, triton.cdiv(H, BH))

@@ -1,5 +1,5 @@
 """The persistent plain LSTM: lstm_fwd_loop / lstm_bwd_loop run all T steps of one layer in one
-launch (kernels/persistent.py: the plan, barrier and LL exchange they share)."""
+launch (kernels/tiles.py: the plan; kernels/persistent.py: the barrier and LL exchange they share)."""
 from __future__ import annotations
 
 import torch
@@ -10,9 +10,10 @@ from ._common import (
     _dsigmoid, _dtanh, _gate_chunk_dots, _gate_tile_dots, _load_gates, _mm, _sigmoid, _store_gates, _tanh,
 )
 from .persistent import (
-    Plan, barrier_arrive, barrier_finish, ll_get, ll_put, plain_launch, program_tile, record, row_chunk,
+    barrier_arrive, barrier_finish, ll_get, ll_put, plain_launch, program_tile, record, row_chunk,
     w_tiles_bwd, w_tiles_fwd,
 )
+from .tiles import Plan
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config, persistent
+from . import config, rnn_persistent, tiles
 from ._common import (
     _carry_dot, _dtanh, _mm, _reverse_step_masks, _tanh, _tile, after_loop_grads, alloc, dot_flags, given, input_projection,
 )
@@ -154,11 +154,11 @@ def rnn_bwd_kernel(
 
 def persistent_plan(direction: str, B: int, H: int, fused: bool, dtype: torch.dtype, device,
                     limit: Optional[int] = None, allow_tf32: bool = False):
-    """(persistent.Plan, "") when one persistent launch can run this layer's time loop in
+    """(tiles.Plan, "") when one persistent launch can run this layer's time loop in
     ``direction``, else (None, why not): kernels.lstm.persistent_plan's, for the RNN."""
     if not fused:
         return None, "the unfused step kernels were asked for"
-    return persistent.plan("rnn", direction, B, H, dtype, device, limit, allow_tf32)
+    return tiles.plan("rnn", direction, B, H, dtype, device, limit, allow_tf32)
 
 
 def _relu(nonlinearity: str) -> bool:
@@ -170,7 +170,7 @@ def _relu(nonlinearity: str) -> bool:
 @torch.no_grad()
 def rnn_fwd(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih=None, b_hh=None,
             lengths=None, nonlinearity: str = "tanh", allow_tf32: bool = False, fused: bool = True,
-            plan: Optional[persistent.Plan] = None):
+            plan: Optional[tiles.Plan] = None):
     """Whole-sequence forward of one RNN layer, one direction.
 
     x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_* [H] or None, lengths None or int [B].
@@ -191,8 +191,6 @@ def rnn_fwd(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     out = alloc((T, B, H), dt, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None:
-        from . import rnn_persistent
-
         rnn_persistent.rnn_fwd_loop(plan, xp, w_hh, hs, out, lengths, relu, fma, ieee, upcast)
     else:
         mm = None if fused else alloc((B, H), w_hh.dtype, dev)
@@ -211,7 +209,7 @@ def rnn_fwd(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
 @torch.no_grad()
 def rnn_bwd(dout: torch.Tensor, dh_n: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
             hs: torch.Tensor, lengths=None, nonlinearity: str = "tanh", allow_tf32: bool = False, fused: bool = True,
-            need_dx: bool = True, need_dw: bool = True, plan: Optional[persistent.Plan] = None):
+            need_dx: bool = True, need_dw: bool = True, plan: Optional[tiles.Plan] = None):
     """Whole-sequence backward matching rnn_fwd: reverse recurrence with the fused kernels, then
     the weight, bias and input gradients as a few large GEMMs / reductions over T·B.
 
@@ -232,8 +230,6 @@ def rnn_bwd(dout: torch.Tensor, dh_n: torch.Tensor, x: torch.Tensor, w_ih: torch
     gh = dh_n.to(sd, copy=True).contiguous()
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     if plan is not None:
-        from . import rnn_persistent
-
         rnn_persistent.rnn_bwd_loop(plan, w_hh, hs, dout, dP, gh, lengths, relu, fma, ieee, upcast)
     else:
         carry = None if fused else alloc((B, H), w_hh.dtype, dev)

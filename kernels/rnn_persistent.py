@@ -1,5 +1,5 @@
 """The persistent tanh / ReLU RNN: rnn_fwd_loop / rnn_bwd_loop run all T steps of one layer in one
-launch (kernels/persistent.py: the plan, barrier and LL exchange they share)."""
+launch (kernels/tiles.py: the plan; kernels/persistent.py: the barrier and LL exchange they share)."""
 from __future__ import annotations
 
 import triton
@@ -7,8 +7,9 @@ import triton.language as tl
 
 from ._common import _dtanh, _mm, _tanh
 from .persistent import (
-    Plan, barrier_arrive, barrier_finish, ll_put, plain_launch, program_tile, record, row_chunk, w_tiles,
+    barrier_arrive, barrier_finish, ll_put, plain_launch, program_tile, record, row_chunk, w_tiles,
 )
+from .tiles import Plan
 
 
 @triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None, "LL": lambda a: a["ring_ptr"] is not None})

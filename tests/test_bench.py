@@ -346,23 +346,26 @@ def test_cudnn_version_format(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- arguments
-@pytest.mark.parametrize("args", [
-    pytest.param(["--cells", "gru"], id="cell"),
-    pytest.param(["--dtypes", "fp8"], id="dtype"),
-    pytest.param(["--shapes", "S9"], id="named-shape"),
-    pytest.param(["--shape", "1,2"], id="shape-2-dims"),
-    pytest.param(["--shape", "0,2,3"], id="shape-zero"),
-    pytest.param(["--shape", "a,b,c"], id="shape-text"),
-    pytest.param(["--paths", "nope"], id="path"),
-    pytest.param(["--baselines", "cudnn,magic"], id="baseline"),
-    pytest.param(["--modes", "bwd"], id="mode"),
-    pytest.param(["--device", "tpu"], id="device"),
-    pytest.param(["--time-limit", "0"], id="time-limit"),
-    pytest.param(["--rep", "0"], id="rep"),
-    pytest.param(["--render", "/nonexistent/bench.json"], id="render-missing"),
-    pytest.param(["--paths", "none", "--baselines", "none"], id="nothing-to-run"),
-    pytest.param(["--bogus"], id="unknown-flag"),
-])
+BAD_ARGUMENTS = {  # id: the arguments
+    "cell":           ["--cells", "gru"],
+    "dtype":          ["--dtypes", "fp8"],
+    "named-shape":    ["--shapes", "S9"],
+    "shape-2-dims":   ["--shape", "1,2"],
+    "shape-zero":     ["--shape", "0,2,3"],
+    "shape-text":     ["--shape", "a,b,c"],
+    "path":           ["--paths", "nope"],
+    "baseline":       ["--baselines", "cudnn,magic"],
+    "mode":           ["--modes", "bwd"],
+    "device":         ["--device", "tpu"],
+    "time-limit":     ["--time-limit", "0"],
+    "rep":            ["--rep", "0"],
+    "render-missing": ["--render", "/nonexistent/bench.json"],
+    "nothing-to-run": ["--paths", "none", "--baselines", "none"],
+    "unknown-flag":   ["--bogus"],
+}
+
+
+@pytest.mark.parametrize("args", list(BAD_ARGUMENTS.values()), ids=list(BAD_ARGUMENTS))
 def test_bad_arguments_exit_2(args, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(args)
@@ -507,29 +510,29 @@ def test_persistent_tune_order_variants_and_best():
     assert tune.LL_VARIANT not in [v[0] for v in tune.variants("lnlstm", "bwd", True, ll=False)]
     from dataclasses import replace
 
-    from fused_rnn.kernels import config, persistent as P
+    from fused_rnn.kernels import config, tiles
 
     name, apply, undo = tune.variants("lnlstm", "bwd", True)[1]
     apply()
-    assert P.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
+    assert tiles.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
     undo()
-    assert not P.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
+    assert not tiles.plan_ln("bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)[0].ll
     base = config.options()
     for name, apply, undo in tune.variants("rnn", "bwd", True)[1:]:
         apply()
         if name in (tune.LL_VARIANT, tune.SOLO_VARIANT):
             key = "ll" if name == tune.LL_VARIANT else "solo"
             assert config.options() == replace(base, **{"ll_sync" if key == "ll" else "solo": True})
-            pl, _ = P.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
+            pl, _ = tiles.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
             assert getattr(pl, key) and (pl.programs == 1) == (key == "solo")
         elif name == tune.LATE_VARIANT:
             assert config.options() == replace(base, early_arrive=False)
-            pl, _ = P.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
+            pl, _ = tiles.plan("rnn", "bwd", 16, 256, torch.bfloat16, torch.device("cuda", 0), limit=132)
             assert not pl.early and pl.resident
         elif name == tune.STREAMED_VARIANT:
             assert config.options() == replace(base, w_chunked=False)
-            pl, _ = P.plan("rnn", "bwd", 16, 768, torch.bfloat16, torch.device("cuda", 0), limit=132)
-            assert not pl.resident and P.plan("rnn", "bwd", 16, 768, torch.bfloat16, torch.device("cuda", 0),
+            pl, _ = tiles.plan("rnn", "bwd", 16, 768, torch.bfloat16, torch.device("cuda", 0), limit=132)
+            assert not pl.resident and tiles.plan("rnn", "bwd", 16, 768, torch.bfloat16, torch.device("cuda", 0),
                                               limit=132, variants=False)[0] == pl
         else:
             o = config.options()

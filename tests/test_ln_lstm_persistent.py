@@ -28,9 +28,9 @@ NAN = float("nan")
 
 
 def _mods():
-    from fused_rnn.kernels import _common, ln_lstm_persistent as PL, lstm as KL, persistent as P
+    from fused_rnn.kernels import _common, ln_lstm_persistent as PL, lstm as KL, persistent as P, tiles
 
-    return _common, KL, PL, P
+    return _common, KL, PL, P, tiles
 
 
 def make_case(T, B, I, H, dtype, lengths=None, seed=0):
@@ -53,8 +53,8 @@ def make_case(T, B, I, H, dtype, lengths=None, seed=0):
 def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=None):
     """Our forward loop on freshly NaN-filled buffers; ``like``: the step path's (hs, cs, gates)
     whose dtypes to copy (so the test follows whatever dtypes kernels.lstm chose); ``merge_c``:
-    the forward variant (None: the launcher's rule, P.fwd_merge_c)."""
-    C, KL, PL, P = _mods()
+    the forward variant (None: the launcher's rule, tiles.fwd_merge_c)."""
+    C, KL, PL, P, tiles = _mods()
     T, B, _ = x.shape
     G, H = w_hh.shape
     sd = state_dtype(x.dtype)
@@ -74,7 +74,7 @@ def run_fwd(pl, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L, like=None, merge_c=Non
 def run_bwd(pl, ups, x, w_ih, w_hh, hs, cs, gates, ln, L, dg_dtype=None, merge_bwd=None):
     """Our reverse loop, then the after-loop gradients with plain torch (so that this test does not
     depend on kernels._common.after_loop_grads): (dx, dh0, dc0, dw_ih, dw_hh, db, dln, dG)."""
-    C, KL, PL, P = _mods()
+    C, KL, PL, P, tiles = _mods()
     dout, dh_n, dc_n = ups
     T, B, I = x.shape
     G, H = w_hh.shape
@@ -161,18 +161,26 @@ def _cases():
     yield pytest.param("T3-B17-H20-len", BF16, id="T3-B17-H20-len-bf16")
 
 
+def _case_and_plans(sid, dtype):
+    """The problem ``sid`` in ``dtype`` (ins, ln, L, ups) and its forward and backward LN plans."""
+    tiles = _mods()[4]
+    T, B, I, H, lengths = SHAPES[sid]
+    ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
+    pf, why = tiles.plan_ln("fwd", B, H, dtype, DEV)
+    pb, why_b = tiles.plan_ln("bwd", B, H, dtype, DEV)
+    assert pf is not None and pb is not None, (why, why_b)
+    return ins, ln, L, ups, pf, pb
+
+
 @requires_kernels
 @pytest.mark.parametrize("sid,dtype", list(_cases()))
 def test_ln_persistent_matches_step_and_reference(sid, dtype):
     """Forward (out, hs, cs, gates) and backward (dG, dh0, dc0, weight and LN-parameter gradients)
     of the persistent LN loops against the step path and the fp64 reference."""
-    C, KL, PL, P = _mods()
+    C, KL, PL, P, tiles = _mods()
     T, B, I, H, lengths = SHAPES[sid]
-    ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
+    ins, ln, L, ups, pf, pb = _case_and_plans(sid, dtype)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
-    pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
-    assert pf is not None and pb is not None, (why, why_b)
     if DEV.type == "cpu":
         assert pf.programs == 1 and pf.BLOCK_H >= H and pf.row_blocks == -(-B // pf.BLOCK_B)
 
@@ -218,12 +226,12 @@ def test_ln_persistent_matches_step_and_reference(sid, dtype):
 def test_ln_persistent_16bit_state_buffers():
     """hs and dG in the storage dtype (bf16) instead of fp32: the kernels cast every load to the
     compute dtype (cs's / gc's) and every store to the destination's element type."""
-    C, KL, PL, P = _mods()
+    C, KL, PL, P, tiles = _mods()
     T, B, I, H, lengths = SHAPES["T5-B3-H37-len"]
     ins, ln, L, ups = make_case(T, B, I, H, BF16, lengths)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, _ = P.plan_ln("fwd", B, H, BF16, DEV)
-    pb, _ = P.plan_ln("bwd", B, H, BF16, DEV)
+    pf, _ = tiles.plan_ln("fwd", B, H, BF16, DEV)
+    pb, _ = tiles.plan_ln("bwd", B, H, BF16, DEV)
     cs_like = torch.empty(0, dtype=F32)
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=(torch.empty(0, dtype=BF16), cs_like, cs_like))
     assert hs.dtype == BF16 and cs.dtype == F32
@@ -241,7 +249,7 @@ def test_ln_persistent_16bit_state_buffers():
 def _count_barriers(monkeypatch):
     """Spy on the launchers' barrier counters: a list of (counter tensor, barriers per step, plan)
     per launch; after a launch counter r holds the arrivals at row block r's barriers."""
-    _, _, PL, P = _mods()
+    _, _, PL, P, tiles = _mods()
     real = PL._ln_sync_counter
     seen = []
 
@@ -268,12 +276,12 @@ def test_ln_persistent_fwd_variants(monkeypatch, sid, dtype):
     row block (the interpreter) both take the c statistics with _ln_rows's operations (Chan's
     combine of one partial is that exactly) and the rebuilt matmul operand is what hs holds, so
     they agree bitwise; on a GPU (P > 1) to CLOSE. Each launch passes exactly its barriers."""
-    C, KL, PL, P = _mods()
+    C, KL, PL, P, tiles = _mods()
     T, B, I, H, lengths = SHAPES[sid]
     ins, ln, L, _ = make_case(T, B, I, H, dtype, lengths)
-    pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
+    pf, why = tiles.plan_ln("fwd", B, H, dtype, DEV)
     assert pf is not None, why
-    assert P.fwd_merge_c(pf, H)  # the rule picks MERGE_C at these sizes
+    assert tiles.fwd_merge_c(pf, H)  # the rule picks MERGE_C at these sizes
     step = KL.lstm_fwd(*ins, ln, L)
     seen = _count_barriers(monkeypatch)
     runs = {m: run_fwd(pf, *ins, ln, L, like=step[3:], merge_c=m) for m in (True, False)}
@@ -327,7 +335,7 @@ def test_cuda_ll_exchange_ln_matches_barrier(monkeypatch, use_options, shape):
 
 
 def _ln_ll_vs_barrier(monkeypatch, use_options, T, B, I, H, lengths, dtype):
-    C, KL, PL, P = _mods()
+    C, KL, PL, P, tiles = _mods()
 
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
     step = KL.lstm_fwd(*ins, ln, L)
@@ -338,8 +346,8 @@ def _ln_ll_vs_barrier(monkeypatch, use_options, T, B, I, H, lengths, dtype):
     runs, plans = {}, {}
     for ll in (False, True):
         use_options(ll_sync=ll)
-        pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
-        pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
+        pf, why = tiles.plan_ln("fwd", B, H, dtype, DEV)
+        pb, why_b = tiles.plan_ln("bwd", B, H, dtype, DEV)
         assert pf is not None and pb is not None, (why, why_b)
         plans[ll] = (pf, pb)
         counters.clear()
@@ -365,11 +373,11 @@ class _LNLoops(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gw, gb, cw, cb, L):
-        _, KL, PL, P = _mods()
+        _, KL, PL, P, tiles = _mods()
         T, B, _ = x.shape
         H = w_hh.shape[1]
         ln = (gw, gb, cw, cb)
-        out, hs, cs, gates = run_fwd(P.plan_ln("fwd", B, H, x.dtype, x.device)[0], x, h0, c0, w_ih, w_hh, b_ih,
+        out, hs, cs, gates = run_fwd(tiles.plan_ln("fwd", B, H, x.dtype, x.device)[0], x, h0, c0, w_ih, w_hh, b_ih,
                                      b_hh, ln, L)
         ctx.save_for_backward(x, w_ih, w_hh, hs, cs, gates, gw, gb, cw, cb)
         ctx.L = L
@@ -377,10 +385,10 @@ class _LNLoops(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n):
-        _, _, PL, P = _mods()
+        _, _, PL, P, tiles = _mods()
         x, w_ih, w_hh, hs, cs, gates, gw, gb, cw, cb = ctx.saved_tensors
         B, H = x.shape[1], w_hh.shape[1]
-        pl = P.plan_ln("bwd", B, H, x.dtype, x.device)[0]
+        pl = tiles.plan_ln("bwd", B, H, x.dtype, x.device)[0]
         dx, dh0, dc0, dw_ih, dw_hh, db, dln, _ = run_bwd(pl, [dout, dh_n, dc_n], x, w_ih, w_hh, hs, cs, gates,
                                                          (gw, gb, cw, cb), ctx.L)
         return (dx, dh0, dc0, dw_ih, dw_hh, db, db, *dln, None)
@@ -511,7 +519,7 @@ THREAD_CASES = [
 def test_ln_fwd_variants_threaded(threaded_grid, gpu_plans, monkeypatch, use_options, T, B, I, H, lengths, dtype,
                                   resident, merge):
     """Each forward variant with 3 concurrent programs per row block against the step path."""
-    _, KL, PL, P = _mods()
+    _, KL, PL, P, tiles = _mods()
     gpu_plans["resident"] = resident
     use_options(merge_c=merge)
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
@@ -536,12 +544,9 @@ def test_ln_bwd_two_barrier_variant(monkeypatch, sid, dtype):
     """MERGE_BWD (one reduction round a step: the gates' LayerNorm sums built from local sums and
     the c LayerNorm's) against the 3-barrier backward and the fp64 reference, with its barrier
     count."""
-    C, KL, PL, P = _mods()
     T, B, I, H, lengths = SHAPES[sid]
-    ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
+    ins, ln, L, ups, pf, pb = _case_and_plans(sid, dtype)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, _ = P.plan_ln("fwd", B, H, dtype, DEV)
-    pb, _ = P.plan_ln("bwd", B, H, dtype, DEV)
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L)
     seen = _count_barriers(monkeypatch)
     res = {m: run_bwd(pb, ups, x, w_ih, w_hh, hs, cs, gates, ln, L, merge_bwd=m) for m in (False, True)}
@@ -567,7 +572,7 @@ def test_ln_bwd_two_barrier_variant_threaded(threaded_grid, gpu_plans, monkeypat
     """MERGE_BWD with 3 concurrent programs per row block against the step path's backward (the
     harness's own control, test_persistent_threads.py, shows its threads interleave; a control
     here, with these few steps, agreed by chance in 2 of 10 runs, so there is none)."""
-    _, KL, PL, P = _mods()
+    _, KL, PL, P, tiles = _mods()
     gpu_plans["resident"] = resident
     p = _problem("lnlstm", T, B, I, H, dtype, lengths)
     args = (p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
@@ -613,14 +618,14 @@ def test_cuda_ln_multi_program_matches_step(use_options, shape, dtype, merge):
     """The multi-program LN kernels (partial statistics across programs; the forward with 2 grid
     barriers a step where the plan picks MERGE_C, else 3; ``merge`` False forces 3; "bwd2": the
     2-barrier backward) against the step path and the fp64 reference, forward and backward."""
-    C, KL, PL, P = _mods()
+    C, KL, PL, P, tiles = _mods()
     use_options(merge_c=None if merge == "bwd2" else merge, merge_bwd=merge == "bwd2")
     T, B, I, H, lens = shape
     lengths = None if lens is None else [T - (b % 7) for b in range(B - 1)] + [0]
     ins, ln, L, ups = make_case(T, B, I, H, dtype, lengths)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, why = P.plan_ln("fwd", B, H, dtype, DEV)
-    pb, why_b = P.plan_ln("bwd", B, H, dtype, DEV)
+    pf, why = tiles.plan_ln("fwd", B, H, dtype, DEV)
+    pb, why_b = tiles.plan_ln("bwd", B, H, dtype, DEV)
     assert pf is not None and pf.programs > 1 and pb is not None and pb.programs > 1, (why, why_b)
     step = KL.lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, L)
     out, hs, cs, gates = run_fwd(pf, *ins, ln, L, like=step[3:])
@@ -643,12 +648,12 @@ def test_cuda_ln_multi_program_matches_step(use_options, shape, dtype, merge):
 def test_cuda_ln_persistent_deterministic():
     """Two runs of the multi-program LN loops agree bitwise (fixed-order combines, no atomics on
     data; the barrier counters are per launch)."""
-    _, _, PL, P = _mods()
+    _, _, PL, P, tiles = _mods()
     T, B, I, H = 16, 16, 64, 256
     ins, ln, L, ups = make_case(T, B, I, H, BF16, None)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ins
-    pf, _ = P.plan_ln("fwd", B, H, BF16, DEV)
-    pb, _ = P.plan_ln("bwd", B, H, BF16, DEV)
+    pf, _ = tiles.plan_ln("fwd", B, H, BF16, DEV)
+    pb, _ = tiles.plan_ln("bwd", B, H, BF16, DEV)
     assert pf.programs > 1 and pb.programs > 1
     runs = []
     for _ in range(2):

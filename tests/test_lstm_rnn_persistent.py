@@ -150,11 +150,11 @@ def test_persistent_matches_reference_and_step(cell, nl, sid, dtype, spy):
 def test_persistent_streamed_weights(cell, monkeypatch, spy):
     """RESIDENT=False (W_hh re-read in BLOCK_K chunks each step, the fallback for a slice too big
     to keep on chip) gives the step path's results."""
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import tiles
 
-    monkeypatch.setattr(persistent, "W_RESIDENT_MAX_BYTES", 0)
+    monkeypatch.setattr(tiles, "W_RESIDENT_MAX_BYTES", 0)
     T, B, I, H, lengths, bias = SHAPES["B3-T7-H37-len"]
-    pl, _ = persistent.plan(cell, "fwd", B, H, F32, DEV)
+    pl, _ = tiles.plan(cell, "fwd", B, H, F32, DEV)
     assert pl is not None and not pl.resident
     ins, L, ups = make_case(cell, T, B, I, H, F32, bias, lengths)
     ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
@@ -175,10 +175,10 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     the barrier kernels' results bit for bit on one program (the interpreter's grid; LL's
     multi-program path: tests/test_persistent_threads.py and the CUDA tests below), and the
     launchers really take them (a ring for LL; no counter for either). fp64 takes neither."""
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import persistent, tiles
 
     if mode == "ll-streamed":
-        monkeypatch.setattr(persistent, "W_RESIDENT_MAX_BYTES", 0)
+        monkeypatch.setattr(tiles, "W_RESIDENT_MAX_BYTES", 0)
     T, B, I, H, lengths, bias = SHAPES["B17-T3-H20-len"]
     ins, L, ups = make_case(cell, T, B, I, H, dtype, bias, lengths)
     barrier = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
@@ -187,7 +187,7 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     monkeypatch.setattr(persistent, "ll_ring", lambda *a: rings.append(real_ring(*a)) or rings[-1])
     monkeypatch.setattr(persistent, "sync_counter", lambda *a: counters.append(real_counter(*a)) or counters[-1])
     use_options(**{"ll_sync" if mode.startswith("ll") else "solo": True})
-    pl, _ = persistent.plan(cell, "bwd", B, H, dtype, DEV)
+    pl, _ = tiles.plan(cell, "bwd", B, H, dtype, DEV)
     assert (pl.ll, pl.solo) == (mode.startswith("ll"), mode == "solo") and pl.resident == (mode != "ll-streamed")
     ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
     word = torch.int64 if dtype == F32 else torch.int32
@@ -198,7 +198,7 @@ def test_persistent_ll_exchange_and_solo_match_barrier(cell, dtype, mode, monkey
     assert counters == []  # no barrier
     for i, (a, b) in enumerate(zip(ours, barrier)):
         assert not torch.isnan(a).any() and torch.equal(a, b), f"output {i}"
-    p64 = persistent.plan(cell, "fwd", B, H, F64, DEV)[0]
+    p64 = tiles.plan(cell, "fwd", B, H, F64, DEV)[0]
     assert not p64.ll and not p64.solo  # fp64: neither
 
 
@@ -216,17 +216,17 @@ def test_persistent_chunk_resident_weights(cell, dtype, ll, monkeypatch, use_opt
     LL exchange; and at H = 37 (a partial last chunk) close to the step path."""
     from dataclasses import replace
 
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import tiles
     from test_persistent_threads import _spy as _spy_plans
 
-    real = persistent.plan
+    real = tiles.plan
     force = {}
 
     def plan(*a, **k):
         pl, why = real(*a, **k)
         return (replace(pl, **force) if pl is not None else pl), why
 
-    monkeypatch.setattr(persistent, "plan", plan)
+    monkeypatch.setattr(tiles, "plan", plan)
     use_options(ll_sync=ll)
     launched = _spy_plans(monkeypatch)  # the plans each persistent launch got
     for H, lengths in ((32, [4, 2, 0]), (37, None)):
@@ -324,15 +324,20 @@ def test_persistent_nonfinite_like_step(cell, nl, bad, mode, use_options):
 def test_persistent_falls_back_to_step_when_grid_does_not_fit(monkeypatch, spy):
     """With no room for the grid (a fake SM count of 0), path="persistent" runs the step kernels,
     warns once, and gives the step path's results."""
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import tiles
 
-    monkeypatch.setattr(persistent, "max_programs", lambda device: 0)
+    monkeypatch.setattr(tiles, "max_programs", lambda device: 0)
     T, B, I, H, lengths, bias = SHAPES["B3-T7-H37-len"]
     ins, L, ups = make_case("lstm", T, B, I, H, F32, bias, lengths)
-    with pytest.warns(RuntimeWarning, match="persistent path not possible.*co-resident.*step kernels"):
-        ours = fwd_bwd(runner("lstm", "persistent"), ins, L, ups)
+    _falls_back_to_step("lstm", ins, L, ups, spy, "persistent path not possible.*co-resident.*step kernels")
+
+
+def _falls_back_to_step(cell, ins, L, ups, spy, match):
+    """path="persistent" warns (``match``), launches no persistent kernel and gives the step path's results."""
+    with pytest.warns(RuntimeWarning, match=match):
+        ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
     assert spy == {}
-    step = fwd_bwd(runner("lstm", "step"), ins, L, ups)
+    step = fwd_bwd(runner(cell, "step"), ins, L, ups)
     for a, b in zip(ours, step):
         assert torch.equal(a, b)
 
@@ -437,13 +442,13 @@ def _cuda_cases():
 def test_cuda_multi_program_matches_step(cell, nl, dtype, shape, spy):
     """The multi-program persistent kernels (grid barrier each step) against the step path and
     the fp64 reference, forward and backward."""
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import persistent, tiles
 
     T, B, I, H, lengths = shape
-    pl, why = persistent.plan(cell, "fwd", B, H, dtype, DEV)
+    pl, why = tiles.plan(cell, "fwd", B, H, dtype, DEV)
     assert pl is not None and pl.programs > 1, why
     if H == 768 and dtype in (BF16, F16):
-        assert pl.w_chunks == 12 and persistent.plan(cell, "bwd", B, H, dtype, DEV)[0].w_chunks == 12
+        assert pl.w_chunks == 12 and tiles.plan(cell, "bwd", B, H, dtype, DEV)[0].w_chunks == 12
     ins, L, ups = make_case(cell, T, B, I, H, dtype, True, lengths)
     ours = fwd_bwd(runner(cell, "persistent", nl), ins, L, ups)
     torch.cuda.synchronize()
@@ -493,14 +498,14 @@ def test_cuda_solo_matches_barrier(cell, dtype, shape, spy, use_options):
 
 
 def _cuda_variant_vs_barrier(mode, cell, dtype, shape, spy, use_options):
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import persistent, tiles
 
     T, B, I, H, lengths = shape
     ins, L, ups = make_case(cell, T, B, I, H, dtype, True, lengths)
     barrier = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
     use_options(**{"ll_sync" if mode == "ll" else "solo": True})
     for direction in ("fwd", "bwd"):
-        pl, why = persistent.plan(cell, direction, B, H, dtype, DEV)
+        pl, why = tiles.plan(cell, direction, B, H, dtype, DEV)
         assert pl is not None and (pl.ll if mode == "ll" else pl.solo and pl.programs == 1), (direction, pl, why)
     ours = fwd_bwd(runner(cell, "persistent"), ins, L, ups)
     torch.cuda.synchronize()
@@ -532,12 +537,7 @@ def test_cuda_persistent_batch_over_limit_falls_back(spy):
     """More row blocks than SMs (64 rows each, at least one program per block): the step path."""
     B = 64 * (torch.cuda.get_device_properties(0).multi_processor_count + 1)
     ins, L, ups = make_case("rnn", 3, B, 8, 32, BF16)
-    with pytest.warns(RuntimeWarning, match="row blocks"):
-        ours = fwd_bwd(runner("rnn", "persistent"), ins, L, ups)
-    assert spy == {}
-    step = fwd_bwd(runner("rnn", "step"), ins, L, ups)
-    for a, b in zip(ours, step):
-        assert torch.equal(a, b)
+    _falls_back_to_step("rnn", ins, L, ups, spy, "row blocks")
 
 
 @pytest.mark.skipif(not HAS_CUDA or os.environ.get("FUSED_RNN_LONG_TESTS") != "1",

@@ -93,16 +93,16 @@ def test_persistent_kernels_compile_for_sm90(cell, direction, shape, sync, use_o
     that registers do not spill (beyond a few bytes, SM90_MAX_SPILL)."""
     import triton.language as tl
 
-    from fused_rnn.kernels import lstm_persistent as LP, persistent as P, rnn_persistent as RP
+    from fused_rnn.kernels import lstm_persistent as LP,  rnn_persistent as RP, tiles
 
     use_options(ll_sync=sync == "ll", solo=sync == "solo")
     B, H = SM90_SHAPES[shape]
-    pl, _ = P.plan(cell, direction, B, H, BF16, torch.device("cuda", 0), limit=132)
+    pl, _ = tiles.plan(cell, direction, B, H, BF16, torch.device("cuda", 0), limit=132)
     if sync == "ll" and not pl.ll:  # plan() keeps the barrier where the tagged tile would spill
         assert (pl.resident and pl.BLOCK_B * pl.BLOCK_K > 4096) or pl.BLOCK_B * pl.BLOCK_H >= 2048, pl
         pytest.skip(f"no LL exchange at {shape} {cell} {direction}: {pl}")
     if sync == "solo" and not pl.solo:  # W_hh over SOLO_MAX_W_BYTES
-        assert (4 if cell == "lstm" else 1) * 2 * triton_next_pow2(H) ** 2 > P.SOLO_MAX_W_BYTES, pl
+        assert (4 if cell == "lstm" else 1) * 2 * triton_next_pow2(H) ** 2 > tiles.SOLO_MAX_W_BYTES, pl
         pytest.skip(f"no solo plan at {shape} {cell} {direction}: {pl}")
     assert (pl.ll, pl.solo) == (sync == "ll", sync == "solo")
     blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B,
@@ -182,12 +182,12 @@ def test_ll_exchange_fp32_compiles_for_sm90(cell, direction, use_options):
     and volatile loads, no fence, no spill."""
     import triton.language as tl
 
-    from fused_rnn.kernels import lstm_persistent as LP, persistent as P, rnn_persistent as RP
+    from fused_rnn.kernels import lstm_persistent as LP,  rnn_persistent as RP, tiles
 
     use_options(ll_sync=True)
-    pl, _ = P.plan(cell, direction, 16, 128, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)
+    pl, _ = tiles.plan(cell, direction, 16, 128, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)
     assert pl.ll, pl
-    assert not P.plan(cell, direction, 16, 256, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)[0].ll
+    assert not tiles.plan(cell, direction, 16, 256, F32, torch.device("cuda", 0), limit=132, allow_tf32=True)[0].ll
     blocks = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
                   BLOCK_K=pl.BLOCK_K, NK=pl.w_chunks, HAS_LENGTHS=True, LL=True, SOLO=False, sync_ptr=None,
                   EARLY=False)
@@ -273,11 +273,11 @@ def _compile_ln_sm90(direction, pl, H, st, merged, dt="bf16"):
     """The LN kernel of ``direction`` compiled for sm_90 as plan ``pl`` launches it (inputs and
     W_hh in ``dt``, lengths on; hs / dG in ``st``; MERGE_C / MERGE_BWD = ``merged``; with pl.ll
     the LL rings)."""
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
+    from fused_rnn.kernels import ln_lstm_persistent as PL, tiles
 
     nq = (PL.NQ_MERGED if direction == "fwd" else PL.NQ_BWD_MERGED) if merged else PL.NQ
     const = dict(RESIDENT=pl.resident, FMA=False, IEEE=False, UPCAST=False, BLOCK_B=pl.BLOCK_B, BLOCK_H=pl.BLOCK_H,
-                 BLOCK_K=pl.BLOCK_K, BLOCK_P=P.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True, EARLY=pl.early,
+                 BLOCK_K=pl.BLOCK_K, BLOCK_P=tiles.block_p(pl.programs), NQ=nq, HAS_LENGTHS=True, EARLY=pl.early,
                  LL=pl.ll)
     sig = dict(len_ptr="*i64", part_ptr="*i64" if pl.ll else "*fp32", T="i32", B="i32", H="i32", gw_ptr=f"*{dt}",
                gb_ptr=f"*{dt}", cw_ptr=f"*{dt}", cb_ptr=f"*{dt}")
@@ -291,7 +291,7 @@ def _compile_ln_sm90(direction, pl, H, st, merged, dt="bf16"):
         kern = PL._ln_lstm_fwd_persistent_kernel
         sig.update(xp_ptr=f"*{dt}", w_ptr=f"*{dt}", hs_ptr=f"*{st}", cs_ptr="*fp32",
                    gates_ptr="*fp32", eps="fp32")
-        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=P.k_pad(H) if merged else 1, NK=pl.w_chunks)
+        const.update(STORE_GATES=True, MERGE_C=merged, BLOCK_S=tiles.k_pad(H) if merged else 1, NK=pl.w_chunks)
         if merged:
             sig["cell_ptr"] = "*fp32"
         else:
@@ -338,13 +338,13 @@ def test_ln_kernels_compile_for_sm90(use_options, direction, B, H, st, merge):
     lengths on), with the grid barrier's release/acquire atomics in the PTX (one release add per
     barrier of a step: 2 for the forward's MERGE_C variant and the backward's MERGE_BWD, else 3);
     prints registers, stack (spill) bytes and shared memory, and checks the spill budget."""
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
+    from fused_rnn.kernels import ln_lstm_persistent as PL, tiles
 
     if direction == "fwd":
         use_options(merge_c=merge)
-    pl, why = P.plan_ln(direction, B, H, BF16, torch.device("cuda", 0), limit=132)
+    pl, why = tiles.plan_ln(direction, B, H, BF16, torch.device("cuda", 0), limit=132)
     assert pl is not None, why
-    merged = P.fwd_merge_c(pl, H) if direction == "fwd" else bool(merge)
+    merged = tiles.fwd_merge_c(pl, H) if direction == "fwd" else bool(merge)
     nbar = PL.fwd_barriers_per_step(pl, H) if direction == "fwd" else (2 if merged else PL.BARRIERS_PER_STEP)
     assert nbar == (PL.BARRIERS_PER_STEP_MERGED if merged else PL.BARRIERS_PER_STEP)
     if direction == "fwd" and H == 768:  # W_hh in 12 chunks of 64 rows (Options.w_chunked), the forward only
@@ -378,10 +378,10 @@ SM90_LL_CASES = [(d, 16, H, "bf16") for H in (256, 128) for d in ("fwd", "bwd")]
 @pytest.mark.parametrize("direction,B,H,dt", SM90_LL_CASES,
                          ids=[f"{d}-B{B}-H{H}-{dt}" for d, B, H, dt in SM90_LL_CASES])
 def test_ln_ll_kernels_compile_for_sm90(use_options, direction, B, H, dt):
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
+    from fused_rnn.kernels import ln_lstm_persistent as PL, tiles
 
     use_options(ll_sync=True)
-    pl, why = P.plan_ln(direction, B, H, {"bf16": BF16, "fp32": F32}[dt], torch.device("cuda", 0), limit=132,
+    pl, why = tiles.plan_ln(direction, B, H, {"bf16": BF16, "fp32": F32}[dt], torch.device("cuda", 0), limit=132,
                          allow_tf32=True)
     assert pl is not None, why
     assert pl.ll and not pl.early and PL.fwd_barriers_per_step(pl, H) == 0, pl

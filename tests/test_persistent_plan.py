@@ -14,9 +14,9 @@ from fused_rnn import _paths
 # ------------------------------------------------------------------ the decision (no kernels run)
 def _plan(*a, **k):
     pytest.importorskip("triton")
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import tiles
 
-    return persistent.plan(*a, **k)
+    return tiles.plan(*a, **k)
 
 
 def test_plan_grid_fits_the_sms():
@@ -158,32 +158,32 @@ def test_plan_ln_and_unfused():
 # ---------------------------------------------------------------- the plan (no kernels run)
 def test_plan_ln():
     pytest.importorskip("triton")
-    from fused_rnn.kernels import persistent as P
+    from fused_rnn.kernels import tiles
 
     cuda = torch.device("cuda", 0)
-    pl, _ = P.plan_ln("fwd", 16, 256, BF16, cuda, limit=132)
+    pl, _ = tiles.plan_ln("fwd", 16, 256, BF16, cuda, limit=132)
     assert (pl.programs, pl.BLOCK_H, pl.BLOCK_B, pl.row_blocks) == (16, 16, 16, 1) and pl.resident
-    pl, _ = P.plan_ln("bwd", 16, 256, BF16, cuda, limit=132)
+    pl, _ = tiles.plan_ln("bwd", 16, 256, BF16, cuda, limit=132)
     assert pl.resident and pl.num_warps == 4  # 8 warps spilled (sm_90 compile; see _ln_num_warps)
-    pl, _ = P.plan_ln("bwd", 64, 64, BF16, cuda, limit=132)
+    pl, _ = tiles.plan_ln("bwd", 64, 64, BF16, cuda, limit=132)
     assert pl.resident and pl.num_warps == 8  # 4 warps spilled there
-    pl, _ = P.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)
+    pl, _ = tiles.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)
     assert (pl.programs, pl.BLOCK_H) == (32, 16) and pl.resident
-    pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)  # W_hh in 12 chunks; the backward streams it
+    pl, _ = tiles.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)  # W_hh in 12 chunks; the backward streams it
     assert pl.programs == 48 and pl.resident and pl.w_chunks == 12
-    pl, _ = P.plan_ln("bwd", 16, 768, BF16, cuda, limit=132)
+    pl, _ = tiles.plan_ln("bwd", 16, 768, BF16, cuda, limit=132)
     assert pl.programs == 48 and not pl.resident and pl.w_chunks == 1
     # the partial tile: at most PART_TILE_MAX_ELEMS / BLOCK_B programs per row block
-    pl, _ = P.plan_ln("fwd", 64, 2048, BF16, cuda, limit=132)
-    assert pl.programs * pl.BLOCK_H >= 2048 and P.block_p(pl.programs) * 64 <= P.PART_TILE_MAX_ELEMS
-    pl, why = P.plan_ln("fwd", 64, 4096, BF16, cuda, limit=132)
+    pl, _ = tiles.plan_ln("fwd", 64, 2048, BF16, cuda, limit=132)
+    assert pl.programs * pl.BLOCK_H >= 2048 and tiles.block_p(pl.programs) * 64 <= tiles.PART_TILE_MAX_ELEMS
+    pl, why = tiles.plan_ln("fwd", 64, 4096, BF16, cuda, limit=132)
     assert pl is None and "at most 32 programs per row block" in why
-    pl, why = P.plan_ln("fwd", 16, 256, BF16, cuda, limit=3)
+    pl, why = tiles.plan_ln("fwd", 16, 256, BF16, cuda, limit=3)
     assert pl is None and "more than 3 programs" in why
     for H in (5, 37, 300):
-        pl, _ = P.plan_ln("bwd", 5, H, F32, "cpu")
+        pl, _ = tiles.plan_ln("bwd", 5, H, F32, "cpu")
         assert pl.programs == 1 and pl.BLOCK_H >= H
-    pl, _ = P.plan_ln("fwd", 70, 20, F32, "cpu")
+    pl, _ = tiles.plan_ln("fwd", 70, 20, F32, "cpu")
     assert pl.row_blocks == 2 and pl.BLOCK_B == 64
 
 
@@ -191,37 +191,37 @@ def test_plan_ln_fwd_variant():
     """The forward's MERGE_C rule (BLOCK_B x K_pad <= MERGE_C_MAX_ROW_ELEMS) and its num_warps (8:
     the sm_90 compiles spilled at 4, see _ln_num_warps), and Options.merge_c."""
     pytest.importorskip("triton")
-    from fused_rnn.kernels import config, ln_lstm_persistent as PL, persistent as P
+    from fused_rnn.kernels import config, ln_lstm_persistent as PL, tiles
 
     cuda = torch.device("cuda", 0)
     for B, H, merged in ((16, 256, True), (16, 128, True), (64, 64, True), (5, 37, True), (32, 256, False),
                          (16, 512, False), (16, 768, False), (64, 512, False)):
-        pl, _ = P.plan_ln("fwd", B, H, BF16, cuda, limit=132)
-        assert P.fwd_merge_c(pl, H) == merged, (B, H)
+        pl, _ = tiles.plan_ln("fwd", B, H, BF16, cuda, limit=132)
+        assert tiles.fwd_merge_c(pl, H) == merged, (B, H)
         assert PL.fwd_barriers_per_step(pl, H) == (2 if merged else 3)
         if merged:
             assert pl.num_warps == 8
-    pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
+    pl, _ = tiles.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
     assert pl.w_chunks == 12 and pl.num_warps == 8
     with config.using(merge_c=True):  # a forced MERGE_C: whole tiles or streamed, no chunks
-        pl, _ = P.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
+        pl, _ = tiles.plan_ln("fwd", 16, 768, BF16, cuda, limit=132)
         assert pl.w_chunks == 1 and not pl.resident
-    pl, _ = P.plan_ln("fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: streamed W_hh
-    assert not pl.resident and P.fwd_merge_c(pl, 256)
-    pl, _ = P.plan_ln("fwd", 70, 20, F32, "cpu")  # the interpreter: one program of K_pad columns
-    assert P.fwd_merge_c(pl, 20)
+    pl, _ = tiles.plan_ln("fwd", 16, 256, F32, cuda, limit=132)  # fp32 without TF32: streamed W_hh
+    assert not pl.resident and tiles.fwd_merge_c(pl, 256)
+    pl, _ = tiles.plan_ln("fwd", 70, 20, F32, "cpu")  # the interpreter: one program of K_pad columns
+    assert tiles.fwd_merge_c(pl, 20)
     with config.using(merge_c=False):
-        pl, _ = P.plan_ln("fwd", 64, 64, BF16, cuda, limit=132)
-        assert not P.fwd_merge_c(pl, 64) and pl.num_warps == 4  # the plain plan's
+        pl, _ = tiles.plan_ln("fwd", 64, 64, BF16, cuda, limit=132)
+        assert not tiles.fwd_merge_c(pl, 64) and pl.num_warps == 4  # the plain plan's
     with config.using(merge_c=True):
-        assert P.fwd_merge_c(P.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)[0], 512)
+        assert tiles.fwd_merge_c(tiles.plan_ln("fwd", 64, 512, BF16, cuda, limit=132)[0], 512)
 
 
 def test_sync_counter_overflow_guard():
     pytest.importorskip("triton")
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
+    from fused_rnn.kernels import ln_lstm_persistent as PL, tiles
 
-    pl, _ = P.plan_ln("fwd", 16, 256, BF16, torch.device("cuda", 0), limit=132)
+    pl, _ = tiles.plan_ln("fwd", 16, 256, BF16, torch.device("cuda", 0), limit=132)
     with pytest.raises(ValueError, match="overflows the int32 barrier counter"):
         PL._ln_sync_counter(2 ** 31 // (3 * pl.programs) + 1, pl, "cpu")
     assert PL._ln_sync_counter(1000, pl, "cpu").tolist() == [0]
@@ -235,23 +235,23 @@ def test_sync_counter_overflow_guard():
 def test_plan_ln_ll_rule(use_options):
     """plan_ln takes the LL exchange only where ln_ll_fits says (its sm_90 compiles), and the
     barrier plan, with its own num_warps and early arrival, elsewhere."""
-    from fused_rnn.kernels import ln_lstm_persistent as PL, persistent as P
+    from fused_rnn.kernels import ln_lstm_persistent as PL, tiles
 
     cuda = torch.device("cuda", 0)
-    barrier = {(d, B, H): P.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
+    barrier = {(d, B, H): tiles.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
                for d in ("fwd", "bwd") for B, H in ((16, 256), (16, 768), (64, 512), (64, 64))}
     use_options(ll_sync=True)
     for (d, B, H), plain in barrier.items():
-        pl = P.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
+        pl = tiles.plan_ln(d, B, H, BF16, cuda, limit=132)[0]
         want = B == 16 and (d == "bwd" or H == 256)
         assert pl.ll == want, (d, B, H, pl)
         if want:
             assert not pl.early and pl.num_warps == 8 and PL.fwd_barriers_per_step(pl, H) == 0
         else:
             assert pl == plain, (d, B, H)
-    assert not P.plan_ln("bwd", 16, 768, F32, cuda, limit=132, allow_tf32=True)[0].ll  # (64-bit words)
-    assert not P.plan_ln("fwd", 16, 256, torch.float64, cuda, limit=132)[0].ll  # no 128-bit word
-    cpu = P.plan_ln("fwd", 3, 37, F32, "cpu")[0]  # the interpreter's one program per row block
+    assert not tiles.plan_ln("bwd", 16, 768, F32, cuda, limit=132, allow_tf32=True)[0].ll  # (64-bit words)
+    assert not tiles.plan_ln("fwd", 16, 256, torch.float64, cuda, limit=132)[0].ll  # no 128-bit word
+    cpu = tiles.plan_ln("fwd", 3, 37, F32, "cpu")[0]  # the interpreter's one program per row block
     assert cpu.ll and cpu.programs == 1
 
 

@@ -160,16 +160,16 @@ def gpu_plans(monkeypatch):
     """The launchers plan as for an H100 (132 SMs), and the launch-time co-residency check allows
     those grids on the CPU. ``resident=True`` asks for W_hh held on chip (tensor-core plans:
     fp32 with TF32), False for the streamed chunks."""
-    from fused_rnn.kernels import config, persistent
+    from fused_rnn.kernels import config, tiles
 
-    real = persistent.plan
+    real = tiles.plan
     mode = {"resident": True}
 
     def plan(cell, direction, B, H, dtype, device, limit=None, allow_tf32=False, variants=True, chunks=True, ln=False):
         return real(cell, direction, B, H, dtype, torch.device("cuda", 0), 132, mode["resident"], variants, chunks, ln)
 
-    monkeypatch.setattr(persistent, "plan", plan)  # (plan_ln calls it too)
-    monkeypatch.setattr(persistent, "max_programs", lambda device: 132)
+    monkeypatch.setattr(tiles, "plan", plan)  # (plan_ln calls it too)
+    monkeypatch.setattr(tiles, "max_programs", lambda device: 132)
     with config.using(poison=True):
         yield mode
 
@@ -340,11 +340,11 @@ LL_CASES = [
                               f"{'resident' if c[8] else 'streamed'}" for c in LL_CASES])
 def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_plans, monkeypatch, use_options,
                                                           mode, cell, T, B, I, H, lengths, dtype, resident):
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import tiles
 
     gpu_plans["resident"] = resident
     if not resident and dtype == BF16:  # (a 16-bit W_hh is always a tensor-core operand: held whole)
-        monkeypatch.setattr(persistent, "RESIDENT_MAX_K", 16)
+        monkeypatch.setattr(tiles, "RESIDENT_MAX_K", 16)
         use_options(w_chunked=False)
     use_options(merge_c=False)
     p = _problem(cell, T, B, I, H, dtype, lengths)
@@ -355,7 +355,7 @@ def test_multi_program_ll_exchange_and_solo_match_barrier(threaded_grid, gpu_pla
     assert [(pl.ll, pl.solo) for pl in plans] == [(False, False)] * 2 + [(mode == "ll", mode == "solo")] * 2, plans
     n = -(-H // 16)  # BLOCK_H = 16: 3 programs at H 37 and 40, 2 at H 20
     # (the plain LSTM backward above 16 rows with row tiles over 8K elements streams W_hh:
-    # kernels.persistent.plan, bwd_streamed)
+    # kernels.tiles.plan, bwd_streamed)
     k_pad = max(16, 1 << (H - 1).bit_length())
     streams = [not resident or (cell == "lstm" and i % 2 == 1 and not pl.solo and pl.BLOCK_B > 16
                                 and 4 * pl.BLOCK_B * k_pad > 8192) for i, pl in enumerate(plans)]
@@ -411,10 +411,10 @@ CHUNKED_CASES = [
                               for c in CHUNKED_CASES])
 def test_multi_program_chunk_resident_matches_step(threaded_grid, gpu_plans, monkeypatch, use_options,
                                                    cell, T, B, I, H, lengths, dtype, ll):
-    from fused_rnn.kernels import persistent
+    from fused_rnn.kernels import tiles
 
-    monkeypatch.setattr(persistent, "RESIDENT_MAX_K", 16)
-    monkeypatch.setattr(persistent, "CHUNK_K", 16)
+    monkeypatch.setattr(tiles, "RESIDENT_MAX_K", 16)
+    monkeypatch.setattr(tiles, "CHUNK_K", 16)
     use_options(ll_sync=ll, merge_c=False)  # (MERGE_C needs whole tiles)
     gpu_plans["resident"] = True
     p = _problem(cell, T, B, I, H, dtype, lengths)

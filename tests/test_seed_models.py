@@ -228,14 +228,20 @@ def _lstm_grads(module, leaves):
     return [t.grad for t in leaves] + [p.grad for p in module.parameters()]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layernorm"])
-def test_lstm_cell(layer_norm, backend):
+def _seed_and_ours(cls, layer_norm: bool, backend: str, sfx: str):
+    """The seed's LSTMCell (random LayerNorm parameters) and a fused_rnn ``cls`` holding its weights."""
     seed = LSTMCell(I, H, layer_norm=layer_norm)
     if layer_norm:
         _randomize_layer_norms(seed)
-    ours = fused_rnn.LSTMCell(I, H, layer_norm=layer_norm, backend=backend)
-    _load_lstm_cell(ours, seed, "")
+    ours = cls(I, H, layer_norm=layer_norm, backend=backend)
+    _load_lstm_cell(ours, seed, sfx)
+    return seed, ours
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layernorm"])
+def test_lstm_cell(layer_norm, backend):
+    seed, ours = _seed_and_ours(fused_rnn.LSTMCell, layer_norm, backend, "")
     x, h0, c0 = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
     h_s, c_s = seed(x, h0, c0)
     dev = _dev(backend)
@@ -247,11 +253,7 @@ def test_lstm_cell(layer_norm, backend):
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layernorm"])
 def test_layer_norm_lstm_sequence_with_gradients(layer_norm, backend):
     """The seed's LSTMCell looped over time vs fused_rnn.LSTM(layer_norm=...), with gradients."""
-    seed = LSTMCell(I, H, layer_norm=layer_norm)
-    if layer_norm:
-        _randomize_layer_norms(seed)
-    ours = fused_rnn.LSTM(I, H, layer_norm=layer_norm, backend=backend)
-    _load_lstm_cell(ours, seed, "_l0")
+    seed, ours = _seed_and_ours(fused_rnn.LSTM, layer_norm, backend, "_l0")
     x, h0, c0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H)
     dout = torch.randn(T, B, H)
 

@@ -46,12 +46,12 @@ def _step_tiles(p: Problem, direction: str, fused: bool) -> tuple:
 def _persistent_plans(p: Problem, allow_tf32: bool) -> list:
     """[(plan or None, why not)] of the persistent path, forward and backward, as the launchers
     plan them for this problem (the layer-norm LSTM has its own planner)."""
-    from ..kernels import persistent  # imports triton
+    from ..kernels import tiles  # imports triton
 
     if p.cell == "lnlstm":
-        return [persistent.plan_ln(d, p.B, p.H, p.dtype, p.device, allow_tf32=allow_tf32)
+        return [tiles.plan_ln(d, p.B, p.H, p.dtype, p.device, allow_tf32=allow_tf32)
                 for d in ("fwd", "bwd")]
-    return [persistent.plan(p.cell, d, p.B, p.H, p.dtype, p.device, allow_tf32=allow_tf32)
+    return [tiles.plan(p.cell, d, p.B, p.H, p.dtype, p.device, allow_tf32=allow_tf32)
             for d in ("fwd", "bwd")]
 
 
