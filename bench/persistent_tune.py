@@ -1,52 +1,28 @@
 #!/usr/bin/env python3
-"""Time the persistent kernels' plan variants at the benchmark shapes, so that a GPU session can
-choose block sizes with the numbers beside the choice (issue 4: "choose ... block sizes, by shape
-and device, with the measurements that justify each choice written beside it").
+"""Time the persistent kernels' plan variants (or, with --step, the step kernels' tiles) at the
+benchmark shapes, so that a GPU session chooses block sizes with the numbers beside the choice.
 
     python bench/persistent_tune.py [--out DIR] [--budget-s 200] [--shapes S1,S2,S4,S3]
-                                    [--cells lstm,rnn,lnlstm] [--dtype bf16]
+                                    [--cells lstm,rnn,lnlstm] [--dtype bf16] [--no-ll] [--step]
 
-For each cell, shape and direction it times the whole-layer launcher on the persistent path
-(kernels.lstm / kernels.rnn lstm_fwd, lstm_bwd, ...: input projection, one persistent launch, and
-the backward's GEMMs after it) under each variant:
-    lstm, rnn   kernels.config.using(...): the LL exchange instead of the grid barrier
-                (ll_sync=True, plan()'s block sizes; not where plan() keeps the barrier), a solo
-                plan (solo=True, one program per row block holding all of W_hh: only where it
-                fits, SOLO_MAX_W_BYTES), W_hh streamed from L2 every step where plan() keeps it
-                on chip in chunks (w_chunked=False, S4), the barrier's arrival after the step's
-                private stores and next loads instead of before them (early_arrive=False), then
-                BLOCK_H in 16, 32, 64 x num_warps 4, 8 (plan_block_h, plan_num_warps; plan()'s
-                own choice is the "default" row).
-                --no-ll leaves the LL variant out (gpu_check.sh passes it when the LL smoke
-                stage failed).
-    lnlstm      the LL exchange (as above; kernels.tiles.ln_ll_fits says where: S1,
-                S4's backward); forward: merge_c True / False (2 or 3 barriers a step);
-                backward: merge_bwd flipped (its 2- and 3-barrier variants)
-Each variant's results are compared with the default variant's (relative error of out and of
-dx; a variant that disagrees beyond 2e-2 in bf16 is marked WRONG) and timed with
-triton.testing.do_bench (median). Variants that cannot run (grid over the SM count) are listed
-with the reason; one that raises is listed with its error and the sweep goes on. A variant whose plan is
-the default's is not timed again. Two passes over the cases, each in the order of need
-(PRIORITY: LSTM S1, RNN S1, LSTM S2, S4, LN-LSTM S1, LSTM S3, LN-LSTM S2, then the rest): first
-the default and the structural variants (LL, solo, W_hh streamed, the barrier's arrival, the LN
-barrier counts), then the BLOCK_H x warps grid; no new variant starts past --budget-s, so a
-short budget still answers the structural questions at every shape it reaches.
-
---step times the step path's tiles instead (config.using(step_tiles=...); kernels/tiles.py's
-lstm_blocks and rnn_blocks choose them from sm_90 compiles and an estimate of L2 traffic, untimed):
-the fused LSTM and RNN step launchers, each captured once per variant in a CUDA graph and
-replayed (what the graph path runs), at S3 and S2 first (where 64-row blocks and 16-row blocks
-compete), under: the four tiles of 16 or 64 rows (4 or 8 warps) x 16 or 32 units (the ones
-kernels.tiles.step_tile chooses from), BLOCK_K 64 with 8 warps (the forward; BLOCK_K 32 for
-the backward), BLOCK_H 64 with 8 warps, and the unfused kernels (the recurrent product by torch.mm, i.e. cuBLAS, then the pointwise kernel: at
-S3 cuBLAS may tile the [256, 4096] x [4096, 1024] backward product with less L2 traffic than the
-fused kernel's 64 x 32 tiles). The "plan" column then shows the tile (BLOCK_B, BLOCK_H, BLOCK_K,
-warps). gpu_check.sh: TUNE_ARGS=--step.
-
-Output: a markdown table on stdout and in DIR/tune.md, every row in DIR/tune.json, and one
-"best" line per cell, shape and direction with its ratio to the default.
-Without a GPU (TRITON_INTERPRET=1 on the CPU) it runs one tiny shape with the interpreter's one
-plan, to check the script itself (tests/test_cli.py).
+Each cell, shape and direction runs the whole-layer launcher on the persistent path under each
+kernels.config.using(...) variant:
+    lstm, rnn   ll_sync=True (not where plan() keeps the barrier; --no-ll leaves it out), solo=True
+                (where it fits), w_chunked=False (S4), early_arrive=False, then BLOCK_H 16 / 32 /
+                64 x num_warps 4 / 8 (plan_block_h, plan_num_warps); plan()'s own is "default"
+    lnlstm      ll_sync=True (where kernels.tiles.ln_ll_fits), merge_c True / False (forward),
+                merge_bwd flipped (backward)
+Each variant is checked against the default (relative error of out and dx; beyond 2e-2 in bf16:
+WRONG) and timed with triton.testing.do_bench (median); one that cannot run is listed with the
+reason, one that raises with its error. Two passes in the order of need (PRIORITY): the default
+and the structural variants first, then the BLOCK_H x warps grid; no variant starts past
+--budget-s.
+--step: the fused LSTM and RNN step launchers captured in a CUDA graph per variant of
+config.using(step_tiles=...) (the four 16 / 64-row x 16 / 32-unit tiles, BLOCK_K 64, BLOCK_H 64,
+and the unfused kernels after cuBLAS), S3 and S2 first. gpu_check.sh: TUNE_ARGS=--step.
+Output: a markdown table on stdout and in DIR/tune.md, every row in DIR/tune.json, and one "best"
+line per cell, shape and direction with its ratio to the default. Without a GPU
+(TRITON_INTERPRET=1) it runs one tiny shape, to check the script itself (tests/test_cli.py).
 """
 import argparse
 import json

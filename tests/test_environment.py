@@ -82,9 +82,9 @@ def test_check_on_a_broken_interpreter_exits_2_saying_why(monkeypatch, capsys):
 
 def test_bench_skips_the_kernel_rows_on_a_broken_interpreter(monkeypatch):
     pytest.importorskip("triton")
-    from fused_rnn import bench
+    from fused_rnn.bench import cases, paths
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(bench, "interpreter_broken", lambda: BROKEN)
+    monkeypatch.setattr(paths, "interpreter_broken", lambda: BROKEN)
     for name in ("triton", "persistent", "triton-recompute"):
-        assert bench.PATHS[name].available(torch.device("cpu")) == BROKEN  # the row's skip reason
+        assert cases.PATHS[name].available(torch.device("cpu")) == BROKEN  # the row's skip reason
