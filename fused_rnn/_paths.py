@@ -9,7 +9,10 @@ Paths of the custom ops (fused_rnn/lstm.py, rnn.py; lstm_proj.py has no persiste
                 the SMs, rows in blocks of up to 64 with a barrier each)
     adaptive    on CUDA: persistent where its plan fits, else graph where a capture is
                 possible, else step; on the CPU: step. Silent: it asks for nothing it cannot get
-    auto        AUTO_PATH, "step" until the other paths are measured on a GPU (docs/step-kernels.md)
+    auto        on CUDA: the path measured fastest for this device, cell, dtype and shape class
+                (fused_rnn/data/path_policy.json, written by bench/write_policy.py), silently
+                run the step path where it cannot run; else (a CPU tensor, a problem not in the
+                table) AUTO_PATH, "step" until the other paths are measured on a GPU
 
 Every path writes the same saved tensors in the same layouts, so a forward on one path pairs
 with a backward on any other. A path that cannot run a problem runs the step path instead; an
@@ -26,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.resources
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -109,20 +114,30 @@ def record_resolutions():
         _resolution_logs.remove(log)
 
 
-def resolve(op: str, path: str, x: torch.Tensor,
-            persistent_plan: Callable[[], Tuple[object, str]]) -> Tuple[str, object]:
+def resolve(op: str, path: str, x: torch.Tensor, persistent_plan: Callable[[], Tuple[object, str]],
+            cell: Optional[str] = None, hidden: Optional[int] = None) -> Tuple[str, object]:
     """(the path that will run op ("lstm_fwd", ...) for input x: "step", "graph" or "persistent",
     the persistent plan: not None exactly on the persistent path). ``persistent_plan()`` returns
-    (plan or None, why not) for this problem; it is called at most once."""
-    got, plan = _resolve(op, path, x, persistent_plan)
+    (plan or None, why not) for this problem; it is called at most once. ``cell`` (one of
+    POLICY_CELLS) and ``hidden`` (H) key the measured policy that "auto" reads; without them
+    "auto" is AUTO_PATH."""
+    got, plan = _resolve(op, path, x, persistent_plan, cell, hidden)
     for log in _resolution_logs:
         log.append((op, got))
     return got, plan
 
 
-def _resolve(op, path, x, persistent_plan):
+def _resolve(op, path, x, persistent_plan, cell=None, hidden=None):
     req = requested(path)
     if req == "auto":
+        best = measured_path(x, cell, hidden)
+        if best is not None:  # the table's choice, silently the step path where it cannot run
+            if best == "graph":
+                return ("graph" if graph_unavailable(x)[0] is None else "step"), None
+            if best == "persistent":
+                plan = persistent_plan()[0]
+                return ("persistent", plan) if plan is not None else ("step", None)
+            return "step", None
         req = AUTO_PATH
     if req == "adaptive":
         if not x.is_cuda or interpreter_on():
@@ -147,6 +162,93 @@ def _resolve(op, path, x, persistent_plan):
     return "step", None
 
 
+# ---------------------------------------------------------------------- the measured policy
+# fused_rnn/data/path_policy.json: per device name (torch.cuda.get_device_name), the path that a
+# `fused-rnn bench` run on that card measured fastest for each cell, dtype and shape class, and
+# where that came from. Read once, on the first "auto" resolution of a CUDA tensor.
+POLICY_FILE = "path_policy.json"
+POLICY_FORMAT = 1
+POLICY_CELLS = ("lstm", "lnlstm", "lstm_proj", "rnn")
+POLICY_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+POLICY_PATHS = ("step", "graph", "persistent")
+BATCH_CLASSES = (16, 64)  # B <= 16, <= 64, more
+HIDDEN_CLASSES = (256, 1024)  # H <= 256, <= 1024, more
+
+
+def _bucket(n: int, bounds: Tuple[int, ...], name: str) -> str:
+    return next((f"{name}<={b}" for b in bounds if n <= b), f"{name}>{bounds[-1]}")
+
+
+def shape_class(batch: int, hidden: int) -> str:
+    """The policy's shape class of a problem: its batch (<= 16, <= 64, more) by its hidden size
+    (<= 256, <= 1024, more), e.g. "B<=16,H<=256" or "B>64,H>1024"."""
+    return f"{_bucket(batch, BATCH_CLASSES, 'B')},{_bucket(hidden, HIDDEN_CLASSES, 'H')}"
+
+
+SHAPE_CLASSES = tuple(shape_class(b, h) for b in (*BATCH_CLASSES, BATCH_CLASSES[-1] + 1)
+                      for h in (*HIDDEN_CLASSES, HIDDEN_CLASSES[-1] + 1))
+
+
+def validate_policy(table: dict) -> dict:
+    """``table`` if it is a policy table of this format (known cells, dtypes, shape classes and
+    paths, each device with its source), else ValueError saying what is wrong."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"path policy: {what}")
+
+    need(isinstance(table, dict) and table.get("format") == POLICY_FORMAT, f"format must be {POLICY_FORMAT}")
+    devices = table.get("devices")
+    need(isinstance(devices, dict), "'devices' must be an object")
+    for dev, d in devices.items():
+        need(isinstance(d, dict) and isinstance(d.get("source"), dict)
+             and {"run", "date"} <= set(d["source"]), f"{dev}: 'source' needs 'run' and 'date'")
+        need(isinstance(d.get("entries"), dict), f"{dev}: 'entries' must be an object")
+        for cell, by_dtype in d["entries"].items():
+            need(cell in POLICY_CELLS, f"{dev}: unknown cell {cell!r}")
+            for dt, by_shape in by_dtype.items():
+                need(dt in POLICY_DTYPES.values(), f"{dev} {cell}: unknown dtype {dt!r}")
+                for sc, e in by_shape.items():
+                    need(sc in SHAPE_CLASSES, f"{dev} {cell} {dt}: unknown shape class {sc!r}")
+                    need(isinstance(e, dict) and e.get("path") in POLICY_PATHS,
+                         f"{dev} {cell} {dt} {sc}: path must be one of {POLICY_PATHS}")
+    return table
+
+
+_policy: Optional[dict] = None
+_device_names: dict = {}
+
+
+def policy_table() -> dict:
+    """The shipped table, loaded and validated on first use."""
+    global _policy
+    if _policy is None:
+        text = importlib.resources.files("fused_rnn").joinpath("data", POLICY_FILE).read_text()
+        _policy = validate_policy(json.loads(text))
+    return _policy
+
+
+def device_name(device: torch.device) -> str:
+    """torch.cuda.get_device_name of a CUDA device, asked once per device index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_names:
+        _device_names[index] = torch.cuda.get_device_name(index)
+    return _device_names[index]
+
+
+def measured_path(x: torch.Tensor, cell: Optional[str], hidden: Optional[int]) -> Optional[str]:
+    """The table's path for this problem on x's device ([T, B, I] input, hidden size ``hidden``),
+    or None: a CPU tensor, no policy key, or nothing measured for it."""
+    if cell is None or hidden is None or not x.is_cuda:
+        return None
+    devices = policy_table()["devices"]
+    if not devices:  # nothing measured anywhere: not even the device name is asked for
+        return None
+    entries = devices.get(device_name(x.device), {}).get("entries", {})
+    dt = POLICY_DTYPES.get(x.dtype)
+    entry = entries.get(cell, {}).get(dt, {}).get(shape_class(x.shape[1], hidden))
+    return None if entry is None else entry["path"]
+
+
 # ------------------------------------------------------------------------------ launch scope
 # The Triton interpreter is not thread-safe (a launch patches triton.language for its duration):
 # ops on CPU tensors, which run through it, take turns. CUDA launches need no lock.
@@ -163,11 +265,13 @@ def launching(x: torch.Tensor):
 
 
 def launch(op: str, path: str, x: torch.Tensor, persistent_plan: Callable[[], Tuple[object, str]],
-           fn: Callable, args: tuple, static_key: tuple):
-    """Run op's launcher ``fn(*args, plan=...)`` on the path resolve() picks, in the launch scope:
-    with the persistent plan, or None for the step loop; the graph path replays the step loop's
-    launcher from a cached CUDA graph (``static_key``: fn's other arguments)."""
-    p, plan = resolve(op, path, x, persistent_plan)
+           fn: Callable, args: tuple, static_key: tuple, cell: Optional[str] = None,
+           hidden: Optional[int] = None):
+    """Run op's launcher ``fn(*args, plan=...)`` on the path resolve() picks (``cell``, ``hidden``:
+    its policy key), in the launch scope: with the persistent plan, or None for the step loop; the
+    graph path replays the step loop's launcher from a cached CUDA graph (``static_key``: fn's
+    other arguments)."""
+    p, plan = resolve(op, path, x, persistent_plan, cell, hidden)
     with launching(x):
         if p == "graph":
             return graphed(op, functools.partial(fn, plan=None), args, static_key)

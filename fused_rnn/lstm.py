@@ -57,7 +57,8 @@ def _lstm_fwd_op(
         "lstm_fwd", path, x,
         lambda: K.persistent_plan("fwd", x.shape[1], w_hh.shape[1], ln, fused, x.dtype, x.device,
                                   allow_tf32=allow_tf32),
-        run, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths), (eps, allow_tf32, fused, save_gates))
+        run, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths), (eps, allow_tf32, fused, save_gates),
+        "lstm" if ln is None else "lnlstm", w_hh.shape[1])
 
 
 @_lstm_fwd_op.register_fake
@@ -117,7 +118,7 @@ def _lstm_bwd(dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln_gw,
         lambda: K.persistent_plan("bwd", x.shape[1], w_hh.shape[1], ln, fused, x.dtype, x.device,
                                   allow_tf32=allow_tf32),
         run, (dout, dh_n, dc_n, x, w_ih, w_hh, hs, cs, gates, b_ih, b_hh, ln, lengths),
-        (eps, allow_tf32, fused, need_dx, need_dw, consume_gates))
+        (eps, allow_tf32, fused, need_dx, need_dw, consume_gates), "lstm" if ln is None else "lnlstm", w_hh.shape[1])
     sd = x.new_empty(0, dtype=config.state_dtype(x.dtype))
     return _paths.or_empty((dx, dh0, dc0, dw_ih, dw_hh, db, *(dln or (None,) * 4)),
                            (x, x, x, w_ih, w_hh, sd, x, x, x, x))

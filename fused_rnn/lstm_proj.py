@@ -49,7 +49,7 @@ def _lstm_proj_fwd_op(
 
     return _paths.launch("lstm_proj_fwd", path, x, _no_persistent_plan, run,
                          (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, _ln(ln_gw, ln_gb, ln_cw, ln_cb), lengths),
-                         (eps, allow_tf32))
+                         (eps, allow_tf32), "lstm_proj", w_hh.shape[0] // 4)
 
 
 @_lstm_proj_fwd_op.register_fake
@@ -86,7 +86,7 @@ def _lstm_proj_bwd_op(
     dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db, dln = _paths.launch(
         "lstm_proj_bwd", path, x, _no_persistent_plan, run,
         (dout, dh_n, dc_n, x, w_ih, w_hh, w_hr, hp, hs, cs, gates, b_ih, b_hh, _ln(ln_gw, ln_gb, ln_cw, ln_cb),
-         lengths), (eps, allow_tf32, need_dx, need_dw))
+         lengths), (eps, allow_tf32, need_dx, need_dw), "lstm_proj", w_hr.shape[1])
     sd = x.new_empty(0, dtype=config.state_dtype(x.dtype))
     return _paths.or_empty((dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db, *(dln or (None,) * 4)),
                            (x, x, x, w_ih, w_hh, w_hr, sd, x, x, x, x))

@@ -39,7 +39,7 @@ def _rnn_fwd_op(
     return _paths.launch(
         "rnn_fwd", path, x,
         lambda: K.persistent_plan("fwd", x.shape[1], w_hh.shape[1], fused, x.dtype, x.device, allow_tf32=allow_tf32),
-        run, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths), (nonlinearity, allow_tf32, fused))
+        run, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths), (nonlinearity, allow_tf32, fused), "rnn", w_hh.shape[1])
 
 
 @_rnn_fwd_op.register_fake
@@ -66,7 +66,8 @@ def _rnn_bwd_op(
     res = _paths.launch(
         "rnn_bwd", path, x,
         lambda: K.persistent_plan("bwd", x.shape[1], w_hh.shape[1], fused, x.dtype, x.device, allow_tf32=allow_tf32),
-        run, (dout, dh_n, x, w_ih, w_hh, hs, lengths), (nonlinearity, allow_tf32, fused, need_dx, need_dw))
+        run, (dout, dh_n, x, w_ih, w_hh, hs, lengths), (nonlinearity, allow_tf32, fused, need_dx, need_dw),
+        "rnn", w_hh.shape[1])
     return _paths.or_empty(res, (x, x, w_ih, w_hh, hs))
 
 
