@@ -28,16 +28,26 @@ from fused_rnn import _paths
 METHOD_PATH = {"triton": "step", "graph": "graph", "persistent": "persistent"}
 
 
-def _winner(rows: List[dict]) -> Optional[Tuple[str, str, Dict[str, float]]]:
-    """(path, mode key, {path: ms}) of the fastest row of one shape, or None under two timings."""
+def _kernels(row: dict) -> Optional[str]:
+    """The row's note of what its kernels took (step tiles or persistent plans), if any."""
+    return next((n for n in row.get("notes", []) if n.startswith(("plans:", "step tiles"))), None)
+
+
+def _winner(rows: List[dict]) -> Optional[Tuple[str, str, Dict[str, float], Optional[str]]]:
+    """(path, mode key, {path: ms}, its kernels) of the fastest row of one shape, or None under
+    two timings."""
     key = "fwdbwd_ms" if any(r.get("fwdbwd_ms") is not None for r in rows) else "fwd_ms"
-    ms = {METHOD_PATH[r["method"]]: r[key] for r in rows if r.get(key) is not None}
-    return (min(ms, key=ms.get), key, ms) if len(ms) >= 2 else None
+    timed = {METHOD_PATH[r["method"]]: r for r in rows if r.get(key) is not None}
+    if len(timed) < 2:
+        return None
+    best = min(timed, key=lambda p: timed[p][key])
+    return best, key, {p: r[key] for p, r in timed.items()}, _kernels(timed[best])
 
 
 def policy_entries(data: dict) -> Dict[str, Dict[str, Dict[str, dict]]]:
-    """{cell: {dtype: {shape class: entry}}} from a bench JSON's results; an entry holds the path,
-    the mode compared, and per bench shape the times of every path timed."""
+    """{cell: {dtype: {shape class: entry}}} from a bench JSON's results; an entry holds the path
+    and per bench shape the mode compared, every path's time, the fastest and its kernels (the
+    row's step tiles or persistent plans, as the bench noted them)."""
     by_shape: Dict[tuple, List[dict]] = {}
     for r in data.get("results", []):
         if (r.get("kind") == "fused" and r.get("method") in METHOD_PATH and not r.get("fallback")
@@ -52,16 +62,17 @@ def policy_entries(data: dict) -> Dict[str, Dict[str, Dict[str, dict]]]:
     for (cell, dtype, sc), shapes in sorted(classes.items()):
         wins: Dict[str, int] = {}
         total: Dict[str, float] = {}
-        for _s, _b, _h, path, _key, ms in shapes:
+        for _s, _b, _h, path, _key, ms, _k in shapes:
             wins[path] = wins.get(path, 0) + 1
         for p in wins:  # a path not timed on every shape of the class loses a tie
-            total[p] = sum(ms.get(p, float("inf")) for *_, ms in shapes)
+            total[p] = sum(ms.get(p, float("inf")) for *_, ms, _k in shapes)
         best = min(wins, key=lambda p: (-wins[p], total[p]))
         out.setdefault(cell, {}).setdefault(dtype, {})[sc] = {
             "path": best,
             "measured": [{"shape": f"{s} (B{b},H{h})", "mode": "fwd+bwd" if key == "fwdbwd_ms" else "fwd",
-                          "ms": {p: round(v, 4) for p, v in sorted(ms.items())}}
-                         for s, b, h, _p, key, ms in shapes],
+                          "ms": {p: round(v, 4) for p, v in sorted(ms.items())}, "fastest": p_best,
+                          **({"kernels": k} if k else {})}
+                         for s, b, h, p_best, key, ms, k in shapes],
         }
     return out
 

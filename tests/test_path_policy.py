@@ -199,7 +199,7 @@ def _bench(gpu=CARD, device="cuda"):
         # lstm fp16, B<=16,H<=256: S1 persistent wins, S5 graph wins; tie on wins, persistent's total smaller
         _row("lstm", "S1", 16, 256, "fp16", "triton", 1.0, 10.0),
         _row("lstm", "S1", 16, 256, "fp16", "graph", 0.8, 8.0),
-        _row("lstm", "S1", 16, 256, "fp16", "persistent", 0.5, 5.0),
+        _row("lstm", "S1", 16, 256, "fp16", "persistent", 0.5, 5.0, notes=["plans: fwd 16x1 programs"]),
         _row("lstm", "S5", 8, 200, "fp16", "triton", 1.0, 4.0),
         _row("lstm", "S5", 8, 200, "fp16", "graph", 1.0, 3.5),
         _row("lstm", "S5", 8, 200, "fp16", "persistent", 1.0, 3.9),
@@ -236,8 +236,10 @@ def test_writer_entries():
     }
     e = dev["entries"]["lstm"]["fp16"]["B<=16,H<=256"]
     assert [m["shape"] for m in e["measured"]] == ["S1 (B16,H256)", "S5 (B8,H200)"]
-    assert e["measured"][0] == {"shape": "S1 (B16,H256)", "mode": "fwd+bwd",
-                                "ms": {"graph": 8.0, "persistent": 5.0, "step": 10.0}}
+    assert e["measured"][0] == {"shape": "S1 (B16,H256)", "mode": "fwd+bwd", "fastest": "persistent",
+                                "ms": {"graph": 8.0, "persistent": 5.0, "step": 10.0},
+                                "kernels": "plans: fwd 16x1 programs"}
+    assert e["measured"][1]["fastest"] == "graph" and "kernels" not in e["measured"][1]
     assert dev["entries"]["lstm_proj"]["fp16"]["B>64,H<=1024"]["measured"][0]["mode"] == "fwd"
 
 
