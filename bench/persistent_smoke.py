@@ -97,6 +97,16 @@ def median_ms(fn, reps=5):
     return times[len(times) // 2]
 
 
+def cases(ll, dev):
+    """(cell, dtype, why skipped or None): what main() runs; bench/precompile.py compiles the same."""
+    for cell in ("lstm", "rnn", "lnlstm"):
+        for dtype in (torch.bfloat16, torch.float32):
+            skip = None
+            if ll and cell == "lnlstm" and dtype == torch.float32 and dev.type == "cuda":
+                skip = "no LL in fp32 for the LN kernels on a GPU: ln_ll_fits"
+            yield cell, dtype, skip
+
+
 def main(argv=None) -> int:
     global B, T, H
     ll = "--ll" in (sys.argv[1:] if argv is None else argv)
@@ -118,59 +128,58 @@ def main(argv=None) -> int:
 
     failed = 0
     with config.using(ll_sync=ll):
-        for cell in ("lstm", "rnn", "lnlstm"):
-            for dtype in (torch.bfloat16, torch.float32):
-                name = f"{cell} {str(dtype).replace('torch.', '')}"
-                if ll and cell == "lnlstm" and dtype == torch.float32 and dev.type == "cuda":
-                    print(f"  {name}: skipped (no LL in fp32 for the LN kernels on a GPU: ln_ll_fits)", flush=True)
-                    continue
-                d, ln = inputs(cell, dtype, dev)
-                if cell == "rnn":
-                    plans = [KR.persistent_plan(x, B, H, True, dtype, dev) for x in ("fwd", "bwd")]
-                else:
-                    plans = [KL.persistent_plan(x, B, H, ln, True, dtype, dev) for x in ("fwd", "bwd")]
-                if any(p is None for p, _ in plans):
-                    print(f"  {name}: no persistent plan ({'; '.join(w for p, w in plans if p is None)})", flush=True)
-                    continue
-                if ll and not all(p.ll for p, _ in plans):
-                    print(f"  {name}: FAIL the plans do not take the LL exchange", flush=True)
-                    failed += 1
-                    continue
-                print(f"  {name}: plans fwd {plans[0][0]} | bwd {plans[1][0]}", flush=True)
-                s = time.perf_counter()
-                try:
-                    got = run(cell, d, ln, "persistent")
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                except Exception as e:  # reported and counted as a failure, never swallowed
-                    print(f"  {name}: FAIL persistent raised {type(e).__name__}: {e}", flush=True)
-                    failed += 1
-                    continue
-                first = time.perf_counter() - s
-                ref = run(cell, d, ln, "step")
-                errs = [rel(a, b) for a, b in zip(got, ref)]
-                worst = max(errs)
-                ok = worst <= TOL[dtype] and all(torch.isfinite(g).all() for g in got)
-                failed += not ok
-                # which side is off when they disagree: both against the reference path (the
-                # PyTorch loop, computing in fp32), whose own rounding differs from the kernels'
-                truth = run(cell, d, ln, "step", backend="reference")
-                vs_ref = [max(rel(a, b) for a, b in zip(x, truth)) for x in (got, ref)]
-                print(f"  {name}: {'ok' if ok else 'FAIL'} worst rel err {worst:.2e} "
-                      f"({', '.join(f'{e:.1e}' for e in errs)}); first call {first:.1f} s incl. compile; "
-                      f"worst against the reference path: persistent {vs_ref[0]:.1e}, step {vs_ref[1]:.1e}",
+        for cell, dtype, skip in cases(ll, dev):
+            name = f"{cell} {str(dtype).replace('torch.', '')}"
+            if skip:
+                print(f"  {name}: skipped ({skip})", flush=True)
+                continue
+            d, ln = inputs(cell, dtype, dev)
+            if cell == "rnn":
+                plans = [KR.persistent_plan(x, B, H, True, dtype, dev) for x in ("fwd", "bwd")]
+            else:
+                plans = [KL.persistent_plan(x, B, H, ln, True, dtype, dev) for x in ("fwd", "bwd")]
+            if any(p is None for p, _ in plans):
+                print(f"  {name}: no persistent plan ({'; '.join(w for p, w in plans if p is None)})", flush=True)
+                continue
+            if ll and not all(p.ll for p, _ in plans):
+                print(f"  {name}: FAIL the plans do not take the LL exchange", flush=True)
+                failed += 1
+                continue
+            print(f"  {name}: plans fwd {plans[0][0]} | bwd {plans[1][0]}", flush=True)
+            s = time.perf_counter()
+            try:
+                got = run(cell, d, ln, "persistent")
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            except Exception as e:  # reported and counted as a failure, never swallowed
+                print(f"  {name}: FAIL persistent raised {type(e).__name__}: {e}", flush=True)
+                failed += 1
+                continue
+            first = time.perf_counter() - s
+            ref = run(cell, d, ln, "step")
+            errs = [rel(a, b) for a, b in zip(got, ref)]
+            worst = max(errs)
+            ok = worst <= TOL[dtype] and all(torch.isfinite(g).all() for g in got)
+            failed += not ok
+            # which side is off when they disagree: both against the reference path (the
+            # PyTorch loop, computing in fp32), whose own rounding differs from the kernels'
+            truth = run(cell, d, ln, "step", backend="reference")
+            vs_ref = [max(rel(a, b) for a, b in zip(x, truth)) for x in (got, ref)]
+            print(f"  {name}: {'ok' if ok else 'FAIL'} worst rel err {worst:.2e} "
+                  f"({', '.join(f'{e:.1e}' for e in errs)}); first call {first:.1f} s incl. compile; "
+                  f"worst against the reference path: persistent {vs_ref[0]:.1e}, step {vs_ref[1]:.1e}",
+                  flush=True)
+            print(f"    compiled: {KP.LAST_LAUNCH}", flush=True)
+            if ok and dev.type == "cuda" and ll:
+                tp = median_ms(lambda: run(cell, d, ln, "persistent"))
+                with config.using(ll_sync=False):
+                    tb = median_ms(lambda: run(cell, d, ln, "persistent"))
+                print(f"    fwd+bwd median of 5: persistent LL {tp:.2f} ms, persistent barrier {tb:.2f} ms",
                       flush=True)
-                print(f"    compiled: {KP.LAST_LAUNCH}", flush=True)
-                if ok and dev.type == "cuda" and ll:
-                    tp = median_ms(lambda: run(cell, d, ln, "persistent"))
-                    with config.using(ll_sync=False):
-                        tb = median_ms(lambda: run(cell, d, ln, "persistent"))
-                    print(f"    fwd+bwd median of 5: persistent LL {tp:.2f} ms, persistent barrier {tb:.2f} ms",
-                          flush=True)
-                elif ok and dev.type == "cuda":
-                    tp = median_ms(lambda: run(cell, d, ln, "persistent"))
-                    ts = median_ms(lambda: run(cell, d, ln, "step"))
-                    print(f"    fwd+bwd median of 5: persistent {tp:.2f} ms, step {ts:.2f} ms (eager)", flush=True)
+            elif ok and dev.type == "cuda":
+                tp = median_ms(lambda: run(cell, d, ln, "persistent"))
+                ts = median_ms(lambda: run(cell, d, ln, "step"))
+                print(f"    fwd+bwd median of 5: persistent {tp:.2f} ms, step {ts:.2f} ms (eager)", flush=True)
     print(f"persistent_smoke{' --ll' if ll else ''}: {'FAILED ' + str(failed) if failed else 'all ok'}", flush=True)
     return 1 if failed else 0
 
