@@ -1,6 +1,8 @@
 """The environment probe: whether the Triton interpreter can run the kernels here, and what a
 user gets when it cannot (Triton 3.6's interpreter with NumPy 2.3 or later: the GPU machine's
 image has exactly that pair, so its CUDA lane skips the interpreter's subprocess tests)."""
+import os
+
 import numpy
 import pytest
 import torch
@@ -88,3 +90,17 @@ def test_bench_skips_the_kernel_rows_on_a_broken_interpreter(monkeypatch):
     monkeypatch.setattr(paths, "interpreter_broken", lambda: BROKEN)
     for name in ("triton", "persistent", "triton-recompute"):
         assert cases.PATHS[name].available(torch.device("cpu")) == BROKEN  # the row's skip reason
+
+
+def test_every_package_ships():
+    """pyproject's package list names every package of the source tree, so a wheel holds them all
+    (the bench package was missing from it)."""
+    tomllib = pytest.importorskip("tomllib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    on_disk = {"fused_rnn.kernels"}  # kernels/ ships as fused_rnn.kernels (package-dir)
+    for d, _, files in os.walk(os.path.join(root, "fused_rnn")):
+        if "__init__.py" in files and not os.path.islink(d):
+            on_disk.add(os.path.relpath(d, root).replace(os.sep, "."))
+    assert listed == on_disk
