@@ -131,7 +131,10 @@ def install_hook(compile_only=True):
             cls.run = cls.run._precompile  # reinstall over an earlier hook
 
         def run(self, *args, _orig=cls.run, **kwargs):
-            LAUNCHES.add(launch_key(self, args, kwargs))
+            try:
+                LAUNCHES.add(launch_key(self, args, kwargs))
+            except Exception as e:  # a record, never a reason to skip the compile
+                LAUNCHES.add((getattr(self.fn, "__name__", "?"), (("unkeyed", type(e).__name__),)))
             if compile_only and self.fn.__name__ not in RUN_FOR_REAL:
                 kwargs["warmup"] = True
             return _orig(self, *args, **kwargs)
