@@ -115,6 +115,16 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "triton"
 
 
+def aten_route(backend: str, x: torch.Tensor) -> bool:
+    """Whether ``backend`` on ``x`` runs torch's own ATen RNN/LSTM ops (fused_rnn/aten.py) for a
+    configuration torch.nn computes: "auto" on a CPU tensor, where it resolved to the reference
+    path before: not under TRITON_INTERPRET=1 (which tests the kernels on CPU), a torch.func
+    transform (which warns and takes the reference path) or torch.compile (which traces the
+    reference loop)."""
+    return (backend == "auto" and x.device.type == "cpu" and not interpreter_on()
+            and not torch.compiler.is_compiling() and not _functorch_transform_active())
+
+
 def warn_once(key: str, message: str) -> None:
     """A warning printed once per process for each cause: ``key`` with its numbers taken out, so
     a fallback warns once, not once per shape. Thread-safe; at most WARN_KEYS_MAX causes kept."""

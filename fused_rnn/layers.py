@@ -5,8 +5,9 @@ Each layer subclasses its torch.nn twin, so constructor arguments, parameter nam
 multi-layer or bidirectional layer composes the single-layer, single-direction sequence ops
 (``lstm_sequence`` / ``rnn_sequence``). Extra arguments:
 
-- ``backend="auto" | "triton" | "reference"``: "auto" runs the Triton kernels on CUDA tensors and
-  the reference path elsewhere;
+- ``backend="auto" | "triton" | "reference"``: "auto" runs the Triton kernels on CUDA tensors;
+  on CPU tensors, torch's own ATen ops for what torch.nn computes (fused_rnn/aten.py; no layer
+  norm), else the reference path (the readable time loop "reference" always runs);
 - ``layer_norm=True`` (LSTM, LSTMCell): the seed's layer-norm LSTM. Its LayerNorm parameters are
   extra ``state_dict`` entries: ``ln_gate_weight_l{k}{_reverse}`` / ``ln_gate_bias_…`` [4H] (the
   four gate LayerNorms, gate order i, f, g, o) and ``ln_cell_weight_…`` / ``ln_cell_bias_…`` [H]
@@ -23,6 +24,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import _validate as V
+from . import aten
+from ._backend import aten_route
 from .lstm import lstm_sequence
 from .rnn import rnn_sequence
 
@@ -107,6 +110,10 @@ class _SequenceLayer:
         flat = [None if n is None else getattr(self, n) for n in names]
         batched = V.check_layer_args(self, input if packed is None else packed.data, hx, flat, names,
                                      None if packed is None else packed.batch_sizes)
+        if not getattr(self, "layer_norm", False) and aten_route(self.backend, flat[0]):
+            done = aten.sequence(self, input, hx, flat, batched, _autocast)
+            if done is not None:
+                return done
         lengths = None
         if packed is not None:
             x, lengths = pad_packed_sequence(packed)  # time-major, original batch order
@@ -280,6 +287,9 @@ class LSTMCell(nn.LSTMCell):
             h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
         x, cast = _autocast(x, [h0, c0] + params)
         h0, c0, (w_ih, w_hh, b_ih, b_hh, *ln) = cast[0], cast[1], cast[2:]
+        if not ln and aten_route(self.backend, x) and V.same_dtype(x, cast):
+            h, c = aten.lstm_cell(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
         _, h, c = lstm_sequence(
             x.unsqueeze(0), h0, c0, w_ih, w_hh, b_ih, b_hh, tuple(ln) if ln else None, None, self.backend,
             copy_output=False,  # the cell returns h_n, c_n only
@@ -310,7 +320,11 @@ class RNNCell(nn.RNNCell):
             h0 = h0.unsqueeze(0)
         x, cast = _autocast(x, [h0] + params)
         h0, (w_ih, w_hh, b_ih, b_hh) = cast[0], cast[1:]
-        _, h = rnn_sequence(x.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh, None, self.nonlinearity, self.backend)
+        if aten_route(self.backend, x) and V.same_dtype(x, cast):
+            h = aten.rnn_cell(x, h0, w_ih, w_hh, b_ih, b_hh, self.nonlinearity)
+        else:
+            _, h = rnn_sequence(x.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh, None, self.nonlinearity,
+                                self.backend)
         return h if batched else h.squeeze(0)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,83 @@
+"""The CPU route through ATen's RNN/LSTM ops: torch's own implementation of the math torch.nn
+computes, run with the layer's own parameters.
+
+``backend="auto"`` on a CPU tensor takes it (fused_rnn._backend.aten_route) for every
+configuration torch.nn.LSTM / RNN / LSTMCell / RNNCell computes: no layer norm; projections,
+layers, directions, batch_first, dropout in training, PackedSequence and initial states all as
+nn.LSTM passes them to torch._VF.lstm / rnn_tanh / rnn_relu (torch/nn/modules/rnn.py). Dropout
+between layers is ATen's, applied where fused_rnn's own loop applies it (each inner layer's
+output, both directions concatenated). ``backend="reference"`` stays the readable time loop.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+_SEQUENCE_OPS = {"LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+def call(name: str, *args):
+    """torch._VF.<name>(*args): the one place the route calls ATen (tests spy on it)."""
+    return getattr(torch._VF, name)(*args)
+
+
+def _same_dtype(x: torch.Tensor, tensors) -> bool:
+    return all(t is None or t.dtype == x.dtype for t in tensors)
+
+
+def sequence(layer, input, hx, flat: List[Optional[torch.Tensor]], batched: bool, cast):
+    """The layer's forward through ATen, or None where the route cannot take the arguments
+    (mixed dtypes outside autocast: the caller runs its own loop). ``flat``: the parameters in
+    nn.LSTM's order, None for an absent bias or projection; ``cast``: the layer's autocast
+    function (x, tensors) -> (x, tensors)."""
+    packed = input if isinstance(input, PackedSequence) else None
+    lstm = layer.mode == "LSTM"
+    D = 2 if layer.bidirectional else 1
+    if packed is not None:
+        x, B = packed.data, int(packed.batch_sizes[0])
+    else:
+        x = input if batched else input.unsqueeze(1)
+        B = x.shape[0 if (batched and layer.batch_first) else 1]
+    H = layer.hidden_size
+    P = layer.proj_size if lstm and layer.proj_size > 0 else H
+    if hx is None:
+        h0 = x.new_zeros(layer.num_layers * D, B, P)
+        c0 = x.new_zeros(layer.num_layers * D, B, H) if lstm else None
+    else:
+        h0, c0 = hx if lstm else (hx, None)
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), (None if c0 is None else c0.unsqueeze(1))
+        elif packed is not None and packed.sorted_indices is not None:
+            h0 = h0.index_select(1, packed.sorted_indices)
+            c0 = None if c0 is None else c0.index_select(1, packed.sorted_indices)
+    x, tensors = cast(x, [h0, c0] + flat)
+    h0, c0, weights = tensors[0], tensors[1], [w for w in tensors[2:] if w is not None]
+    if not _same_dtype(x, [h0, c0] + weights):
+        return None
+    state = (h0, c0) if lstm else h0
+    common = (layer.bias, layer.num_layers, float(layer.dropout), layer.training, layer.bidirectional)
+    op = _SEQUENCE_OPS[layer.mode]
+    if packed is not None:
+        res = call(op, x, packed.batch_sizes, state, weights, *common)
+    else:
+        res = call(op, x, state, weights, *common, batched and layer.batch_first)
+    out, hidden = res[0], tuple(res[1:])
+    if packed is not None:
+        out = PackedSequence(out, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        if packed.unsorted_indices is not None:
+            hidden = tuple(h.index_select(1, packed.unsorted_indices) for h in hidden)
+    elif not batched:
+        out, hidden = out.squeeze(1), tuple(h.squeeze(1) for h in hidden)
+    return out, (hidden if lstm else hidden[0])
+
+
+def lstm_cell(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """One LSTMCell step through ATen (batched arguments, one dtype) -> (h, c)."""
+    return call("lstm_cell", x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_cell(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity: str):
+    """One RNNCell step through ATen (batched arguments, one dtype) -> h."""
+    return call(f"rnn_{nonlinearity}_cell", x, h0, w_ih, w_hh, b_ih, b_hh)
