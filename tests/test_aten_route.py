@@ -219,3 +219,24 @@ def test_mixed_dtypes_under_autocast(aten_calls):
         a, b = ref(x)[0], auto(x)[0]
     assert a.dtype == b.dtype == torch.bfloat16
     assert _err(b.float(), a.float()) <= 2e-2
+
+
+def test_cpu_table_runs(capsys):
+    """`fused-rnn bench --device cpu --cpu-table`'s code on tiny rows: a markdown row per case with
+    every column (the timings themselves are the benchmark's, never asserted here)."""
+    import io
+
+    from fused_rnn.bench import cpu, main
+
+    rows = [cpu.Row("tiny LSTM", "LSTM", 2, 3, 4, 5, {"num_layers": 2, "bidirectional": True}, packed=True),
+            cpu.Row("tiny LN-LSTM", "LSTM", 2, 3, 4, 5, layer_norm=True),
+            cpu.Row("tiny RNN", "RNN", 2, 3, 4, 5, {"nonlinearity": "relu"})]
+    buf = io.StringIO()
+    results = cpu.run(rows, reps=1, reference=True, out=buf)
+    text = buf.getvalue()
+    assert "torch.nn ms | fused_rnn (auto) ms | reference ms" in text
+    for r, (row, t) in zip(rows, results):
+        assert row is r and f"| {r.label} |" in text and all(v > 0 for v in t.values())
+    with pytest.raises(SystemExit):  # the table is the CPU's
+        main(["--cpu-table", "--device", "cuda" if torch.cuda.is_available() else "auto"])
+    assert "--cpu-table runs on the CPU" in capsys.readouterr().err

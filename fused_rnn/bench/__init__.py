@@ -19,6 +19,7 @@ The parts, each a module here:
   targets  the project's targets T1-T6, pass/miss from the records
   report   machine line, markdown table, plot; bench.json / bench.md / bench.png
   command  the arguments, the sweep, the exit status
+  cpu      the CPU table (--device cpu --cpu-table): torch.nn against fused_rnn's layers (auto)
 
 Adding a path: ``cases.register_path("name", build, available)``, where ``build(problem)``
 returns the forward callable (``paths.functional_path(backend)`` for a new ``backend=`` of the

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a call slower than this is timed by wall clock, not do_bench (50)")
     p.add_argument("--slow-budget", type=positive_float, metavar="S",
                    help="seconds of calls per slow measurement (GPU: 5, quick 3; CPU 0.5)")
+    p.add_argument("--cpu-table", action="store_true",
+                   help="with --device cpu: the CPU table instead (fused_rnn.bench.cpu): torch.nn "
+                        "against fused_rnn's layers (auto) at whole-layer shapes, fwd+bwd, one "
+                        "thread, median of 5; prints markdown, writes nothing")
     p.add_argument("--render", metavar="JSON",
                    help="re-render table, targets and plot from a saved bench.json; runs nothing")
     return p
@@ -216,6 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _render_only(args.render, args, parser)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
+    if args.cpu_table:
+        if args.device != "cpu":
+            parser.error("--cpu-table runs on the CPU: give --device cpu")
+        from .cpu import run
+
+        run()
+        return 0
 
     args.out = args.out or "bench/out"
     try:  # now, not after the first case: a folder that cannot be made is a usage error
