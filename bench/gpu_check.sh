@@ -56,6 +56,13 @@ BENCH_ALL="$BENCH_SEL --paths persistent,graph,triton $BENCH_ARGS"
 PERSISTENT_TESTS=(tests/test_lstm_rnn_persistent.py tests/test_ln_lstm_persistent.py tests/test_persistent_*.py)
 
 skipped() { case ",$SKIP_STAGES," in *",$1,"*) return 0 ;; esac; return 1; }
+# not_run NAME [gpu]: record NAME as skipped and succeed when SKIP_STAGES names it or, with
+# "gpu", there is no CUDA GPU; else fail (the stage runs)
+not_run() {
+    if skipped "$1"; then record "$1" 0 0 skipped "SKIP_STAGES"
+    elif [ "${2:-}" = gpu ] && [ "$HAS_GPU" != "1" ]; then record "$1" 0 0 skipped "no CUDA GPU"
+    else return 1; fi
+}
 
 limit_of() {  # STAGE -> its limit in seconds (tune: only what the others leave of TOTAL_S)
     local v="T_$(echo "$1" | tr '[:lower:]' '[:upper:]')" s rest=$TOTAL_S
@@ -92,6 +99,18 @@ decide_smoke() {  # RC of a smoke stage -> keep | drop (its path, for the rest o
     # Only a hang drops it: a launch that never returns would eat every later stage's limit.
     # A failure (wrong numbers, an exception) is recorded; the later stages still measure the path.
     case "$1" in 124|137) echo drop ;; *) echo keep ;; esac
+}
+
+# smoke_verdict RC WHAT: a smoke stage's status; fails (drop WHAT) only for a hang
+smoke_verdict() {
+    local st; st=$(status_of "$1")
+    if [ "$(decide_smoke "$1")" = drop ]; then
+        echo "$st (a hang: $2 left out of every later stage)"; return 1
+    elif [ "$1" -ne 0 ]; then
+        echo "$st (recorded; the later stages still run $2)"
+    else
+        echo "$st"
+    fi
 }
 
 case "${1:-}" in
@@ -214,9 +233,7 @@ sys.exit(0 if os.path.realpath(fused_rnn.__file__).startswith(os.path.realpath('
     echo "editable install failed; last resort: the sitecustomize shim"
     return 1
 }
-if skipped install; then
-    record install 0 0 skipped "SKIP_STAGES"
-else
+if ! not_run install; then
     DESC="install_project (see this script)" stage install "$T_INSTALL" "$BLOG" bash -c "$(declare -f install_project); PY='$PY' REPO='$REPO' FORCE_SHIM='${FORCE_SHIM:-0}' install_project"
     if [ "$RC" -ne 0 ] && [ "$RC" -ne -1 ]; then
         # Last resort, no pip: fused_rnn imports from the tree (the repo root is on sys.path for
@@ -252,11 +269,7 @@ fi
 # ------------------------------------------------------------------------------- precompile
 # Every kernel the later stages launch, compiled in parallel processes sharing Triton's cache
 # (launched compile-only: nothing can hang here), so that they time kernels, not ptxas.
-if skipped precompile; then
-    record precompile 0 0 skipped "SKIP_STAGES"
-elif [ "$HAS_GPU" != "1" ]; then
-    record precompile 0 0 skipped "no CUDA GPU"
-else
+if ! not_run precompile gpu; then
     LIM=$(left_for "$T_PRECOMPILE")
     stage precompile "$T_PRECOMPILE" "$BLOG" env -u TRITON_INTERPRET FUSED_RNN_PATH=step "$PY" \
         bench/precompile.py --bench "$BENCH_ALL" --budget-s "$((LIM > 20 ? LIM - 10 : 10))" \
@@ -266,29 +279,16 @@ fi
 
 # ------------------------------------------------------------------------------------ smoke
 PERSISTENT_OK=1
-if skipped smoke; then
-    record smoke 0 0 skipped "SKIP_STAGES"
-elif [ "$HAS_GPU" != "1" ]; then
-    record smoke 0 0 skipped "no CUDA GPU"
-else
+if ! not_run smoke gpu; then
     stage smoke "$T_SMOKE" "$BLOG" env -u TRITON_INTERPRET "$PY" bench/persistent_smoke.py
-    ST=$(status_of "$RC")
-    if [ "$(decide_smoke "$RC")" = drop ]; then
-        PERSISTENT_OK=0
-        ST="$ST (a hang: the persistent path is left out of every later stage)"
-    elif [ "$RC" -ne 0 ]; then
-        ST="$ST (recorded; the later stages still run the persistent path)"
-    fi
+    ST=$(smoke_verdict "$RC" "the persistent path") || PERSISTENT_OK=0
     record smoke "$RC" "$DUR" "$ST" "$(grep -E '^persistent_smoke: (all ok|FAILED)' "$BLOG" | tail -n 1)"
     grep -E '^  [a-z]+ [a-z0-9]+: (ok|FAIL)|fwd\+bwd median' "$BLOG" >>"$SUMMARY"
 fi
 
 # --------------------------------------------------------------------------------- smoke_ll
 LL_OK=1
-if skipped smoke_ll; then
-    record smoke_ll 0 0 skipped "SKIP_STAGES"
-elif [ "$HAS_GPU" != "1" ]; then
-    record smoke_ll 0 0 skipped "no CUDA GPU"
+if not_run smoke_ll gpu; then :
 elif [ "$PERSISTENT_OK" != 1 ]; then
     LL_OK=0
     record smoke_ll 0 0 skipped "the persistent smoke test hung"
@@ -296,22 +296,14 @@ else
     DESC="persistent_smoke.py --ll && pytest -k cuda_ll_exchange" stage smoke_ll "$T_SMOKE_LL" \
         "$BLOG" env -u TRITON_INTERPRET PY="$PY" bash -c \
         '"$PY" bench/persistent_smoke.py --ll && "$PY" -m pytest -q -x -p no:cacheprovider tests/test_lstm_rnn_persistent.py tests/test_ln_lstm_persistent.py -k cuda_ll_exchange'
-    ST=$(status_of "$RC")
-    if [ "$(decide_smoke "$RC")" = drop ]; then
-        LL_OK=0
-        ST="$ST (a hang: the LL variants are left out of memcheck and tune)"
-    elif [ "$RC" -ne 0 ]; then
-        ST="$ST (recorded; memcheck and tune still run the LL variants)"
-    fi
+    ST=$(smoke_verdict "$RC" "the LL variants") || LL_OK=0
     record smoke_ll "$RC" "$DUR" "$ST" "$(grep -E '^persistent_smoke --ll: (all ok|FAILED)' "$BLOG" | tail -n 1); CUDA LL tests: $(grep -E '[0-9]+ (passed|failed)' "$BLOG" | tail -n 1)"
     grep -E 'persistent LL .* ms, persistent barrier' "$BLOG" >>"$SUMMARY"
 fi
 
 # ------------------------------------------------------------------------------------ bench
 # FUSED_RNN_PATH=step: the "triton" rows are the step path (write_policy.py reads them so).
-if skipped bench; then
-    record bench 0 0 skipped "SKIP_STAGES"
-else
+if ! not_run bench; then
     BPATHS=persistent,graph,triton
     [ "$PERSISTENT_OK" = 1 ] || BPATHS=graph,triton
     LIM=$(left_for "$T_BENCH")
@@ -327,8 +319,7 @@ fi
 
 # ----------------------------------------------------------------------------------- policy
 # The measured path-policy table for this card (fused_rnn/data/path_policy.json's format).
-if skipped policy; then
-    record policy 0 0 skipped "SKIP_STAGES"
+if not_run policy; then :
 elif [ ! -f bench/write_policy.py ]; then
     record policy 0 0 skipped "bench/write_policy.py is not in this tree"
 elif [ "$HAS_GPU" != "1" ]; then
@@ -371,8 +362,7 @@ for f in "${PERSISTENT_TESTS[@]}"; do
     case " ${PT_FILES[*]} " in *" $f "*) continue ;; esac
     [ -f "$f" ] && PT_FILES+=("$f")
 done
-if skipped ptests; then
-    record ptests 0 0 skipped "SKIP_STAGES"
+if not_run ptests; then :
 elif [ "$PERSISTENT_OK" != 1 ]; then
     record ptests 0 0 skipped "the persistent smoke test hung"
 else
@@ -380,10 +370,7 @@ else
 fi
 
 # --------------------------------------------------------------------------------- memcheck
-if skipped memcheck; then
-    record memcheck 0 0 skipped "SKIP_STAGES"
-elif [ "$HAS_GPU" != "1" ]; then
-    record memcheck 0 0 skipped "no CUDA GPU"
+if not_run memcheck gpu; then :
 elif [ -z "$SAN" ]; then
     record memcheck 127 0 FAIL "compute-sanitizer not found (PATH, /usr/local/cuda/bin, CUDA_HOME)"
 else
@@ -415,19 +402,13 @@ for f in graphs activations padding lstm rnn lstm_proj kernels_safety layers com
     add_test_file "tests/test_$f.py"
 done
 for f in tests/test_*.py; do add_test_file "$f"; done
-if skipped pytest; then
-    record pytest 0 0 skipped "SKIP_STAGES"
-else
+if ! not_run pytest; then
     run_pytest pytest "$T_PYTEST" "${PYTEST_FILES[@]}"
 fi
 
 # ------------------------------------------------------------------------------------- demo
 # Issue 5's GPU check: fused_rnn.LSTM against torch.nn.LSTM in a short training run (tokens/s).
-if skipped demo; then
-    record demo 0 0 skipped "SKIP_STAGES"
-elif [ "$HAS_GPU" != "1" ]; then
-    record demo 0 0 skipped "no CUDA GPU"
-else
+if ! not_run demo gpu; then
     stage demo "$T_DEMO" "$BLOG" env -u TRITON_INTERPRET "$PY" -m fused_rnn demo \
         --quick --steps 100 --device cuda --out "$(mktemp -d)"  # its PNG/JSON would pass the 8 files
     SPEED=$(grep -E '^speed:' "$BLOG" | tail -n 1)
@@ -436,11 +417,7 @@ fi
 
 # ------------------------------------------------------------------------------------ check
 # `fused-rnn check` on CUDA (issues 3 and 5 owe it): appended to pytest.txt.
-if skipped check; then
-    record check 0 0 skipped "SKIP_STAGES"
-elif [ "$HAS_GPU" != "1" ]; then
-    record check 0 0 skipped "no CUDA GPU"
-else
+if ! not_run check gpu; then
     CPATHS=auto,persistent,graph  # graph last: the first cut if the stage runs out of time
     [ "$PERSISTENT_OK" = 1 ] || CPATHS=auto,graph
     stage check "$T_CHECK" "$OUT/pytest.txt" env -u TRITON_INTERPRET "$PY" -m fused_rnn check --quick \
@@ -450,10 +427,7 @@ fi
 
 # ------------------------------------------------------------------------------------- tune
 # The persistent kernels' plan variants, timed (its table to tune.md; its JSON stays behind).
-if skipped tune; then
-    record tune 0 0 skipped "SKIP_STAGES"
-elif [ "$HAS_GPU" != "1" ]; then
-    record tune 0 0 skipped "no CUDA GPU"
+if not_run tune gpu; then :
 elif [ "$PERSISTENT_OK" != 1 ] && ! echo " $TUNE_ARGS " | grep -q -- " --step "; then
     record tune 0 0 skipped "the persistent smoke test hung"
 elif [ $((DEADLINE - $(date +%s))) -lt 60 ]; then

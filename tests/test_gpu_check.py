@@ -72,7 +72,9 @@ def test_only_a_smoke_hang_drops_the_path(rc, want):
     assert p.returncode == 0 and p.stdout.strip() == want
     # the smoke stages use the decision, not their own test of the rc
     text = open(SCRIPT).read()
-    assert text.count('if [ "$(decide_smoke "$RC")" = drop ]; then') == 2
+    assert text.count('=$(smoke_verdict "$RC" ') == 2
+    verdict = re.search(r"^smoke_verdict\(\) \{\n(.*?)^\}", text, re.M | re.S)[1]
+    assert 'if [ "$(decide_smoke "$1")" = drop ]; then' in verdict
 
 
 @needs_bash
