@@ -43,7 +43,7 @@ from .kernels import config
 
 PATHS = ("auto", "step", "graph", "persistent", "adaptive")
 ENV_VAR = "FUSED_RNN_PATH"
-AUTO_PATH = "step"  # unmeasured alternatives stay opt-in
+AUTO_PATH = "step"  # where the path table lists no measurement (docs/step-kernels.md)
 
 _override: contextvars.ContextVar = contextvars.ContextVar("fused_rnn_path", default=None)
 

@@ -15,16 +15,14 @@ from typing import List, Optional
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from ._validate import same_dtype
+
 _SEQUENCE_OPS = {"LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
 def call(name: str, *args):
     """torch._VF.<name>(*args): the one place the route calls ATen (tests spy on it)."""
     return getattr(torch._VF, name)(*args)
-
-
-def _same_dtype(x: torch.Tensor, tensors) -> bool:
-    return all(t is None or t.dtype == x.dtype for t in tensors)
 
 
 def sequence(layer, input, hx, flat: List[Optional[torch.Tensor]], batched: bool, cast):
@@ -54,7 +52,7 @@ def sequence(layer, input, hx, flat: List[Optional[torch.Tensor]], batched: bool
             c0 = None if c0 is None else c0.index_select(1, packed.sorted_indices)
     x, tensors = cast(x, [h0, c0] + flat)
     h0, c0, weights = tensors[0], tensors[1], [w for w in tensors[2:] if w is not None]
-    if not _same_dtype(x, [h0, c0] + weights):
+    if not same_dtype(x, [h0, c0] + weights):
         return None
     state = (h0, c0) if lstm else h0
     common = (layer.bias, layer.num_layers, float(layer.dropout), layer.training, layer.bidirectional)
