@@ -65,7 +65,7 @@ def _state_list(hx, lstm: bool, name: str):
         _tensor(hx[1], "hx[1] (c_0)")
         return list(hx)
     if not isinstance(hx, torch.Tensor):
-        raise TypeError(f"hx must be a tensor for an {name}, got {type(hx).__name__}")
+        raise TypeError(f"hx must be a tensor for {'a' if name == 'GRU' else 'an'} {name}, got {type(hx).__name__}")
     return [hx]
 
 
@@ -115,11 +115,11 @@ def check_layer_args(layer, input, hx, params, names, batch_sizes=None) -> bool:
     layer's parameters in order (weight_ih_l0 first). Under autocast dtypes may differ, as in
     torch. Returns whether the input is batched."""
     lstm = layer.mode == "LSTM"
-    cls = "LSTM" if lstm else "RNN"
+    cls = layer.mode if layer.mode in ("LSTM", "GRU") else "RNN"
     _tensor(input, "input")
     same_dtype = autocast_dtype(input) is None
     if batch_sizes is None and input.dim() not in (2, 3):
-        tensor = "" if lstm else " tensor"
+        tensor = "" if cls != "RNN" else " tensor"
         raise ValueError(f"{cls}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead "
                          f"(input shape {tuple(input.shape)})")
     batched = batch_sizes is not None or input.dim() == 3
@@ -169,7 +169,7 @@ def check_cell_args(cell, input, hx, params, names) -> bool:
     Where torch's own matmul is what fails (dtypes, devices) the error is its RuntimeError.
     Returns whether the input is batched."""
     lstm = isinstance(cell, torch.nn.LSTMCell)
-    cls = "LSTMCell" if lstm else "RNNCell"
+    cls = "LSTMCell" if lstm else ("GRUCell" if isinstance(cell, torch.nn.GRUCell) else "RNNCell")
     _tensor(input, "input")
     same_dtype = autocast_dtype(input) is None
     if input.dim() not in (1, 2):
@@ -181,7 +181,7 @@ def check_cell_args(cell, input, hx, params, names) -> bool:
         if h.dim() not in (1, 2):
             what = f"hx[{i}]" if lstm else "hidden"
             raise ValueError(f"{cls}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
-    if not lstm and cell.nonlinearity not in NONLINEARITIES:
+    if cls == "RNNCell" and cell.nonlinearity not in NONLINEARITIES:
         raise RuntimeError(f"Unknown nonlinearity: {cell.nonlinearity}")
     batched = input.dim() == 2
     N, H = (input.shape[0] if batched else 1), cell.hidden_size
@@ -270,10 +270,10 @@ def check_lengths(lengths, T: int, B: int, x: torch.Tensor) -> Optional[torch.Te
 
 def check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln=None, lengths=None, w_hr=None,
                         gates: int = 4, backend: str = "auto") -> Optional[torch.Tensor]:
-    """The functional entry points' arguments (lstm_sequence: gates=4; rnn_sequence: gates=1, c0
-    None): x [T, B, I], w_ih [gates·H, I], w_hh [gates·H, P], h0 [B, P], c0 [B, H], b_* [gates·H],
-    ln (gate_weight, gate_bias [4H], cell_weight, cell_bias [H]), w_hr [P, H], lengths [B]; P = H
-    without a projection. Every tensor a floating-point torch.Tensor (TypeError; their dtypes may
+    """The functional entry points' arguments (lstm_sequence: gates=4; rnn_sequence: gates=1 and
+    gru_sequence: gates=3, c0 None): x [T, B, I], w_ih [gates·H, I], w_hh [gates·H, P], h0 [B, P],
+    c0 [B, H], b_* [gates·H], ln (gate_weight, gate_bias [4H], cell_weight, cell_bias [H]),
+    w_hr [P, H], lengths [B]; P = H without a projection. Every tensor a floating-point torch.Tensor (TypeError; their dtypes may
     differ) on x's device (ValueError); h0, c0, w_ih, w_hh required, the rest may be None; lengths
     as check_lengths, which returns it (int64 on x's device). Wrong shapes: a ValueError that
     names the argument, never a silent broadcast."""
@@ -300,7 +300,7 @@ def check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln=None, lengths=None
             check_same(t, x, n, "x")
     T, B, I = x.shape
     if w_ih.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] % gates:
-        what = "[4H, I]" if gates == 4 else "[H, I]"
+        what = f"[{gates}H, I]" if gates > 1 else "[H, I]"
         raise ValueError(f"w_ih must be {what} with I={I} (x's last dimension), got shape {tuple(w_ih.shape)}")
     G = w_ih.shape[0]
     H = G // gates

@@ -2,10 +2,10 @@
 computes, run with the layer's own parameters.
 
 ``backend="auto"`` on a CPU tensor takes it (fused_rnn._backend.aten_route) for every
-configuration torch.nn.LSTM / RNN / LSTMCell / RNNCell computes: no layer norm; projections,
+configuration torch.nn.LSTM / RNN / GRU and their cells compute: no layer norm; projections,
 layers, directions, batch_first, dropout in training, PackedSequence and initial states all as
-nn.LSTM passes them to torch._VF.lstm / rnn_tanh / rnn_relu (torch/nn/modules/rnn.py). Dropout
-between layers is ATen's, applied where fused_rnn's own loop applies it (each inner layer's
+nn.LSTM passes them to torch._VF.lstm / rnn_tanh / rnn_relu / gru (torch/nn/modules/rnn.py).
+Dropout between layers is ATen's, applied where fused_rnn's own loop applies it (each inner layer's
 output, both directions concatenated). ``backend="reference"`` stays the readable time loop.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ._validate import same_dtype
 
-_SEQUENCE_OPS = {"LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+_SEQUENCE_OPS = {"LSTM": "lstm", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru"}
 
 
 def call(name: str, *args):
@@ -79,3 +79,8 @@ def lstm_cell(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
 def rnn_cell(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity: str):
     """One RNNCell step through ATen (batched arguments, one dtype) -> h."""
     return call(f"rnn_{nonlinearity}_cell", x, h0, w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_cell(x, h0, w_ih, w_hh, b_ih, b_hh):
+    """One GRUCell step through ATen (batched arguments, one dtype) -> h."""
+    return call("gru_cell", x, h0, w_ih, w_hh, b_ih, b_hh)

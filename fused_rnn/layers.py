@@ -1,9 +1,9 @@
-"""Drop-in replacements for torch.nn.LSTM / RNN / LSTMCell / RNNCell.
+"""Drop-in replacements for torch.nn.LSTM / RNN / GRU / LSTMCell / RNNCell / GRUCell.
 
 Each layer subclasses its torch.nn twin, so constructor arguments, parameter names and shapes,
 ``state_dict`` keys and the forward signature are torch.nn's own; only ``forward`` is ours. A
 multi-layer or bidirectional layer composes the single-layer, single-direction sequence ops
-(``lstm_sequence`` / ``rnn_sequence``). Extra arguments:
+(``lstm_sequence`` / ``rnn_sequence`` / ``gru_sequence``). Extra arguments:
 
 - ``backend="auto" | "triton" | "reference"``: "auto" runs the Triton kernels on CUDA tensors;
   on CPU tensors, torch's own ATen ops for what torch.nn computes (fused_rnn/aten.py; no layer
@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from . import _validate as V
 from . import aten
 from ._backend import aten_route
+from .gru import gru_sequence
 from .lstm import lstm_sequence
 from .rnn import rnn_sequence
 
@@ -78,7 +79,7 @@ def _pack_like(out: torch.Tensor, packed: PackedSequence) -> PackedSequence:
 
 
 class _SequenceLayer:
-    """The forward shared by LSTM and RNN: input forms, validation, layers × directions."""
+    """The forward shared by LSTM, RNN and GRU: input forms, validation, layers × directions."""
 
     _is_lstm = False
 
@@ -99,7 +100,10 @@ class _SequenceLayer:
             ln = tuple(params[5:]) if len(params) > 5 else None
             return lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, self.backend, w_hr,
                                  copy_output=False)  # _forward copies the layer's output if need be
-        out, h_n = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, self.backend)
+        if self.mode == "GRU":
+            out, h_n = gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.backend)
+        else:
+            out, h_n = rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, self.backend)
         return out, h_n, None
 
     def _forward(self, input, hx):
@@ -181,10 +185,10 @@ class _SequenceLayer:
         return out, ((h_n, c_n) if self._is_lstm else h_n)
 
 
-# The sequence layers derive from nn.RNNBase, not nn.LSTM / nn.RNN: parameters, their names and
+# The sequence layers derive from nn.RNNBase, not nn.LSTM / nn.RNN / nn.GRU: parameters, their names and
 # init are torch.nn's own, while torch.compile (which refuses to trace isinstance(m, nn.LSTM))
 # traces them like any module. So isinstance(m, nn.LSTM) is False; to_torch() below converts for
-# code that wants torch.nn's classes. The cells derive from nn.LSTMCell / nn.RNNCell.
+# code that wants torch.nn's classes. The cells derive from nn.LSTMCell / nn.RNNCell / nn.GRUCell.
 
 
 class LSTM(_SequenceLayer, nn.RNNBase):
@@ -241,6 +245,23 @@ class RNN(_SequenceLayer, nn.RNNBase):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
         self.nonlinearity = nonlinearity
+        self.backend = V.check_backend(backend)
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+
+class GRU(_SequenceLayer, nn.RNNBase):
+    """torch.nn.GRU's drop-in replacement (gates r, z, n; b_hn inside the reset product), plus
+    ``backend``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
         self.backend = V.check_backend(backend)
 
     def forward(self, input, hx=None):
@@ -331,6 +352,31 @@ class RNNCell(nn.RNNCell):
         return super().extra_repr() + f", backend={self.backend!r}"
 
 
+class GRUCell(nn.GRUCell):
+    """torch.nn.GRUCell's drop-in replacement, plus ``backend``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = V.check_backend(backend)
+
+    def forward(self, input, hx: Optional[torch.Tensor] = None):
+        params, batched = _cell_params(self, input, hx, False)
+        h0 = _cell_state(hx, input, batched, self.hidden_size)
+        x = input if batched else input.unsqueeze(0)
+        if not batched:
+            h0 = h0.unsqueeze(0)
+        x, cast = _autocast(x, [h0] + params)
+        h0, (w_ih, w_hh, b_ih, b_hh) = cast[0], cast[1:]
+        if aten_route(self.backend, x) and V.same_dtype(x, cast):
+            h = aten.gru_cell(x, h0, w_ih, w_hh, b_ih, b_hh)
+        else:
+            _, h = gru_sequence(x.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh, None, self.backend)
+        return h if batched else h.squeeze(0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+
 # torch.load(weights_only=True) may build our layers without the user allow-listing them. Loading
 # one runs object.__new__ and torch's own RNNBase / Module.__setstate__, which only set attributes
 # (the tensors come through torch's rebuild functions); a pickle that calls the class runs
@@ -338,7 +384,7 @@ class RNNCell(nn.RNNCell):
 # __new__, __setstate__, __reduce__ or the like (tests/test_drop_in.py checks). Registered as
 # (class, name) pairs: a user's `with safe_globals([fused_rnn.LSTM])` removes the bare class on
 # exit, not these.
-_LAYERS = (LSTM, RNN, LSTMCell, RNNCell)
+_LAYERS = (LSTM, RNN, GRU, LSTMCell, RNNCell, GRUCell)
 if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
     torch.serialization.add_safe_globals([(c, f"{c.__module__}.{c.__qualname__}") for c in _LAYERS])
 
@@ -351,8 +397,13 @@ def _torch_twin(m: nn.Module) -> nn.Module:
     elif type(m) is RNN:
         twin = nn.RNN(m.input_size, m.hidden_size, m.num_layers, nonlinearity=m.nonlinearity,
                       batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional, **kw)
+    elif type(m) is GRU:
+        twin = nn.GRU(m.input_size, m.hidden_size, m.num_layers, batch_first=m.batch_first,
+                      dropout=m.dropout, bidirectional=m.bidirectional, **kw)
     elif type(m) is LSTMCell:
         twin = nn.LSTMCell(m.input_size, m.hidden_size, **kw)
+    elif type(m) is GRUCell:
+        twin = nn.GRUCell(m.input_size, m.hidden_size, **kw)
     else:
         twin = nn.RNNCell(m.input_size, m.hidden_size, nonlinearity=m.nonlinearity, **kw)
     for name, p in m.named_parameters(recurse=False):

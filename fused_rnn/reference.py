@@ -3,7 +3,8 @@
 This is both the CPU fallback and the oracle every kernel is tested against. It computes in fp32
 (fp64 stays fp64) whatever the storage dtype, and casts the results back to the input's dtype.
 
-Dimension letters: T time, B batch, I input features, H hidden, G = 4H (LSTM gates, order i, f, g, o).
+Dimension letters: T time, B batch, I input features, H hidden, G = 4H (LSTM gates, order i, f, g, o;
+the GRU's 3H, order r, z, n).
 All sequences are time-major: x is [T, B, I].
 
 Variable lengths: ``lengths`` is an int64 tensor [B]; at steps t >= lengths[b] sequence b keeps its
@@ -76,6 +77,18 @@ def rnn_cell_ref(pre, nonlinearity: str = "tanh"):
     raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
 
 
+def gru_cell_ref(xp, hp, h):
+    """The GRU step (torch.nn's math) from xp = x W_ihᵀ + b_ih and hp = h W_hhᵀ + b_hh, both
+    [B, 3H] in the order r, z, n, and h_{t-1} [B, H]: r, z = σ(xp_r + hp_r), σ(xp_z + hp_z);
+    n = tanh(xp_n + r hp_n) (b_hn inside the reset product); h_t = (1 − z) n + z h_{t-1}."""
+    xr, xz, xn = xp.chunk(3, dim=-1)
+    hr, hz, hn = hp.chunk(3, dim=-1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
 def _masked_update(t, lengths, new, old):
     if lengths is None:
         return new, new
@@ -123,6 +136,25 @@ def rnn_sequence_ref(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Op
     for t in range(T):
         h_new = rnn_cell_ref(xp[t] + h @ w_hh_t, nonlinearity)
         h, out_t = _masked_update(t, lengths, h_new, h)
+        outs.append(out_t)
+    out = torch.stack(outs) if outs else xp.new_zeros(0, x.shape[1], w_hh.shape[1])
+    return out.to(x.dtype), h.to(x.dtype)
+
+
+def gru_sequence_ref(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+                     b_hh: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
+    """One GRU layer, one direction. x [T, B, I], h0 [B, H], w_ih / w_hh [3H, I] / [3H, H]
+    -> (out [T, B, H], h_n)."""
+    acc = config.state_dtype(x.dtype)  # fp64 stays fp64, the rest runs in fp32
+    T = x.shape[0]
+    xp = _input_projection(config.zero_padding(x, lengths), w_ih, b_ih, None, acc)  # b_hh: in hp
+    w_hh_t = w_hh.to(acc).t()
+    b = None if b_hh is None else b_hh.to(acc)
+    h = h0.to(acc)
+    outs = []
+    for t in range(T):
+        hp = h @ w_hh_t if b is None else torch.addmm(b, h, w_hh_t)
+        h, out_t = _masked_update(t, lengths, gru_cell_ref(xp[t], hp, h), h)
         outs.append(out_t)
     out = torch.stack(outs) if outs else xp.new_zeros(0, x.shape[1], w_hh.shape[1])
     return out.to(x.dtype), h.to(x.dtype)

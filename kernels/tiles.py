@@ -1,5 +1,5 @@
 """Every tile and plan rule, in one place: the step kernels' (BLOCK_B, BLOCK_H, BLOCK_K,
-num_warps) for each launch of kernels/lstm.py, lstm_proj.py and rnn.py, and the persistent
+num_warps) for each launch of kernels/lstm.py, lstm_proj.py, rnn.py and gru.py, and the persistent
 kernels' plans (plan, plan_ln: grid, blocks, resident / chunked / streamed W_hh, variants).
 
 The rules keep every step kernel free of register spills at sm_90 (tests/test_sm90_compile.py
@@ -125,6 +125,20 @@ def rnn_blocks(B: int, H: int, direction: str, fused: bool, dtype: torch.dtype, 
     BB, BH, nw = step_tile(B, H, H, 1, dtype.itemsize, row_elt, n_sm)
     return step_override(BB, BH, BK, nw)
 
+
+
+def gru_blocks(B: int, H: int, direction: str, dtype: torch.dtype, n_sm: int = DEFAULT_SM_COUNT):
+    """The GRU step kernels' tile ("fwd": the recurrent matmul's K is H; "bwd": the carried
+    gradient's K is 3H): step_tile's over the three gates, BLOCK_K 32 forward, 64 backward;
+    fp64 16 x 32 with BLOCK_K 8, 4 warps (as the RNN's)."""
+    K = H if direction == "fwd" else 3 * H
+    if dtype == torch.float64:
+        return step_override(16, pow2_block(H, 16, 32), 8, 4)
+    # W_hh in the operand dtype; the forward's operand h_{t-1} is the state-dtype hs, the
+    # backward's dhp_{t+1} the grad dtype
+    row_elt = config.state_dtype(dtype).itemsize if direction == "fwd" else config.grad_dtype(dtype).itemsize
+    BB, BH, nw = step_tile(B, H, K, 3, dtype.itemsize, row_elt, n_sm)
+    return step_override(BB, BH, pow2_block(K, 16, 32 if direction == "fwd" else 64), nw)
 
 # ----------------------------------------------------------------------------------------------
 # Persistent plans (kernels/persistent.py and the per-cell persistent kernels)

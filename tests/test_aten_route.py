@@ -44,6 +44,7 @@ CASES = {
     "lstm_proj_2l_bi": ("LSTM", {"proj_size": P, "num_layers": 2, "bidirectional": True, "batch_first": True}),
     "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
     "rnn_relu_2l_bi": ("RNN", {"nonlinearity": "relu", "num_layers": 2, "bidirectional": True}),
+    "gru_2l_bi": ("GRU", {"num_layers": 2, "bidirectional": True}),
 }
 
 
@@ -117,7 +118,7 @@ def test_unbatched_input(batch_first, aten_calls):
     assert len(aten_calls) == (0 if INTERPRET else 1)
 
 
-@pytest.mark.parametrize("kind", ["LSTMCell", "RNNCell_tanh", "RNNCell_relu"])
+@pytest.mark.parametrize("kind", ["LSTMCell", "RNNCell_tanh", "RNNCell_relu", "GRUCell"])
 @pytest.mark.parametrize("batched", [True, False])
 def test_cells(kind, batched, aten_calls):
     """The cells: torch's lstm_cell / rnn_*_cell, the same values and gradients as torch.nn's."""
@@ -137,7 +138,7 @@ def test_cells(kind, batched, aten_calls):
             want = outs + list(grads)
         else:
             assert all(_err(a, b) <= 1e-12 for a, b in zip(outs + list(grads), want))
-    want_op = "lstm_cell" if name == "LSTMCell" else f"rnn_{nl}_cell"
+    want_op = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell"}.get(name, f"rnn_{nl}_cell")
     assert aten_calls == ([] if INTERPRET else [want_op])
 
 

@@ -13,10 +13,10 @@ from conftest import requires_cuda, requires_kernels
 B, T, I, H = 3, 7, 5, 11
 
 
-@pytest.fixture(params=["lstm", "rnn"])
+@pytest.fixture(params=["lstm", "rnn", "gru"])
 def pair(request):
     """fused_rnn's 2-layer layer and torch.nn's with the same weights."""
-    name = "LSTM" if request.param == "lstm" else "RNN"
+    name = request.param.upper()
     ref = getattr(nn, name)(I, H, num_layers=2)
     ours = getattr(fused_rnn, name)(I, H, num_layers=2)
     ours.load_state_dict(ref.state_dict())
@@ -84,7 +84,8 @@ def test_not_a_tensor(pair):
         with pytest.raises(TypeError, match=r"hx\[1\] \(c_0\) must be a torch.Tensor, got NoneType"):
             ours(torch.randn(T, B, I), (torch.zeros(2, B, H), None))
     else:
-        with pytest.raises(TypeError, match="hx must be a tensor for an RNN, got list"):
+        name = "a GRU" if isinstance(ours, fused_rnn.GRU) else "an RNN"
+        with pytest.raises(TypeError, match=f"hx must be a tensor for {name}, got list"):
             ours(torch.randn(T, B, I), [torch.zeros(2, B, H)])
 
 
