@@ -1,7 +1,8 @@
 """Which implementation runs a layer's time loop (the one place that chooses), the CUDA graph
 cache, and the scope every op launches in.
 
-Paths of the custom ops (fused_rnn/lstm.py, rnn.py; lstm_proj.py has no persistent kernel):
+Paths of the custom ops (fused_rnn/lstm.py, rnn.py, gru.py; lstm_proj.py and gru.py have no
+persistent kernel, so "persistent" runs their step path, with the warning below):
     step        one fused Triton launch per time step, eagerly (kernels/lstm.py, kernels/rnn.py)
     graph       the step path's whole launcher captured once per shape in a CUDA graph and
                 replayed (CUDA only)
@@ -168,7 +169,7 @@ def _resolve(op, path, x, persistent_plan, cell=None, hidden=None):
 # where that came from. Read once, on the first "auto" resolution of a CUDA tensor.
 POLICY_FILE = "path_policy.json"
 POLICY_FORMAT = 1
-POLICY_CELLS = ("lstm", "lnlstm", "lstm_proj", "rnn")
+POLICY_CELLS = ("lstm", "lnlstm", "lstm_proj", "rnn", "gru")
 POLICY_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 POLICY_PATHS = ("step", "graph", "persistent")
 BATCH_CLASSES = (16, 64)  # B <= 16, <= 64, more

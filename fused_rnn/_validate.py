@@ -273,10 +273,10 @@ def check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln=None, lengths=None
     """The functional entry points' arguments (lstm_sequence: gates=4; rnn_sequence: gates=1 and
     gru_sequence: gates=3, c0 None): x [T, B, I], w_ih [gates·H, I], w_hh [gates·H, P], h0 [B, P],
     c0 [B, H], b_* [gates·H], ln (gate_weight, gate_bias [4H], cell_weight, cell_bias [H]),
-    w_hr [P, H], lengths [B]; P = H without a projection. Every tensor a floating-point torch.Tensor (TypeError; their dtypes may
-    differ) on x's device (ValueError); h0, c0, w_ih, w_hh required, the rest may be None; lengths
-    as check_lengths, which returns it (int64 on x's device). Wrong shapes: a ValueError that
-    names the argument, never a silent broadcast."""
+    w_hr [P, H], lengths [B]; P = H without a projection. Every tensor a floating-point
+    torch.Tensor (TypeError; their dtypes may differ) on x's device (ValueError); h0, c0, w_ih,
+    w_hh required, the rest may be None; lengths as check_lengths, which returns it (int64 on x's
+    device). Wrong shapes: a ValueError that names the argument, never a silent broadcast."""
     check_backend(backend)
     check_float(x, "x")
     if x.dim() != 3:

@@ -1,6 +1,6 @@
 """`fused-rnn check`: the correctness sweep of every kernel against the fp64 reference path.
 
-Each case is one cell (LSTM, layer-norm LSTM, LSTM with projections, tanh RNN, ReLU RNN) × one
+Each case is one cell (LSTM, layer-norm LSTM, LSTM with projections, tanh RNN, ReLU RNN, GRU) × one
 storage dtype × one shape. Inputs are drawn fresh each run from a printed seed, cast to the
 dtype, and run through the Triton path (``backend="triton"``); the oracle is the reference path
 run in fp64 on the same (already rounded) inputs. Forward (out, h_n, c_n) and backward (the
@@ -38,7 +38,7 @@ import torch
 
 from .kernels import config
 
-CELLS = ("lstm", "lnlstm", "lstm_proj", "rnn_tanh", "rnn_relu")
+CELLS = ("lstm", "lnlstm", "lstm_proj", "rnn_tanh", "rnn_relu", "gru")
 LSTM_CELLS = ("lstm", "lnlstm", "lstm_proj")
 CELL_HELP = {
     "lstm": "LSTM",
@@ -46,6 +46,7 @@ CELL_HELP = {
     "lstm_proj": "LSTM with projections (nn.LSTM's proj_size; here H // 2, at least 1)",
     "rnn_tanh": "tanh RNN",
     "rnn_relu": "ReLU RNN",
+    "gru": "GRU",
 }
 DTYPES = {
     "fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -205,7 +206,7 @@ def make_inputs(case: Case, seed: int):
     s = case.shape
     g = torch.Generator().manual_seed(case_seed(seed, case))
     lstm = case.cell in LSTM_CELLS
-    G = 4 * s.H if lstm else s.H
+    G = 4 * s.H if lstm else (3 * s.H if case.cell == "gru" else s.H)
     P = proj_size(s.H) if case.cell == "lstm_proj" else s.H  # the width of h
     k = 1.0 / math.sqrt(s.H)  # torch.nn's init range
 
@@ -247,9 +248,14 @@ def make_inputs(case: Case, seed: int):
 def run_path(cell: str, p: Dict[str, torch.Tensor], lengths,
              backend: str) -> Dict[str, torch.Tensor]:
     """One forward through the functional entry point: name -> output tensor."""
+    from .gru import gru_sequence
     from .lstm import lstm_sequence
     from .rnn import rnn_sequence
 
+    if cell == "gru":
+        out, h_n = gru_sequence(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], lengths=lengths,
+                                backend=backend)
+        return {"out": out, "h_n": h_n}
     if cell in LSTM_CELLS:
         ln = None
         if cell == "lnlstm":
@@ -301,12 +307,13 @@ def poisoned_allocations():
 
 @contextlib.contextmanager
 def count_reference_calls(counter: List[int]):
-    """Count the reference-path calls made by fused_rnn.lstm / fused_rnn.rnn meanwhile."""
+    """Count the reference-path calls made by fused_rnn.lstm / rnn / gru meanwhile."""
+    from . import gru as gru_mod
     from . import lstm as lstm_mod
     from . import rnn as rnn_mod
 
     patched = []
-    for mod, name in ((lstm_mod, "lstm_sequence_ref"), (rnn_mod, "rnn_sequence_ref")):
+    for mod, name in ((lstm_mod, "lstm_sequence_ref"), (rnn_mod, "rnn_sequence_ref"), (gru_mod, "gru_sequence_ref")):
         fn = getattr(mod, name, None)
         if fn is None:
             continue
@@ -402,8 +409,10 @@ def run_case(case: Case, seed: int, device: torch.device, threshold: float,
 def _unsupported_reason(case: Case, leaves) -> Optional[str]:
     """The kernels' own word on why they do not take this problem, where they offer one."""
     try:
-        from .kernels import lstm, rnn
+        from .kernels import gru, lstm, rnn
 
+        if case.cell == "gru":
+            return gru.unsupported(leaves["x"], leaves["w_hh"])
         if case.cell in LSTM_CELLS:
             ln = None
             if case.cell == "lnlstm":

@@ -326,6 +326,24 @@ class LSTMCell(nn.LSTMCell):
         return s + f", backend={self.backend!r}"
 
 
+def _one_state_step(cell, input, hx, aten_step, sequence):
+    """The forward of a cell whose state is h alone (RNNCell, GRUCell): torch.nn's checks, then
+    ``aten_step(x, h0, w_ih, w_hh, b_ih, b_hh)`` on the CPU route, else ``sequence(x [1, B, I],
+    h0, w_ih, w_hh, b_ih, b_hh)`` -> h_n (the layer's backend)."""
+    params, batched = _cell_params(cell, input, hx, False)
+    h0 = _cell_state(hx, input, batched, cell.hidden_size)
+    x = input if batched else input.unsqueeze(0)
+    if not batched:
+        h0 = h0.unsqueeze(0)
+    x, cast = _autocast(x, [h0] + params)
+    h0, (w_ih, w_hh, b_ih, b_hh) = cast[0], cast[1:]
+    if aten_route(cell.backend, x) and V.same_dtype(x, cast):
+        h = aten_step(x, h0, w_ih, w_hh, b_ih, b_hh)
+    else:
+        h = sequence(x.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh)
+    return h if batched else h.squeeze(0)
+
+
 class RNNCell(nn.RNNCell):
     """torch.nn.RNNCell's drop-in replacement (tanh or relu), plus ``backend``."""
 
@@ -334,19 +352,8 @@ class RNNCell(nn.RNNCell):
         self.backend = V.check_backend(backend)
 
     def forward(self, input, hx: Optional[torch.Tensor] = None):
-        params, batched = _cell_params(self, input, hx, False)
-        h0 = _cell_state(hx, input, batched, self.hidden_size)
-        x = input if batched else input.unsqueeze(0)
-        if not batched:
-            h0 = h0.unsqueeze(0)
-        x, cast = _autocast(x, [h0] + params)
-        h0, (w_ih, w_hh, b_ih, b_hh) = cast[0], cast[1:]
-        if aten_route(self.backend, x) and V.same_dtype(x, cast):
-            h = aten.rnn_cell(x, h0, w_ih, w_hh, b_ih, b_hh, self.nonlinearity)
-        else:
-            _, h = rnn_sequence(x.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh, None, self.nonlinearity,
-                                self.backend)
-        return h if batched else h.squeeze(0)
+        return _one_state_step(self, input, hx, lambda *a: aten.rnn_cell(*a, self.nonlinearity),
+                               lambda *a: rnn_sequence(*a, None, self.nonlinearity, self.backend)[1])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
@@ -360,18 +367,8 @@ class GRUCell(nn.GRUCell):
         self.backend = V.check_backend(backend)
 
     def forward(self, input, hx: Optional[torch.Tensor] = None):
-        params, batched = _cell_params(self, input, hx, False)
-        h0 = _cell_state(hx, input, batched, self.hidden_size)
-        x = input if batched else input.unsqueeze(0)
-        if not batched:
-            h0 = h0.unsqueeze(0)
-        x, cast = _autocast(x, [h0] + params)
-        h0, (w_ih, w_hh, b_ih, b_hh) = cast[0], cast[1:]
-        if aten_route(self.backend, x) and V.same_dtype(x, cast):
-            h = aten.gru_cell(x, h0, w_ih, w_hh, b_ih, b_hh)
-        else:
-            _, h = gru_sequence(x.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh, None, self.backend)
-        return h if batched else h.squeeze(0)
+        return _one_state_step(self, input, hx, aten.gru_cell,
+                               lambda *a: gru_sequence(*a, None, self.backend)[1])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"

@@ -17,8 +17,6 @@ the reset product), so the backward writes both, dxp and dhp, for the GEMMs afte
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -28,19 +26,8 @@ from ._common import (
     _carry_dot, _dsigmoid, _dtanh, _load_gates, _mm, _reverse_step_masks, _sigmoid, _store_gates, _tanh, _tile,
     alloc, dot_flags, given, input_projection,
 )
+from .rnn import unsupported  # noqa: F401 (the RNN's rule: the kernels tile H and K; w_hh [3H, H])
 from .tiles import gru_blocks, sm_count
-
-
-def unsupported(x: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
-    """Why the kernels cannot take this problem (the caller falls back to the reference), or None.
-    The GRU kernels tile H and K, so there is no size limit besides empty problems."""
-    if x.dtype not in config.SUPPORTED_DTYPES:
-        return f"dtype {x.dtype}"
-    T, B = x.shape[0], x.shape[1]
-    H = w_hh.shape[1]
-    if T == 0 or B == 0 or H == 0:
-        return f"an empty problem (T={T}, B={B}, H={H})"
-    return None
 
 
 def persistent_plan(*_args, **_kwargs):

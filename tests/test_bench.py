@@ -347,7 +347,7 @@ def test_cudnn_version_format(monkeypatch):
 
 # ----------------------------------------------------------------------------------- arguments
 BAD_ARGUMENTS = {  # id: the arguments
-    "cell":           ["--cells", "gru"],
+    "cell":           ["--cells", "mlp"],
     "dtype":          ["--dtypes", "fp8"],
     "named-shape":    ["--shapes", "S9"],
     "shape-2-dims":   ["--shape", "1,2"],
@@ -435,9 +435,9 @@ def test_render_bad_json_is_a_usage_error(text, why, tmp_path, capsys):
 
 
 def test_runner_script_exit_code():
-    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "run.py"), "--cells", "gru"],
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "run.py"), "--cells", "mlp"],
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "unknown cell gru" in p.stderr
+    assert p.returncode == 2 and "unknown cell mlp" in p.stderr
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -73,7 +73,7 @@ def test_module_entry_point():
 @pytest.mark.parametrize("argv, message", [
     pytest.param([], "required", id="no-command"),
     pytest.param(["frobnicate"], "invalid choice", id="unknown-command"),
-    pytest.param(["check", "--cells", "lstm,gru"], "unknown cell 'gru'", id="check-bad-cell"),
+    pytest.param(["check", "--cells", "lstm,mlp"], "unknown cell 'mlp'", id="check-bad-cell"),
     pytest.param(["check", "--dtypes", "fp8"], "unknown dtype 'fp8'", id="check-bad-dtype"),
     pytest.param(["check", "--seed", "-3"], "--seed", id="check-bad-seed"),
     pytest.param(["check", "--device", "tpu"], "invalid choice", id="check-bad-device"),

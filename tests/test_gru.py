@@ -12,8 +12,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_rnn
 from conftest import (
-    BF16, DT_NAME, F16, F32, F64, assert_deterministic, assert_matches_reference, fwd_bwd, kernel_device, rel_err,
-    requires_cuda, requires_kernels, STEP_SHAPES, tol,
+    BF16, DT_NAME, F16, F32, F64, INTERPRET, assert_deterministic, assert_matches_reference, fwd_bwd, kernel_device,
+    rel_err, requires_cuda, requires_kernels, STEP_SHAPES, tol,
 )
 from fused_rnn import _backend
 from fused_rnn.gru import GRUFunction, gru_sequence
@@ -22,7 +22,8 @@ from fused_rnn.reference import gru_sequence_ref
 
 DEV = kernel_device()
 T, B, I, H = 5, 3, 7, 10
-BACKENDS = ["reference"] + (["triton"] if DEV is not None else [])
+# the interpreter lane runs the kernels only (lane 1 runs the reference backend)
+BACKENDS = ([] if INTERPRET else ["reference"]) + (["triton"] if DEV is not None else [])
 NAMES = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
 OUT_NAMES = ["out", "h_n"]
 
@@ -315,19 +316,9 @@ class _Model(nn.Module):
 def test_gru_compile_fullgraph(backend):
     """torch.compile(fullgraph=True): no graph break (the custom ops' fakes on triton), and the same
     loss and gradients as eager."""
-    model = _Model(backend).to(_device(backend))
-    x = torch.randn(B, 2, I, device=_device(backend))
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (model, compiled):
-        model.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        loss = fn(xi)
-        loss.backward()
-        results.append([loss, xi.grad] + [p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*results):
-        assert rel_err(b, a) < 1e-5
+    from test_compile import _check
+
+    _check(_Model(backend).to(_device(backend)), torch.randn(B, 2, I, device=_device(backend)), "aot_eager")
 
 
 @requires_cuda
@@ -338,3 +329,22 @@ def test_gru_graph_path_matches_step():
         for _ in range(2):  # capture, then replay
             graph = fwd_bwd(triton_gru, ins, L, ups)
             assert all(torch.equal(a, b) for a, b in zip(step[0] + step[1], graph[0] + graph[1]))
+
+
+def test_gru_bench_rows_compute_the_same_gru():
+    """`fused-rnn bench --cells gru`: torch.nn's row (cuDNN on CUDA) holds the problem's weights,
+    so it, the reference row and (under the interpreter) the triton row compute the same
+    outputs."""
+    from fused_rnn.bench import cases, paths
+
+    def problem():
+        return cases.make_problem("gru", 3, 4, 8, F32, "cpu")
+
+    with torch.no_grad():
+        want = paths.functional_path("reference")(problem())()
+        outs = {"nn": paths.build_nn(problem())[0]()}
+        if DEV is not None and DEV.type == "cpu":
+            outs["triton"] = paths.functional_path("triton")(problem())()
+    assert want.shape == (4, 3, 8)
+    for name, o in outs.items():
+        assert rel_err(o, want) < 1e-5, name

@@ -81,7 +81,7 @@ def test_shipped_table_leaves_auto_as_before(monkeypatch, fake_cuda):
 @pytest.mark.parametrize("bad, what", [
     ({"format": 2, "devices": {}}, "format"),
     ({"format": 1}, "devices"),
-    (_table({"gru": {}}), "unknown cell"),
+    (_table({"mlp": {}}), "unknown cell"),
     (_table({"lstm": {"fp8": {}}}), "unknown dtype"),
     (_table({"lstm": {"fp16": {"B<=8,H<=256": {"path": "step"}}}}), "shape class"),
     (_table({"lstm": {"fp16": {"B<=16,H<=256": {"path": "adaptive"}}}}), "path must be"),

@@ -15,9 +15,9 @@ SHAPES: Dict[str, Tuple[int, int, int]] = {  # name -> (B, T, H); input size = H
     "S4": (16, 1024, 768),
 }
 CPU_SHAPE = ("tiny", (4, 16, 32))  # the CPU mode's default: the reference loop takes ms, not s
-CELLS = ("lstm", "lnlstm", "rnn", "lstm_proj")
-DEFAULT_CELLS = ("lstm", "lnlstm", "rnn")  # lstm_proj (no speed target) only when asked for
-CELL_LABEL = {"lstm": "LSTM", "lnlstm": "LN-LSTM", "rnn": "tanh RNN", "lstm_proj": "LSTM, proj H/2"}
+CELLS = ("lstm", "lnlstm", "rnn", "lstm_proj", "gru")
+DEFAULT_CELLS = ("lstm", "lnlstm", "rnn")  # lstm_proj and gru (no speed target) only when asked for
+CELL_LABEL = {"lstm": "LSTM", "lnlstm": "LN-LSTM", "rnn": "tanh RNN", "lstm_proj": "LSTM, proj H/2", "gru": "GRU"}
 LSTM_CELLS = ("lstm", "lnlstm", "lstm_proj")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
@@ -69,7 +69,7 @@ def make_problem(cell: str, B: int, T: int, H: int, dtype: torch.dtype, device) 
     """Random inputs (seeded), weights uniform in ±1/√H as torch.nn initialises them."""
     device = torch.device(device)
     torch.manual_seed(1234)
-    G = 4 * H if cell in LSTM_CELLS else H
+    G = 4 * H if cell in LSTM_CELLS else (3 * H if cell == "gru" else H)
     P = proj_size(cell, H)
     k = 1.0 / math.sqrt(H)
 

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import interpreter_broken, interpreter_on, triton_available
+from ..gru import gru_sequence
 from ..kernels import config
 from ..lstm import lstm_sequence
-from ..reference import lstm_cell_ref, rnn_cell_ref
+from ..reference import gru_cell_ref, lstm_cell_ref, rnn_cell_ref
 from ..rnn import rnn_sequence
 from .cases import LSTM_CELLS, Build, Case, Problem, proj_size, register_path
 
@@ -29,8 +30,8 @@ def _allow_tf32(p: Problem) -> bool:
 
 
 def _default_fused(p: Problem) -> bool:
-    """Whether the LSTM launchers take the fused step kernels here (the RNN's always are)."""
-    return p.cell == "rnn" or config.default_fused(p.H, p.ln, p.dtype)
+    """Whether the LSTM launchers take the fused step kernels here (the RNN's and GRU's always are)."""
+    return p.cell in ("rnn", "gru") or config.default_fused(p.H, p.ln, p.dtype)
 
 
 def _step_tiles(p: Problem, direction: str, fused: bool) -> tuple:
@@ -40,6 +41,8 @@ def _step_tiles(p: Problem, direction: str, fused: bool) -> tuple:
     n_sm = tiles.sm_count(p.device)
     if p.cell == "rnn":
         return tiles.rnn_blocks(p.B, p.H, direction, True, p.dtype, n_sm)
+    if p.cell == "gru":
+        return tiles.gru_blocks(p.B, p.H, direction, p.dtype, n_sm)
     return tiles.lstm_blocks(p.B, p.H, direction, fused, p.ln is not None, p.dtype, n_sm)
 
 
@@ -74,6 +77,9 @@ def functional_path(backend: str, **kwargs) -> Build:
             def fwd():
                 return lstm_sequence(p.x, p.h0, p.c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh,
                                      ln=p.ln, backend=backend, w_hr=p.w_hr, **kwargs)[0]
+        elif p.cell == "gru":
+            def fwd():
+                return gru_sequence(p.x, p.h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, backend=backend, **kwargs)[0]
         else:
             def fwd():
                 return rnn_sequence(p.x, p.h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh,
@@ -94,7 +100,7 @@ def _triton_ready(device: torch.device) -> Optional[str]:
 
 
 register_path("triton", functional_path("triton"), _triton_ready,
-              "fused_rnn's Triton kernels: lstm_sequence / rnn_sequence(backend='triton')")
+              "fused_rnn's Triton kernels: lstm_sequence / rnn_sequence / gru_sequence(backend='triton')")
 
 
 def kernel_note(c: Case, p: Problem) -> Optional[str]:
@@ -148,6 +154,7 @@ def _on_path(path: str) -> Build:
     here, not a silent step-path row."""
 
     def build(p: Problem) -> Callable[[], torch.Tensor]:
+        from ..gru import GRUFunction
         from ..lstm import LSTMFunction
         from ..lstm_proj import LSTMProjFunction
         from ..rnn import RNNFunction
@@ -157,6 +164,10 @@ def _on_path(path: str) -> Build:
             def fwd():
                 return LSTMProjFunction.apply(p.x, p.h0, p.c0, p.w_ih, p.w_hh, p.w_hr, p.b_ih, p.b_hh,
                                               None, None, None, None, None, eps, allow_tf32, path)[0]
+            return fwd
+        if p.cell == "gru":  # step or graph (no persistent kernel)
+            def fwd():
+                return GRUFunction.apply(p.x, p.h0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, None, allow_tf32, path)[0]
             return fwd
         fused = _default_fused(p)
         if path == "persistent":
@@ -199,12 +210,12 @@ register_path("persistent", _on_path("persistent"), _triton_ready,
 
 # ------------------------------------------------------------------------------------- baselines
 def build_nn(p: Problem):
-    """torch.nn.LSTM / nn.RNN holding the problem's weights (cuDNN on CUDA)."""
+    """torch.nn.LSTM / nn.RNN / nn.GRU holding the problem's weights (cuDNN on CUDA)."""
     if p.cell == "lnlstm":
         raise ValueError("cuDNN has no layer-norm LSTM")
     lstm = p.cell in LSTM_CELLS
-    cls = torch.nn.LSTM if lstm else torch.nn.RNN
-    extra = {} if lstm else {"nonlinearity": "tanh"}
+    cls = torch.nn.LSTM if lstm else (torch.nn.GRU if p.cell == "gru" else torch.nn.RNN)
+    extra = {} if lstm or p.cell == "gru" else {"nonlinearity": "tanh"}
     if p.cell == "lstm_proj":
         extra = {"proj_size": proj_size(p.cell, p.H)}
     m = cls(p.H, p.H, num_layers=1, **extra).to(device=p.device, dtype=p.dtype)
@@ -244,18 +255,23 @@ def build_compile(p: Problem):
     elif p.cell in ("lstm", "lnlstm"):
         def step(xp_t, h, c, w_hh_t, *ln):
             return lstm_cell_ref(xp_t + h @ w_hh_t, c, ln if ln else None)
+    elif p.cell == "gru":
+        def step(xp_t, h, w_hh_t, b_hh):
+            return gru_cell_ref(xp_t, torch.addmm(b_hh, h, w_hh_t), h)
     else:
         def step(xp_t, h, w_hh_t):
             return rnn_cell_ref(xp_t + h @ w_hh_t, "tanh")
     cstep = torch.compile(step, dynamic=False)
 
     def fwd():
-        xp = F.linear(p.x, p.w_ih, p.b_ih + p.b_hh)
+        xp = F.linear(p.x, p.w_ih, p.b_ih if p.cell == "gru" else p.b_ih + p.b_hh)  # the GRU's b_hh: in hp
         w_hh_t = p.w_hh.t()
         h, c, outs = p.h0, p.c0, []
         for t in range(p.T):
             if p.cell == "rnn":
                 h = cstep(xp[t], h, w_hh_t)
+            elif p.cell == "gru":
+                h = cstep(xp[t], h, w_hh_t, p.b_hh)
             elif p.cell == "lstm_proj":
                 h, c = cstep(xp[t], h, c, w_hh_t, p.w_hr.t())
             else:
