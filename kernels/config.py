@@ -6,8 +6,9 @@ Buffer dtypes (docs/design.md, "Buffer dtypes"):
     operand dtype  the storage dtype for fp16 / bf16 inputs, else the state dtype: buffers read
                    only by tensor-core matmuls (the LSTM's hs, dG / dP, the plain LSTM's gates
                    and saved c).
-    The RNN's hs (tanh' = 1 - h² needs its precision) and the layer-norm LSTM's gates and c (its
-    backward recomputes the LayerNorm statistics from them) stay in the state dtype.
+    The RNN's hs (tanh' = 1 - h² needs its precision), the GRU's hs and saved gates (its slopes
+    and h_{t-1} - n cancel) and the layer-norm LSTM's gates and c (its backward recomputes the
+    LayerNorm statistics from them) stay in the state dtype.
 """
 from __future__ import annotations
 
