@@ -29,9 +29,11 @@ KINDS = {
     "lstm_cell": (fused_rnn.LSTMCell, {}),
     "lnlstm_cell": (fused_rnn.LSTMCell, dict(layer_norm=True)),
     "rnn_cell": (fused_rnn.RNNCell, dict(nonlinearity="relu")),
+    "gru": (fused_rnn.GRU, dict(num_layers=2, bidirectional=True)),
+    "gru_cell": (fused_rnn.GRUCell, {}),
 }
-TWINS = {fused_rnn.LSTM: nn.LSTM, fused_rnn.RNN: nn.RNN, fused_rnn.LSTMCell: nn.LSTMCell,
-         fused_rnn.RNNCell: nn.RNNCell}
+TWINS = {fused_rnn.LSTM: nn.LSTM, fused_rnn.RNN: nn.RNN, fused_rnn.GRU: nn.GRU, fused_rnn.LSTMCell: nn.LSTMCell,
+         fused_rnn.RNNCell: nn.RNNCell, fused_rnn.GRUCell: nn.GRUCell}
 
 
 def _make(kind, backend="reference", device="cpu", dtype=torch.float64):
@@ -199,8 +201,8 @@ class _WordModel(nn.Module):
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(ntokens, emsize)
-        if rnn_type == "LSTM":
-            self.rnn = lib.LSTM(emsize, nhid, nlayers, dropout=dropout, **rnn_kw)
+        if rnn_type in ("LSTM", "GRU"):  # the script's getattr(nn, rnn_type)
+            self.rnn = getattr(lib, rnn_type)(emsize, nhid, nlayers, dropout=dropout, **rnn_kw)
         else:
             self.rnn = lib.RNN(emsize, nhid, nlayers, nonlinearity="tanh", dropout=dropout,
                                **rnn_kw)
@@ -282,12 +284,12 @@ def _run_script(lib, rnn_type, device, tmp_path, sizes, epochs, **rnn_kw):
     return val_losses, saved_test, loaded, evaluate(loaded, test), math.log(len(vocab))
 
 
-@pytest.mark.parametrize("rnn_type", ["LSTM", "RNN_TANH"])
+@pytest.mark.parametrize("rnn_type", ["LSTM", "RNN_TANH", "GRU"])
 def test_word_language_model_script_trains_saves_and_reloads(rnn_type, tmp_path):
     sizes = dict(train=60, valid=10, test=10)
     val, saved_test, loaded, test_loss, uniform = _run_script(fused_rnn, rnn_type, "cpu", tmp_path,
                                                               sizes, 3)
-    assert type(loaded.rnn) is (fused_rnn.LSTM if rnn_type == "LSTM" else fused_rnn.RNN)
+    assert type(loaded.rnn) is getattr(fused_rnn, rnn_type.split("_")[0])
     assert test_loss == saved_test
     assert min(val) < 0.8 * uniform  # it learned the grammar's constraints
     # the same script with torch.nn's layer (the control): the same losses, from the same seed
