@@ -1,14 +1,19 @@
 """Helpers shared by the fused_rnn kernels: numerics-safe activations, the block matmul, the
 tile indexing, and the launchers' small utilities (buffer allocation, dot precision, the input
-projection and the GEMMs after a backward loop).
+projection, the GEMMs after a backward loop, and StepLauncher: the step loops' bound launch).
 
 Legend: B batch rows, H hidden units, K the reduction dimension of a block matmul.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver as _driver
+from triton.runtime.autotuner import Heuristics
+from triton.runtime.jit import JITFunction
 
 from . import config
 
@@ -105,6 +110,113 @@ def after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw):
         dw_ih = torch.mm(dP2.t(), config.zero_padding(x, lengths).reshape(T * B, I).to(gd)).to(w_ih.dtype)
         db = dP2.sum(0, dtype=sd)
     return dx, dh0, dw_ih, dw_hh, db
+
+
+# ---- the step loops' launch ----
+# A step path launches one kernel per time step with only t changing. Triton's kernel[grid](...)
+# binds and specialises every argument, looks the kernel up and runs @triton.heuristics each
+# time; StepLauncher does that once per sequence call (its first launch) and then calls the
+# CompiledKernel's launcher directly, with the arguments JITFunction.run would pass it.
+
+# JITFunction.run's lines the direct launch mirrors (Triton 3.6 to 3.9): bound_args holds every
+# parameter in signature order, constexprs included, and is passed after the launch metadata.
+_RUN_LINES = (
+    "bound_args, specialization, options = binder(*args, **kwargs)",
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
+    "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())",
+)
+_run_checked = {}  # JITFunction.run -> whether its source has _RUN_LINES
+
+# The path each step kernel's launcher took, by kernel name, set at each sequence call's first
+# launch: "direct", or "standard: why" (tests and bench/host_overhead.py read it).
+LAUNCH_PATHS = {}
+
+
+def _run_mirrored(run) -> bool:
+    if run not in _run_checked:
+        try:
+            src = " ".join(inspect.getsource(run).split())
+        except (OSError, TypeError):
+            src = ""
+        _run_checked[run] = all(line in src for line in _RUN_LINES)
+    return _run_checked[run]
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook would call anything: Triton 3.6+ keeps an empty HookChain when none is
+    set, and the launcher skips a None one (the direct launch passes None, the same effect)."""
+    from triton.knobs import HookChain
+
+    return hook is not None and (not isinstance(hook, HookChain) or bool(hook.calls))
+
+
+class StepLauncher:
+    """``kernel[grid](*args, **meta)`` once a time step, only the argument ``t`` changing:
+    ``step = StepLauncher(kernel, grid, ...); for t in steps: step(t)``.
+
+    The first call launches through Triton's dispatch, which compiles or finds the kernel and
+    returns it; the later ones launch that CompiledKernel directly (``how`` = "direct") unless
+    something needs the dispatch (``how`` = "standard: why"): the interpreter, a launch hook or
+    a replaced JITFunction.run (profilers, launch recorders), another Triton launch API, t
+    specialised, or options().direct_launch off. @triton.heuristics must not read t."""
+
+    def __init__(self, kernel, grid, *args, **meta):
+        self.kernel, self.grid, self.args, self.meta = kernel, grid, list(args), meta
+        self.jit = kernel.fn if isinstance(kernel, Heuristics) else kernel  # the JIT (or interpreted) function
+        self.t_at = kernel.arg_names.index("t")
+        self.how = None
+        self._launch = self._first
+
+    def __call__(self, t):
+        self._launch(t)
+
+    def _standard(self, t):
+        self.args[self.t_at] = t
+        return self.kernel[self.grid](*self.args, **self.meta)
+
+    def _direct(self, t):
+        call = self._call
+        call[self._t_call] = t
+        self._run(*call)
+
+    def _first(self, t):
+        compiled = self._standard(t)
+        why = self._bind(compiled)
+        self.how = "direct" if why is None else "standard: " + why
+        LAUNCH_PATHS[self.jit.fn.__name__] = self.how
+        self._launch = self._standard if why is not None else self._direct
+
+    def _bind(self, compiled):
+        """Set up the direct launch of ``compiled`` (None), or say why not."""
+        kernel, jit = self.kernel, self.jit
+        if not config.options().direct_launch:
+            return "options().direct_launch is off"
+        if type(jit) is not JITFunction or not hasattr(compiled, "packed_metadata"):
+            return "no compiled kernel (the interpreter)"
+        if not _run_mirrored(JITFunction.run):
+            return "JITFunction.run is not the one the direct launch mirrors"
+        if jit.pre_run_hooks:
+            return "a pre-run hook is set"
+        from triton import knobs  # _RUN_LINES read it: this Triton has it
+
+        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            return "a launch hook is set"
+        if callable(self.grid):
+            return "a grid function"
+        if not jit.params[jit.arg_names.index("t")].do_not_specialize:
+            return "t is specialised"
+        bound = dict(zip(kernel.arg_names, self.args), **self.meta)
+        for name, rule in getattr(kernel, "values", {}).items():  # as Heuristics.run, in order
+            bound[name] = rule(dict(bound))
+        if any(name not in bound for name in jit.arg_names):
+            return "an argument left to its default"
+        grid = tuple(self.grid) + (1, 1)
+        stream = _driver.active.get_current_stream(_driver.active.get_current_device())
+        self._run = compiled.run
+        self._call = [grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
+                      None] + [bound[name] for name in jit.arg_names]
+        self._t_call = 9 + jit.arg_names.index("t")
+        return None
 
 
 # ---- activations ----

@@ -97,6 +97,7 @@ class Options:
     cooperative_launch: bool = True  # persistent on CUDA: a cooperative launch
     merge_c: Optional[bool] = None  # LN persistent forward: 2 barriers a step (None: the rule)
     merge_bwd: bool = False  # LN persistent backward: 2 barriers a step
+    direct_launch: bool = True  # step path: launch the bound kernel after a step's first (_common.StepLauncher)
 
     def __post_init__(self):
         tiles = self.step_tiles.items() if isinstance(self.step_tiles, dict) else self.step_tiles

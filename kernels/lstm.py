@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import config, ln_lstm_persistent, lstm_persistent, tiles
 from ._common import (
+    StepLauncher,
     _carry_dot,
     _dsigmoid,
     _dtanh,
@@ -399,13 +400,14 @@ def lstm_fwd(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Te
         cc[0].copy_(c0)
         BB, BH, BK, nw = lstm_blocks(B, H, "fwd", fused, ln is not None, dt, sm_count(dev))
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+        step = StepLauncher(lstm_fwd_kernel, grid, xp, w_hh if fused else None, mm, hs, cs, cc, gates, lengths, gw, gb,
+                            cw, cb, 0, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH,
+                            BLOCK_K=BK, num_warps=nw)
+        w_t, cast = w_hh.t(), hs.dtype != w_hh.dtype  # once, not per step
         for t in range(T):
             if not fused:
-                torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
-            lstm_fwd_kernel[grid](
-                xp, w_hh if fused else None, mm, hs, cs, cc, gates, lengths, gw, gb, cw, cb,
-                t, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
-            )
+                torch.mm(hs[t].to(w_hh.dtype) if cast else hs[t], w_t, out=mm)
+            step(t)
     h_n = last_h(hs, lengths)
     c_n = cs[T].to(dt, copy=True)
     if gates_buf is None:
@@ -499,14 +501,14 @@ def lstm_bwd(dout: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torc
         lstm_persistent.lstm_bwd_loop(plan, gates, w_hh, cs, dout, dG, gh, gc, lengths, fma, ieee, upcast)
     else:
         grid = (nrb, triton.cdiv(H, BH))
+        step = StepLauncher(lstm_bwd_kernel, grid, gates, w_hh if fused else None, carry, cs, dout, dG, gh, gc, lengths,
+                            gw, gb, cw, cb, *parts, 0, T, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB,
+                            BLOCK_H=BH, BLOCK_K=BK, num_warps=nw)
+        cast = dG.dtype != w_hh.dtype
         for t in range(T - 1, -1, -1):
             if not fused:
-                torch.mm(dG[t + 1].to(w_hh.dtype), w_hh, out=carry)
-            lstm_bwd_kernel[grid](
-                gates, w_hh if fused else None, carry, cs, dout, dG, gh, gc, lengths, gw, gb, cw, cb, *parts,
-                t, T, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
-                num_warps=nw,
-            )
+                torch.mm(dG[t + 1].to(w_hh.dtype) if cast else dG[t + 1], w_hh, out=carry)
+            step(t)
 
     # after the loop: large GEMMs over all T·B rows
     dx, dh0, dw_ih, dw_hh, db = after_loop_grads(dG, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw)

@@ -30,7 +30,7 @@ import torch
 import triton
 
 from . import config
-from ._common import after_loop_grads, alloc, dot_flags
+from ._common import StepLauncher, after_loop_grads, alloc, dot_flags
 from .lstm import forward_buffers, last_h, ln_args, ln_grads, ln_partials, lstm_bwd_kernel, lstm_fwd_kernel
 from .tiles import lstm_blocks, sm_count
 
@@ -69,13 +69,13 @@ def lstm_proj_fwd(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: tor
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)  # unused by the unfused kernel
     BB, BH, BK, nw = lstm_blocks(B, H, "fwd", False, ln is not None, dt, sm_count(dev))
     grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+    step = StepLauncher(lstm_fwd_kernel, grid, xp, None, mm, hs, cs, cc, gates, lengths, gw, gb, cw, cb, 0, B, H, eps,
+                        FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw)
+    w_hh_t, w_hr_t = w_hh.t(), w_hr.t()  # once, not per step
     for t in range(T):
-        torch.mm(hp[t], w_hh.t(), out=mm)
-        lstm_fwd_kernel[grid](
-            xp, None, mm, hs, cs, cc, gates, lengths, gw, gb, cw, cb,
-            t, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
-        )
-        torch.mm(hs[t + 1], w_hr.t(), out=hp[t + 1])
+        torch.mm(hp[t], w_hh_t, out=mm)
+        step(t)
+        torch.mm(hs[t + 1], w_hr_t, out=hp[t + 1])
     return hp[1:], last_h(hp, lengths), cs[T].to(dt, copy=True), hp, hs, cs, gates_buf
 
 
@@ -119,7 +119,9 @@ def lstm_proj_bwd(dout: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x:
     nrb = triton.cdiv(B, BB)
     parts = ln_partials(ln, nrb, H, sd, dev)
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)  # unused by the unfused kernel
-    grid = (nrb, triton.cdiv(H, BH))
+    step = StepLauncher(lstm_bwd_kernel, (nrb, triton.cdiv(H, BH)), gates, None, carry, cs, du, dG, gh, gc, lengths, gw,
+                        gb, cw, cb, *parts, 0, T, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH,
+                        BLOCK_K=BK, num_warps=nw)
     for t in range(T - 1, -1, -1):
         torch.mm(dG[t + 1], w_hh, out=mm)  # slot T: zero
         if valid is None:
@@ -130,11 +132,7 @@ def lstm_proj_bwd(dout: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x:
             g_p.masked_fill_(valid[t + 1], 0.0).add_(mm)
             torch.add(dout[t], g_p, out=dhp[t]).masked_fill_(invalid[t], 0.0)
         torch.mm(dhp[t], w_hr_s, out=du[t])
-        lstm_bwd_kernel[grid](
-            gates, None, carry, cs, du, dG, gh, gc, lengths, gw, gb, cw, cb, *parts,
-            t, T, B, H, eps, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
-            num_warps=nw,
-        )
+        step(t)
 
     # hp in place of hs: dW_hh = Σ dG_tᵀ h_{t-1} (P wide), dh0 = dG_0 W_hh; g_p passes dh_n
     # through to h0 for a zero-length sequence

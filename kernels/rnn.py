@@ -24,7 +24,8 @@ import triton.language as tl
 
 from . import config, rnn_persistent, tiles
 from ._common import (
-    _carry_dot, _dtanh, _mm, _reverse_step_masks, _tanh, _tile, after_loop_grads, alloc, dot_flags, given, input_projection,
+    StepLauncher, _carry_dot, _dtanh, _mm, _reverse_step_masks, _tanh, _tile, after_loop_grads, alloc, dot_flags, given,
+    input_projection,
 )
 from .tiles import rnn_blocks, sm_count
 
@@ -196,13 +197,14 @@ def rnn_fwd(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
         mm = None if fused else alloc((B, H), w_hh.dtype, dev)
         BB, BH, BK, nw = rnn_blocks(B, H, "fwd", fused, dt, sm_count(dev))
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+        step = StepLauncher(rnn_fwd_kernel, grid, xp, w_hh if fused else None, mm, hs, out, lengths, 0, B, H,
+                            RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+                            num_warps=nw)
+        w_t, cast = w_hh.t(), hs.dtype != w_hh.dtype  # once, not per step
         for t in range(T):
             if not fused:
-                torch.mm(hs[t].to(w_hh.dtype), w_hh.t(), out=mm)
-            rnn_fwd_kernel[grid](
-                xp, w_hh if fused else None, mm, hs, out, lengths, t, B, H,
-                RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
-            )
+                torch.mm(hs[t].to(w_hh.dtype) if cast else hs[t], w_t, out=mm)
+            step(t)
     return out, hs[T].to(dt, copy=True), hs
 
 
@@ -235,13 +237,14 @@ def rnn_bwd(dout: torch.Tensor, dh_n: torch.Tensor, x: torch.Tensor, w_ih: torch
         carry = None if fused else alloc((B, H), w_hh.dtype, dev)
         BB, BH, BK, nw = rnn_blocks(B, H, "bwd", fused, dt, sm_count(dev))
         grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+        step = StepLauncher(rnn_bwd_kernel, grid, w_hh if fused else None, carry, hs, dout, dP, gh, lengths, 0, T,
+                            B, H, RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+                            num_warps=nw)
+        cast = dP.dtype != w_hh.dtype
         for t in range(T - 1, -1, -1):
             if not fused:
-                torch.mm(dP[t + 1].to(w_hh.dtype), w_hh, out=carry)
-            rnn_bwd_kernel[grid](
-                w_hh if fused else None, carry, hs, dout, dP, gh, lengths, t, T, B, H,
-                RELU=relu, FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
-            )
+                torch.mm(dP[t + 1].to(w_hh.dtype) if cast else dP[t + 1], w_hh, out=carry)
+            step(t)
 
     dx, dh0, dw_ih, dw_hh, db = after_loop_grads(dP, gh, x, hs, w_ih, w_hh, lengths, need_dx, need_dw)
     return dx, dh0.to(dt), dw_ih, dw_hh, db

@@ -271,6 +271,27 @@ def test_graph_matches_eager_across_calls_and_shapes(cell, ln):
 
 
 @requires_cuda
+@pytest.mark.parametrize("cell,ln,H", [("lstm", False, 48), ("lstm", True, 48), ("lstm", True, 160),
+                                      ("rnn", False, 48)], ids=["lstm", "lnlstm", "lnlstm-unfused", "rnn"])
+def test_step_direct_launch_matches_triton_dispatch(cell, ln, H):
+    """The step loops launch the bound kernel directly after each call's first step
+    (kernels._common.StepLauncher): bit for bit Triton's kernel[grid] dispatch, and what a graph
+    captures."""
+    from fused_rnn.kernels import _common
+
+    ins, lnp, L, ups = make(cell, 6, 5, 24, H, BF16, [6, 2, 0, 5, 3], ln)
+    _common.LAUNCH_PATHS.clear()
+    direct = run(cell, "step", ins, lnp, L, ups)
+    assert set(_common.LAUNCH_PATHS.values()) == {"direct"}, _common.LAUNCH_PATHS
+    with config.using(direct_launch=False):
+        dispatched = run(cell, "step", ins, lnp, L, ups)
+    assert set(_common.LAUNCH_PATHS.values()) == {"standard: options().direct_launch is off"}
+    for i, (a, b) in enumerate(zip(direct, dispatched)):
+        assert torch.equal(a, b), i
+    same(run(cell, "graph", ins, lnp, L, ups), direct)
+
+
+@requires_cuda
 def test_graph_outputs_do_not_alias_later_replays():
     ins, lnp, L, ups = make("lstm", 5, 4, 16, 32, F32)
     first = run("lstm", "graph", ins, lnp, L, ups)
