@@ -5,10 +5,12 @@ compiled for sm_90 on a machine without a GPU (the installed Triton and its bund
     python bench/sm90_tiles.py [--batches 3,16,64,256] [--hidden 16,32,64,100,128,256,512,1024,2048,4096]
                                [--dtypes bf16,fp16,fp32,tf32]
 
-One line per distinct (kernel, direction, dtype, tile): registers, spilled bytes, the first shape
-that chose it. tests/test_sm90_compile.py asserts no spill for a subset in CI; this sweeps the
-whole grid after a change to kernels/tiles.py (lstm_blocks, rnn_blocks) (it takes a few minutes:
-each tile is one compile). Exit status 1 if a tile spills, other than the unfused layer-norm
+One line per distinct (kernel, direction, dtype, tile, B and H's specialisation): registers,
+spilled bytes, the first shape that chose it, compiled as its launch specialises it
+(tests/conftest.py compile_sm90: B or H == 1 a constant, divisible by 16 an attribute).
+tests/test_sm90_compile.py asserts no spill for a subset in CI; this sweeps the whole grid after
+a change to kernels/tiles.py (lstm_blocks, rnn_blocks) (it takes a few minutes: each tile is one
+compile). Exit status 1 if a tile spills, other than the unfused layer-norm
 backward of a 4096-unit row (BLOCK_H 4096), which spills at any warp count (kernels.tiles.lstm_blocks).
 """
 import argparse
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
                     for name, cell, fused, ln in kinds:
                         kern, sig, const, nw = _case(cell, d, dt, H, fused, ln, True, B, tf32)
                         tile = (const["BLOCK_B"], const["BLOCK_H"], const["BLOCK_K"], nw)
-                        key = (name, d, dname, tile)
+                        spec = tuple("1" if v == 1 else "D" if v % 16 == 0 else "" for v in (B, H))
+                        key = (name, d, dname, tile, spec)
                         if key in seen:
                             continue
                         seen.add(key)

@@ -192,21 +192,96 @@ requires_sm90_compile = pytest.mark.skipif(
 )
 
 
-def compile_sm90(kernel, signature, constexprs, **options):
+# An H100 as Triton's launch sees it (compile_sm90): the driver's current target, device and
+# stream, and nothing else of a driver
+class _Sm90Driver:
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return "sm90-compile-only"  # a key of its own in each kernel's per-device caches
+
+    def get_current_stream(self, device):
+        return 0
+
+
+class _Launched(Exception):
+    """What JITFunction.run passed to its compile: (itself, signature, constexprs, options, attrs)."""
+
+
+class Ptr:
+    """A pointer argument as compile_sm90 takes it: a tensor's dtype and its data_ptr's offset in
+    bytes from a (256-byte aligned) CUDA allocation."""
+
+    def __init__(self, dtype, offset=0):
+        self.dtype, self.offset = dtype, offset
+
+    def data_ptr(self):
+        return 1 << 20 | self.offset
+
+
+def sm90_launch(launch):
+    """(JITFunction, signature, constexprs, options, attrs) that Triton's own launch path computes
+    for the first kernel ``launch()`` launches, as on an H100: it runs up to that kernel's compile
+    under a stand-in sm_90 driver (through @triton.heuristics and a launcher's Python too), which
+    hands over what it would compile instead. Raises if this Triton's launch path is not the one
+    read here, or if ``launch`` launches nothing."""
+    import inspect
+
+    import triton
+    from triton.runtime import jit
+    from triton.runtime.driver import driver
+
+    cls = jit.JITFunction
+    params = list(inspect.signature(cls._do_compile).parameters)
+    assert params == ["self", "key", "signature", "device", "constexprs", "options", "attrs", "warmup"], \
+        f"Triton {triton.__version__}: JITFunction._do_compile{params} is not the one compile_sm90 reads"
+
+    def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        raise _Launched(self, signature, constexprs, options, attrs)
+
+    saved, orig = driver._active, cls.__dict__["_do_compile"]
+    driver.set_active(_Sm90Driver())
+    cls._do_compile = do_compile
+    try:
+        launch()
+    except _Launched as e:
+        return e.args
+    finally:
+        cls._do_compile = orig
+        driver.set_active(saved)
+    raise AssertionError(f"{launch}: launched no kernel")
+
+
+def sm90_specialization(kernel, args, **options):
+    """sm90_launch of ``kernel[grid](**args, **options)``. ``args``: every argument by name, with
+    its launch value: a tensor, a Ptr, or "*bf16" (a base pointer of an allocation, as every
+    launcher passes), ints (B, H: Triton specialises == 1 and % 16), floats, constexprs."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64,
+              "i64": torch.int64, "i32": torch.int32}
+    vals = {}
+    for k, v in args.items():
+        if isinstance(v, str):
+            assert v.startswith("*"), f"{k}={v!r}: give a scalar's launch value (Triton specialises on it)"
+            v = Ptr(dtypes[v[1:]])
+        vals[k] = v
+    return sm90_launch(lambda: kernel[(1,)](**vals, **options))
+
+
+def compile_sm90(kernel, args, constexprs=None, **options):
     """Compile a @triton.jit kernel (or its @triton.heuristics wrapper) for sm_90 with the
-    installed Triton and its bundled ptxas; returns the compiled kernel (.asm["ptx"], .n_regs...).
-    ``signature``: the non-constexpr arguments' types; ``constexprs``: the rest, None included."""
+    installed Triton and its bundled ptxas exactly as ``kernel[grid](**args, **constexprs,
+    **options)`` would on an H100 (sm90_specialization: the same signature, constants and
+    tt.divisibility attributes); returns the compiled kernel (.asm["ptx"], .n_regs...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    sig = dict(signature)
-    sig.update({k: "constexpr" for k in constexprs})
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    fn, signature, consts, opts, attrs = sm90_specialization(kernel, {**args, **(constexprs or {})}, **options)
+    return triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=opts.__dict__)
 
 
 def triton_36() -> bool:
@@ -219,28 +294,32 @@ def triton_36() -> bool:
     return triton.__version__.startswith("3.6.")
 
 
-def ptxas_usage(compiled):
-    """(registers, spill-store bytes) of a compiled sm_90 kernel, from ``ptxas -v`` on its PTX with
-    the ptxas Triton itself uses for sm_90; None when this Triton does not expose that tool."""
+def res_usage(compiled) -> dict:
+    """REG, STACK, SHARED... of a compiled sm_90 kernel's cubin (the binary Triton built, with its
+    own ptxas options), from the cuobjdump bundled with Triton; {} when it bundles none."""
     import re
     import subprocess
     import tempfile
 
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
+    import triton
 
-        ptxas = get_ptxas(90).path
-    except Exception:  # an older Triton: no such helper (the caller then skips this check)
-        return None
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(compiled.asm["ptx"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
         f.flush()
-        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                           capture_output=True, text=True, check=True)
-    regs = re.search(r"Used (\d+) registers", r.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
-    assert regs and spill, r.stderr
-    return int(regs.group(1)), int(spill.group(1))
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", text)}
+
+
+def ptxas_usage(compiled):
+    """(registers, spilled bytes) of a compiled sm_90 kernel: its cubin's registers and stack
+    bytes (res_usage; no kernel here keeps a local array, so stack is spills). Not ``ptxas -v`` on
+    the PTX: Triton's own ptxas options change both (3.9 adds --regAllocOptLevel=2: the LSTM LL
+    backward at S4, 90 registers and none spilled, reads 80 and 20 B there). None without cuobjdump."""
+    use = res_usage(compiled)
+    return (use["REG"], use["STACK"]) if use else None
 
 
 @pytest.fixture(autouse=True)

@@ -3,12 +3,14 @@
 The interpreter lane runs the kernels' Python, not their compiled form; this lane runs Triton's
 real compiler and the bundled ptxas for sm_90 on every step-kernel variant the launchers pick
 (fused and unfused, plain and layer-norm LSTM, tanh and ReLU RNN, lengths or none) in each
-storage dtype, with the launchers' buffer dtypes (kernels.config) and at the block sizes the
-launchers choose (kernels.tiles.lstm_blocks, rnn_blocks), so a kernel that cannot compile
-for the GPU (a dot of the wrong shape, a dtype mix the backend rejects) fails in CI, not on the
-scarce GPU machine. ``ptxas -v`` then says how many registers each uses and whether it spills:
-none may, except where a test names the exception (fp64, the gradcheck dtype, is not checked for
-spills; the unfused layer-norm backward of one 4096-unit row spills at any warp count).
+storage dtype, with the launchers' buffer dtypes (kernels.config), at the block sizes the
+launchers choose (kernels.tiles.lstm_blocks, rnn_blocks) and specialised as a launch at the
+shape each test names (conftest.compile_sm90: B, H and the base pointers divisible by 16), so
+a kernel that cannot compile for the GPU (a dot of the wrong shape, a dtype mix the backend
+rejects) fails in CI, not on the scarce GPU machine. The cubin Triton built then says how many
+registers each uses and whether it spills (conftest.ptxas_usage): none may, except where a
+test names the exception (fp64, the gradcheck dtype, is not checked for spills; the unfused
+layer-norm backward of one 4096-unit row spills at any warp count).
 """
 import pytest
 
@@ -18,6 +20,7 @@ pytestmark = requires_sm90_compile
 
 TY = {F64: "fp64", F32: "fp32", F16: "fp16", BF16: "bf16"}
 B = 16
+T = 1024  # t and T are not specialised (do_not_specialize); B and H are, as each test names them
 
 
 def _flags(dtype, tf32=False):
@@ -37,12 +40,12 @@ def _lstm_case(direction, dtype, H, fused, ln, lengths, batch=B, tf32=False):
     ln_ptrs = ("gw_ptr", "gb_ptr", "cw_ptr", "cb_ptr")
     if direction == "fwd":
         sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{hs}", cs_ptr=f"*{cs}", cc_ptr=f"*{st}",
-                   gates_ptr=f"*{gates}", t="i32", B="i32", H="i32", eps="fp32")
+                   gates_ptr=f"*{gates}", t=0, B=batch, H=H, eps=config.LN_EPS)
         const["STORE_GATES"] = True
         kern = K.lstm_fwd_kernel
     else:
         sig = dict(gates_ptr=f"*{gates}", cs_ptr=f"*{cs}", dout_ptr=f"*{dt}", dg_ptr=f"*{dg}", gh_ptr=f"*{st}",
-                   gc_ptr=f"*{st}", t="i32", T="i32", B="i32", H="i32", eps="fp32")
+                   gc_ptr=f"*{st}", t=0, T=T, B=batch, H=H, eps=config.LN_EPS)
         kern = K.lstm_bwd_kernel
         ln_ptrs += ("dgw_ptr", "dgb_ptr", "dcw_ptr", "dcb_ptr")
     # the unfused kernels read torch's matmul result, in W_hh's dtype
@@ -74,11 +77,10 @@ def _rnn_case(direction, dtype, H, fused, lengths, batch=B, tf32=False):
                  **_flags(dtype, tf32))
     # the RNN's hs stays in the state dtype (kernels.config)
     if direction == "fwd":
-        sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", out_ptr=f"*{dt}", t="i32", B="i32", H="i32")
+        sig = dict(xp_ptr=f"*{dt}", hs_ptr=f"*{st}", out_ptr=f"*{dt}", t=0, B=batch, H=H)
         kern, other = K.rnn_fwd_kernel, "mm_ptr"
     else:
-        sig = dict(hs_ptr=f"*{st}", dout_ptr=f"*{dt}", dp_ptr=f"*{dp}", gh_ptr=f"*{st}", t="i32", T="i32",
-                   B="i32", H="i32")
+        sig = dict(hs_ptr=f"*{st}", dout_ptr=f"*{dt}", dp_ptr=f"*{dp}", gh_ptr=f"*{st}", t=0, T=T, B=batch, H=H)
         kern, other = K.rnn_bwd_kernel, "carry_ptr"
         const["RELU"] = True
     if fused:
@@ -197,12 +199,14 @@ def test_lstm_proj_backward_compiles_without_spilling(dtype, ln, H):
 
 
 def test_the_former_step_tiles_spilled():
-    """The control: the former plain LSTM forward tile (16 x 32, BLOCK_K 64, 4 warps) spills in
-    fp32, so the check above can fail."""
+    """The control: the fused layer-norm LSTM backward over a whole 256-unit row (8 warps; the
+    tile rules run the GEMM plus the pointwise kernel above 128 units) spills in fp32, so the
+    check above can fail. (The former plain forward tile, 16 x 32 with BLOCK_K 64 and 4 warps,
+    spilled only as compiled without the launch's specialisation.)"""
     from fused_rnn.kernels import config
 
-    with config.using(step_tiles=dict(BLOCK_B=16, BLOCK_H=32, BLOCK_K=64, num_warps=4)):
-        kern, sig, const, nw = _case("lstm", "fwd", F32, 256, True, False, True)
+    with config.using(step_tiles=dict(BLOCK_B=16, BLOCK_H=256, BLOCK_K=64, num_warps=8)):
+        kern, sig, const, nw = _case("lstm", "bwd", F32, 256, True, True, True)
     usage = ptxas_usage(compile_sm90(kern, sig, const, num_warps=nw))
     if usage is None:
         pytest.skip("this Triton does not expose its ptxas")
@@ -223,3 +227,50 @@ def test_sm90_tiles_script():
     lines = [ln for ln in p.stdout.splitlines() if " tile " in ln]
     assert len(lines) == 10 and all(ln.endswith(" 0 B spilled") for ln in lines), p.stdout
     assert "10 tiles, 0 spilling" in p.stdout
+
+
+def test_compile_sm90_specialises_as_a_launch():
+    """compile_sm90 compiles what a launch on an H100 does: B and H divisible by 16 and base
+    pointers carry tt.divisibility (vectorised loads), B3 H10 and a pointer 4 bytes into its
+    allocation do not, an int equal to 1 is a constant; and the cases here specialise as the
+    launchers' own calls do (their first launch, recorded on CPU tensors at B16 H256)."""
+    import re
+
+    import torch
+
+    from conftest import Ptr, sm90_launch, sm90_specialization
+    from fused_rnn.kernels import lstm as LK, rnn as RK
+
+    kern, sig, const, nw = _case("rnn", "fwd", F32, 256, True, None, True)
+    ck = compile_sm90(kern, sig, const, num_warps=nw)
+    ttir, ptx = ck.asm["ttir"], ck.asm["ptx"]
+    for arg in ("%B: i32", "%H: i32", "%xp_ptr: !tt.ptr<f32>", "%hs_ptr: !tt.ptr<f32>"):
+        assert f"{arg} {{tt.divisibility = 16 : i32}}" in ttir, arg
+    assert re.search(r"ld\.global\.v[24]\.", ptx), "no vectorised load at B16 H256"
+    ck = compile_sm90(kern, dict(sig, B=3, H=10, hs_ptr=Ptr(torch.float32, 4)), const, num_warps=nw)
+    ttir, ptx = ck.asm["ttir"], ck.asm["ptx"]
+    for arg in ("%B: i32", "%H: i32", "%hs_ptr: !tt.ptr<f32>"):
+        assert f"{arg} loc(" in ttir, arg
+    assert "%xp_ptr: !tt.ptr<f32> {tt.divisibility = 16 : i32}" in ttir
+    assert not re.search(r"ld\.global\.v[24]\.", ptx)
+    fn, signature, consts, _, _ = sm90_specialization(kern, dict(sig, B=1, **const), num_warps=nw)
+    assert signature["B"] == "constexpr" and consts[(fn.arg_names.index("B"),)] == 1
+
+    B, T, H, f32 = 16, 2, 256, torch.float32
+    x, h0, L = torch.randn(T, B, 8), torch.zeros(B, H), torch.full((B,), T)
+    w_ih, w_hh = torch.randn(4 * H, 8), torch.randn(4 * H, H)
+    hs, cs, gates = torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, 4 * H)
+    launches = {
+        ("lstm", "fwd"): lambda: LK.lstm_fwd(x, h0, h0, w_ih, w_hh, lengths=L, fused=True, save_gates=True),
+        ("lstm", "bwd"): lambda: LK.lstm_bwd(hs[1:], h0, h0, x, w_ih, w_hh, hs, cs, gates, lengths=L, fused=True),
+        ("rnn", "fwd"): lambda: RK.rnn_fwd(x, h0, w_ih[:H], w_hh[:H, :H], lengths=L),
+        ("rnn", "bwd"): lambda: RK.rnn_bwd(hs[1:], h0, x, w_ih[:H], w_hh[:H, :H], hs, lengths=L,
+                                           nonlinearity="relu"),
+    }
+    for (cell, d), launch in launches.items():
+        real = sm90_launch(launch)
+        kern, sig, const, nw = _case(cell, d, f32, H, True, False if cell == "lstm" else None, True)
+        ours = sm90_specialization(kern, {**sig, **const}, num_warps=nw)
+        assert real[0] is ours[0] and real[1:3] == ours[1:3] and real[4] == ours[4], (cell, d)
+        assert real[3].__dict__ == ours[3].__dict__, (cell, d)  # the compile options
+
