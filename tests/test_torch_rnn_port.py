@@ -3,7 +3,7 @@ every backend ("triton" with tiny sizes: it runs under the interpreter here).
 
 Sources: pytorch/pytorch test/test_nn.py (TestNN, TestNNDeviceType; read at commit 74f2fa66) and
 the RNN entries of torch/testing/_internal/common_modules.py (module_inputs_* / module_error_inputs_*
-of nn.RNN, nn.LSTM, nn.RNNCell, nn.LSTMCell, as installed). Each check keeps torch's tolerance
+of nn.RNN, nn.LSTM, nn.GRU and their cells, as installed). Each check keeps torch's tolerance
 (assertEqual's defaults where the test gives none); "cuDNN" / "CUDA" in a name marks the fast path,
 which here is the backend under test. TORCH_TESTS lists every torch test considered.
 """
@@ -22,11 +22,10 @@ import fused_rnn
 from conftest import requires_kernels
 from fused_rnn import _backend
 
-NO_GRU = "n/a: fused_rnn has no GRU yet (issue 22)"
 TORCH_TESTS = {  # torch's test -> the test here that checks what it checks, or "n/a: why"
     # test_nn.py, TestNN
     **dict.fromkeys(["test_RNN_cell", "test_LSTM_cell"], "test_cell_smoke"),
-    "test_RNN_cell_forward_zero_hidden_size": "test_rnn_cell_zero_hidden_size",  # GRUCell: n/a
+    "test_RNN_cell_forward_zero_hidden_size": "test_rnn_cell_zero_hidden_size",
     **dict.fromkeys(["test_RNN_cell_no_broadcasting", "test_LSTM_cell_forward_input_size",
                      "test_LSTM_cell_forward_hidden_size"], "test_cell_no_broadcasting"),
     "test_pack_sequence_batch_sizes_throw": "n/a: CUDA only, and PackedSequence's own check (no module runs)",
@@ -39,8 +38,7 @@ TORCH_TESTS = {  # torch's test -> the test here that checks what it checks, or 
     **dict.fromkeys(["test_rnn_check_device", "test_projections_lstm_check_device"], "test_check_device"),
     **dict.fromkeys(["test_rnn_initial_hidden_state", "test_projections_lstm_initial_hidden_state"],
                     "test_initial_hidden_state"),
-    "test_projections_errors_on_gru_and_rnn": "test_projections_errors_on_rnn",  # GRU: n/a
-    # GRU rows: n/a
+    "test_projections_errors_on_gru_and_rnn": "test_projections_errors_on_rnn",
     **dict.fromkeys(["test_RNN_cpu_vs_cudnn_no_dropout", "test_RNN_cpu_vs_cudnn_with_dropout"], "test_cpu_vs_cudnn"),
     "test_RNN_cudnn_weight_norm": "test_weight_norm",
     "test_partial_flat_weights": "test_partial_flat_weights",
@@ -52,8 +50,7 @@ TORCH_TESTS = {  # torch's test -> the test here that checks what it checks, or 
     # test_nn.py, TestNNDeviceType
     "test_rnn_retain_variables": "test_rnn_retain_variables",
     "test_lstmcell_backward_only_one_output_grad": "test_lstmcell_backward_only_one_output_grad",
-    "test_LSTM_grad_and_gradgrad": "test_lstm_grad_and_gradgrad",
-    "test_GRU_grad_and_gradgrad": NO_GRU,
+    **dict.fromkeys(["test_LSTM_grad_and_gradgrad", "test_GRU_grad_and_gradgrad"], "test_grad_and_gradgrad"),
     "test_LSTM_differentiable_backward_using_oneDNN": "n/a: compares torch's CPU LSTM with oneDNN on and off",
     "test_save_lstm_compatibility": "test_save_lstm_compatibility",
     "test_variable_sequence": "test_variable_sequence",
@@ -63,7 +60,7 @@ TORCH_TESTS = {  # torch's test -> the test here that checks what it checks, or 
     "TestModule.test_grad / test_gradgrad": "test_module_info_grad",
     "TestModule.test_non_contiguous_tensors": "test_cpu_vs_cudnn",  # its non-contiguous rows
     "TestModule.test_pickle / test_save_load": "test_rnn_dropout_state",  # torch.save / load of the module
-    "ModuleInfo(nn.GRU), ModuleInfo(nn.GRUCell)": NO_GRU,
+    "ModuleInfo(nn.GRU), ModuleInfo(nn.GRUCell)": "test_module_info_no_batch_dim",  # and _errors, _grad
     "TestModule.test_cpu_gpu_parity / test_multiple_device_transfer": "n/a: need CUDA (parity: test_cpu_vs_cudnn)",
     "TestModule.test_memory_format": "n/a: channels_last layouts of convolution inputs; RNN inputs have none",
     "TestModule.test_if_train_and_eval_modes_differ": "n/a: checks ModuleInfo's train_and_eval_differ flag itself",
@@ -113,7 +110,7 @@ def test_torch_test_list_is_honest():
 
 # ------------------------------------------------------------------ TestNN: cells
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell"])
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
 def test_cell_smoke(name, backend):
     """test_RNN_cell / test_LSTM_cell: six steps and a backward, with and without bias (here
     also compared with torch.nn's cell)."""
@@ -122,10 +119,10 @@ def test_cell_smoke(name, backend):
         x, h, c = torch.randn(3, 10), torch.randn(3, 20), torch.randn(3, 20)
         results = []
         for m in (ref, ours):
-            hx = h if name == "RNNCell" else (h, c)
+            hx = h if name != "LSTMCell" else (h, c)
             for _ in range(6):
                 hx = m(x, hx)
-            (hx if name == "RNNCell" else hx[0] + hx[1]).sum().backward()
+            (hx if name != "LSTMCell" else hx[0] + hx[1]).sum().backward()
             results.append((hx, [p.grad for p in m.parameters()]))
         assert_close(results[1], results[0])
 
@@ -135,6 +132,7 @@ def test_rnn_cell_zero_hidden_size(backend):
     for nonlinearity in ("relu", "tanh"):
         cell = fused_rnn.RNNCell(10, 0, nonlinearity=nonlinearity, backend=backend)
         assert cell(torch.randn(3, 10), torch.randn(3, 0)).shape == (3, 0)
+    assert fused_rnn.GRUCell(10, 0, backend=backend)(torch.randn(3, 10), torch.randn(3, 0)).shape == (3, 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -208,6 +206,8 @@ def test_check_device(mode, kw, backend):
 def test_projections_errors_on_rnn(backend):
     with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM, not RNN or GRU"):
         fused_rnn.RNN(30, 20, 2, proj_size=10, backend=backend)
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM, not RNN or GRU"):
+        fused_rnn.GRU(30, 20, 2, proj_size=10, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -265,7 +265,7 @@ def _run_cudnn_case(rnn, x, hx, grad_out, grad_hy, grad_cy):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dropout", [0, 1], ids=["no_dropout", "with_dropout"])
-@pytest.mark.parametrize("module", ["RNN", "LSTM", "LSTM_proj", "RNN_nonlinearity"])
+@pytest.mark.parametrize("module", ["RNN", "LSTM", "LSTM_proj", "RNN_nonlinearity", "GRU"])
 def test_cpu_vs_cudnn(module, dropout, backend):
     """_test_RNN_cpu_vs_cudnn: outputs, final states and every gradient of the backend against
     torch.nn on the CPU, fp64, atol 5e-5, rtol 0, over bias, bidirectional, batch_first,
@@ -465,11 +465,12 @@ def _gradgrad(f, ins, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lstm_grad_and_gradgrad(backend):
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_grad_and_gradgrad(name, backend):
     """gradcheck and gradgradcheck in fp64."""
     inp = torch.rand(1, 3, 4, dtype=F64, requires_grad=True)
     for bias in (True, False):
-        mod = fused_rnn.LSTM(4, 4, bias=bias, backend=backend).double()
+        mod = getattr(fused_rnn, name)(4, 4, bias=bias, backend=backend).double()
         f = lambda x: _flat(mod(x))  # noqa: E731
         assert torch.autograd.gradcheck(f, (inp,), check_batched_grad=False)
         _gradgrad(f, (inp,), backend)
@@ -542,6 +543,10 @@ def _module_samples(backend):
         kw = dict(num_layers=2, batch_first=bf, bias=b, bidirectional=bidir, nonlinearity=nl)
         out += [("RNN", dict(kw, input_size=2, hidden_size=2), (3, 2), None),
                 ("RNN", dict(kw, input_size=2, hidden_size=3), (3, 2), [(4 if bidir else 2, 3)])]
+        if nl == "tanh":  # the GRU's rows: torch's is_rnn=False, the same flags
+            del kw["nonlinearity"]
+            out += [("GRU", dict(kw, input_size=2, hidden_size=2), (3, 2), None),
+                    ("GRU", dict(kw, input_size=2, hidden_size=3), (3, 2), [(4 if bidir else 2, 3)])]
     for b, bf, bidir, proj in lstm_rows:
         kw = dict(input_size=2, hidden_size=3, num_layers=2, proj_size=proj, batch_first=bf, bias=b,
                   bidirectional=bidir)
@@ -550,7 +555,8 @@ def _module_samples(backend):
     cell = dict(input_size=5, hidden_size=10)
     out += [("RNNCell", cell, (5,), [(10,)]), ("RNNCell", dict(cell, bias=True), (5,), [(10,)]),
             ("RNNCell", dict(cell, bias=True, nonlinearity="relu"), (5,), [(10,)]),
-            ("LSTMCell", cell, (5,), [(10,), (10,)]), ("LSTMCell", dict(cell, bias=True), (5,), [(10,), (10,)])]
+            ("LSTMCell", cell, (5,), [(10,), (10,)]), ("LSTMCell", dict(cell, bias=True), (5,), [(10,), (10,)]),
+            ("GRUCell", cell, (5,), [(10,)]), ("GRUCell", dict(cell, bias=True), (5,), [(10,)])]
     return out
 
 
@@ -614,7 +620,7 @@ CELL_ERRORS = [  # module_error_inputs_torch_nn_RNN_GRU_Cell / _LSTMCell: input,
 def test_module_info_errors(backend):
     """TestModule.test_errors: the exception type and message torch's ModuleInfo expects, from
     torch.nn and fused_rnn alike."""
-    for name in ("RNN", "LSTM"):
+    for name in ("RNN", "LSTM", "GRU"):
         for args, kw, exc, pattern in CTOR_ERRORS:
             _raises_like(lambda: getattr(nn, name)(*args, **kw),
                          lambda: getattr(fused_rnn, name)(*args, **kw, backend=backend), exc, pattern)
@@ -622,11 +628,12 @@ def test_module_info_errors(backend):
         x = torch.randn(2, 4, 3, dtype=F64)
         _raises_like(lambda: ref(x), lambda: ours(x), ValueError, r"RNN input dtype .* does not match weight "
                      r"dtype .* Convert input: input\.to\(.*\), or convert model: model\.to\(.*\)")
-    for name, kw in [("RNNCell", {"nonlinearity": "tanh"}), ("RNNCell", {"nonlinearity": "relu"}), ("LSTMCell", {})]:
+    for name, kw in [("RNNCell", {"nonlinearity": "tanh"}), ("RNNCell", {"nonlinearity": "relu"}), ("LSTMCell", {}),
+                     ("GRUCell", {})]:
         ref, ours = _pair(name, 10, 20, backend=backend, **kw)
         for xs, hs, exc, pattern in CELL_ERRORS:
             x, h = torch.randn(xs), torch.randn(hs)
-            hx = h if name == "RNNCell" else (h, h)
+            hx = h if name != "LSTMCell" else (h, h)
             _raises_like(lambda: ref(x, hx), lambda: ours(x, hx), exc, pattern)
 
 
@@ -637,7 +644,10 @@ def test_module_info_grad(backend):
     samples = [("RNN", dict(input_size=2, hidden_size=3, num_layers=2, bidirectional=True), (3, 1, 2), [(4, 1, 3)]),
                ("LSTM", dict(input_size=2, hidden_size=3, proj_size=2), (3, 2), [(1, 2), (1, 3)]),
                ("RNNCell", dict(input_size=2, hidden_size=3), (2, 2), [(2, 3)]),
-               ("LSTMCell", dict(input_size=2, hidden_size=3), (2,), [(3,), (3,)])]
+               ("LSTMCell", dict(input_size=2, hidden_size=3), (2,), [(3,), (3,)]),
+               ("GRU", dict(input_size=2, hidden_size=3), (3, 2), [(1, 3)])]
+    if backend == "reference":  # on triton the GRU's row runs the same sequence op
+        samples.append(("GRUCell", dict(input_size=2, hidden_size=3), (2, 2), [(2, 3)]))
     for name, kw, xs, hs in samples:
         m = getattr(fused_rnn, name)(**kw, backend=backend).double()
         names = [n for n, _ in m.named_parameters()]
