@@ -23,8 +23,8 @@ import triton.language as tl
 
 from . import config
 from ._common import (
-    _carry_dot, _dsigmoid, _dtanh, _load_gates, _mm, _reverse_step_masks, _sigmoid, _store_gates, _tanh, _tile,
-    alloc, dot_flags, given, input_projection,
+    StepLauncher, _carry_dot, _dsigmoid, _dtanh, _load_gates, _mm, _reverse_step_masks, _sigmoid, _store_gates, _tanh,
+    _tile, alloc, dot_flags, given, input_projection,
 )
 from .rnn import unsupported  # noqa: F401 (the RNN's rule: the kernels tile H and K; w_hh [3H, H])
 from .tiles import gru_blocks, sm_count
@@ -190,11 +190,10 @@ def gru_fwd(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     BB, BH, BK, nw = gru_blocks(B, H, "fwd", dt, sm_count(dev))
     grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+    step = StepLauncher(gru_fwd_kernel, grid, xp, w_hh, b_hh, hs, gates, out, lengths, 0, B, H,
+                        FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw)
     for t in range(T):
-        gru_fwd_kernel[grid](
-            xp, w_hh, b_hh, hs, gates, out, lengths, t, B, H,
-            FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
-        )
+        step(t)
     return out, hs[T].to(dt, copy=True), hs, gates
 
 
@@ -226,11 +225,10 @@ def gru_bwd(dout: torch.Tensor, dh_n: torch.Tensor, x: torch.Tensor, w_ih: torch
     fma, ieee, upcast = dot_flags(w_hh.dtype, allow_tf32, dev)
     BB, BH, BK, nw = gru_blocks(B, H, "bwd", dt, sm_count(dev))
     grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
+    step = StepLauncher(gru_bwd_kernel, grid, w_hh, hs, gates, dout, dxp, dhp, gh, lengths, 0, T, B, H,
+                        FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw)
     for t in range(T - 1, -1, -1):
-        gru_bwd_kernel[grid](
-            w_hh, hs, gates, dout, dxp, dhp, gh, lengths, t, T, B, H,
-            FMA=fma, IEEE=ieee, UPCAST=upcast, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, num_warps=nw,
-        )
+        step(t)
 
     # after the loop: large GEMMs over all T·B rows
     dh0 = gh + torch.mm(dhp[0], w_hh.to(gd)).to(sd)

@@ -2,9 +2,9 @@
 
 The interpreter lane runs the kernels' Python, not their compiled form; this lane runs Triton's
 real compiler and the bundled ptxas for sm_90 on every step-kernel variant the launchers pick
-(fused and unfused, plain and layer-norm LSTM, tanh and ReLU RNN, lengths or none) in each
+(fused and unfused, plain and layer-norm LSTM, tanh and ReLU RNN, GRU, lengths or none) in each
 storage dtype, with the launchers' buffer dtypes (kernels.config), at the block sizes the
-launchers choose (kernels.tiles.lstm_blocks, rnn_blocks) and specialised as a launch at the
+launchers choose (kernels.tiles.lstm_blocks, rnn_blocks, gru_blocks) and specialised as a launch at the
 shape each test names (conftest.compile_sm90: B, H and the base pointers divisible by 16), so
 a kernel that cannot compile for the GPU (a dot of the wrong shape, a dtype mix the backend
 rejects) fails in CI, not on the scarce GPU machine. The cubin Triton built then says how many
@@ -274,3 +274,72 @@ def test_compile_sm90_specialises_as_a_launch():
         assert real[0] is ours[0] and real[1:3] == ours[1:3] and real[4] == ours[4], (cell, d)
         assert real[3].__dict__ == ours[3].__dict__, (cell, d)  # the compile options
 
+
+def _gru_case(direction, dtype, H, lengths, batch=B, bias=True, tf32=False):
+    """The GRU step kernels as kernels/gru.py launches them: hs and the saved gates in the state
+    dtype, dxp / dhp in the grad dtype, b_hh and lengths given or not."""
+    from fused_rnn.kernels import config, gru as K
+    from fused_rnn.kernels.tiles import gru_blocks
+
+    st, dt, gd = TY[config.state_dtype(dtype)], TY[dtype], TY[config.grad_dtype(dtype)]
+    BB, BH, BK, nw = gru_blocks(batch, H, direction, dtype)
+    const = dict(HAS_LENGTHS=lengths, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, **_flags(dtype, tf32))
+    if direction == "fwd":
+        sig = dict(xp_ptr=f"*{dt}", w_ptr=f"*{dt}", hs_ptr=f"*{st}", gates_ptr=f"*{st}", out_ptr=f"*{dt}",
+                   t=0, B=batch, H=H)
+        const["HAS_BIAS"] = bias
+        sig["b_ptr"] = f"*{dt}" if bias else None
+        kern = K.gru_fwd_kernel
+    else:
+        sig = dict(w_ptr=f"*{dt}", hs_ptr=f"*{st}", gates_ptr=f"*{st}", dout_ptr=f"*{dt}", dxp_ptr=f"*{gd}",
+                   dhp_ptr=f"*{gd}", gh_ptr=f"*{st}", t=0, T=T, B=batch, H=H)
+        kern = K.gru_bwd_kernel
+    sig["len_ptr"] = "*i64" if lengths else None
+    return kern, sig, const, nw
+
+
+# every dtype at B16 H512 (16 x 16; fp64 16 x 32), no bias and no lengths once, and the other
+# tiles the rule picks: 64 x 32 at B256 H1024 (S3), 16 x 32 at B64 H512 (S2), fp32 with TF32
+def _gru_cases():
+    for dtype in (BF16, F16, F32, F64):
+        for direction in ("fwd", "bwd"):
+            yield pytest.param(direction, dtype, 16, 512, True, True, False, id=f"{TY[dtype]}-{direction}-B16-H512")
+    for direction in ("fwd", "bwd"):
+        yield pytest.param(direction, BF16, 16, 256, False, False, False, id=f"bf16-{direction}-nobias-nolengths")
+        for batch, H in ((256, 1024), (64, 512)):
+            yield pytest.param(direction, BF16, batch, H, True, True, False, id=f"bf16-{direction}-B{batch}-H{H}")
+        yield pytest.param(direction, F32, 256, 1024, True, True, True, id=f"fp32-tf32-{direction}-B256-H1024")
+
+
+@pytest.mark.parametrize("direction,dtype,batch,H,lengths,bias,tf32", list(_gru_cases()))
+def test_gru_step_kernels_compile_without_spilling(direction, dtype, batch, H, lengths, bias, tf32):
+    kern, sig, const, nw = _gru_case(direction, dtype, H, lengths, batch, bias, tf32)
+    ck = compile_sm90(kern, sig, const, num_warps=nw)
+    ptx = ck.asm["ptx"]
+    assert ".target sm_90" in ptx
+    if dtype in (BF16, F16):
+        assert "mma" in ptx  # the recurrent matmul runs on tensor cores
+    if dtype != F64:
+        _no_spill(ck, f"gru {direction} {TY[dtype]} B{batch} H{H} tile "
+                      f"{const['BLOCK_B']}x{const['BLOCK_H']}x{const['BLOCK_K']} {nw} warps")
+
+
+def test_gru_cases_specialise_as_its_launchers():
+    """_gru_case specialises as kernels/gru.py's own first launches do (B16 H256, fp32)."""
+    import torch
+
+    from conftest import sm90_launch, sm90_specialization
+    from fused_rnn.kernels import gru as GK
+
+    Bt, Tt, H, f32 = 16, 2, 256, torch.float32
+    x, h0, L = torch.randn(Tt, Bt, 8), torch.zeros(Bt, H), torch.full((Bt,), Tt)
+    w_ih, w_hh, b = torch.randn(3 * H, 8), torch.randn(3 * H, H), torch.zeros(3 * H)
+    hs, gates = torch.zeros(Tt + 1, Bt, H), torch.zeros(Tt, Bt, 4 * H)
+    launches = {"fwd": lambda: GK.gru_fwd(x, h0, w_ih, w_hh, b, b, lengths=L),
+                "bwd": lambda: GK.gru_bwd(hs[1:], h0, x, w_ih, w_hh, hs, gates, lengths=L)}
+    for d, launch in launches.items():
+        real = sm90_launch(launch)
+        kern, sig, const, nw = _gru_case(d, f32, H, True, Bt)
+        ours = sm90_specialization(kern, {**sig, **const}, num_warps=nw)
+        assert real[0] is ours[0] and real[1:3] == ours[1:3] and real[4] == ours[4], d
+        assert real[3].__dict__ == ours[3].__dict__, d
