@@ -9,7 +9,7 @@ One line per distinct (kernel, direction, dtype, tile, B and H's specialisation)
 spilled bytes, the first shape that chose it, compiled as its launch specialises it
 (tests/conftest.py compile_sm90: B or H == 1 a constant, divisible by 16 an attribute).
 tests/test_sm90_compile.py asserts no spill for a subset in CI; this sweeps the whole grid after
-a change to kernels/tiles.py (lstm_blocks, rnn_blocks) (it takes a few minutes: each tile is one
+a change to kernels/tiles.py (lstm_blocks, rnn_blocks, gru_blocks) (it takes a few minutes: each tile is one
 compile). Exit status 1 if a tile spills, other than the unfused layer-norm
 backward of a 4096-unit row (BLOCK_H 4096), which spills at any warp count (kernels.tiles.lstm_blocks).
 """
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     import triton
 
     from conftest import compile_sm90, ptxas_usage
-    from test_sm90_compile import _case
+    from test_sm90_compile import _case, _gru_case
     from fused_rnn.kernels.config import ln_fused_max_h
 
     print(f"sm90_tiles: Triton {triton.__version__}, torch {torch.__version__}", flush=True)
@@ -47,9 +47,13 @@ def main(argv=None) -> int:
                     lnf = H <= ln_fused_max_h(dt)
                     kinds = [("lstm", "lstm", True, False), ("lstm-unfused", "lstm", False, False),
                              ("lnlstm" if lnf else "lnlstm-unfused", "lstm", lnf, True),
-                             ("rnn", "rnn", True, None), ("rnn-unfused", "rnn", False, None)]
+                             ("rnn", "rnn", True, None), ("rnn-unfused", "rnn", False, None),
+                             ("gru", "gru", True, None)]
                     for name, cell, fused, ln in kinds:
-                        kern, sig, const, nw = _case(cell, d, dt, H, fused, ln, True, B, tf32)
+                        if cell == "gru":
+                            kern, sig, const, nw = _gru_case(d, dt, H, True, B, True, tf32)
+                        else:
+                            kern, sig, const, nw = _case(cell, d, dt, H, fused, ln, True, B, tf32)
                         tile = (const["BLOCK_B"], const["BLOCK_H"], const["BLOCK_K"], nw)
                         spec = tuple("1" if v == 1 else "D" if v % 16 == 0 else "" for v in (B, H))
                         key = (name, d, dname, tile, spec)
