@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ._validate import same_dtype
 
@@ -69,6 +69,37 @@ def sequence(layer, input, hx, flat: List[Optional[torch.Tensor]], batched: bool
     elif not batched:
         out, hidden = out.squeeze(1), tuple(h.squeeze(1) for h in hidden)
     return out, (hidden if lstm else hidden[0])
+
+
+def single_layer(mode: str, x, state, params, lengths):
+    """One layer, one direction of lstm_sequence / rnn_sequence through ATen (the functional
+    API's CPU route): x [T, B, I], ``state`` (h0, c0) or (h0,), ``params`` [w_ih, w_hh, b_ih,
+    b_hh] plus [w_hr] for a projection, None where absent; ``lengths`` None or [B], run as a
+    PackedSequence (pad_packed_sequence gives 0 past each end, as the reference loop). -> (out,
+    *final states), or None where ATen cannot take the arguments (mixed dtypes, CPU autocast,
+    a length 0: the caller runs its own loop)."""
+    w_ih, w_hh, b_ih, b_hh = params[:4]
+    if (b_ih is None) != (b_hh is None):  # ATen takes both biases or none
+        b_ih = torch.zeros_like(b_hh) if b_ih is None else b_ih
+        b_hh = torch.zeros_like(b_ih) if b_hh is None else b_hh
+    weights = [w for w in [w_ih, w_hh, b_ih, b_hh] + list(params[4:]) if w is not None]
+    if not same_dtype(x, list(state) + weights) or torch.is_autocast_enabled("cpu"):
+        return None
+    hx = [s.unsqueeze(0) for s in state]
+    common = (b_ih is not None, 1, 0.0, False, False)
+    op = _SEQUENCE_OPS[mode]
+    if lengths is None:
+        res = call(op, x, tuple(hx) if mode == "LSTM" else hx[0], weights, *common, False)
+        return (res[0],) + tuple(h.squeeze(0) for h in res[1:])
+    lengths = lengths.cpu()
+    if bool((lengths == 0).any()):  # a PackedSequence holds no empty sequence
+        return None
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    hx = [h.index_select(1, packed.sorted_indices) for h in hx]
+    res = call(op, packed.data, packed.batch_sizes, tuple(hx) if mode == "LSTM" else hx[0], weights, *common)
+    out = pad_packed_sequence(PackedSequence(res[0], packed.batch_sizes, packed.sorted_indices,
+                                             packed.unsorted_indices), total_length=x.shape[0])[0]
+    return (out,) + tuple(h.index_select(1, packed.unsorted_indices).squeeze(0) for h in res[1:])
 
 
 def lstm_cell(x, h0, c0, w_ih, w_hh, b_ih, b_hh):

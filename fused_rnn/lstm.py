@@ -16,8 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _paths
-from ._backend import allow_tf32, double_backward_via, resolve_backend, warn_once
+from . import _paths, aten, cpu_lstm
+from ._backend import allow_tf32, aten_route, double_backward_via, resolve_backend, warn_once
 from ._validate import check_sequence_args, same_dtype
 from .kernels import config
 from .lstm_proj import LSTMProjFunction
@@ -214,6 +214,18 @@ def _own_output(copy, out, h_n, c_n):
     return (out.clone() if copy and out.requires_grad else out), h_n, c_n
 
 
+def _cpu_route(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, w_hr, copy_output):
+    """auto on a CPU tensor: torch's ATen op for what torch.nn computes (fused_rnn.aten), the
+    whole-sequence Function of fused_rnn.cpu_lstm for the layer-norm LSTM without projection;
+    None where neither takes the arguments (the reference loop runs)."""
+    if ln is None:
+        return aten.single_layer("LSTM", x, (h0, c0), [w_ih, w_hh, b_ih, b_hh, w_hr], lengths)
+    if w_hr is None:
+        done = cpu_lstm.lstm_sequence_cpu(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, config.LN_EPS)
+        return None if done is None else _own_output(copy_output, *done)
+    return None
+
+
 def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
                   b_hh: Optional[Tensor] = None, ln: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None,
                   lengths: Optional[Tensor] = None, backend: str = "auto", w_hr: Optional[Tensor] = None, *,
@@ -235,6 +247,10 @@ def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     backward itself (a view, no copy), on which autograd refuses in-place ops; by default it is
     a copy where autograd records it, so that in-place ops work as on nn.LSTM's."""
     lengths = check_sequence_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, w_hr, backend=backend)
+    if aten_route(backend, x):
+        done = _cpu_route(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln, lengths, w_hr, copy_output)
+        if done is not None:
+            return done
     if x.device.type != "meta" and resolve_backend(backend, x) == "triton":
         reason = _kernels().unsupported(x, w_hh, ln)
         if reason is None and not same_dtype(x, (h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh) + tuple(ln or ())):

@@ -231,13 +231,15 @@ def test_cpu_table_runs(capsys):
 
     rows = [cpu.Row("tiny LSTM", "LSTM", 2, 3, 4, 5, {"num_layers": 2, "bidirectional": True}, packed=True),
             cpu.Row("tiny LN-LSTM", "LSTM", 2, 3, 4, 5, layer_norm=True),
-            cpu.Row("tiny RNN", "RNN", 2, 3, 4, 5, {"nonlinearity": "relu"})]
+            cpu.Row("tiny RNN", "RNN", 2, 3, 4, 5, {"nonlinearity": "relu"}),
+            cpu.Row("tiny bi-LSTM", "LSTM", 2, 3, 4, 5, {"bidirectional": True})]
     buf = io.StringIO()
     results = cpu.run(rows, reps=1, reference=True, out=buf)
     text = buf.getvalue()
-    assert "torch.nn ms | fused_rnn (auto) ms | reference ms" in text
+    assert "torch.nn ms | fused_rnn (auto) ms | whole-seq ms | reference ms" in text
     for r, (row, t) in zip(rows, results):
         assert row is r and f"| {r.label} |" in text and all(v > 0 for v in t.values())
+        assert ("whole-seq" in t) == (r.label == "tiny bi-LSTM")  # padded plain LSTM rows only
     with pytest.raises(SystemExit):  # the table is the CPU's
         main(["--cpu-table", "--device", "cuda" if torch.cuda.is_available() else "auto"])
     assert "--cpu-table runs on the CPU" in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """The CPU table: torch.nn's layers against fused_rnn's (``backend="auto"``, which on CPU tensors
-runs torch's ATen ops for what torch.nn computes, fused_rnn/aten.py) and, on request, the
-reference loop, at whole-layer shapes (input size, layers, directions, PackedSequence).
+runs torch's ATen ops for what torch.nn computes, fused_rnn/aten.py, and the whole-sequence
+route of fused_rnn/cpu_lstm.py for the layer-norm LSTM), the plain LSTM through that
+whole-sequence route (column "whole-seq", padded LSTM rows: does it beat ATen?) and, on
+request, the reference loop, at whole-layer shapes (input size, layers, directions,
+PackedSequence).
 
 Run: ``fused-rnn bench --device cpu --cpu-table`` (or ``python -m fused_rnn.bench.cpu``).
 Forward+backward (a sum of the output and final states, gradients of input and weights), the
@@ -23,6 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
+from fused_rnn.cpu_lstm import lstm_sequence_cpu
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,35 @@ ROWS: List[Row] = [  # issue 21's table, and a PackedSequence and a layer-norm r
         {"num_layers": 2, "bidirectional": True}, packed=True),
     Row("layer-norm LSTM B16 T128 I128 H256 (torch.nn: plain LSTM)", "LSTM", 16, 128, 128, 256,
         layer_norm=True),
+    Row("layer-norm LSTM B64 T64 I256 H512 (torch.nn: plain LSTM)", "LSTM", 64, 64, 256, 512,
+        layer_norm=True),
+    Row("layer-norm LSTM 2 layers, bidirectional, B8 T200 I64 H128 (torch.nn: plain LSTM)", "LSTM", 8, 200,
+        64, 128, {"num_layers": 2, "bidirectional": True}, layer_norm=True),
 ]
+WHOLE_SEQ = "whole-seq"
+
+
+class WholeSequence(nn.Module):
+    """A plain fused_rnn.LSTM's layers and directions through cpu_lstm's whole-sequence Function
+    (padded, time-major input, zero initial state): the "beyond torch.nn" candidate."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        m, hs, cs = self.layer, [], []
+        z = x.new_zeros(x.shape[1], m.hidden_size)
+        for l in range(m.num_layers):
+            outs = []
+            for d in range(2 if m.bidirectional else 1):
+                w = [getattr(m, n) for n in m._layer_param_names(l, d)[:4]]
+                out, h, c = lstm_sequence_cpu(x if d == 0 else x.flip(0), z, z, *w, None, None)
+                outs.append(out if d == 0 else out.flip(0))
+                hs.append(h)
+                cs.append(c)
+            x = torch.cat(outs, -1)
+        return x, (torch.stack(hs), torch.stack(cs))
 
 
 def _modules(row: Row, reference: bool):
@@ -57,11 +89,15 @@ def _modules(row: Row, reference: bool):
     extra = {"layer_norm": True} if row.layer_norm else {}
     mods = {"torch.nn": ref,
             "fused_rnn (auto)": getattr(fused_rnn, row.kind)(row.I, row.H, **row.kw, **extra)}
+    if row.kind == "LSTM" and not (row.packed or row.layer_norm):
+        mods[WHOLE_SEQ] = WholeSequence(getattr(fused_rnn, row.kind)(row.I, row.H, **row.kw))
     if reference:
         mods["reference"] = getattr(fused_rnn, row.kind)(row.I, row.H, **row.kw, **extra,
                                                          backend="reference")
     for name, m in mods.items():
-        if m is not ref:
+        if name == WHOLE_SEQ:
+            m.layer.load_state_dict(ref.state_dict())
+        elif m is not ref:
             m.load_state_dict(ref.state_dict(), strict=not row.layer_norm)
     return mods
 
@@ -105,12 +141,13 @@ def machine_line(threads: int) -> str:
 
 
 def render(results, reference: bool) -> str:
-    cols = ["torch.nn", "fused_rnn (auto)"] + (["reference"] if reference else [])
+    cols = ["torch.nn", "fused_rnn (auto)", WHOLE_SEQ] + (["reference"] if reference else [])
     head = "| case | " + " | ".join(f"{c} ms" for c in cols) + " | nn / fused (speed ratio) |"
     lines = [head, "|---" * (len(cols) + 2) + "|"]
     for row, t in results:
         ratio = t["torch.nn"] / t["fused_rnn (auto)"]
-        lines.append(f"| {row.label} | " + " | ".join(f"{t[c]:.1f}" for c in cols) + f" | {ratio:.2f} |")
+        cells = [f"{t[c]:.1f}" if c in t else "–" for c in cols]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     return "\n".join(lines)
 
 
