@@ -3,9 +3,11 @@
 The same model is trained twice on the same device, from the same initial weights (copied with
 ``load_state_dict``) and on the same batches: once with ``fused_rnn.LSTM`` as its recurrent layer,
 once with ``torch.nn.LSTM``. Reports the loss curves, held-out loss, tokens per second of each,
-and a short sample from the fused model. On the CPU, backend "auto" is the reference path (a
-Python time loop), so its speed there says nothing about the Triton kernels: the output says
-which backend and device ran next to every number.
+and a short sample from the fused model; a third model, ``fused_rnn.LSTM(layer_norm=True)`` on the
+same batches, shows what layer norm costs. On the CPU, backend "auto" runs torch's own ATen LSTM
+op (fused_rnn's CPU route; the same computation as torch.nn) and, for layer norm, fused_rnn's
+whole-sequence CPU route: neither says anything about the Triton kernels. The output says which
+path and device ran next to every number.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch import nn
 
 TEXT = "macbeth.txt"  # see fused_rnn/data/README.txt for its source and public-domain status
 
+LN_NAME = "fused_rnn.LSTM+LN"  # fused_rnn.LSTM(layer_norm=True)
 QUICK = dict(steps=300, hidden_size=128, batch_size=32, seq_len=64)
 FULL = dict(steps=1000, hidden_size=256, batch_size=64, seq_len=128)
 EMBED = 32
@@ -193,7 +196,7 @@ def _plot(path: str, runs: Dict[str, Dict], labels: Dict[str, str], title: str) 
     except Exception as e:  # matplotlib is optional (the `bench` extra)
         return f"matplotlib is not importable ({type(e).__name__}: {e})"
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (name, run), style in zip(runs.items(), ("-", "--")):
+    for (name, run), style in zip(runs.items(), ("-", "--", ":")):
         ax.plot(range(1, len(run["losses"]) + 1), run["losses"], style, lw=1.2,
                 label=f"{name} [{labels[name]}]: {run['tokens_per_s']:,.0f} tok/s")
     ax.set_xlabel("step")
@@ -217,7 +220,7 @@ def main(args, device: torch.device, out: Optional[TextIO] = None) -> int:
             cfg[k] = getattr(args, k)
 
     import fused_rnn
-    from ._backend import resolve_backend
+    from ._backend import aten_route, resolve_backend
 
     text = load_text()
     itos = sorted(set(text))
@@ -239,8 +242,14 @@ def main(args, device: torch.device, out: Optional[TextIO] = None) -> int:
         # One thread by default on the CPU: the small per-step matmuls gain nothing from more,
         # and on a busy 2-core machine two threads ran the reference path ~14x slower.
         torch.set_num_threads(args.threads or 1)
-    ran = resolve_backend(args.backend, torch.empty(0, device=device))
-    if ran == "triton":
+    probe = torch.empty(0, device=device)
+    ran = resolve_backend(args.backend, probe)
+    cpu_route = ran == "reference" and aten_route(args.backend, probe)
+    ln_ran = ran
+    if cpu_route:
+        ran, ln_ran = "ATen (CPU route)", "whole-sequence (CPU route)"
+        what = "torch's ATen LSTM op with the layer's weights, as torch.nn runs it"
+    elif ran == "triton":
         what = "Triton kernels" + (", through the interpreter" if device.type == "cpu" else "")
     else:
         what = "reference path: a PyTorch time loop, not the Triton kernels"
@@ -264,6 +273,9 @@ def main(args, device: torch.device, out: Optional[TextIO] = None) -> int:
     fused_model = CharLM(len(itos), H, fused_rnn.LSTM(EMBED, H, batch_first=True,
                                                       backend=args.backend)).to(device)
     fused_model.load_state_dict(ref_model.state_dict())
+    ln_model = CharLM(len(itos), H, fused_rnn.LSTM(EMBED, H, batch_first=True, layer_norm=True,
+                                                   backend=args.backend)).to(device)
+    ln_model.load_state_dict(ref_model.state_dict(), strict=False)  # + LayerNorm's 1 / 0 init
     n_params = sum(p.numel() for p in ref_model.parameters())
 
     print(f"fused-rnn demo: char-level LSTM language model on {TEXT} "
@@ -282,27 +294,36 @@ def main(args, device: torch.device, out: Optional[TextIO] = None) -> int:
                                    "fused_rnn.LSTM")
     runs["torch.nn.LSTM"] = train(ref_model, train_data, steps, B, T, args.seed, device,
                                   "torch.nn.LSTM ")
-    for name, model in (("fused_rnn.LSTM", fused_model), ("torch.nn.LSTM", ref_model)):
+    runs[LN_NAME] = train(ln_model, train_data, steps, B, T, args.seed, device, LN_NAME)
+    for name, model in (("fused_rnn.LSTM", fused_model), ("torch.nn.LSTM", ref_model), (LN_NAME, ln_model)):
         model.eval()
         runs[name]["valid_loss"] = evaluate(model, valid_data, B, T, device)
 
     f, r = runs["fused_rnn.LSTM"], runs["torch.nn.LSTM"]
     first_diff = abs(f["losses"][0] - r["losses"][0])
     print(file=out)
-    print(f"{'model':<16} {'what ran':<44} {'first loss':>10} {'last loss':>9} "
+    print(f"{'model':<17} {'what ran':<44} {'first loss':>10} {'last loss':>9} "
           f"{'held-out':>8} {'tokens/s':>10}", file=out)
     for name, desc in (("fused_rnn.LSTM", f"{ran} on {device}"),
                        ("torch.nn.LSTM", ("cuDNN" if device.type == "cuda" else "ATen")
-                        + f" on {device}")):
+                        + f" on {device}"),
+                       (LN_NAME, f"{ln_ran} on {device}")):
         run = runs[name]
-        print(f"{name:<16} {desc:<44} {run['losses'][0]:>10.4f} {run['losses'][-1]:>9.4f} "
+        print(f"{name:<17} {desc:<44} {run['losses'][0]:>10.4f} {run['losses'][-1]:>9.4f} "
               f"{run['valid_loss']:>8.4f} {run['tokens_per_s']:>10,.0f}", file=out)
     speedup = f["tokens_per_s"] / r["tokens_per_s"] if r["tokens_per_s"] else math.nan
     timed = f"{f['timed_steps']} timed step" + ("s" if f["timed_steps"] != 1 else "")
     timed += " after 1 warm-up step" if f["warmup_steps"] else " (no warm-up step)"
     print(f"speed: fused_rnn / torch.nn = {speedup:.2f}x in tokens/s (training: forward, backward "
           f"and Adam; {timed})", file=out)
-    if ran == "reference":
+    ln_tok = runs[LN_NAME]["tokens_per_s"]
+    print(f"layer norm: {LN_NAME} takes {r['tokens_per_s'] / ln_tok if ln_tok else math.nan:.2f}x "
+          f"torch.nn.LSTM's time per token (torch.nn has no layer-norm LSTM)", file=out)
+    if cpu_route:
+        print("note: on the CPU fused_rnn (auto) runs torch's own ATen op for the plain LSTM, so the two "
+              "should be within noise; the layer-norm LSTM runs fused_rnn's whole-sequence CPU route. "
+              "Neither is the Triton kernels' speed", file=out)
+    elif ran == "reference":
         print("note: fused_rnn ran its reference path (a Python loop over time steps), not the "
               "Triton kernels; its speed here is not the kernels' speed", file=out)
     elif device.type == "cpu":
@@ -316,7 +337,8 @@ def main(args, device: torch.device, out: Optional[TextIO] = None) -> int:
     title = (f"character-level LSTM on {TEXT}: hidden {H}, batch {B} x {T} chars, on {device}\n"
              "same initial weights and batches; tokens/s of training (fwd + bwd + Adam)")
     labels = {"fused_rnn.LSTM": f"backend {args.backend} -> {ran}",
-              "torch.nn.LSTM": "cuDNN" if device.type == "cuda" else "ATen CPU"}
+              "torch.nn.LSTM": "cuDNN" if device.type == "cuda" else "ATen CPU",
+              LN_NAME: f"layer norm, backend {args.backend} -> {ln_ran}"}
     why_not = _plot(png, runs, labels, title)
     print(f"loss curve: {png}" if why_not is None else f"loss curve: not plotted: {why_not}",
           file=out)

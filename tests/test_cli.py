@@ -296,11 +296,13 @@ def test_demo_quick_few_steps(tmp_path):
                 "--seq-len", "16", "--device", "cpu", "--out", str(out_dir), interpret=False)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    assert "fused_rnn.LSTM backend=auto -> reference" in out
+    assert "fused_rnn.LSTM backend=auto -> ATen (CPU route)" in out  # what auto runs on the CPU
     assert "torch.nn.LSTM on cpu" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.startswith(("fused_rnn.LSTM ", "torch.nn.LSTM "))}
-    for name in ("fused_rnn.LSTM", "torch.nn.LSTM"):
+            if line.startswith(("fused_rnn.LSTM ", "torch.nn.LSTM ", "fused_rnn.LSTM+LN "))}
+    assert "whole-sequence (CPU route) on cpu" in " ".join(rows["fused_rnn.LSTM+LN"])  # the layer-norm row
+    assert "layer norm: fused_rnn.LSTM+LN takes" in out
+    for name in ("fused_rnn.LSTM", "torch.nn.LSTM", "fused_rnn.LSTM+LN"):
         assert float(rows[name][-1].replace(",", "")) > 0  # tokens/s
     assert "3/3" in r.stderr  # the progress bar
     png = out_dir / "loss.png"
@@ -309,7 +311,7 @@ def test_demo_quick_few_steps(tmp_path):
     else:  # the plot is optional; the demo must say why there is none
         assert not png.exists() and "matplotlib is not importable" in r.stdout + r.stderr
     res = json.loads((out_dir / "results.json").read_text())
-    for name in ("fused_rnn.LSTM", "torch.nn.LSTM"):
+    for name in ("fused_rnn.LSTM", "torch.nn.LSTM", "fused_rnn.LSTM+LN"):
         assert len(res["runs"][name]["losses"]) == 3
         assert res["runs"][name]["tokens_per_s"] > 0
     # Same initial weights and batch: the first step's losses agree.
