@@ -203,7 +203,7 @@ def _plot(path: str, runs: Dict[str, Dict], labels: Dict[str, str], title: str) 
     ax.set_ylabel("training loss (nats / char)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -338,7 +338,7 @@ def main(args, device: torch.device, out: Optional[TextIO] = None) -> int:
              "same initial weights and batches; tokens/s of training (fwd + bwd + Adam)")
     labels = {"fused_rnn.LSTM": f"backend {args.backend} -> {ran}",
               "torch.nn.LSTM": "cuDNN" if device.type == "cuda" else "ATen CPU",
-              LN_NAME: f"layer norm, backend {args.backend} -> {ln_ran}"}
+              LN_NAME: f"layer norm: {ln_ran}"}
     why_not = _plot(png, runs, labels, title)
     print(f"loss curve: {png}" if why_not is None else f"loss curve: not plotted: {why_not}",
           file=out)
