@@ -130,8 +130,8 @@ def rnn_blocks(B: int, H: int, direction: str, fused: bool, dtype: torch.dtype, 
 def gru_blocks(B: int, H: int, direction: str, dtype: torch.dtype, n_sm: int = DEFAULT_SM_COUNT):
     """The GRU step kernels' tile ("fwd": the recurrent matmul's K is H; "bwd": the carried
     gradient's K is 3H): step_tile's over the three gates, BLOCK_K 32 (the 16-bit backward at
-    BLOCK_K 64 spilled at sm_90 where B is not a multiple of 16); fp64 16 x 32 with BLOCK_K 8,
-    4 warps (as the RNN's)."""
+    BLOCK_K 64 spilled at sm_90 where B is not a multiple of 16), 16 for the fp32 forward's
+    16 x 32 tile (it spilled at 32); fp64 16 x 32 with BLOCK_K 8, 4 warps (as the RNN's)."""
     K = H if direction == "fwd" else 3 * H
     if dtype == torch.float64:
         return step_override(16, pow2_block(H, 16, 32), 8, 4)
@@ -139,7 +139,8 @@ def gru_blocks(B: int, H: int, direction: str, dtype: torch.dtype, n_sm: int = D
     # backward's dhp_{t+1} the grad dtype
     row_elt = config.state_dtype(dtype).itemsize if direction == "fwd" else config.grad_dtype(dtype).itemsize
     BB, BH, nw = step_tile(B, H, K, 3, dtype.itemsize, row_elt, n_sm)
-    return step_override(BB, BH, pow2_block(K, 16, 32), nw)
+    small_k = dtype == torch.float32 and direction == "fwd" and (BB, BH) == (16, 32)
+    return step_override(BB, BH, pow2_block(K, 16, 16 if small_k else 32), nw)
 
 
 # ----------------------------------------------------------------------------------------------

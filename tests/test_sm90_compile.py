@@ -308,6 +308,8 @@ def _gru_cases():
         yield pytest.param(direction, BF16, 16, 256, False, False, False, id=f"bf16-{direction}-nobias-nolengths")
         # B not a multiple of 16 (no divisibility attribute): BLOCK_K 64 spilled the backward here
         yield pytest.param(direction, BF16, 3, 16, True, True, False, id=f"bf16-{direction}-B3-H16")
+        # fp32's 16 x 32 tile (from H 4096 at B16): BLOCK_K 32 spilled its forward
+        yield pytest.param(direction, F32, 16, 4096, True, True, False, id=f"fp32-{direction}-B16-H4096")
         for batch, H in ((256, 1024), (64, 512)):
             yield pytest.param(direction, BF16, batch, H, True, True, False, id=f"bf16-{direction}-B{batch}-H{H}")
         yield pytest.param(direction, F32, 256, 1024, True, True, True, id=f"fp32-tf32-{direction}-B256-H1024")
