@@ -105,6 +105,7 @@ def main():
             torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "step": step, "config": config},
                        path)
             print(f"saved {path}", flush=True)
+    dist.barrier()  # no process tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -20,6 +20,7 @@ def models(backend):
         "lstm_ln": lambda: fused_rnn.LSTM(I, H, layer_norm=True, backend=backend),
         "lstm_proj": lambda: fused_rnn.LSTM(I, H, proj_size=P, backend=backend),
         "rnn": lambda: fused_rnn.RNN(I, H, backend=backend),
+        "gru": lambda: fused_rnn.GRU(I, H, backend=backend),
         "lstm_2l_bidir": lambda: fused_rnn.LSTM(I, H, num_layers=2, bidirectional=True, backend=backend),
     }
 
@@ -122,5 +123,6 @@ def worker(rank, world, port, backend, out_dir):
             res[("fsdp2", name)] = _run(shard, torch.optim.SGD(shard.parameters(), lr=LR), rank, shard)
         res[("checkpoint", "lstm_ln")] = _checkpoint("lstm_ln", backend, rank, out_dir)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no process tears the group down while another still uses it
     finally:
         dist.destroy_process_group()

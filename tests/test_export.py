@@ -14,8 +14,8 @@ T, B, I, H = 4, 3, 5, 6
 class Model(nn.Module):
     def __init__(self, kind, backend):
         super().__init__()
-        if kind == "rnn":
-            self.rnn = fused_rnn.RNN(I, H, backend=backend)
+        if kind in ("rnn", "gru"):
+            self.rnn = (fused_rnn.RNN if kind == "rnn" else fused_rnn.GRU)(I, H, backend=backend)
         else:
             kw = dict(layer_norm=kind == "lstm_ln", proj_size=3 if kind == "lstm_proj" else 0,
                       num_layers=2 if kind == "lstm_2l_bidir" else 1, bidirectional=kind == "lstm_2l_bidir")
@@ -28,7 +28,7 @@ class Model(nn.Module):
         return self.head(out), h
 
 
-KINDS = ["lstm", "lstm_ln", "lstm_proj", "lstm_2l_bidir", "rnn"]
+KINDS = ["lstm", "lstm_ln", "lstm_proj", "lstm_2l_bidir", "rnn", "gru"]
 BACKENDS = ["auto", "reference", pytest.param("triton", marks=pytest.mark.skipif(
     kernel_device() is None, reason="needs a CUDA GPU or TRITON_INTERPRET=1"))]
 
