@@ -28,8 +28,9 @@ _ln_backward = torch.ops.aten.native_layer_norm_backward
 
 def supported(x: Tensor, tensors) -> bool:
     """Whether the route takes these arguments: fp32 or fp64, every tensor in x's dtype, not
-    under CPU autocast (whose lower-precision GEMMs would not fit the buffers)."""
-    return (x.dtype in DTYPES and all(t is None or t.dtype == x.dtype for t in tensors)
+    under CPU autocast (whose lower-precision GEMMs would not fit the buffers), at least one step
+    (T = 0 has nothing to route: the reference returns the initial states)."""
+    return (x.dtype in DTYPES and x.shape[0] > 0 and all(t is None or t.dtype == x.dtype for t in tensors)
             and not torch.is_autocast_enabled("cpu"))
 
 

@@ -6,8 +6,9 @@ multi-layer or bidirectional layer composes the single-layer, single-direction s
 (``lstm_sequence`` / ``rnn_sequence`` / ``gru_sequence``). Extra arguments:
 
 - ``backend="auto" | "triton" | "reference"``: "auto" runs the Triton kernels on CUDA tensors;
-  on CPU tensors, torch's own ATen ops for what torch.nn computes (fused_rnn/aten.py; no layer
-  norm), else the reference path (the readable time loop "reference" always runs);
+  on CPU tensors, torch's own ATen ops for what torch.nn computes (fused_rnn/aten.py) and the
+  whole-sequence route of fused_rnn/cpu_lstm.py for the layer-norm LSTM (fp32 / fp64), else the
+  reference path (the readable time loop "reference" always runs);
 - ``layer_norm=True`` (LSTM, LSTMCell): the seed's layer-norm LSTM. Its LayerNorm parameters are
   extra ``state_dict`` entries: ``ln_gate_weight_l{k}{_reverse}`` / ``ln_gate_bias_…`` [4H] (the
   four gate LayerNorms, gate order i, f, g, o) and ``ln_cell_weight_…`` / ``ln_cell_bias_…`` [H]

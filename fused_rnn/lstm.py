@@ -241,7 +241,9 @@ def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     every tensor a floating-point torch.Tensor on x's device (TypeError / ValueError naming it);
     ``lengths`` an int32 / int64 tensor on the CPU or x's device, or a list of ints, each in
     [0, T] (values checked only on the CPU: no device sync); ``backend`` one of BACKENDS. Meta
-    tensors run the reference path on every backend, shapes only (as nn.LSTM on "meta").
+    tensors run the reference path on every backend, shapes only (as nn.LSTM on "meta"). "auto"
+    on CPU tensors: torch's ATen op (fused_rnn.aten.single_layer) without layer norm, the
+    whole-sequence route (fused_rnn.cpu_lstm) with it, else the reference path.
 
     ``copy_output=False``: on the triton backend, the output is the h sequence saved for
     backward itself (a view, no copy), on which autograd refuses in-place ops; by default it is

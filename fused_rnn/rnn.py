@@ -122,7 +122,8 @@ def rnn_sequence(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     """x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_* [H] or None,
     lengths None or [B] -> (out [T, B, H], h_n [B, H]). ``nonlinearity``: "tanh" or "relu".
     Arguments are checked as lstm_sequence's, alike on every backend; meta tensors run the
-    reference path, shapes only."""
+    reference path, shapes only. "auto" on CPU tensors runs torch's ATen op
+    (fused_rnn.aten.single_layer) where it takes the arguments, else the reference path."""
     check_nonlinearity(nonlinearity)
     lengths = check_sequence_args(x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths=lengths, gates=1, backend=backend)
     if aten_route(backend, x):  # auto on a CPU tensor: torch's own ATen op (None: the reference loop)

@@ -176,6 +176,9 @@ def test_routes_not_taken(cpu_auto, monkeypatch):
     w_hr = torch.randn(2, H)
     fused_rnn.lstm_sequence(x, h0[:, :2], c0, w_ih, w_hh[:, :2], b_ih, b_hh, ln, w_hr=w_hr)
     assert cpu_auto == ["cpu_lstm"]
+    out, h, c = fused_rnn.lstm_sequence(x[:0], h0, c0, w_ih, w_hh, b_ih, b_hh, ln)  # T = 0: the loop
+    (h.sum() + c.sum()).backward()
+    assert out.shape == (0, B, H) and torch.equal(h, h0) and torch.equal(h0.grad, torch.ones_like(h0))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fused_rnn._backend.aten_route("auto", x) is False
 
