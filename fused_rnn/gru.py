@@ -10,8 +10,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _paths
-from ._backend import allow_tf32, double_backward_via, resolve_backend, warn_once
+from . import _paths, aten
+from ._backend import allow_tf32, aten_route, double_backward_via, resolve_backend, warn_once
 from ._validate import check_sequence_args, same_dtype
 from .kernels import config
 from .reference import gru_sequence_ref
@@ -114,6 +114,10 @@ def gru_sequence(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     torch.nn.GRU), lengths None or [B] -> (out [T, B, H], h_n [B, H]). Arguments are checked as
     lstm_sequence's, alike on every backend; meta tensors run the reference path, shapes only."""
     lengths = check_sequence_args(x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths=lengths, gates=3, backend=backend)
+    if aten_route(backend, x):  # auto on a CPU tensor: torch's own ATen op (None: the reference loop)
+        done = aten.single_layer("GRU", x, (h0,), [w_ih, w_hh, b_ih, b_hh], lengths)
+        if done is not None:
+            return done
     if x.device.type != "meta" and resolve_backend(backend, x) == "triton":
         reason = _kernels().unsupported(x, w_hh)
         if reason is None and not same_dtype(x, (h0, w_ih, w_hh, b_ih, b_hh)):

@@ -189,6 +189,8 @@ FUNCTIONAL = {
     "lstm_one_bias": ("lstm", {"one_bias": True}),
     "rnn_tanh": ("rnn_tanh", {}),
     "rnn_relu": ("rnn_relu", {}),
+    "gru": ("gru", {}),
+    "gru_one_bias": ("gru", {"one_bias": True}),
 }
 
 
@@ -201,7 +203,7 @@ def test_functional_api_takes_aten(case, lengths, cpu_auto):
     op, kw = FUNCTIONAL[case]
     lens = {"full": None, "varlen": [5, 2, 0], "varlen_nonzero": [2, 5, 1]}[lengths]
     lstm = op == "lstm"
-    G, P = (4 * H if lstm else H), kw.get("proj", H)
+    G, P = {"lstm": 4 * H, "gru": 3 * H}.get(op, H), kw.get("proj", H)
     g = torch.Generator().manual_seed(1)
     r = lambda *s: (torch.randn(*s, generator=g, dtype=F64) * 0.5).requires_grad_()  # noqa: E731
     x, h0, c0, w_ih, w_hh = r(T, B, I), r(B, P), r(B, H), r(G, I), r(G, P)
@@ -214,6 +216,8 @@ def test_functional_api_takes_aten(case, lengths, cpu_auto):
     for backend in ("auto", "reference"):
         if lstm:
             outs = fused_rnn.lstm_sequence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lt, backend, w_hr)
+        elif op == "gru":
+            outs = fused_rnn.gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, lt, backend)
         else:
             outs = fused_rnn.rnn_sequence(x, h0, w_ih, w_hh, b_ih, b_hh, lt, nl, backend)
         loss = sum((o * o.detach().cos()).sum() for o in outs)
