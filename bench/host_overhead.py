@@ -3,8 +3,8 @@
 
     python bench/host_overhead.py [--steps 1024] [--repeat 9] [--threads 1] [--json PATH]
 
-Runs the step loops of the LSTM, the tanh RNN and the layer-norm LSTM (H 64: one kernel a step;
-H 256: torch.mm, then the unfused kernel), forward and backward, on meta tensors, with Triton's
+Runs the step loops of the LSTM, the tanh RNN, the GRU and the layer-norm LSTM (H 64: one kernel a
+step; H 256: torch.mm, then the unfused kernel), forward and backward, on meta tensors, with Triton's
 driver replaced by a stand-in (current device, stream, target) and each kernel's compile by a fake
 CompiledKernel whose launcher is a recorder. Triton's dispatch runs in full up to the launcher
 call: argument binding and specialisation, the cache key and lookup, @triton.heuristics, the
@@ -34,12 +34,13 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime.autotuner import Heuristics
 from triton.runtime import driver
 
-from fused_rnn.kernels import _common, config, lstm, rnn
+from fused_rnn.kernels import _common, config, gru, lstm, rnn
 
 STREAM = 0x5EED  # the stand-in driver's current stream
-KERNELS = (lstm.lstm_fwd_kernel, lstm.lstm_bwd_kernel, rnn.rnn_fwd_kernel, rnn.rnn_bwd_kernel)
+KERNELS = (lstm.lstm_fwd_kernel, lstm.lstm_bwd_kernel, rnn.rnn_fwd_kernel, rnn.rnn_bwd_kernel, gru.gru_fwd_kernel,
+           gru.gru_bwd_kernel)
 # (cell, H): the layer-norm LSTM at H 64 runs the fused kernel, at 256 torch.mm and the unfused one
-CELLS = (("lstm", 64), ("rnn", 64), ("lnlstm", 64), ("lnlstm", 256))
+CELLS = (("lstm", 64), ("rnn", 64), ("gru", 64), ("lnlstm", 64), ("lnlstm", 256))
 B, I = 4, 8
 TARGET_US = 3.0  # issue 20: the host cost of a step's launch
 
@@ -109,7 +110,7 @@ def steps_of(log, kernels=KERNELS):
 def problem(cell, H, T, dtype=torch.float32, device="meta"):
     """(forward, backward, whether a step runs torch.mm and the unfused kernel): closures of one
     layer's step loops, T steps, B rows, meta tensors."""
-    G = H if cell == "rnn" else 4 * H
+    G = {"rnn": H, "gru": 3 * H}.get(cell, 4 * H)
     w = dict(dtype=dtype, device=device)
     x, h0, c0 = torch.empty(T, B, I, **w), torch.empty(B, H, **w), torch.empty(B, H, **w)
     w_ih, w_hh, b = torch.empty(G, I, **w), torch.empty(G, H, **w), torch.empty(G, **w)
@@ -117,6 +118,10 @@ def problem(cell, H, T, dtype=torch.float32, device="meta"):
         out, _, hs = rnn.rnn_fwd(x, h0, w_ih, w_hh, b, b)
         return (lambda: rnn.rnn_fwd(x, h0, w_ih, w_hh, b, b),
                 lambda: rnn.rnn_bwd(out, h0, x, w_ih, w_hh, hs, need_dx=False, need_dw=False), False)
+    if cell == "gru":
+        out, _, hs, gates = gru.gru_fwd(x, h0, w_ih, w_hh, b, b)
+        return (lambda: gru.gru_fwd(x, h0, w_ih, w_hh, b, b),
+                lambda: gru.gru_bwd(out, h0, x, w_ih, w_hh, hs, gates, need_dx=False, need_dw=False), False)
     ln = (torch.empty(G, **w), torch.empty(G, **w), torch.empty(H, **w), torch.empty(H, **w)) \
         if cell == "lnlstm" else None
     out, _, _, hs, cs, gates = lstm.lstm_fwd(x, h0, c0, w_ih, w_hh, b, b, ln=ln)
@@ -205,7 +210,7 @@ def table(rows, threads):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1024, help="T of the long run (the short one: T / 16)")
-    p.add_argument("--repeat", type=int, default=9, help="runs per timing (median)")
+    p.add_argument("--repeat", type=int, default=9, help="runs per timing (the least is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", metavar="PATH", help="also write the rows here")
     args = p.parse_args(argv)

@@ -65,11 +65,11 @@ def _check_same_launch(first, later, t_at):
 
 
 @compiled_only
-@pytest.mark.parametrize("cell,H", [("lstm", 16), ("rnn", 16), ("lnlstm", 16), ("lnlstm", 256)],
-                         ids=["lstm", "rnn", "lnlstm-fused", "lnlstm-unfused"])
+@pytest.mark.parametrize("cell,H", [("lstm", 16), ("rnn", 16), ("gru", 16), ("lnlstm", 16), ("lnlstm", 256)],
+                         ids=["lstm", "rnn", "gru", "lnlstm-fused", "lnlstm-unfused"])
 def test_each_step_launched_once_in_order(cell, H):
-    fwd_name, bwd_name = ("rnn_fwd_kernel", "rnn_bwd_kernel") if cell == "rnn" else ("lstm_fwd_kernel",
-                                                                                       "lstm_bwd_kernel")
+    mod = {"rnn": ho.rnn, "gru": ho.gru}.get(cell, ho.lstm)
+    fwd_name, bwd_name = (f"{mod.__name__.rpartition('.')[2]}_{d}_kernel" for d in ("fwd", "bwd"))
     T = 3
     with ho.recording() as log:
         fwd, bwd, _ = ho.problem(cell, H, T)
@@ -79,7 +79,7 @@ def test_each_step_launched_once_in_order(cell, H):
             run()
             assert ho.steps_of(log) == [(name, t) for t in ts]
             assert _common.LAUNCH_PATHS == {name: "direct"}
-            t_at = 9 + ho._jit(getattr(ho.lstm if cell != "rnn" else ho.rnn, name)).arg_names.index("t")
+            t_at = 9 + ho._jit(getattr(mod, name)).arg_names.index("t")
             _check_same_launch(log[0], log[1], t_at)
             _check_same_launch(log[0], log[2], t_at)
 
