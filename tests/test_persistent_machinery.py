@@ -67,11 +67,10 @@ SM90_SHAPES = {"S1": (16, 256), "S2": (64, 512), "S3": (256, 1024), "S4": (16, 7
 T_SM90 = 1024  # T is not specialised (do_not_specialize); B and H are (conftest.compile_sm90)
 
 
-# Spilled bytes (the cubin's stack) allowed at these plans, bf16 with lengths, as launched
-# (2026-12-07): none under Triton 3.6 (the GPU machine's) or 3.9, solo plans included (they spilled
-# 36-92 B compiled without the launch's specialisation), but these under 3.9 alone: its ptxas flag
-# --regAllocOptLevel=2 (3.6 does not pass it) spills them, and 3.6 does not, so their plans stay.
-# A regression guard per compiler, not a correctness bound.
+# Spilled bytes (the cubin's stack) allowed at these plans, bf16 with lengths, as launched: none
+# under Triton 3.6 (the GPU machine's) or 3.9, solo plans included, but these under 3.9 alone (its
+# ptxas runs with --regAllocOptLevel=2, 3.6's does not); their plans stay until a GPU times them
+# (docs/persistent.md). A regression guard per compiler, not a correctness bound.
 SM90_SPILL_TRITON39 = {} if triton_36() else {("lstm", "bwd", "S4", "barrier"): 64, ("rnn", "fwd", "S4", "ll"): 8,
                                               ("lstm", "bwd", "B16-H128", "ll-fp32"): 16}
 
@@ -276,13 +275,11 @@ def _compile_ln_sm90(direction, pl, B, H, st, merged, dt="bf16"):
 # state buffers (kernels.lstm's layout at the time of writing) and with bf16 ones (the
 # storage-dtype layout being introduced). Variant None: the plan's (fwd_merge_c: MERGE_C at
 # B16 H256, B16 H128, B64 H64); False: the 3-barrier forward forced where the plan picks MERGE_C.
-# Spill bytes allowed: 0, except under Triton 3.6 (the GPU machine's; checked on the CPU
-# 2026-12-07): the forward at B64 H512 with a bf16 hs, 32 B of stack (Triton 3.9: 0 since the
-# forward stopped carrying a held h, 16 B before), the 2-barrier backward at B16 H256, 8 B (3.9:
-# 0), and the backward at B16 H256 with an fp32 dG, 16 B (3.9: 0; a layout no launcher passes
-# now: bf16 inputs take a bf16 dG, kernels.config). Triton 3.9: the backward at B64 H512 with an
-# fp32 dG, 8 B, since the few-ulp tanh and sigmoid (kernels/_common.py: ~5 more instructions
-# each; 0 B before). A regression guard per compiler, not a correctness bound.
+# Spill bytes allowed: 0, except under Triton 3.6 (the GPU machine's): the forward at B64 H512
+# with a bf16 hs (32 B), the 2-barrier backward at B16 H256 (8 B) and the backward at B16 H256
+# with an fp32 dG (16 B; a layout no launcher passes: bf16 inputs take a bf16 dG,
+# kernels.config); under Triton 3.9 the backward at B64 H512 with an fp32 dG (8 B). Figures and
+# history: docs/persistent.md. A regression guard per compiler, not a correctness bound.
 SM90_CASES = ([(d, B, H, st, None) for (B, H) in ((16, 256), (64, 512), (16, 768)) for d in ("fwd", "bwd")
                for st in ("fp32", "bf16")]
               + [("fwd", 16, 256, st, False) for st in ("fp32", "bf16")]
