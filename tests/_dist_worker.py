@@ -72,11 +72,16 @@ def single_process(name, backend):
     return grads, {n: p.detach().clone() for n, p in model.state_dict().items()}
 
 
+def _half(rank):
+    """This process's rows of every batch."""
+    return slice(rank * B // 2, (rank + 1) * B // 2)
+
+
 def _run(model, opt, rank, shard):
-    grads, losses = None, []
+    grads = None
     for x, target in batches()[:STEPS]:
-        half = slice(rank * B // 2, (rank + 1) * B // 2)
-        losses.append(train_step(model, opt, x[:, half], target[:, half]))
+        half = _half(rank)
+        train_step(model, opt, x[:, half], target[:, half])
         if grads is None:
             grads = {n: full(p.grad).clone() for n, p in shard.named_parameters()}
     return grads, {n: full(p).detach().clone() for n, p in shard.state_dict().items()}
@@ -93,7 +98,7 @@ def _checkpoint(name, backend, rank, out_dir):
         torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, path)
     dist.barrier()
     x, target = batches()[STEPS]
-    half = slice(rank * B // 2, (rank + 1) * B // 2)
+    half = _half(rank)
     cont = train_step(model, opt, x[:, half], target[:, half])
 
     fresh = DDP(make(name, backend, seed=123))
